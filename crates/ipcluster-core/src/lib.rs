@@ -1,0 +1,9 @@
+//! The domain of ipclusterd, free of I/O so that every rule can be unit-tested.
+//!
+//! Nothing in this crate touches the file system, the bus, processes or the network: callers read
+//! files and pass their text in, and apply the decisions that come out.
+
+pub mod name;
+
+/// The version of the ipclusterd suite, reported over D-Bus as `Version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

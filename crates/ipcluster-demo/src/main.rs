@@ -1,0 +1,2 @@
+//! Placeholder; the demo worker arrives with deploys.
+fn main() {}

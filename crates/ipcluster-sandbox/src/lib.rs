@@ -1,0 +1,497 @@
+//! A throwaway systemd host for end-to-end tests, the demo and benchmarks.
+//!
+//! [`Sandbox::boot`] starts a real systemd as PID 1 of fresh mount, PID, UTS, network and cgroup
+//! namespaces (shared/DESIGN.md §6):
+//!
+//! 1. a cgroup of its own under the host's cgroup2 hierarchy, which becomes the sandbox's root;
+//! 2. `unshare --fork` into new namespaces, running `stage2.sh` as PID 1: private mounts, overlays on
+//!    /etc /usr /var (upper layers in the work directory), tmpfs on /tmp /run /var/log/journal,
+//!    /proc and cgroup2 remounted, loopback up; then `exec systemd`;
+//! 3. wait until `systemctl is-system-running` says `running`.
+//!
+//! Commands run inside with `nsenter --all`. Dropping the [`Sandbox`] (also while a test panics)
+//! kills its PID 1, which takes the whole PID namespace with it, removes its cgroups and its work
+//! directory. If the owning process dies without unwinding, `unshare --kill-child` plus a parent
+//! death signal still take the sandbox down, and [`collect_stale`] removes what is left.
+//!
+//! Invariant: nothing here changes the host's netfilter rules, /etc, /usr, /var or /tmp.
+
+use std::{
+    ffi::OsStr,
+    fs,
+    io::Write,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+const STAGE2: &str = include_str!("stage2.sh");
+/// Host cgroup2 hierarchy. On this machine the host runs in hybrid mode, so cgroup2 is at
+/// `unified/`; on a pure cgroup2 host it is the root itself.
+const CGROUP_ROOTS: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
+/// Prefix of sandbox cgroups and work directories: `ipcsb-<owner pid>-<n>`.
+const PREFIX: &str = "ipcsb-";
+/// PATH inside the sandbox.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Where sandbox work directories live: `$IPCLUSTER_SANDBOX_DIR`, else `<workspace>/target/sandbox`.
+///
+/// Not under /tmp or /var: those are the overlay's lower layers (and /tmp is the host's).
+pub fn base_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("IPCLUSTER_SANDBOX_DIR") {
+        return PathBuf::from(dir);
+    }
+    workspace_dir().join("target").join("sandbox")
+}
+
+/// The workspace root (this crate lives in `<root>/crates/ipcluster-sandbox`).
+pub fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+/// Why end-to-end work cannot run on this machine, if it cannot: not root, or no systemd/unshare.
+pub fn unavailable_reason() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("sandboxes need root (namespaces, cgroups, mounts); run as root".into());
+    }
+    for tool in [
+        "/lib/systemd/systemd",
+        "/usr/bin/unshare",
+        "/usr/bin/nsenter",
+    ] {
+        if !Path::new(tool).exists() {
+            return Some(format!("{tool} is missing"));
+        }
+    }
+    if cgroup2_root().is_none() {
+        return Some("no cgroup2 hierarchy under /sys/fs/cgroup".into());
+    }
+    None
+}
+
+fn cgroup2_root() -> Option<&'static Path> {
+    CGROUP_ROOTS
+        .iter()
+        .map(Path::new)
+        .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
+}
+
+/// A booted systemd host in its own namespaces. Dropping it tears it down.
+#[derive(Debug)]
+pub struct Sandbox {
+    name: String,
+    work: PathBuf,
+    cgroup: PathBuf,
+    unshare: Child,
+    init_pid: u32,
+}
+
+/// Output of a command run inside, with its status.
+pub type Outcome = Output;
+
+impl Sandbox {
+    /// Boots a sandbox and returns once `systemctl is-system-running` says `running`.
+    pub fn boot() -> Result<Self> {
+        if let Some(why) = unavailable_reason() {
+            bail!("cannot boot a sandbox: {why}");
+        }
+        collect_stale();
+        let name = format!(
+            "{PREFIX}{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let work = base_dir().join(&name);
+        fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+        let work = work.canonicalize()?;
+        let stage2 = work.join("stage2.sh");
+        fs::write(&stage2, STAGE2)?;
+        let cgroup_root = cgroup2_root().context("no cgroup2 hierarchy")?;
+        let cgroup = cgroup_root.join(&name);
+        fs::create_dir(&cgroup)
+            .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
+        let procs = cgroup.join("cgroup.procs");
+
+        let mut cmd = Command::new("/usr/bin/unshare");
+        cmd.args([
+            "--mount",
+            "--pid",
+            "--fork",
+            "--uts",
+            "--net",
+            "--cgroup",
+            "--kill-child=SIGKILL",
+            "--",
+        ])
+        .arg("/bin/sh")
+        .arg(&stage2)
+        .arg(&work)
+        .env_clear()
+        .env("PATH", PATH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(work.join("stage2.log"))?);
+        // SAFETY: between fork and exec only async-signal-safe calls: open/write/close on a path
+        // prepared before the fork, and prctl.
+        unsafe {
+            let procs_c = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())?;
+            cmd.pre_exec(move || {
+                // Move this process (and so everything it forks) into the sandbox's cgroup, which
+                // becomes the root of the new cgroup namespace.
+                let fd = libc::open(procs_c.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                // If the owner dies without tearing down, unshare dies, and --kill-child takes
+                // the sandbox's PID 1 (and with it the PID namespace) down too.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let unshare = cmd.spawn().context("cannot start unshare")?;
+        let mut sandbox = Sandbox {
+            name,
+            work,
+            cgroup,
+            init_pid: 0,
+            unshare,
+        };
+        sandbox.init_pid = sandbox.find_init()?;
+        sandbox.wait_running(Duration::from_secs(60))?;
+        Ok(sandbox)
+    }
+
+    fn find_init(&mut self) -> Result<u32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let children = format!("/proc/{0}/task/{0}/children", self.unshare.id());
+        loop {
+            if let Some(status) = self.unshare.try_wait()? {
+                bail!(
+                    "sandbox exited during setup ({status}): {}",
+                    self.log_tail()
+                );
+            }
+            if let Some(pid) = fs::read_to_string(&children)
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            {
+                return Ok(pid);
+            }
+            if Instant::now() > deadline {
+                bail!("sandbox PID 1 did not appear: {}", self.log_tail());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wait_running(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(status) = self.unshare.try_wait()? {
+                bail!(
+                    "sandbox exited while booting ({status}): {}",
+                    self.log_tail()
+                );
+            }
+            // systemd must have exec'd (PID 1 is no longer the setup shell) before asking it.
+            let comm =
+                fs::read_to_string(format!("/proc/{}/comm", self.init_pid)).unwrap_or_default();
+            if comm.trim() == "systemd" {
+                let out = self.run(["systemctl", "is-system-running"])?;
+                last = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                match last.as_str() {
+                    "running" => return Ok(()),
+                    "degraded" => {
+                        let failed = self.run(["systemctl", "--failed", "--no-legend"])?;
+                        bail!(
+                            "sandbox booted degraded: {}",
+                            String::from_utf8_lossy(&failed.stdout)
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "sandbox not running after {timeout:?} (last state {last:?}): {}",
+            self.log_tail()
+        )
+    }
+
+    fn log_tail(&self) -> String {
+        let mut s = String::new();
+        for f in ["stage2.log", "console.log"] {
+            if let Ok(text) = fs::read_to_string(self.work.join(f)) {
+                let lines: Vec<&str> = text.lines().collect();
+                s.push_str(&lines[lines.len().saturating_sub(20)..].join("\n"));
+            }
+        }
+        s
+    }
+
+    /// The sandbox's name (`ipcsb-<pid>-<n>`), unique on the host.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The PID of the sandbox's systemd, as seen from the host.
+    pub fn init_pid(&self) -> u32 {
+        self.init_pid
+    }
+
+    /// A command that runs `argv` inside every namespace of the sandbox (not yet started), with a
+    /// clean environment. Use it to stream output or run in the background.
+    pub fn command<I, S>(&self, argv: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new("/usr/bin/nsenter");
+        cmd.arg("--target")
+            .arg(self.init_pid.to_string())
+            .args(["--all", "--"])
+            .args(argv)
+            .env_clear()
+            .env("PATH", PATH)
+            .env("LANG", "C.UTF-8")
+            .env("SYSTEMD_PAGER", "")
+            .env("SYSTEMD_COLORS", "0")
+            .env("TERM", "dumb")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `argv` inside and captures its output and status (whatever the status is).
+    pub fn run<I, S>(&self, argv: I) -> Result<Outcome>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = self.command(argv);
+        cmd.output()
+            .with_context(|| format!("cannot run {cmd:?} in sandbox {}", self.name))
+    }
+
+    /// Runs `argv` inside; fails unless it exits 0. Returns its stdout.
+    pub fn check<I, S>(&self, argv: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let argv: Vec<_> = argv.into_iter().map(|s| s.as_ref().to_owned()).collect();
+        let out = self.run(&argv)?;
+        if !out.status.success() {
+            bail!(
+                "{:?} failed in sandbox ({}):\nstdout: {}\nstderr: {}",
+                argv,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The host path that reaches `inside` within the sandbox's mount namespace.
+    pub fn host_path(&self, inside: impl AsRef<Path>) -> PathBuf {
+        let inside = inside.as_ref();
+        let rel = inside.strip_prefix("/").unwrap_or(inside);
+        PathBuf::from(format!("/proc/{}/root", self.init_pid)).join(rel)
+    }
+
+    /// Writes `contents` to `inside` (creating parent directories) with `mode`.
+    pub fn write_file(
+        &self,
+        inside: impl AsRef<Path>,
+        contents: impl AsRef<[u8]>,
+        mode: u32,
+    ) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.host_path(&inside);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", inside.as_ref().display()))?;
+        f.write_all(contents.as_ref())?;
+        Ok(())
+    }
+
+    /// Reads `inside` from the sandbox.
+    pub fn read_file(&self, inside: impl AsRef<Path>) -> Result<String> {
+        fs::read_to_string(self.host_path(&inside))
+            .with_context(|| format!("cannot read {}", inside.as_ref().display()))
+    }
+
+    /// Copies a host file to `inside`, keeping its permission bits.
+    pub fn copy_in(&self, host: impl AsRef<Path>, inside: impl AsRef<Path>) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = fs::read(host.as_ref())
+            .with_context(|| format!("cannot read {}", host.as_ref().display()))?;
+        let mode = fs::metadata(host.as_ref())?.permissions().mode() & 0o7777;
+        self.write_file(inside, data, mode)
+    }
+
+    /// Installs the build inside with the same command a user runs: `xtask install --no-build
+    /// --root /` (binaries must be built on the host first: the sandbox has no network).
+    pub fn install(&self) -> Result<()> {
+        let xtask = artifact("IPCLUSTER_XTASK", "debug/xtask")?;
+        let bin_dir = bin_dir()?;
+        self.check([
+            xtask.as_os_str(),
+            OsStr::new("install"),
+            OsStr::new("--no-build"),
+            OsStr::new("--bin-dir"),
+            bin_dir.as_os_str(),
+            OsStr::new("--root"),
+            OsStr::new("/"),
+        ])?;
+        Ok(())
+    }
+
+    /// Tears the sandbox down now (also done on drop).
+    pub fn teardown(mut self) -> Result<()> {
+        self.destroy()
+    }
+
+    fn destroy(&mut self) -> Result<()> {
+        if self.init_pid != 0 {
+            // SIGKILL to a PID namespace's init kills every process in the namespace.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.init_pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            self.init_pid = 0;
+        }
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+        remove_cgroup(&self.cgroup)?;
+        if self.work.exists() {
+            fs::remove_dir_all(&self.work)
+                .with_context(|| format!("cannot remove {}", self.work.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Err(e) = self.destroy() {
+            eprintln!(
+                "ipcluster-sandbox: teardown of {} incomplete: {e:#}",
+                self.name
+            );
+        }
+    }
+}
+
+/// Removes a cgroup tree once its processes are gone (children first).
+fn remove_cgroup(cgroup: &Path) -> Result<()> {
+    if !cgroup.exists() {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match remove_tree(cgroup) {
+            Ok(()) => return Ok(()),
+            // EBUSY while the killed processes are still exiting.
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot remove cgroup {}", cgroup.display()));
+            }
+        }
+    }
+}
+
+fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_tree(&entry.path())?;
+        }
+    }
+    match fs::remove_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Removes sandboxes whose owning process is gone (a test runner killed without unwinding).
+pub fn collect_stale() {
+    let Some(root) = cgroup2_root() else { return };
+    for dir in [root.to_path_buf(), base_dir()] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name
+                .strip_prefix(PREFIX)
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{owner}")).exists() {
+                continue;
+            }
+            let path = entry.path();
+            if dir == root {
+                // Kill whatever is left in it (cgroup.kill, Linux 5.14), then remove it.
+                let _ = fs::write(path.join("cgroup.kill"), "1");
+                let _ = remove_cgroup(&path);
+            } else {
+                let _ = fs::remove_dir_all(&path);
+            }
+        }
+    }
+}
+
+/// A built artifact: `$<env>` if set, else `<workspace>/target/<default>`.
+pub fn artifact(env: &str, default: &str) -> Result<PathBuf> {
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("target").join(default));
+    if !path.exists() {
+        bail!(
+            "{} not found: build first (`cargo xtask test` does), or set {env}",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Directory of the release binaries to install: `$IPCLUSTER_BIN_DIR`, else `target/release`.
+pub fn bin_dir() -> Result<PathBuf> {
+    let dir = artifact("IPCLUSTER_BIN_DIR", "release")?;
+    if !dir.join("ipclusterd").exists() {
+        bail!(
+            "{}/ipclusterd not found: run `cargo build --release` first",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}

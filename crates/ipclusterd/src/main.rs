@@ -1,0 +1,48 @@
+//! `ipclusterd`: arguments, logging, then [`ipclusterd::run`].
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ipclusterd::{BusKind, Options};
+
+/// Runs multi-process network services with sticky sessions and zero-downtime deploys.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Directory of app files (`<app>.toml`).
+    #[arg(long, default_value = "/etc/ipcluster/apps")]
+    config_dir: std::path::PathBuf,
+    /// Which bus to serve on.
+    #[arg(long, value_enum, default_value_t = BusKind::System)]
+    bus: BusKind,
+    /// Well-known bus name to own.
+    #[arg(long, default_value = ipclusterd::BUS_NAME)]
+    bus_name: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    ipclusterd::logging::init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = Options {
+        config_dir: args.config_dir,
+        bus: args.bus,
+        bus_name: args.bus_name,
+    };
+    match runtime.block_on(ipclusterd::run(options, ipclusterd::shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

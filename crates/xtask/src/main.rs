@@ -1,0 +1,84 @@
+//! `cargo xtask`: the project's own commands.
+//!
+//! - `install [--root DIR]`: build release binaries and install them with the unit files, the bus
+//!   policy and `/etc/ipcluster/apps/`; reload systemd and the bus when installing into a running
+//!   system. Sandboxes install themselves with this same command (`--no-build`).
+//! - `demo`: a throwaway systemd host running ipclusterd.
+//! - `test`: everything CI checks: packages, formatting, lints, unit and end-to-end tests.
+
+mod demo;
+mod install;
+mod test;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "ipclusterd's project commands")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build and install ipclusterd, ipclusterctl, unit files and bus policy.
+    Install(install::InstallArgs),
+    /// Boot a sandboxed systemd host, install ipclusterd, show it working, tear down.
+    Demo,
+    /// Install missing system packages, check formatting and lints, run every test.
+    Test {
+        /// Only unit and adapter tests (no sandboxes).
+        #[arg(long)]
+        unit_only: bool,
+        /// Extra arguments passed to cargo nextest (e.g. a test filter).
+        #[arg(last = true)]
+        nextest_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Cmd::Install(a) => install::run(&a),
+        Cmd::Demo => demo::run(),
+        Cmd::Test {
+            unit_only,
+            nextest_args,
+        } => test::run(unit_only, &nextest_args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    ipcluster_sandbox::workspace_dir()
+}
+
+/// Runs a command from the workspace root, echoing it; fails unless it succeeds.
+fn sh(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    eprintln!("+ {}", show(cmd));
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", show(cmd)))?;
+    if !status.success() {
+        anyhow::bail!("{} failed ({status})", show(cmd));
+    }
+    Ok(())
+}
+
+fn show(cmd: &std::process::Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

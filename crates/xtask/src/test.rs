@@ -1,0 +1,199 @@
+//! `cargo xtask test`: what CI runs (`.ci/run`).
+//!
+//! 1. installs the system packages the tests need when missing (as root, with apt-get);
+//! 2. `cargo fmt --check` and `cargo clippy -D warnings`;
+//! 3. builds the release binaries that sandboxes install;
+//! 4. runs every test with cargo-nextest: unit, adapter and end-to-end. End-to-end tests need
+//!    root; without it they are skipped, and the output says so and why;
+//! 5. checks that the host's netfilter rules, /etc and a marker in /tmp are as they were.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the tests need, with a file that shows each is installed.
+const PACKAGES: [(&str, &str); 2] = [
+    ("iptables", "/usr/sbin/iptables-restore"),
+    ("iproute2", "/usr/sbin/ip"),
+];
+
+pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
+    let root = nix::unistd::Uid::effective().is_root();
+    let e2e_skip = if unit_only {
+        Some("--unit-only was given".to_owned())
+    } else {
+        ipcluster_sandbox::unavailable_reason()
+    };
+    if root {
+        install_packages()?;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    crate::sh(Command::new(&cargo).args(["fmt", "--all", "--check"]))?;
+    crate::sh(Command::new(&cargo).args([
+        "clippy",
+        "--locked",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    if e2e_skip.is_none() {
+        crate::demo::build()?;
+    }
+
+    let before = HostState::capture()?;
+    let mut cmd = Command::new(&cargo);
+    cmd.args([
+        "nextest",
+        "run",
+        "--locked",
+        "--workspace",
+        "--no-fail-fast",
+    ]);
+    if let Some(why) = &e2e_skip {
+        cmd.args(["--exclude", "ipcluster-e2e"]);
+        eprintln!("\n*** END-TO-END TESTS SKIPPED: {why} ***\n");
+    } else {
+        let xtask = std::env::current_exe()?;
+        cmd.env("IPCLUSTER_XTASK", xtask)
+            .env("IPCLUSTER_BIN_DIR", crate::root().join("target/release"));
+    }
+    cmd.args(nextest_args);
+    let tests = crate::sh(&mut cmd);
+    let after = HostState::capture()?;
+    before.ensure_same(&after)?;
+    drop(before);
+    tests?;
+    if let Some(why) = &e2e_skip {
+        eprintln!("\n*** unit tests passed; END-TO-END TESTS WERE SKIPPED: {why} ***");
+    }
+    Ok(())
+}
+
+fn install_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing missing packages: {}", missing.join(" "));
+    crate::sh(Command::new("apt-get").args(["update", "-q"]))?;
+    crate::sh(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// What the tests must leave exactly as they found it on the host.
+#[derive(Debug)]
+struct HostState {
+    netfilter: String,
+    etc: BTreeMap<PathBuf, (u64, i64)>,
+    marker: PathBuf,
+}
+
+impl HostState {
+    fn capture() -> Result<Self> {
+        let marker =
+            std::env::temp_dir().join(format!("ipcluster-xtask-marker-{}", std::process::id()));
+        if !marker.exists() {
+            fs::write(
+                &marker,
+                "left by cargo xtask test; the tests must not remove it\n",
+            )?;
+        }
+        Ok(Self {
+            netfilter: netfilter_rules()?,
+            etc: tree(Path::new("/etc")),
+            marker,
+        })
+    }
+
+    fn ensure_same(&self, after: &Self) -> Result<()> {
+        if self.netfilter != after.netfilter {
+            bail!(
+                "the host's netfilter rules changed during the tests:\nbefore:\n{}\nafter:\n{}",
+                self.netfilter,
+                after.netfilter
+            );
+        }
+        if self.etc != after.etc {
+            let changed: Vec<_> = self
+                .etc
+                .keys()
+                .chain(after.etc.keys())
+                .filter(|k| self.etc.get(*k) != after.etc.get(*k))
+                .take(20)
+                .collect();
+            bail!("the host's /etc changed during the tests: {changed:?}");
+        }
+        if !self.marker.exists() {
+            bail!(
+                "the marker {} in the host's /tmp disappeared during the tests",
+                self.marker.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HostState {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.marker);
+    }
+}
+
+/// The host's whole ruleset, as nft sees it (covers iptables-nft and native nft tables), or
+/// iptables-save where nft is not installed.
+fn netfilter_rules() -> Result<String> {
+    let (prog, args): (&str, &[&str]) = if Path::new("/usr/sbin/nft").exists() {
+        ("nft", &["list", "ruleset"])
+    } else if Path::new("/usr/sbin/iptables-save").exists() {
+        ("iptables-save", &[])
+    } else {
+        return Ok(String::new());
+    };
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {prog}"))?;
+    // iptables-save prints a timestamp comment; drop comments.
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// Size and mtime of every file under `dir` (not following symlinks).
+fn tree(dir: &Path) -> BTreeMap<PathBuf, (u64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            out.insert(e.path(), (m.size(), m.mtime()));
+        }
+    }
+    out
+}
