@@ -15,9 +15,7 @@ pub fn installed_sandbox() -> Sandbox {
         panic!("end-to-end test cannot run: {why}");
     }
     let sandbox = Sandbox::boot().expect("sandbox boots");
-    sandbox
-        .install()
-        .expect("cargo xtask install succeeds inside the sandbox");
+    sandbox.install().expect("cargo xtask install succeeds inside the sandbox");
     sandbox
 }
 
@@ -28,19 +26,12 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// Output of a command as text.
 pub fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }

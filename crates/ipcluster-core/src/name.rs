@@ -28,13 +28,7 @@ impl AppName {
         let ok = s.len() <= MAX_APP_NAME
             && chars.next().is_some_and(|c| c.is_ascii_lowercase())
             && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(InvalidAppName {
-                shown: s.chars().take(64).collect(),
-            })
-        }
+        if ok { Ok(Self(s.to_owned())) } else { Err(InvalidAppName { shown: s.chars().take(64).collect() }) }
     }
 
     /// The name as a string.

@@ -64,11 +64,7 @@ pub fn unavailable_reason() -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Some("sandboxes need root (namespaces, cgroups, mounts); run as root".into());
     }
-    for tool in [
-        "/lib/systemd/systemd",
-        "/usr/bin/unshare",
-        "/usr/bin/nsenter",
-    ] {
+    for tool in ["/lib/systemd/systemd", "/usr/bin/unshare", "/usr/bin/nsenter"] {
         if !Path::new(tool).exists() {
             return Some(format!("{tool} is missing"));
         }
@@ -106,11 +102,7 @@ impl Sandbox {
             bail!("cannot boot a sandbox: {why}");
         }
         collect_stale();
-        let name = format!(
-            "{PREFIX}{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("{PREFIX}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let work = base_dir().join(&name);
         fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
         let work = work.canonicalize()?;
@@ -118,29 +110,19 @@ impl Sandbox {
         fs::write(&stage2, STAGE2)?;
         let cgroup_root = cgroup2_root().context("no cgroup2 hierarchy")?;
         let cgroup = cgroup_root.join(&name);
-        fs::create_dir(&cgroup)
-            .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
+        fs::create_dir(&cgroup).with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
         let procs = cgroup.join("cgroup.procs");
 
         let mut cmd = Command::new("/usr/bin/unshare");
-        cmd.args([
-            "--mount",
-            "--pid",
-            "--fork",
-            "--uts",
-            "--net",
-            "--cgroup",
-            "--kill-child=SIGKILL",
-            "--",
-        ])
-        .arg("/bin/sh")
-        .arg(&stage2)
-        .arg(&work)
-        .env_clear()
-        .env("PATH", PATH)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(work.join("stage2.log"))?);
+        cmd.args(["--mount", "--pid", "--fork", "--uts", "--net", "--cgroup", "--kill-child=SIGKILL", "--"])
+            .arg("/bin/sh")
+            .arg(&stage2)
+            .arg(&work)
+            .env_clear()
+            .env("PATH", PATH)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(work.join("stage2.log"))?);
         // SAFETY: between fork and exec only async-signal-safe calls: open/write/close on a path
         // prepared before the fork, and prctl.
         unsafe {
@@ -162,13 +144,7 @@ impl Sandbox {
             });
         }
         let unshare = cmd.spawn().context("cannot start unshare")?;
-        let mut sandbox = Sandbox {
-            name,
-            work,
-            cgroup,
-            init_pid: 0,
-            unshare,
-        };
+        let mut sandbox = Sandbox { name, work, cgroup, init_pid: 0, unshare };
         sandbox.init_pid = sandbox.find_init()?;
         sandbox.wait_running(Duration::from_secs(60))?;
         Ok(sandbox)
@@ -179,14 +155,10 @@ impl Sandbox {
         let children = format!("/proc/{0}/task/{0}/children", self.unshare.id());
         loop {
             if let Some(status) = self.unshare.try_wait()? {
-                bail!(
-                    "sandbox exited during setup ({status}): {}",
-                    self.log_tail()
-                );
+                bail!("sandbox exited during setup ({status}): {}", self.log_tail());
             }
-            if let Some(pid) = fs::read_to_string(&children)
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            if let Some(pid) =
+                fs::read_to_string(&children).ok().and_then(|s| s.split_whitespace().next()?.parse().ok())
             {
                 return Ok(pid);
             }
@@ -202,14 +174,10 @@ impl Sandbox {
         let mut last = String::new();
         while Instant::now() < deadline {
             if let Some(status) = self.unshare.try_wait()? {
-                bail!(
-                    "sandbox exited while booting ({status}): {}",
-                    self.log_tail()
-                );
+                bail!("sandbox exited while booting ({status}): {}", self.log_tail());
             }
             // systemd must have exec'd (PID 1 is no longer the setup shell) before asking it.
-            let comm =
-                fs::read_to_string(format!("/proc/{}/comm", self.init_pid)).unwrap_or_default();
+            let comm = fs::read_to_string(format!("/proc/{}/comm", self.init_pid)).unwrap_or_default();
             if comm.trim() == "systemd" {
                 let out = self.run(["systemctl", "is-system-running"])?;
                 last = String::from_utf8_lossy(&out.stdout).trim().to_owned();
@@ -217,20 +185,14 @@ impl Sandbox {
                     "running" => return Ok(()),
                     "degraded" => {
                         let failed = self.run(["systemctl", "--failed", "--no-legend"])?;
-                        bail!(
-                            "sandbox booted degraded: {}",
-                            String::from_utf8_lossy(&failed.stdout)
-                        );
+                        bail!("sandbox booted degraded: {}", String::from_utf8_lossy(&failed.stdout));
                     }
                     _ => {}
                 }
             }
             thread::sleep(Duration::from_millis(50));
         }
-        bail!(
-            "sandbox not running after {timeout:?} (last state {last:?}): {}",
-            self.log_tail()
-        )
+        bail!("sandbox not running after {timeout:?} (last state {last:?}): {}", self.log_tail())
     }
 
     fn log_tail(&self) -> String {
@@ -283,8 +245,7 @@ impl Sandbox {
         S: AsRef<OsStr>,
     {
         let mut cmd = self.command(argv);
-        cmd.output()
-            .with_context(|| format!("cannot run {cmd:?} in sandbox {}", self.name))
+        cmd.output().with_context(|| format!("cannot run {cmd:?} in sandbox {}", self.name))
     }
 
     /// Runs `argv` inside; fails unless it exits 0. Returns its stdout.
@@ -315,12 +276,7 @@ impl Sandbox {
     }
 
     /// Writes `contents` to `inside` (creating parent directories) with `mode`.
-    pub fn write_file(
-        &self,
-        inside: impl AsRef<Path>,
-        contents: impl AsRef<[u8]>,
-        mode: u32,
-    ) -> Result<()> {
+    pub fn write_file(&self, inside: impl AsRef<Path>, contents: impl AsRef<[u8]>, mode: u32) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.host_path(&inside);
         if let Some(parent) = path.parent() {
@@ -346,8 +302,8 @@ impl Sandbox {
     /// Copies a host file to `inside`, keeping its permission bits.
     pub fn copy_in(&self, host: impl AsRef<Path>, inside: impl AsRef<Path>) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        let data = fs::read(host.as_ref())
-            .with_context(|| format!("cannot read {}", host.as_ref().display()))?;
+        let data =
+            fs::read(host.as_ref()).with_context(|| format!("cannot read {}", host.as_ref().display()))?;
         let mode = fs::metadata(host.as_ref())?.permissions().mode() & 0o7777;
         self.write_file(inside, data, mode)
     }
@@ -397,10 +353,7 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if let Err(e) = self.destroy() {
-            eprintln!(
-                "ipcluster-sandbox: teardown of {} incomplete: {e:#}",
-                self.name
-            );
+            eprintln!("ipcluster-sandbox: teardown of {} incomplete: {e:#}", self.name);
         }
     }
 }
@@ -476,10 +429,7 @@ pub fn artifact(env: &str, default: &str) -> Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_dir().join("target").join(default));
     if !path.exists() {
-        bail!(
-            "{} not found: build first (`cargo xtask test` does), or set {env}",
-            path.display()
-        );
+        bail!("{} not found: build first (`cargo xtask test` does), or set {env}", path.display());
     }
     Ok(path)
 }
@@ -488,10 +438,7 @@ pub fn artifact(env: &str, default: &str) -> Result<PathBuf> {
 pub fn bin_dir() -> Result<PathBuf> {
     let dir = artifact("IPCLUSTER_BIN_DIR", "release")?;
     if !dir.join("ipclusterd").exists() {
-        bail!(
-            "{}/ipclusterd not found: run `cargo build --release` first",
-            dir.display()
-        );
+        bail!("{}/ipclusterd not found: run `cargo build --release` first", dir.display());
     }
     Ok(dir)
 }

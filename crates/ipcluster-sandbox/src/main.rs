@@ -53,11 +53,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 argv.push("/bin/bash".into());
             }
             let sandbox = Sandbox::boot()?;
-            eprintln!(
-                "sandbox {} booted (PID 1 = host pid {})",
-                sandbox.name(),
-                sandbox.init_pid()
-            );
+            eprintln!("sandbox {} booted (PID 1 = host pid {})", sandbox.name(), sandbox.init_pid());
             if install {
                 sandbox.install()?;
             }
@@ -67,11 +63,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 .status()
                 .context("cannot run the command")?;
             sandbox.teardown()?;
-            Ok(if status.success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }

@@ -33,10 +33,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ipclusterctl: {e}");
@@ -53,11 +50,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let conn = if args.user {
-        zbus::Connection::session().await?
-    } else {
-        zbus::Connection::system().await?
-    };
+    let conn =
+        if args.user { zbus::Connection::session().await? } else { zbus::Connection::system().await? };
     let manager = ManagerProxy::new(&conn).await?;
     match args.command {
         Cmd::Version => println!("{}", manager.version().await?),

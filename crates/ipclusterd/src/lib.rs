@@ -40,10 +40,8 @@ pub struct Options {
 /// Resolves when the daemon should stop: SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         // Without signal handlers the default action (terminate) still applies.
         return std::future::pending().await;
     };
@@ -71,10 +69,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         .build()
         .await
         .with_context(|| {
-            format!(
-                "cannot own bus name {} (is another ipclusterd running?)",
-                options.bus_name
-            )
+            format!("cannot own bus name {} (is another ipclusterd running?)", options.bus_name)
         })?;
     info!(bus_name = %options.bus_name, version = ipcluster_core::VERSION, "serving on the bus");
 

@@ -13,18 +13,10 @@ pub fn init() {
     if std::env::var_os("JOURNAL_STREAM").is_some()
         && let Ok(journald) = tracing_journald::layer()
     {
-        registry
-            .with(journald.with_syslog_identifier("ipclusterd".into()))
-            .init();
+        registry.with(journald.with_syslog_identifier("ipclusterd".into())).init();
         return;
     }
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
-    registry
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(ansi)
-                .with_writer(std::io::stderr),
-        )
-        .init();
+    registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).init();
 }

@@ -23,21 +23,14 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     ipclusterd::logging::init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let options = Options {
-        config_dir: args.config_dir,
-        bus: args.bus,
-        bus_name: args.bus_name,
-    };
+    let options = Options { config_dir: args.config_dir, bus: args.bus, bus_name: args.bus_name };
     match runtime.block_on(ipclusterd::run(options, ipclusterd::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -12,34 +12,14 @@ pub fn run() -> Result<()> {
     build()?;
     println!("== booting a throwaway systemd host");
     let sandbox = Sandbox::boot()?;
-    println!(
-        "   sandbox {} (its systemd is host pid {})",
-        sandbox.name(),
-        sandbox.init_pid()
-    );
+    println!("   sandbox {} (its systemd is host pid {})", sandbox.name(), sandbox.init_pid());
     println!("== cargo xtask install (inside the sandbox)");
     sandbox.install()?;
     step(&sandbox, &["systemctl", "start", "ipclusterd"])?;
+    step(&sandbox, &["systemctl", "status", "--no-pager", "--lines=5", "ipclusterd"])?;
     step(
         &sandbox,
-        &[
-            "systemctl",
-            "status",
-            "--no-pager",
-            "--lines=5",
-            "ipclusterd",
-        ],
-    )?;
-    step(
-        &sandbox,
-        &[
-            "busctl",
-            "get-property",
-            "org.ipcluster1",
-            "/org/ipcluster1",
-            "org.ipcluster1.Manager",
-            "Version",
-        ],
+        &["busctl", "get-property", "org.ipcluster1", "/org/ipcluster1", "org.ipcluster1.Manager", "Version"],
     )?;
     step(&sandbox, &["ipclusterctl", "version"])?;
     println!("== tearing down");

@@ -27,10 +27,7 @@ pub struct InstallArgs {
 
 pub fn run(args: &InstallArgs) -> Result<()> {
     let src = crate::root();
-    let bin_dir = args
-        .bin_dir
-        .clone()
-        .unwrap_or_else(|| src.join("target/release"));
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(|| src.join("target/release"));
     if !args.no_build {
         let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
         cmd.args(["build", "--release", "--locked"]);
@@ -44,11 +41,7 @@ pub fn run(args: &InstallArgs) -> Result<()> {
         install_file(&bin_dir.join(b), &root.join("usr/local/bin").join(b), 0o755)?;
     }
     for unit in ["ipclusterd.service", "ipcluster.slice"] {
-        install_file(
-            &src.join("systemd").join(unit),
-            &root.join("etc/systemd/system").join(unit),
-            0o644,
-        )?;
+        install_file(&src.join("systemd").join(unit), &root.join("etc/systemd/system").join(unit), 0o644)?;
     }
     install_file(
         &src.join("dbus/org.ipcluster1.conf"),
@@ -62,9 +55,7 @@ pub fn run(args: &InstallArgs) -> Result<()> {
     if root == Path::new("/") && Path::new("/run/systemd/system").exists() {
         crate::sh(Command::new("systemctl").arg("daemon-reload"))?;
         // The bus reads its policy at start; a running bus is told to read it again.
-        let active = Command::new("systemctl")
-            .args(["is-active", "--quiet", "dbus.service"])
-            .status()?;
+        let active = Command::new("systemctl").args(["is-active", "--quiet", "dbus.service"]).status()?;
         if active.success() {
             crate::sh(Command::new("busctl").args([
                 "call",
@@ -82,19 +73,12 @@ pub fn run(args: &InstallArgs) -> Result<()> {
 /// never rewritten in place (which fails with ETXTBSY or corrupts the running program).
 fn install_file(from: &Path, to: &Path, mode: u32) -> Result<()> {
     if !from.exists() {
-        bail!(
-            "{} not found (build first, or drop --no-build)",
-            from.display()
-        );
+        bail!("{} not found (build first, or drop --no-build)", from.display());
     }
     let dir = to.parent().context("install target has no parent")?;
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.xtask-tmp",
-        to.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    fs::copy(from, &tmp)
-        .with_context(|| format!("cannot copy {} to {}", from.display(), tmp.display()))?;
+    let tmp = dir.join(format!(".{}.xtask-tmp", to.file_name().unwrap_or_default().to_string_lossy()));
+    fs::copy(from, &tmp).with_context(|| format!("cannot copy {} to {}", from.display(), tmp.display()))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
     fs::rename(&tmp, to).with_context(|| format!("cannot install {}", to.display()))?;
     Ok(())

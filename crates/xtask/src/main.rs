@@ -43,10 +43,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Cmd::Install(a) => install::run(&a),
         Cmd::Demo => demo::run(),
-        Cmd::Test {
-            unit_only,
-            nextest_args,
-        } => test::run(unit_only, &nextest_args),
+        Cmd::Test { unit_only, nextest_args } => test::run(unit_only, &nextest_args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,10 +62,8 @@ fn root() -> PathBuf {
 /// Runs a command from the workspace root, echoing it; fails unless it succeeds.
 fn sh(cmd: &mut std::process::Command) -> anyhow::Result<()> {
     eprintln!("+ {}", show(cmd));
-    let status = cmd
-        .current_dir(root())
-        .status()
-        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", show(cmd)))?;
+    let status =
+        cmd.current_dir(root()).status().map_err(|e| anyhow::anyhow!("cannot run {}: {e}", show(cmd)))?;
     if !status.success() {
         anyhow::bail!("{} failed ({status})", show(cmd));
     }

@@ -17,10 +17,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the tests need, with a file that shows each is installed.
-const PACKAGES: [(&str, &str); 2] = [
-    ("iptables", "/usr/sbin/iptables-restore"),
-    ("iproute2", "/usr/sbin/ip"),
-];
+const PACKAGES: [(&str, &str); 2] =
+    [("iptables", "/usr/sbin/iptables-restore"), ("iproute2", "/usr/sbin/ip")];
 
 pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
     let root = nix::unistd::Uid::effective().is_root();
@@ -49,20 +47,13 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
 
     let before = HostState::capture()?;
     let mut cmd = Command::new(&cargo);
-    cmd.args([
-        "nextest",
-        "run",
-        "--locked",
-        "--workspace",
-        "--no-fail-fast",
-    ]);
+    cmd.args(["nextest", "run", "--locked", "--workspace", "--no-fail-fast"]);
     if let Some(why) = &e2e_skip {
         cmd.args(["--exclude", "ipcluster-e2e"]);
         eprintln!("\n*** END-TO-END TESTS SKIPPED: {why} ***\n");
     } else {
         let xtask = std::env::current_exe()?;
-        cmd.env("IPCLUSTER_XTASK", xtask)
-            .env("IPCLUSTER_BIN_DIR", crate::root().join("target/release"));
+        cmd.env("IPCLUSTER_XTASK", xtask).env("IPCLUSTER_BIN_DIR", crate::root().join("target/release"));
     }
     cmd.args(nextest_args);
     let tests = crate::sh(&mut cmd);
@@ -77,11 +68,8 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
 }
 
 fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(_, f)| !Path::new(f).exists())
-        .map(|(p, _)| *p)
-        .collect();
+    let missing: Vec<&str> =
+        PACKAGES.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -105,19 +93,11 @@ struct HostState {
 
 impl HostState {
     fn capture() -> Result<Self> {
-        let marker =
-            std::env::temp_dir().join(format!("ipcluster-xtask-marker-{}", std::process::id()));
+        let marker = std::env::temp_dir().join(format!("ipcluster-xtask-marker-{}", std::process::id()));
         if !marker.exists() {
-            fs::write(
-                &marker,
-                "left by cargo xtask test; the tests must not remove it\n",
-            )?;
+            fs::write(&marker, "left by cargo xtask test; the tests must not remove it\n")?;
         }
-        Ok(Self {
-            netfilter: netfilter_rules()?,
-            etc: tree(Path::new("/etc")),
-            marker,
-        })
+        Ok(Self { netfilter: netfilter_rules()?, etc: tree(Path::new("/etc")), marker })
     }
 
     fn ensure_same(&self, after: &Self) -> Result<()> {
@@ -139,10 +119,7 @@ impl HostState {
             bail!("the host's /etc changed during the tests: {changed:?}");
         }
         if !self.marker.exists() {
-            bail!(
-                "the marker {} in the host's /tmp disappeared during the tests",
-                self.marker.display()
-            );
+            bail!("the marker {} in the host's /tmp disappeared during the tests", self.marker.display());
         }
         Ok(())
     }
@@ -164,10 +141,7 @@ fn netfilter_rules() -> Result<String> {
     } else {
         return Ok(String::new());
     };
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {prog}"))?;
+    let out = Command::new(prog).args(args).output().with_context(|| format!("cannot run {prog}"))?;
     // iptables-save prints a timestamp comment; drop comments.
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
