@@ -57,6 +57,7 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
     }
     cmd.args(nextest_args);
     let tests = crate::sh(&mut cmd);
+    ipcluster_sandbox::collect_stale();
     let after = HostState::capture()?;
     before.ensure_same(&after)?;
     drop(before);
