@@ -1,7 +1,11 @@
 //! Helpers shared by the end-to-end scenarios in `tests/tests/`.
 //!
 //! Each scenario boots its own sandbox, installs the build with `cargo xtask install` inside it
-//! and drives it the way an operator would: `systemctl`, `busctl`, `journalctl`, `iptables`.
+//! and drives it the way an operator would: `systemctl`, `busctl`, `journalctl`, `iptables`, and
+//! real TCP clients whose sockets live in the sandbox's network namespace.
+
+pub mod bus;
+pub mod client;
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +23,18 @@ pub fn installed_sandbox() -> Sandbox {
     sandbox
 }
 
+/// A sandbox with the build installed, the given app files in /etc/ipcluster/apps, and
+/// ipclusterd started with `systemctl start`.
+pub fn cluster(apps: &[(&str, &str)]) -> (Sandbox, bus::Bus) {
+    let sb = installed_sandbox();
+    for (name, text) in apps {
+        sb.write_file(format!("/etc/ipcluster/apps/{name}.toml"), text, 0o644).unwrap();
+    }
+    sb.check(["systemctl", "start", "ipclusterd"]).unwrap();
+    let bus = bus::Bus::connect(&sb);
+    (sb, bus)
+}
+
 /// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -34,4 +50,32 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 /// Output of a command as text.
 pub fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The nat table as `iptables -t nat -S` prints it inside the sandbox.
+pub fn nat_rules(sb: &Sandbox) -> String {
+    sb.check(["iptables", "-t", "nat", "-S"]).unwrap()
+}
+
+/// Nice values of every thread of `pid` (field 19 of /proc/<pid>/task/<tid>/stat).
+pub fn thread_nices(sb: &Sandbox, pid: u32) -> Vec<i32> {
+    let dir = sb.host_path(format!("/proc/{pid}/task"));
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(dir).unwrap().flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.to_owned()) {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            out.push(f[16].parse().unwrap());
+        }
+    }
+    out
+}
+
+/// The environment of a process inside the sandbox.
+pub fn environ(sb: &Sandbox, pid: u32) -> Vec<String> {
+    let raw = std::fs::read(sb.host_path(format!("/proc/{pid}/environ"))).unwrap_or_default();
+    raw.split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
 }

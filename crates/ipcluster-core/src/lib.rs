@@ -3,7 +3,12 @@
 //! Nothing in this crate touches the file system, the bus, processes or the network: callers read
 //! files and pass their text in, and apply the decisions that come out.
 
+pub mod config;
+pub mod model;
 pub mod name;
+pub mod ports;
+pub mod routing;
+pub mod units;
 
 /// The version of the ipclusterd suite, reported over D-Bus as `Version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,2 +1,178 @@
-//! Placeholder; the demo worker arrives with deploys.
-fn main() {}
+//! `ipcluster-demo`: a small HTTP/1.1 worker that answers every request with who it is:
+//!
+//! ```text
+//! app=demo generation=2 band=3 pid=4711 peer=127.0.0.7
+//! ```
+//!
+//! It listens on `0.0.0.0:<port>` for every worker port in `IPCLUSTER_PORTS` (else `$PORT`),
+//! sends `READY=1` when `NOTIFY_SOCKET` is set, and keeps connections alive. Flags make it
+//! misbehave on purpose, for tests: `--exit-at-start CODE`, `--never-ready`, `--ignore-sigterm`,
+//! `--delay-ready MS`.
+
+use std::{
+    env,
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    process::ExitCode,
+    thread,
+    time::Duration,
+};
+
+#[derive(Debug, Default)]
+struct Flags {
+    exit_at_start: Option<u8>,
+    never_ready: bool,
+    ignore_sigterm: bool,
+    delay_ready_ms: u64,
+}
+
+fn parse_flags() -> Result<Flags, String> {
+    let mut f = Flags::default();
+    let mut args = env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--exit-at-start" => {
+                f.exit_at_start = Some(value("--exit-at-start")?.parse().map_err(|e| format!("{e}"))?)
+            }
+            "--never-ready" => f.never_ready = true,
+            "--ignore-sigterm" => f.ignore_sigterm = true,
+            "--delay-ready" => {
+                f.delay_ready_ms = value("--delay-ready")?.parse().map_err(|e| format!("{e}"))?
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(f)
+}
+
+fn main() -> ExitCode {
+    let flags = match parse_flags() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("ipcluster-demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let app = env::var("IPCLUSTER_APP").unwrap_or_else(|_| "demo".into());
+    let generation = env::var("IPCLUSTER_GENERATION").unwrap_or_else(|_| "0".into());
+    let band = env::var("IPCLUSTER_BAND").unwrap_or_else(|_| "0".into());
+    println!(
+        "ipcluster-demo pid={} app={app} generation={generation} band={band} starting",
+        std::process::id()
+    );
+    if let Some(code) = flags.exit_at_start {
+        eprintln!("ipcluster-demo: exiting with {code} as asked (--exit-at-start)");
+        return ExitCode::from(code);
+    }
+    if flags.ignore_sigterm {
+        // SAFETY: installing SIG_IGN is async-signal-safe and done before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        }
+    }
+    if flags.never_ready {
+        loop {
+            thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    thread::sleep(Duration::from_millis(flags.delay_ready_ms));
+
+    let ports: Vec<u16> = match env::var("IPCLUSTER_PORTS") {
+        Ok(pairs) if !pairs.is_empty() => {
+            pairs.split(',').filter_map(|p| p.split_once(':')?.1.parse().ok()).collect()
+        }
+        _ => env::var("PORT").ok().and_then(|p| p.parse().ok()).into_iter().collect(),
+    };
+    if ports.is_empty() {
+        eprintln!("ipcluster-demo: no port (set PORT or IPCLUSTER_PORTS)");
+        return ExitCode::from(2);
+    }
+    let identity = format!("app={app} generation={generation} band={band} pid={}", std::process::id());
+    let mut listeners = Vec::new();
+    for port in &ports {
+        match TcpListener::bind(("0.0.0.0", *port)) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                eprintln!("ipcluster-demo: cannot listen on 0.0.0.0:{port}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    println!("ipcluster-demo {identity} listening on {ports:?}");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        thread::spawn(move || {
+            loop {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                thread::sleep(interval / 3);
+            }
+        });
+    }
+    let mut handles = Vec::new();
+    for l in listeners {
+        let identity = identity.clone();
+        handles.push(thread::spawn(move || {
+            for stream in l.incoming().flatten() {
+                let identity = identity.clone();
+                thread::spawn(move || serve(stream, &identity));
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    ExitCode::SUCCESS
+}
+
+/// Serves HTTP/1.1 requests on one connection until the client closes it.
+fn serve(stream: TcpStream, identity: &str) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    let body = format!("{identity} peer={peer}\n");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        // Request line.
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut close = line.starts_with("GET") && line.contains("HTTP/1.0");
+        let mut content_length = 0usize;
+        // Headers.
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let lower = l.to_ascii_lowercase();
+            if lower == "connection: close" {
+                close = true;
+            } else if let Some(v) = lower.strip_prefix("content-length:") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        if content_length > 0 {
+            let mut discard = vec![0u8; content_length.min(1 << 20)];
+            if std::io::Read::read_exact(&mut reader, &mut discard).is_err() {
+                return;
+            }
+        }
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if writer.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}

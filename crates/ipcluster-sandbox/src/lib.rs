@@ -266,6 +266,44 @@ impl Sandbox {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs `f` on a new thread that has entered the sandbox's network namespace, and returns its
+    /// result. Sockets created by `f` stay in the sandbox's namespace wherever they are used
+    /// later, so a test can open connections "from inside" and use them from any thread.
+    pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        self.spawn_in_netns(f)?.join().map_err(|_| anyhow::anyhow!("thread in the sandbox's netns panicked"))
+    }
+
+    /// Like [`Sandbox::in_netns`], without waiting: the thread's handle.
+    pub fn spawn_in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<thread::JoinHandle<T>> {
+        let ns = fs::File::open(format!("/proc/{}/ns/net", self.init_pid))
+            .context("cannot open the sandbox's netns")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = thread::spawn(move || {
+            // setns affects only this thread; it exits when `f` returns.
+            let entered = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET);
+            let _ = tx.send(entered.map_err(|e| e.to_string()));
+            drop(ns);
+            if entered.is_err() {
+                // The caller sees the error below; never run `f` in the host's namespace.
+                std::process::abort();
+            }
+            f()
+        });
+        match rx.recv() {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(e)) => bail!("cannot enter the sandbox's netns: {e}"),
+            Err(_) => bail!("cannot enter the sandbox's netns"),
+        }
+    }
+
+    /// The address of the sandbox's system bus, reachable from the host (as root).
+    pub fn system_bus_address(&self) -> String {
+        format!("unix:path=/proc/{}/root/run/dbus/system_bus_socket", self.init_pid)
+    }
+
     /// The host path that reaches `inside` within the sandbox's mount namespace.
     pub fn host_path(&self, inside: impl AsRef<Path>) -> PathBuf {
         let inside = inside.as_ref();

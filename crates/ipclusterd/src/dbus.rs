@@ -1,12 +1,126 @@
 //! `org.ipcluster1.Manager`: a thin adapter. It converts D-Bus types, sends a command to the
-//! supervisor and maps the answer back; it holds no state of its own.
+//! supervisor and maps the answer back; it holds no state of its own. Errors are mapped to bus
+//! error names in one place: [`BusError::from`].
 
-use crate::supervisor::Handle;
+use std::collections::HashMap;
+
+use ipcluster_core::config::Overrides;
+use zbus::{object_server::SignalEmitter, wire::OwnedVariant};
+
+use crate::supervisor::{self, Command, Handle};
+
+/// An error as it crosses the bus: a name and a message. Names are `org.ipcluster1.Error.*`
+/// for ipclusterd's own errors and the standard `org.freedesktop.DBus.Error.*` ones otherwise;
+/// never a bare `Failed`. Every mapping happens here, in [`From`] impls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusError {
+    name: &'static str,
+    message: String,
+}
+
+/// Error names (docs/dbus.md lists them with their meaning).
+pub mod names {
+    pub const NO_SUCH_APP: &str = "org.ipcluster1.Error.NoSuchApp";
+    pub const NO_SUCH_GENERATION: &str = "org.ipcluster1.Error.NoSuchGeneration";
+    pub const DEPLOY_FAILED: &str = "org.ipcluster1.Error.DeployFailed";
+    pub const BUSY: &str = "org.ipcluster1.Error.Busy";
+    pub const INVALID_CONFIG: &str = "org.ipcluster1.Error.InvalidConfig";
+    pub const INVALID_ARGS: &str = "org.freedesktop.DBus.Error.InvalidArgs";
+    pub const NO_SERVER: &str = "org.freedesktop.DBus.Error.NoServer";
+}
+
+impl BusError {
+    fn new(name: &'static str, message: impl Into<String>) -> Self {
+        Self { name, message: message.into() }
+    }
+}
+
+impl zbus::DBusError for BusError {
+    fn create_reply(&self, call: &zbus::message::Header<'_>) -> zbus::Result<zbus::message::Message> {
+        zbus::message::Message::error(call, self.name).build(&(self.message.as_str(),))
+    }
+
+    fn name(&self) -> zbus::names::ErrorName<'_> {
+        zbus::names::ErrorName::from_static_str_unchecked(self.name)
+    }
+
+    fn description(&self) -> Option<&str> {
+        Some(&self.message)
+    }
+}
+
+impl From<supervisor::Error> for BusError {
+    fn from(e: supervisor::Error) -> Self {
+        use supervisor::Error as E;
+        let name = match &e {
+            E::NoSuchApp(_) => names::NO_SUCH_APP,
+            E::NoSuchGeneration(_) => names::NO_SUCH_GENERATION,
+            E::DeployFailed(_) => names::DEPLOY_FAILED,
+            E::Busy(_) => names::BUSY,
+            E::InvalidConfig(_) => names::INVALID_CONFIG,
+            E::InvalidArgs(_) => names::INVALID_ARGS,
+            E::Gone => names::NO_SERVER,
+        };
+        BusError::new(name, e.to_string())
+    }
+}
+
+/// zbus errors reach a reply when a call's arguments do not match the method's signature or
+/// types: the caller's arguments are invalid.
+impl From<zbus::Error> for BusError {
+    fn from(e: zbus::Error) -> Self {
+        BusError::new(names::INVALID_ARGS, e.to_string())
+    }
+}
+
+fn invalid_args(m: impl Into<String>) -> BusError {
+    BusError::new(names::INVALID_ARGS, m)
+}
+
+/// Most options a Deploy call may carry.
+const MAX_OPTIONS: usize = 16;
+
+/// Parses Deploy's `a{sv}` options. Unknown keys and wrong types are InvalidArgs.
+fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<Overrides, BusError> {
+    if options.len() > MAX_OPTIONS {
+        return Err(invalid_args(format!("at most {MAX_OPTIONS} options")));
+    }
+    let mut o = Overrides::default();
+    for (key, value) in options {
+        let wrong = |ty: &str| invalid_args(format!("option {key:?} must be of type {ty}"));
+        match key.as_str() {
+            "workers" => o.workers = Some(u32::try_from(value).map_err(|_| wrong("u (uint32)"))?),
+            "command" => {
+                o.command = Some(
+                    Vec::<String>::try_from(value.try_clone().map_err(BusError::from)?)
+                        .map_err(|_| wrong("as"))?,
+                )
+            }
+            "environment" => {
+                o.environment = Some(
+                    Vec::<String>::try_from(value.try_clone().map_err(BusError::from)?)
+                        .map_err(|_| wrong("as"))?,
+                )
+            }
+            "working_directory" => {
+                o.working_directory = Some(
+                    String::try_from(value.try_clone().map_err(BusError::from)?).map_err(|_| wrong("s"))?,
+                )
+            }
+            _ => {
+                let shown: String = key.chars().take(64).collect();
+                return Err(invalid_args(format!(
+                    "unknown option {shown:?} (known: workers, command, environment, working_directory)"
+                )));
+            }
+        }
+    }
+    Ok(o)
+}
 
 /// The D-Bus object at `/org/ipcluster1`.
 #[derive(Debug)]
 pub struct Manager {
-    #[allow(dead_code, reason = "used by the methods that follow")]
     handle: Handle,
 }
 
@@ -17,11 +131,118 @@ impl Manager {
     }
 }
 
+/// ListWorkers row: app, generation, band, pid, state, ports (public, worker), RSS bytes,
+/// CPU µs, start µs since the epoch, nice, scope.
+type WorkerRow = (String, u64, u32, u32, String, Vec<(u16, u16)>, u64, u64, u64, i32, String);
+/// ListGenerations row: app, generation, state, workers, start µs, scope.
+type GenerationRow = (String, u64, String, u32, u64, String);
+
 #[zbus::interface(name = "org.ipcluster1.Manager")]
 impl Manager {
+    /// Starts a new generation of `app` and returns its number after cutover.
+    async fn deploy(&self, app: String, options: HashMap<String, OwnedVariant>) -> Result<u64, BusError> {
+        let overrides = parse_options(&options)?;
+        Ok(self.handle.call(|reply| Command::Deploy { app, overrides, reply }).await?)
+    }
+
+    /// Retires a generation (a live one only after its replacement is live).
+    async fn retire_generation(&self, app: String, generation: u64) -> Result<(), BusError> {
+        Ok(self.handle.call(|reply| Command::Retire { app, generation, reply }).await?)
+    }
+
+    /// Stops every retired worker of `app` ("" = all apps); returns how many it began to stop.
+    async fn kill_retired(&self, app: String) -> Result<u32, BusError> {
+        Ok(self.handle.call(|reply| Command::KillRetired { app, reply }).await?)
+    }
+
+    /// One entry per worker of `app` ("" = all apps).
+    async fn list_workers(&self, app: String) -> Result<Vec<WorkerRow>, BusError> {
+        let rows = self.handle.call(|reply| Command::ListWorkers { app, reply }).await?;
+        Ok(rows
+            .into_iter()
+            .map(|w| {
+                (
+                    w.app,
+                    w.generation,
+                    w.band,
+                    w.pid,
+                    w.state.as_str().to_owned(),
+                    w.ports,
+                    w.rss,
+                    w.cpu_usec,
+                    w.start_usec,
+                    w.nice,
+                    w.scope,
+                )
+            })
+            .collect())
+    }
+
+    /// One entry per generation of `app` ("" = all apps).
+    async fn list_generations(&self, app: String) -> Result<Vec<GenerationRow>, BusError> {
+        let rows = self.handle.call(|reply| Command::ListGenerations { app, reply }).await?;
+        Ok(rows
+            .into_iter()
+            .map(|g| (g.app, g.generation, g.state.as_str().to_owned(), g.workers, g.start_usec, g.scope))
+            .collect())
+    }
+
+    /// Re-reads /etc/ipcluster/apps/.
+    async fn reload(&self) -> Result<(), BusError> {
+        Ok(self.handle.call(|reply| Command::Reload { reply }).await?)
+    }
+
     /// The version of the running daemon.
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         ipcluster_core::VERSION.to_owned()
+    }
+
+    /// The configured (valid) apps.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn apps(&self) -> Vec<String> {
+        self.handle.ask(Command::Apps).await.unwrap_or_default()
+    }
+
+    /// A generation changed state.
+    #[zbus(signal)]
+    pub async fn generation_state_changed(
+        emitter: &SignalEmitter<'_>,
+        app: &str,
+        generation: u64,
+        state: &str,
+    ) -> zbus::Result<()>;
+
+    /// A worker exited: `reason` is `exited N`, `killed by signal S`, or `reaped (...)`.
+    #[zbus(signal)]
+    pub async fn worker_exited(
+        emitter: &SignalEmitter<'_>,
+        app: &str,
+        generation: u64,
+        band: u32,
+        pid: u32,
+        reason: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// Emits the supervisor's signals on the bus until the supervisor goes away.
+pub async fn forward_signals(
+    conn: zbus::Connection,
+    path: &'static str,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<supervisor::BusSignal>,
+) {
+    let Ok(emitter) = SignalEmitter::new(&conn, path) else { return };
+    while let Some(s) = rx.recv().await {
+        let r = match &s {
+            supervisor::BusSignal::GenerationStateChanged { app, generation, state } => {
+                Manager::generation_state_changed(&emitter, app, *generation, state.as_str()).await
+            }
+            supervisor::BusSignal::WorkerExited { app, generation, band, pid, reason } => {
+                Manager::worker_exited(&emitter, app, *generation, *band, *pid, reason).await
+            }
+        };
+        if let Err(e) = r {
+            tracing::warn!("cannot emit {s:?}: {e}");
+        }
     }
 }

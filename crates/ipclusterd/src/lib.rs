@@ -2,15 +2,28 @@
 //!
 //! [`run`] takes everything from outside (config directory, which bus, which name, a shutdown
 //! future) so tests can run a daemon on a private bus.
+//!
+//! ```text
+//! D-Bus (dbus.rs) ──Command──▶ supervisor.rs ──▶ Scopes (scopes.rs: systemd)
+//! signals (SIGUSR1, SIGHUP) ─▶   owns all     ──▶ Router (netfilter.rs: iptables-restore)
+//! exits, probes, notify ─Event▶   state       ──▶ process.rs (launcher gate, pidfds, renice)
+//! ```
 
 pub mod dbus;
+pub mod journal;
+pub mod launcher;
 pub mod logging;
+pub mod netfilter;
+pub mod notify;
+pub mod process;
+pub mod scopes;
+pub mod state;
 pub mod supervisor;
 
 use std::{future::Future, path::PathBuf};
 
 use anyhow::Context;
-use tracing::info;
+use tracing::{info, warn};
 
 /// The well-known bus name the daemon owns.
 pub const BUS_NAME: &str = "org.ipcluster1";
@@ -51,17 +64,32 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// `$RUNTIME_DIRECTORY` (set by systemd from `RuntimeDirectory=`), else /run/ipcluster.
+fn runtime_dir() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY").map_or_else(|| PathBuf::from("/run/ipcluster"), PathBuf::from)
+}
+
+/// `$STATE_DIRECTORY` (set by systemd from `StateDirectory=`), else /var/lib/ipcluster.
+fn state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY").map_or_else(|| PathBuf::from("/var/lib/ipcluster"), PathBuf::from)
+}
+
+/// The workers' notify socket: stable across daemon restarts.
+pub fn notify_socket_path() -> Option<PathBuf> {
+    Some(runtime_dir().join("notify"))
+}
+
 /// Runs the daemon until `shutdown` resolves.
 ///
 /// Fails if the bus name is already owned: a second daemon must never steal the name (and with it
-/// the cluster) from a running one.
+/// the cluster) from a running one. Stopping the daemon never stops workers or removes rules.
 pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let (supervisor, handle) = supervisor::Supervisor::new(options.config_dir.clone());
+    let (handle, commands) = supervisor::channel();
     let builder = match options.bus {
         BusKind::System => zbus::connection::Builder::system(),
         BusKind::Session => zbus::connection::Builder::session(),
     };
-    let _connection = builder
+    let connection = builder
         .name(options.bus_name.as_str())
         .allow_name_replacements(false)
         .replace_existing_names(false)
@@ -73,23 +101,81 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         })?;
     info!(bus_name = %options.bus_name, version = ipcluster_core::VERSION, "serving on the bus");
 
+    let system = match options.bus {
+        BusKind::System => connection.clone(),
+        BusKind::Session => zbus::Connection::system().await.context("cannot connect to the system bus")?,
+    };
+    let scopes = scopes::Systemd::new(&system).await.context("cannot talk to systemd")?;
+    let notify = match notify_socket_path().map(|p| notify::Receiver::bind(&p)) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            warn!("cannot bind the workers' notify socket: {e}; ready = \"notify\" apps cannot deploy");
+            None
+        }
+        None => None,
+    };
+    let (signals_tx, signals_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(dbus::forward_signals(connection.clone(), OBJECT_PATH, signals_rx));
+    let deps = supervisor::Deps {
+        scopes,
+        router: netfilter::Iptables,
+        config_dir: options.config_dir.clone(),
+        state_file: state_dir().join("state.json"),
+        notify,
+        signals: signals_tx,
+    };
+    let supervisor = supervisor::Supervisor::new(commands, deps);
     let supervisor_task = tokio::spawn(supervisor.run());
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&handle.status_line().await.unwrap_or_default()),
-    ]);
+    tokio::spawn(unix_signals(handle.clone()));
 
     shutdown.await;
-    notify(&[sd_notify::NotifyState::Stopping]);
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     drop(handle);
     supervisor_task.abort();
-    info!("stopped");
+    info!("stopped; workers and rules stay in place");
     Ok(())
 }
 
+/// SIGUSR1 stops every retired worker (as the original project did); SIGHUP reloads the apps.
+async fn unix_signals(handle: supervisor::Handle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut usr1), Ok(mut hup)) = (signal(SignalKind::user_defined1()), signal(SignalKind::hangup()))
+    else {
+        warn!("cannot install SIGUSR1/SIGHUP handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = usr1.recv() => {
+                match handle.call(|reply| supervisor::Command::KillRetired { app: String::new(), reply }).await {
+                    Ok(n) => info!(count = n, "SIGUSR1: stopping retired workers"),
+                    Err(e) => warn!("SIGUSR1: {e}"),
+                }
+            }
+            _ = hup.recv() => {
+                if let Err(e) = handle.call(|reply| supervisor::Command::Reload { reply }).await {
+                    warn!("SIGHUP: {e}");
+                }
+            }
+        }
+    }
+}
+
 /// Sends a notification to systemd; harmless when not started by systemd.
-fn notify(state: &[sd_notify::NotifyState<'_>]) {
+pub fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(state) {
         tracing::warn!("sd_notify failed: {e}");
     }
+}
+
+/// A fresh directory for a unit test, under the workspace's target directory (tests never
+/// touch the host's /tmp).
+#[cfg(test)]
+pub(crate) fn test_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/unit-tmp")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("test dir");
+    dir
 }

@@ -1,21 +1,125 @@
-//! The one task that owns all state. Everything else sends it a [`Command`] with a reply channel
-//! and awaits the answer; no other code reads or writes apps, generations or workers.
+//! The one task that owns all state: apps, generations and workers.
+//!
+//! Inputs arrive as messages: [`Command`]s from the D-Bus adapter and signal handlers (each with
+//! a reply channel), and [`Event`]s from small helper tasks (process exits, readiness probes,
+//! notify datagrams, timers). The supervisor decides, with the pure rules of
+//! [`ipcluster_core`], and acts through narrow traits: [`Scopes`] (systemd) and [`Router`]
+//! (netfilter); processes are forked through [`crate::process`].
+//!
+//! A deploy, step by step (shared/DESIGN.md §3):
+//! 1. allocate generation `g` (persisted first, so numbers never repeat) and worker ports;
+//! 2. fork one launcher per band, held at its gate; create `ipcluster-<app>-<g>.scope` around
+//!    them; release them;
+//! 3. wait for every band to be ready (TCP probe or `READY=1`), or fail on the first exit or at
+//!    `ready_timeout`: then stop the scope, and only once it is gone answer `DeployFailed`;
+//! 4. cutover: one router transaction points every band at the new workers;
+//! 5. retire the previous live generation (renice every thread, `retire_signal`), answer `g`.
 
-use std::path::PathBuf;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::OwnedFd,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
+use ipcluster_core::{
+    config::{AppConfig, ConfigError, Overrides, Ready},
+    model::{GenState, WorkerIdentity, WorkerState, scope_name, slice_name},
+    name::AppName,
+    ports::PortAllocator,
+    routing::AppRoute,
+};
 use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::{
+    netfilter::Router,
+    notify,
+    process::{self, Exit, SpawnSpec},
+    scopes::{ScopeSpec, Scopes},
+    state::{self, PersistedState},
+};
+
+/// Errors the supervisor answers with; the D-Bus adapter maps each to a bus error name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    NoSuchApp(String),
+    #[error("{0}")]
+    NoSuchGeneration(String),
+    #[error("{0}")]
+    DeployFailed(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error("{0}")]
+    InvalidArgs(String),
+    #[error("the supervisor is not running (ipclusterd is stopping)")]
+    Gone,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 /// A request to the supervisor. Each carries the sender of its reply.
 #[derive(Debug)]
 pub enum Command {
-    /// The one-line summary used for `STATUS=`.
     StatusLine(oneshot::Sender<String>),
+    Apps(oneshot::Sender<Vec<String>>),
+    Deploy { app: String, overrides: Overrides, reply: Reply<u64> },
+    Retire { app: String, generation: u64, reply: Reply<()> },
+    KillRetired { app: String, reply: Reply<u32> },
+    ListWorkers { app: String, reply: Reply<Vec<WorkerInfo>> },
+    ListGenerations { app: String, reply: Reply<Vec<GenerationInfo>> },
+    Reload { reply: Reply<()> },
 }
 
-/// The supervisor went away (the daemon is stopping).
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the supervisor is not running (ipclusterd is stopping)")]
-pub struct Gone;
+/// One row of ListWorkers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub app: String,
+    pub generation: u64,
+    pub band: u32,
+    pub pid: u32,
+    pub state: WorkerState,
+    pub ports: Vec<(u16, u16)>,
+    pub rss: u64,
+    pub cpu_usec: u64,
+    pub start_usec: u64,
+    pub nice: i32,
+    pub scope: String,
+}
+
+/// One row of ListGenerations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationInfo {
+    pub app: String,
+    pub generation: u64,
+    pub state: GenState,
+    pub workers: u32,
+    pub start_usec: u64,
+    pub scope: String,
+}
+
+/// Signals for the bus, emitted by the D-Bus adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusSignal {
+    GenerationStateChanged { app: String, generation: u64, state: GenState },
+    WorkerExited { app: String, generation: u64, band: u32, pid: u32, reason: String },
+}
+
+/// Something that happened, reported by a helper task.
+#[derive(Debug)]
+pub enum Event {
+    Exited { id: u64, exit: Exit },
+    Ready { id: u64 },
+    Notify { pid: u32, message: notify::Message },
+    ReadyTimeout { app: AppName, generation: u64 },
+    StopTimeout { id: u64 },
+    ScopeStopped { app: AppName, generation: u64, error: Option<String> },
+}
 
 /// A cheap, clonable handle for sending commands to the supervisor.
 #[derive(Debug, Clone)]
@@ -24,41 +128,961 @@ pub struct Handle {
 }
 
 impl Handle {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Gone> {
+    /// Sends a command built around a fresh reply channel and awaits the answer.
+    pub async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| Gone)?;
-        rx.await.map_err(|_| Gone)
+        self.tx.send(make(tx)).await.map_err(|_| Error::Gone)?;
+        rx.await.map_err(|_| Error::Gone)
+    }
+
+    /// Like [`Handle::ask`] for commands whose answer is itself a `Result`.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
+        self.ask(make).await?
     }
 
     /// The summary line for `STATUS=`.
-    pub async fn status_line(&self) -> Result<String, Gone> {
+    pub async fn status_line(&self) -> Result<String, Error> {
         self.ask(Command::StatusLine).await
     }
 }
 
-/// Owner of all state.
-#[derive(Debug)]
-pub struct Supervisor {
-    #[allow(dead_code, reason = "read by the deploy work that follows")]
-    config_dir: PathBuf,
-    rx: mpsc::Receiver<Command>,
+/// Creates the command channel: the handle for the adapters, the receiver for [`Supervisor::new`].
+pub fn channel() -> (Handle, mpsc::Receiver<Command>) {
+    let (tx, rx) = mpsc::channel(256);
+    (Handle { tx }, rx)
 }
 
-impl Supervisor {
-    /// A supervisor and the handle to reach it.
-    pub fn new(config_dir: PathBuf) -> (Self, Handle) {
-        let (tx, rx) = mpsc::channel(64);
-        (Self { config_dir, rx }, Handle { tx })
+/// What the supervisor needs from outside.
+#[derive(Debug)]
+pub struct Deps<S, R> {
+    pub scopes: S,
+    pub router: R,
+    pub config_dir: PathBuf,
+    pub state_file: PathBuf,
+    /// The workers' notify socket, if it could be bound.
+    pub notify: Option<notify::Receiver>,
+    pub signals: mpsc::UnboundedSender<BusSignal>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    app: AppName,
+    generation: u64,
+    band: u32,
+    pid: u32,
+    ports: Vec<(SocketAddrV4, u16)>,
+    state: WorkerState,
+    started: SystemTime,
+    pidfd: Arc<OwnedFd>,
+    ready: bool,
+    probe: Option<tokio::task::AbortHandle>,
+}
+
+#[derive(Debug)]
+struct Generation {
+    state: GenState,
+    config: Arc<AppConfig>,
+    started: SystemTime,
+    scope: String,
+    /// Deploy callers waiting for the cutover (or the failure).
+    waiting: Vec<Reply<u64>>,
+    /// Why the deploy failed, once it has.
+    failure: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct App {
+    /// The app file as last read: `None` when the file is gone.
+    config: Option<Result<Arc<AppConfig>, ConfigError>>,
+    generations: BTreeMap<u64, Generation>,
+}
+
+impl App {
+    fn live(&self) -> Option<u64> {
+        self.generations.iter().rev().find(|(_, g)| g.state == GenState::Live).map(|(n, _)| *n)
     }
 
-    /// Serves commands until every handle is dropped.
+    fn deploying(&self) -> Option<u64> {
+        self.generations.iter().find(|(_, g)| g.state == GenState::Starting).map(|(n, _)| *n)
+    }
+}
+
+/// Finished generations kept for ListGenerations, per app.
+const HISTORY: usize = 16;
+
+/// Owner of all state.
+#[derive(Debug)]
+pub struct Supervisor<S, R> {
+    deps: Deps<S, R>,
+    commands: mpsc::Receiver<Command>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    apps: BTreeMap<AppName, App>,
+    workers: BTreeMap<u64, Worker>,
+    next_worker: u64,
+    ports: PortAllocator,
+    persisted: PersistedState,
+    last_status: String,
+}
+
+fn usec(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
+    /// A supervisor serving `commands` with `deps`.
+    pub fn new(commands: mpsc::Receiver<Command>, deps: Deps<S, R>) -> Self {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let persisted = match state::load(&deps.state_file) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("state file {}: {e}; rebuilding from reality", deps.state_file.display());
+                PersistedState::default()
+            }
+        };
+        Self {
+            deps,
+            commands,
+            events_tx,
+            events,
+            apps: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            next_worker: 1,
+            ports: PortAllocator::default(),
+            persisted,
+            last_status: String::new(),
+        }
+    }
+
+    /// Loads the apps, starts the autostart ones, then serves until every handle is dropped.
+    /// Sends `READY=1` once the autostart deploys have finished (or failed).
     pub async fn run(mut self) {
-        while let Some(cmd) = self.rx.recv().await {
-            match cmd {
-                Command::StatusLine(reply) => {
-                    let _ = reply.send("0 apps, 0 live workers, 0 retired workers".to_owned());
+        self.load_configs();
+        self.bump_counters_from_scopes().await;
+        if let Some(rx) = self.deps.notify.take() {
+            let tx = self.events_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    match rx.recv().await {
+                        Ok((pid, message)) => {
+                            if tx.send(Event::Notify { pid, message }).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!("notify socket: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
                 }
+            });
+        }
+        let pending = self.autostart().await;
+        tokio::spawn(async move {
+            for rx in pending {
+                let _ = rx.await;
+            }
+            crate::notify_systemd(&[sd_notify::NotifyState::Ready]);
+        });
+        let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2).unwrap_or(Duration::from_secs(3600));
+        let mut tick = tokio::time::interval(watchdog);
+        loop {
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd).await,
+                    None => break,
+                },
+                Some(ev) = self.events.recv() => self.event(ev).await,
+                _ = tick.tick() => crate::notify_systemd(&[sd_notify::NotifyState::Watchdog]),
+            }
+            self.update_status();
+        }
+    }
+
+    fn update_status(&mut self) {
+        let line = self.status_line();
+        if line != self.last_status {
+            crate::notify_systemd(&[sd_notify::NotifyState::Status(&line)]);
+            self.last_status = line;
+        }
+    }
+
+    fn status_line(&self) -> String {
+        let apps = self.apps.values().filter(|a| matches!(a.config, Some(Ok(_)))).count();
+        let live = self.workers.values().filter(|w| w.state == WorkerState::Live).count();
+        let retired = self
+            .workers
+            .values()
+            .filter(|w| matches!(w.state, WorkerState::Retired | WorkerState::Stopping))
+            .count();
+        format!("{apps} apps, {live} live workers, {retired} retired workers")
+    }
+
+    fn signal(&self, s: BusSignal) {
+        let _ = self.deps.signals.send(s);
+    }
+
+    fn set_gen_state(&mut self, app: &AppName, g: u64, state: GenState) {
+        let Some(gen_) = self.apps.get_mut(app).and_then(|a| a.generations.get_mut(&g)) else { return };
+        if gen_.state == state {
+            return;
+        }
+        if !gen_.state.can_become(state) {
+            warn!(app = %app, generation = g, "unexpected transition {} -> {}", gen_.state, state);
+        }
+        gen_.state = state;
+        info!(app = %app, generation = g, "{app}: generation {g} is {state}");
+        self.signal(BusSignal::GenerationStateChanged { app: app.to_string(), generation: g, state });
+        if !state.is_running() {
+            self.trim_history(app);
+        }
+    }
+
+    fn trim_history(&mut self, app: &AppName) {
+        let Some(a) = self.apps.get_mut(app) else { return };
+        let finished: Vec<u64> = a
+            .generations
+            .iter()
+            .filter(|(_, g)| !g.state.is_running() && g.waiting.is_empty())
+            .map(|(n, _)| *n)
+            .collect();
+        for n in finished.iter().take(finished.len().saturating_sub(HISTORY)) {
+            a.generations.remove(n);
+        }
+    }
+
+    // ---- configuration -------------------------------------------------------------------
+
+    /// (Re)reads every app file. Invalid files are logged and kept as errors (Deploy answers
+    /// InvalidConfig); the others are unaffected.
+    fn load_configs(&mut self) {
+        let dir = &self.deps.config_dir;
+        let mut seen = BTreeSet::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e.flatten().collect::<Vec<_>>(),
+            Err(e) => {
+                warn!("cannot read {}: {e}", dir.display());
+                Vec::new()
+            }
+        };
+        for entry in entries {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+            let file = path.display().to_string();
+            let Ok(name) = AppName::new(stem) else {
+                warn!("{file}: ignored: {}", AppName::new(stem).unwrap_err());
+                continue;
+            };
+            let parsed = match std::fs::read_to_string(&path) {
+                Ok(text) => AppConfig::parse(&file, stem, &text).map(Arc::new),
+                Err(e) => {
+                    Err(ConfigError { file: file.clone(), location: None, key: None, message: e.to_string() })
+                }
+            };
+            if let Err(e) = &parsed {
+                error!(app = %name, "invalid app file, skipped: {e}");
+            }
+            seen.insert(name.clone());
+            self.apps.entry(name).or_default().config = Some(parsed);
+        }
+        for (name, app) in &mut self.apps {
+            if !seen.contains(name) && app.config.is_some() {
+                info!(app = %name, "app file removed; running generations keep running");
+                app.config = None;
             }
         }
     }
+
+    /// Generation numbers must never repeat: start above any scope systemd still has.
+    async fn bump_counters_from_scopes(&mut self) {
+        match self.deps.scopes.list().await {
+            Ok(units) => {
+                for unit in units {
+                    if let Some((app, g)) = ipcluster_core::model::parse_scope_name(&unit) {
+                        let last = self.persisted.last_generation.entry(app.to_string()).or_insert(0);
+                        *last = (*last).max(g);
+                    }
+                }
+            }
+            Err(e) => warn!("cannot list scopes: {e}"),
+        }
+    }
+
+    async fn autostart(&mut self) -> Vec<oneshot::Receiver<Result<u64, Error>>> {
+        let names: Vec<AppName> = self
+            .apps
+            .iter()
+            .filter(|(_, a)| matches!(&a.config, Some(Ok(c)) if c.autostart) && a.live().is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut pending = Vec::new();
+        for name in names {
+            let (tx, rx) = oneshot::channel();
+            info!(app = %name, "{name}: autostart");
+            self.deploy(name.as_str(), &Overrides::default(), tx).await;
+            pending.push(rx);
+        }
+        pending
+    }
+
+    // ---- commands ------------------------------------------------------------------------
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::StatusLine(reply) => {
+                let _ = reply.send(self.status_line());
+            }
+            Command::Apps(reply) => {
+                let apps = self
+                    .apps
+                    .iter()
+                    .filter(|(_, a)| matches!(a.config, Some(Ok(_))))
+                    .map(|(n, _)| n.to_string())
+                    .collect();
+                let _ = reply.send(apps);
+            }
+            Command::Deploy { app, overrides, reply } => self.deploy(&app, &overrides, reply).await,
+            Command::Retire { app, generation, reply } => self.retire(&app, generation, reply).await,
+            Command::KillRetired { app, reply } => {
+                let _ = reply.send(self.kill_retired(&app));
+            }
+            Command::ListWorkers { app, reply } => {
+                let _ = reply.send(self.list_workers(&app));
+            }
+            Command::ListGenerations { app, reply } => {
+                let _ = reply.send(self.list_generations(&app));
+            }
+            Command::Reload { reply } => {
+                self.load_configs();
+                let _ = self.autostart().await;
+                info!("configuration reloaded");
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    /// Resolves a caller's app name: malformed → InvalidArgs, unknown → NoSuchApp.
+    fn app_name(&self, app: &str) -> Result<AppName, Error> {
+        let name = AppName::new(app).map_err(|e| Error::InvalidArgs(e.to_string()))?;
+        if !self.apps.contains_key(&name) {
+            return Err(Error::NoSuchApp(format!(
+                "no app \"{name}\" (no file {}/{name}.toml)",
+                self.deps.config_dir.display()
+            )));
+        }
+        Ok(name)
+    }
+
+    fn apps_matching(&self, app: &str) -> Result<Vec<AppName>, Error> {
+        if app.is_empty() { Ok(self.apps.keys().cloned().collect()) } else { Ok(vec![self.app_name(app)?]) }
+    }
+
+    async fn deploy(&mut self, app: &str, overrides: &Overrides, reply: Reply<u64>) {
+        match self.start_generation(app, overrides).await {
+            Ok((name, g)) => {
+                if let Some(gen_) = self.apps.get_mut(&name).and_then(|a| a.generations.get_mut(&g)) {
+                    gen_.waiting.push(reply);
+                }
+                // Workers that are ready at once may already have reported.
+                self.check_ready(&name, g).await;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Steps 1–2 of a deploy. On error nothing is left behind: no generation, no process, no scope.
+    async fn start_generation(&mut self, app: &str, overrides: &Overrides) -> Result<(AppName, u64), Error> {
+        let name = self.app_name(app)?;
+        let a = &self.apps[&name];
+        let config = match &a.config {
+            Some(Ok(c)) => c.clone(),
+            Some(Err(e)) => return Err(Error::InvalidConfig(e.to_string())),
+            None => return Err(Error::NoSuchApp(format!("the app file of \"{name}\" was removed"))),
+        };
+        if let Some(g) = a.deploying() {
+            return Err(Error::Busy(format!("{name} is already deploying generation {g}")));
+        }
+        let config =
+            Arc::new(config.with_overrides(overrides).map_err(|e| Error::InvalidArgs(e.to_string()))?);
+        let user = match &config.user {
+            Some(u) => Some(process::lookup_user(u).map_err(Error::InvalidConfig)?),
+            None => None,
+        };
+
+        // Ports: distinct from every port a worker of any app holds, and free on the host.
+        let held: BTreeSet<u16> = self.workers.values().flat_map(|w| w.ports.iter().map(|p| p.1)).collect();
+        let count = config.workers as usize * config.listen.len();
+        let ports = self.ports.allocate(config.port_range, count, &held, port_is_free).ok_or_else(|| {
+            Error::DeployFailed(format!(
+                "not enough free ports in {:?} for {count} workers",
+                config.port_range
+            ))
+        })?;
+
+        let g = self.persisted.last_generation.get(name.as_str()).copied().unwrap_or(0) + 1;
+        self.persisted.last_generation.insert(name.to_string(), g);
+        if let Err(e) = state::save(&self.deps.state_file, &self.persisted) {
+            // Numbers must never repeat: refuse rather than risk it.
+            return Err(Error::DeployFailed(format!("cannot persist the generation counter: {e}")));
+        }
+        let scope = scope_name(&name, g);
+        let notify_socket = if config.ready == Ready::Notify {
+            self.notify_path().map(|p| p.display().to_string())
+        } else {
+            None
+        };
+        if config.ready == Ready::Notify && notify_socket.is_none() {
+            return Err(Error::DeployFailed(
+                "ready = \"notify\" but the notify socket is not available".into(),
+            ));
+        }
+
+        // Fork every band's launcher, held at its gate.
+        let mut gated = Vec::new();
+        for band in 0..config.workers {
+            let listen = config.listen.len();
+            let my_ports: Vec<(SocketAddrV4, u16)> = config
+                .listen
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (*l, ports[band as usize * listen + i]))
+                .collect();
+            let identity = WorkerIdentity {
+                app: name.clone(),
+                generation: g,
+                band,
+                bands: config.workers,
+                ports: my_ports.clone(),
+            };
+            let spec = SpawnSpec {
+                argv: config.command.clone(),
+                env: identity.environment(&config, notify_socket.as_deref()),
+                cwd: config.working_directory.clone(),
+                user,
+                identifier: name.to_string(),
+                unit: scope.clone(),
+            };
+            match process::spawn_gated(&spec) {
+                Ok(p) => gated.push((band, my_ports, p)),
+                // Dropping `gated` closes every gate: the launchers exit without running anything.
+                Err(e) => return Err(Error::DeployFailed(format!("band {band}: cannot start: {e}"))),
+            }
+        }
+        let spec = ScopeSpec {
+            unit: scope.clone(),
+            slice: slice_name(&name),
+            description: format!("ipcluster {name} generation {g}"),
+            pids: gated.iter().map(|(_, _, p)| p.pid).collect(),
+            kill_signal: config.stop_signal.number(),
+            stop_timeout: config.stop_timeout,
+        };
+        if let Err(e) = self.deps.scopes.start(&spec).await {
+            return Err(Error::DeployFailed(format!("cannot create scope {scope}: {e}")));
+        }
+
+        let now = SystemTime::now();
+        self.apps.get_mut(&name).expect("checked above").generations.insert(
+            g,
+            Generation {
+                state: GenState::Starting,
+                config: config.clone(),
+                started: now,
+                scope: scope.clone(),
+                waiting: vec![],
+                failure: None,
+            },
+        );
+        self.signal(BusSignal::GenerationStateChanged {
+            app: name.to_string(),
+            generation: g,
+            state: GenState::Starting,
+        });
+        info!(app = %name, generation = g, "{name}: deploying generation {g} ({} workers) in {scope}", config.workers);
+
+        let mut release_error = None;
+        for (band, my_ports, p) in gated {
+            let pid = p.pid;
+            match p.release() {
+                Ok(pidfd) => {
+                    let id = self.add_worker(&name, g, band, pid, my_ports, pidfd, now);
+                    if config.ready == Ready::Tcp {
+                        self.start_probe(id);
+                    }
+                }
+                Err(e) => release_error = Some(format!("band {band}: cannot start: {e}")),
+            }
+        }
+        let tx = self.events_tx.clone();
+        let timeout = config.ready_timeout;
+        let app2 = name.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let _ = tx.send(Event::ReadyTimeout { app: app2, generation: g });
+        });
+        if let Some(reason) = release_error {
+            self.fail(&name, g, reason);
+        }
+        Ok((name, g))
+    }
+
+    fn notify_path(&self) -> Option<PathBuf> {
+        crate::notify_socket_path()
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "one worker's identity, gathered in one place")]
+    fn add_worker(
+        &mut self,
+        app: &AppName,
+        generation: u64,
+        band: u32,
+        pid: u32,
+        ports: Vec<(SocketAddrV4, u16)>,
+        pidfd: OwnedFd,
+        started: SystemTime,
+    ) -> u64 {
+        let id = self.next_worker;
+        self.next_worker += 1;
+        let pidfd = Arc::new(pidfd);
+        let tx = self.events_tx.clone();
+        let fd = pidfd.clone();
+        tokio::spawn(async move {
+            let exit = process::wait_exit(fd).await;
+            let _ = tx.send(Event::Exited { id, exit });
+        });
+        self.workers.insert(
+            id,
+            Worker {
+                app: app.clone(),
+                generation,
+                band,
+                pid,
+                ports,
+                state: WorkerState::Starting,
+                started,
+                pidfd,
+                ready: false,
+                probe: None,
+            },
+        );
+        id
+    }
+
+    /// TCP readiness: connect to 127.0.0.1:<port> for each of the worker's ports until all accept.
+    fn start_probe(&mut self, id: u64) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        let ports: Vec<u16> = w.ports.iter().map(|p| p.1).collect();
+        let tx = self.events_tx.clone();
+        let task = tokio::spawn(async move {
+            let mut pending = ports;
+            loop {
+                let mut still = Vec::new();
+                for p in pending {
+                    if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, p)).await.is_err() {
+                        still.push(p);
+                    }
+                }
+                if still.is_empty() {
+                    let _ = tx.send(Event::Ready { id });
+                    return;
+                }
+                pending = still;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        w.probe = Some(task.abort_handle());
+    }
+
+    async fn retire(&mut self, app: &str, generation: u64, reply: Reply<()>) {
+        let name = match self.app_name(app) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let state = self.apps[&name].generations.get(&generation).map(|g| g.state);
+        match state {
+            None => {
+                let _ = reply
+                    .send(Err(Error::NoSuchGeneration(format!("{name} has no generation {generation}"))));
+            }
+            Some(GenState::Starting) => {
+                let _ = reply
+                    .send(Err(Error::Busy(format!("{name} generation {generation} is still deploying"))));
+            }
+            Some(GenState::Retired | GenState::Stopped | GenState::Failed) => {
+                let _ = reply.send(Ok(()));
+            }
+            Some(GenState::Live) => {
+                // A band is never left without a worker on purpose: deploy a replacement from the
+                // current config; its cutover retires this generation.
+                let (tx, rx) = oneshot::channel();
+                self.deploy(name.as_str(), &Overrides::default(), tx).await;
+                tokio::spawn(async move {
+                    let result = match rx.await {
+                        Ok(r) => r.map(|_| ()),
+                        Err(_) => Err(Error::Gone),
+                    };
+                    let _ = reply.send(result);
+                });
+            }
+        }
+    }
+
+    fn kill_retired(&mut self, app: &str) -> Result<u32, Error> {
+        let apps = self.apps_matching(app)?;
+        let ids: Vec<u64> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.state == WorkerState::Retired && apps.contains(&w.app))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.stop_worker(*id);
+        }
+        if !ids.is_empty() {
+            info!(
+                app = app,
+                "stopping {} retired workers of {}",
+                ids.len(),
+                if app.is_empty() { "all apps" } else { app }
+            );
+        }
+        Ok(ids.len() as u32)
+    }
+
+    /// Sends the worker its stop signal, and SIGKILL after `stop_timeout` if it is still there.
+    fn stop_worker(&mut self, id: u64) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(config) =
+            self.apps.get(&w.app).and_then(|a| a.generations.get(&w.generation)).map(|g| g.config.clone())
+        else {
+            return;
+        };
+        w.state = WorkerState::Stopping;
+        if let Err(e) = process::signal(&w.pidfd, config.stop_signal.number()) {
+            warn!(app = %w.app, pid = w.pid, "cannot send {}: {e}", config.stop_signal);
+        }
+        let tx = self.events_tx.clone();
+        let timeout = config.stop_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let _ = tx.send(Event::StopTimeout { id });
+        });
+    }
+
+    fn list_workers(&self, app: &str) -> Result<Vec<WorkerInfo>, Error> {
+        let apps = self.apps_matching(app)?;
+        Ok(self
+            .workers
+            .values()
+            .filter(|w| apps.contains(&w.app))
+            .map(|w| {
+                let (rss, cpu_usec) = process::usage_of_tree(w.pid);
+                WorkerInfo {
+                    app: w.app.to_string(),
+                    generation: w.generation,
+                    band: w.band,
+                    pid: w.pid,
+                    state: w.state,
+                    ports: w.ports.iter().map(|(public, port)| (public.port(), *port)).collect(),
+                    rss,
+                    cpu_usec,
+                    start_usec: usec(w.started),
+                    nice: process::nice_of(w.pid).unwrap_or(0),
+                    scope: scope_name(&w.app, w.generation),
+                }
+            })
+            .collect())
+    }
+
+    fn list_generations(&self, app: &str) -> Result<Vec<GenerationInfo>, Error> {
+        let apps = self.apps_matching(app)?;
+        let mut out = Vec::new();
+        for name in apps {
+            for (n, g) in &self.apps[&name].generations {
+                out.push(GenerationInfo {
+                    app: name.to_string(),
+                    generation: *n,
+                    state: g.state,
+                    workers: self.workers.values().filter(|w| w.app == name && w.generation == *n).count()
+                        as u32,
+                    start_usec: usec(g.started),
+                    scope: g.scope.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- events --------------------------------------------------------------------------
+
+    async fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Ready { id } => self.worker_ready(id).await,
+            Event::Notify { pid, message } => {
+                if message.ready {
+                    let id = self.workers.iter().find(|(_, w)| w.pid == pid).map(|(id, _)| *id);
+                    let id = id.or_else(|| {
+                        // A helper process of the worker may speak for it: find the worker
+                        // whose process tree holds the sender.
+                        self.workers
+                            .iter()
+                            .find(|(_, w)| process::process_tree(w.pid).contains(&pid))
+                            .map(|(id, _)| *id)
+                    });
+                    match id {
+                        Some(id) => self.worker_ready(id).await,
+                        None => warn!(pid, "READY=1 from a process that is not a worker; ignored"),
+                    }
+                }
+            }
+            Event::Exited { id, exit } => self.worker_exited(id, exit).await,
+            Event::ReadyTimeout { app, generation } => {
+                let Some(g) = self.apps.get(&app).and_then(|a| a.generations.get(&generation)) else {
+                    return;
+                };
+                if g.state != GenState::Starting {
+                    return;
+                }
+                let timeout = g.config.ready_timeout;
+                let band = self
+                    .workers
+                    .values()
+                    .filter(|w| w.app == app && w.generation == generation && !w.ready)
+                    .map(|w| w.band)
+                    .min();
+                let reason = match band {
+                    Some(b) => format!("band {b}: not ready after {timeout:?}"),
+                    None => format!("not ready after {timeout:?}"),
+                };
+                self.fail(&app, generation, reason);
+            }
+            Event::StopTimeout { id } => {
+                if let Some(w) = self.workers.get(&id).filter(|w| w.state == WorkerState::Stopping) {
+                    warn!(app = %w.app, generation = w.generation, band = w.band, pid = w.pid, "{}: pid {} still running after stop_timeout; sending SIGKILL", w.app, w.pid);
+                    let _ = process::signal(&w.pidfd, libc::SIGKILL);
+                }
+            }
+            Event::ScopeStopped { app, generation, error } => {
+                let Some(g) = self.apps.get_mut(&app).and_then(|a| a.generations.get_mut(&generation)) else {
+                    return;
+                };
+                let mut reason = g.failure.clone().unwrap_or_else(|| "failed".into());
+                if let Some(e) = error {
+                    reason.push_str(&format!(" (and stopping its scope failed: {e})"));
+                }
+                let msg =
+                    format!("{app} generation {generation}: {reason}; the previous generation keeps serving");
+                for r in g.waiting.drain(..) {
+                    let _ = r.send(Err(Error::DeployFailed(msg.clone())));
+                }
+                self.trim_history(&app);
+            }
+        }
+    }
+
+    async fn worker_ready(&mut self, id: u64) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        if w.ready {
+            return;
+        }
+        w.ready = true;
+        let (app, g) = (w.app.clone(), w.generation);
+        self.check_ready(&app, g).await;
+    }
+
+    /// When every band of a starting generation is ready: cutover.
+    async fn check_ready(&mut self, app: &AppName, g: u64) {
+        let Some(gen_) = self.apps.get(app).and_then(|a| a.generations.get(&g)) else { return };
+        if gen_.state != GenState::Starting {
+            return;
+        }
+        let bands = gen_.config.workers as usize;
+        let ready = self.workers.values().filter(|w| &w.app == app && w.generation == g && w.ready).count();
+        if ready == bands {
+            self.cutover(app, g).await;
+        }
+    }
+
+    /// Step 4–5: one transaction switches every band to generation `g`; the previous live
+    /// generation is retired.
+    async fn cutover(&mut self, app: &AppName, g: u64) {
+        let previous: Vec<u64> = self.apps[app]
+            .generations
+            .iter()
+            .filter(|(n, x)| **n != g && x.state == GenState::Live)
+            .map(|(n, _)| *n)
+            .collect();
+        for w in self.workers.values_mut().filter(|w| &w.app == app && w.generation == g) {
+            w.state = WorkerState::Live;
+        }
+        let routes = self.routes(Some((app, g)));
+        let started = std::time::Instant::now();
+        match self.deps.router.apply(&routes).await {
+            Ok(_) => {}
+            Err(e) => {
+                for w in self.workers.values_mut().filter(|w| &w.app == app && w.generation == g) {
+                    w.state = WorkerState::Starting;
+                }
+                self.fail(app, g, format!("cutover failed: {e}"));
+                return;
+            }
+        }
+        info!(app = %app, generation = g, "{app}: cutover to generation {g} in {} ms", started.elapsed().as_millis());
+        self.set_gen_state(app, g, GenState::Live);
+        for p in previous {
+            self.retire_generation(app, p);
+        }
+        if let Some(gen_) = self.apps.get_mut(app).and_then(|a| a.generations.get_mut(&g)) {
+            for r in gen_.waiting.drain(..) {
+                let _ = r.send(Ok(g));
+            }
+        }
+    }
+
+    /// Retires every worker of a generation: renice (every thread), `retire_signal`.
+    fn retire_generation(&mut self, app: &AppName, g: u64) {
+        let Some(config) = self.apps.get(app).and_then(|a| a.generations.get(&g)).map(|x| x.config.clone())
+        else {
+            return;
+        };
+        for w in self.workers.values_mut().filter(|w| &w.app == app && w.generation == g) {
+            if w.state != WorkerState::Live {
+                continue;
+            }
+            w.state = WorkerState::Retired;
+            if let Err(e) = process::renice_tree(w.pid, config.retire_nice) {
+                warn!(app = %app, generation = g, pid = w.pid, "cannot renice: {e}");
+            }
+            if let Some(sig) = config.retire_signal
+                && let Err(e) = process::signal(&w.pidfd, sig.number())
+            {
+                warn!(app = %app, generation = g, pid = w.pid, "cannot send {sig}: {e}");
+            }
+        }
+        let empty = !self.workers.values().any(|w| &w.app == app && w.generation == g);
+        self.set_gen_state(app, g, GenState::Retired);
+        if empty {
+            self.set_gen_state(app, g, GenState::Stopped);
+        }
+    }
+
+    /// A starting generation failed: stop its scope; answer the callers once it is gone.
+    fn fail(&mut self, app: &AppName, g: u64, reason: String) {
+        let Some(gen_) = self.apps.get_mut(app).and_then(|a| a.generations.get_mut(&g)) else { return };
+        if gen_.state != GenState::Starting {
+            return;
+        }
+        warn!(app = %app, generation = g, "{app}: deploy of generation {g} failed: {reason}");
+        gen_.failure = Some(reason);
+        let scope = gen_.scope.clone();
+        self.set_gen_state(app, g, GenState::Failed);
+        for w in self.workers.values_mut().filter(|w| &w.app == app && w.generation == g) {
+            if let Some(p) = w.probe.take() {
+                p.abort();
+            }
+            w.state = WorkerState::Stopping;
+        }
+        let scopes = self.deps.scopes.clone();
+        let tx = self.events_tx.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let error = scopes.stop(&scope).await.err().map(|e| e.to_string());
+            let _ = tx.send(Event::ScopeStopped { app, generation: g, error });
+        });
+    }
+
+    async fn worker_exited(&mut self, id: u64, exit: Exit) {
+        let Some(w) = self.workers.remove(&id) else { return };
+        if let Some(p) = &w.probe {
+            p.abort();
+        }
+        let reason =
+            if w.state == WorkerState::Stopping { format!("reaped ({exit})") } else { exit.to_string() };
+        info!(app = %w.app, generation = w.generation, band = w.band, pid = w.pid, "{}: generation {} band {} pid {} ({}): {reason}", w.app, w.generation, w.band, w.pid, w.state);
+        self.signal(BusSignal::WorkerExited {
+            app: w.app.to_string(),
+            generation: w.generation,
+            band: w.band,
+            pid: w.pid,
+            reason: reason.clone(),
+        });
+        let gen_state = self.apps.get(&w.app).and_then(|a| a.generations.get(&w.generation)).map(|g| g.state);
+        let remaining = self.workers.values().any(|x| x.app == w.app && x.generation == w.generation);
+        match gen_state {
+            Some(GenState::Starting) => {
+                let why = match exit {
+                    Exit::Code(c) => format!("band {}: exited with status {c} before it was ready", w.band),
+                    Exit::Signal(s) => format!(
+                        "band {}: killed by signal {} before it was ready",
+                        w.band,
+                        ipcluster_core::units::Signal::describe(s)
+                    ),
+                    Exit::Unknown => format!("band {}: exited before it was ready", w.band),
+                };
+                self.fail(&w.app, w.generation, why);
+            }
+            Some(GenState::Live) if w.state == WorkerState::Live => {
+                warn!(app = %w.app, generation = w.generation, band = w.band, "{}: live worker of band {} gone; the band falls back to a neighbour", w.app, w.band);
+                if let Err(e) = self.deps.router.apply(&self.routes(None)).await {
+                    error!("cannot update rules: {e}");
+                }
+                if !remaining {
+                    self.set_gen_state(&w.app, w.generation, GenState::Stopped);
+                    if let Err(e) = self.deps.router.apply(&self.routes(None)).await {
+                        error!("cannot update rules: {e}");
+                    }
+                }
+            }
+            Some(GenState::Retired | GenState::Live) if !remaining => {
+                self.set_gen_state(&w.app, w.generation, GenState::Stopped);
+            }
+            _ => {}
+        }
+    }
+
+    /// The routes of every app with a live generation (plus `extra`, a generation about to go
+    /// live). A band without a live worker borrows the next band's that has one: stickiness
+    /// yields to availability.
+    fn routes(&self, extra: Option<(&AppName, u64)>) -> Vec<AppRoute> {
+        let mut out = Vec::new();
+        for (name, app) in &self.apps {
+            let g = match extra {
+                Some((a, g)) if a == name => Some(g),
+                _ => app.live(),
+            };
+            let Some(g) = g else { continue };
+            let Some(gen_) = app.generations.get(&g) else { continue };
+            let n = gen_.config.workers as usize;
+            let mut by_band: Vec<Option<Vec<u16>>> = vec![None; n];
+            for w in self
+                .workers
+                .values()
+                .filter(|w| &w.app == name && w.generation == g && w.state == WorkerState::Live)
+            {
+                if let Some(slot) = by_band.get_mut(w.band as usize) {
+                    *slot = Some(w.ports.iter().map(|p| p.1).collect());
+                }
+            }
+            if by_band.iter().all(Option::is_none) {
+                continue;
+            }
+            let bands = (0..n)
+                .map(|b| (0..n).find_map(|k| by_band[(b + k) % n].clone()).unwrap_or_default())
+                .collect();
+            out.push(AppRoute { app: name.clone(), listen: gen_.config.listen.clone(), bands });
+        }
+        out
+    }
+}
+
+/// Whether no other program holds `port` (a worker must be able to bind it).
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok()
 }

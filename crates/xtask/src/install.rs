@@ -48,6 +48,11 @@ pub fn run(args: &InstallArgs) -> Result<()> {
         &root.join("etc/dbus-1/system.d/org.ipcluster1.conf"),
         0o644,
     )?;
+    install_file(
+        &src.join("dbus/org.ipcluster1.Manager.xml"),
+        &root.join("usr/share/dbus-1/interfaces/org.ipcluster1.Manager.xml"),
+        0o644,
+    )?;
     let apps = root.join("etc/ipcluster/apps");
     fs::create_dir_all(&apps).with_context(|| format!("cannot create {}", apps.display()))?;
     eprintln!("installed into {}", root.display());

@@ -1,0 +1,190 @@
+//! Generations and workers: their states, the legal transitions, and the names and environment
+//! that identify them outside the daemon (unit names, `IPCLUSTER_*` variables).
+
+use std::{fmt, net::SocketAddrV4};
+
+use crate::{config::AppConfig, name::AppName};
+
+/// State of a generation: `starting → live → retired → stopped`, or `starting → failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GenState {
+    Starting,
+    Live,
+    Retired,
+    Failed,
+    Stopped,
+}
+
+impl GenState {
+    /// The name used on the bus.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GenState::Starting => "starting",
+            GenState::Live => "live",
+            GenState::Retired => "retired",
+            GenState::Failed => "failed",
+            GenState::Stopped => "stopped",
+        }
+    }
+
+    /// Whether `self → next` is a legal transition.
+    pub fn can_become(self, next: GenState) -> bool {
+        use GenState::*;
+        matches!(
+            (self, next),
+            (Starting, Live) | (Starting, Failed) | (Live, Retired) | (Retired, Stopped) | (Live, Stopped)
+        )
+    }
+
+    /// Whether the generation still has (or may have) processes.
+    pub fn is_running(self) -> bool {
+        matches!(self, GenState::Starting | GenState::Live | GenState::Retired)
+    }
+}
+
+impl fmt::Display for GenState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// State of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WorkerState {
+    /// Spawned, not ready yet.
+    Starting,
+    /// Its band's new connections go to it.
+    Live,
+    /// No new connections; keeps its established ones; reniced.
+    Retired,
+    /// Stop signal sent.
+    Stopping,
+}
+
+impl WorkerState {
+    /// The name used on the bus.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Live => "live",
+            WorkerState::Retired => "retired",
+            WorkerState::Stopping => "stopping",
+        }
+    }
+}
+
+impl fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The transient scope of generation `g` of `app`: `ipcluster-<app>-<g>.scope`.
+pub fn scope_name(app: &AppName, generation: u64) -> String {
+    format!("ipcluster-{app}-{generation}.scope")
+}
+
+/// The slice of an app's scopes: `ipcluster-<app>.slice`, a child of `ipcluster.slice`
+/// (systemd derives the hierarchy from the dashes; app names contain none).
+pub fn slice_name(app: &AppName) -> String {
+    format!("ipcluster-{app}.slice")
+}
+
+/// Parses a scope name back into (app, generation).
+pub fn parse_scope_name(unit: &str) -> Option<(AppName, u64)> {
+    let rest = unit.strip_prefix("ipcluster-")?.strip_suffix(".scope")?;
+    let (app, g) = rest.rsplit_once('-')?;
+    let g: u64 = g.parse().ok().filter(|g| *g > 0)?;
+    Some((AppName::new(app).ok()?, g))
+}
+
+/// Identity of one worker, as given to it in its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerIdentity {
+    pub app: AppName,
+    pub generation: u64,
+    pub band: u32,
+    pub bands: u32,
+    /// (public address, worker port) in `listen` order.
+    pub ports: Vec<(SocketAddrV4, u16)>,
+}
+
+impl WorkerIdentity {
+    /// The environment of a worker: the app's `environment`, then ours (which wins; the config
+    /// parser already refuses app variables with our names).
+    pub fn environment(&self, config: &AppConfig, notify_socket: Option<&str>) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> =
+            config.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.push(("IPCLUSTER_APP".into(), self.app.to_string()));
+        env.push(("IPCLUSTER_GENERATION".into(), self.generation.to_string()));
+        env.push(("IPCLUSTER_BAND".into(), self.band.to_string()));
+        env.push(("IPCLUSTER_BANDS".into(), self.bands.to_string()));
+        if let Some((_, port)) = self.ports.first() {
+            env.push(("PORT".into(), port.to_string()));
+        }
+        let pairs: Vec<String> =
+            self.ports.iter().map(|(public, w)| format!("{}:{w}", public.port())).collect();
+        env.push(("IPCLUSTER_PORTS".into(), pairs.join(",")));
+        if let Some(sock) = notify_socket {
+            env.push(("NOTIFY_SOCKET".into(), sock.to_owned()));
+        }
+        env
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_transitions() {
+        use GenState::*;
+        assert!(Starting.can_become(Live));
+        assert!(Starting.can_become(Failed));
+        assert!(Live.can_become(Retired));
+        assert!(Retired.can_become(Stopped));
+        assert!(!Retired.can_become(Live));
+        assert!(!Failed.can_become(Live));
+        assert!(!Stopped.can_become(Starting));
+    }
+
+    #[test]
+    fn scope_names_round_trip() {
+        let app = AppName::new("chat_2").unwrap();
+        assert_eq!(scope_name(&app, 17), "ipcluster-chat_2-17.scope");
+        assert_eq!(parse_scope_name("ipcluster-chat_2-17.scope"), Some((app.clone(), 17)));
+        assert_eq!(slice_name(&app), "ipcluster-chat_2.slice");
+        for bad in
+            ["ipcluster-chat.scope", "ipcluster-chat-0.scope", "ipcluster--1.scope", "other-chat-1.scope"]
+        {
+            assert_eq!(parse_scope_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn worker_environment() {
+        let config = AppConfig::parse(
+            "a.toml",
+            "web",
+            "command=[\"/x\"]\nlisten=[\"0.0.0.0:80\",\"0.0.0.0:443\"]\nenvironment={MODE=\"p\"}\n",
+        )
+        .unwrap();
+        let id = WorkerIdentity {
+            app: config.name.clone(),
+            generation: 3,
+            band: 1,
+            bands: 4,
+            ports: vec![("0.0.0.0:80".parse().unwrap(), 20001), ("0.0.0.0:443".parse().unwrap(), 20002)],
+        };
+        let env = id.environment(&config, Some("/run/ipcluster/notify"));
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("MODE"), Some("p"));
+        assert_eq!(get("IPCLUSTER_APP"), Some("web"));
+        assert_eq!(get("IPCLUSTER_GENERATION"), Some("3"));
+        assert_eq!(get("IPCLUSTER_BAND"), Some("1"));
+        assert_eq!(get("IPCLUSTER_BANDS"), Some("4"));
+        assert_eq!(get("PORT"), Some("20001"));
+        assert_eq!(get("IPCLUSTER_PORTS"), Some("80:20001,443:20002"));
+        assert_eq!(get("NOTIFY_SOCKET"), Some("/run/ipcluster/notify"));
+    }
+}

@@ -1,0 +1,152 @@
+//! Values written by people in app files: durations (`30s`, `2min`, `1min 30s`), signal names
+//! (`SIGTERM`, `TERM`) and port ranges (`20000-39999`).
+
+use std::{fmt, time::Duration};
+
+/// Parses a systemd-style duration: one or more `<integer><unit>` parts, optionally separated by
+/// spaces. Units: `us`, `ms`, `s`/`sec`, `m`/`min`, `h`/`hr`, `d`. A bare `0` is zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{s:?} is not a duration (examples: 500ms, 30s, 2min, 1h, 1min 30s)");
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = t;
+    let mut total = Duration::ZERO;
+    if rest.is_empty() {
+        return Err(err());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(err());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = rest[unit_len..].trim_start();
+        let part = match unit {
+            "us" => Duration::from_micros(n),
+            "ms" => Duration::from_millis(n),
+            "s" | "sec" => Duration::from_secs(n),
+            "m" | "min" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
+            "h" | "hr" => Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
+            "d" => Duration::from_secs(n.checked_mul(86400).ok_or_else(err)?),
+            _ => return Err(err()),
+        };
+        total = total.checked_add(part).ok_or_else(err)?;
+    }
+    Ok(total)
+}
+
+/// The signals an app file may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Signal {
+    Hup,
+    Int,
+    Quit,
+    Kill,
+    Usr1,
+    Usr2,
+    Alrm,
+    Term,
+    Cont,
+    Winch,
+}
+
+impl Signal {
+    const ALL: [(Signal, &'static str, i32); 10] = [
+        (Signal::Hup, "SIGHUP", 1),
+        (Signal::Int, "SIGINT", 2),
+        (Signal::Quit, "SIGQUIT", 3),
+        (Signal::Kill, "SIGKILL", 9),
+        (Signal::Usr1, "SIGUSR1", 10),
+        (Signal::Usr2, "SIGUSR2", 12),
+        (Signal::Alrm, "SIGALRM", 14),
+        (Signal::Term, "SIGTERM", 15),
+        (Signal::Cont, "SIGCONT", 18),
+        (Signal::Winch, "SIGWINCH", 28),
+    ];
+
+    /// Parses `SIGTERM` or `TERM` (case-sensitive, as in systemd unit files).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let full = if s.starts_with("SIG") { s.to_owned() } else { format!("SIG{s}") };
+        Self::ALL.iter().find(|(_, name, _)| *name == full).map(|(sig, _, _)| *sig).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|(_, n, _)| *n).collect();
+            format!("{s:?} is not a supported signal (one of {})", names.join(", "))
+        })
+    }
+
+    /// The Linux signal number.
+    pub fn number(self) -> i32 {
+        Self::ALL.iter().find(|(sig, _, _)| *sig == self).map_or(15, |(_, _, n)| *n)
+    }
+
+    /// The signal's name (`SIGTERM`).
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(sig, _, _)| *sig == self).map_or("SIGTERM", |(_, n, _)| n)
+    }
+
+    /// The name of signal number `n`, if it is one of ours, else `signal N`.
+    pub fn describe(n: i32) -> String {
+        Self::ALL
+            .iter()
+            .find(|(_, _, num)| *num == n)
+            .map_or_else(|| format!("signal {n}"), |(_, name, _)| (*name).to_owned())
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses `lo-hi` with `1024 <= lo <= hi <= 65535`.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let err = || format!("{s:?} is not a port range (\"lo-hi\" with 1024 <= lo <= hi <= 65535)");
+    let (lo, hi) = s.split_once('-').ok_or_else(err)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| err())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| err())?;
+    if lo < 1024 || lo > hi {
+        return Err(err());
+    }
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2min").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
+        assert_eq!(parse_duration("1min 30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        for bad in ["", "s", "30", "3x", "-1s", "1.5s", "30 s s", "99999999999999999999s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn signals() {
+        assert_eq!(Signal::parse("SIGTERM").unwrap().number(), 15);
+        assert_eq!(Signal::parse("USR1").unwrap(), Signal::Usr1);
+        assert!(Signal::parse("sigterm").is_err());
+        assert!(Signal::parse("SIGFOO").unwrap_err().contains("SIGTERM"));
+        assert_eq!(Signal::describe(9), "SIGKILL");
+        assert_eq!(Signal::describe(11), "signal 11");
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_port_range("20000-39999").unwrap(), (20000, 39999));
+        for bad in ["", "1-2", "3000-2000", "a-b", "20000", "20000-70000"] {
+            assert!(parse_port_range(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

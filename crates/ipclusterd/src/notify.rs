@@ -1,0 +1,125 @@
+//! The sd_notify receiver for workers with `ready = "notify"`.
+//!
+//! One datagram socket for all workers (`$RUNTIME_DIRECTORY/notify`, kept across daemon restarts
+//! by `RuntimeDirectoryPreserve=yes`). `SO_PASSCRED` makes the kernel attach the sender's PID to
+//! every datagram, so a worker cannot speak for another: the PID is the kernel's, not the
+//! message's. See sd_notify(3) for the protocol: newline-separated `KEY=VALUE` assignments.
+
+use std::{
+    io,
+    os::{fd::AsRawFd, unix::fs::PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt::PassCred};
+use tokio::net::UnixDatagram;
+
+/// Largest datagram accepted (systemd uses the same bound for its own notify socket).
+const MAX_DATAGRAM: usize = 4096;
+
+/// What a worker said.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Message {
+    pub ready: bool,
+    pub watchdog: bool,
+    pub stopping: bool,
+    pub status: Option<String>,
+}
+
+/// Parses a notification datagram. Unknown assignments are ignored, as systemd does.
+pub fn parse(datagram: &[u8]) -> Message {
+    let mut m = Message::default();
+    for line in String::from_utf8_lossy(datagram).lines() {
+        match line.split_once('=') {
+            Some(("READY", "1")) => m.ready = true,
+            Some(("WATCHDOG", "1")) => m.watchdog = true,
+            Some(("STOPPING", "1")) => m.stopping = true,
+            Some(("STATUS", s)) => m.status = Some(s.chars().take(256).collect()),
+            _ => {}
+        }
+    }
+    m
+}
+
+/// The bound receiving socket.
+#[derive(Debug)]
+pub struct Receiver {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Receiver {
+    /// Binds `path` (replacing a stale socket file), readable by workers of any user.
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(path);
+        let socket = UnixDatagram::bind(path)?;
+        setsockopt(&socket, PassCred, &true).map_err(io::Error::from)?;
+        // Workers may run as other users; the PID check, not the file mode, decides who counts.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        Ok(Self { socket, path: path.to_owned() })
+    }
+
+    /// The socket's path, for `NOTIFY_SOCKET`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Receives the next datagram with its sender's PID (datagrams without credentials are dropped).
+    pub async fn recv(&self) -> io::Result<(u32, Message)> {
+        loop {
+            self.socket.readable().await?;
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            let res = self.socket.try_io(tokio::io::Interest::READABLE, || {
+                let mut iov = [io::IoSliceMut::new(&mut buf)];
+                let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+                let msg =
+                    recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)
+                        .map_err(io::Error::from)?;
+                let mut pid = None;
+                for c in msg.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmCredentials(cred) = c {
+                        pid = u32::try_from(cred.pid()).ok();
+                    }
+                }
+                Ok((pid, msg.bytes))
+            });
+            match res {
+                Ok((Some(pid), n)) => return Ok((pid, parse(&buf[..n]))),
+                Ok((None, _)) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_assignments() {
+        let m = parse(b"READY=1\nSTATUS=serving 3 clients\nMAINPID=4\n");
+        assert!(m.ready && !m.watchdog);
+        assert_eq!(m.status.as_deref(), Some("serving 3 clients"));
+        assert!(parse(b"WATCHDOG=1").watchdog);
+        assert!(!parse(b"READY=0").ready);
+        assert_eq!(parse(b"\xff\xfe garbage"), Message::default());
+    }
+
+    #[tokio::test]
+    async fn kernel_supplies_the_sender_pid() {
+        let dir = crate::test_dir("notify");
+        let path = dir.join("notify");
+        let rx = Receiver::bind(&path).unwrap();
+        let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        tx.send_to(b"READY=1\n", &path).unwrap();
+        let (pid, msg) = rx.recv().await.unwrap();
+        assert_eq!(pid, std::process::id());
+        assert!(msg.ready);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

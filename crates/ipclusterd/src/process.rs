@@ -1,0 +1,252 @@
+//! Worker processes: spawning through the launcher's gate, pidfds, signals, renice, and /proc.
+//!
+//! Every signal goes through a pidfd, so a PID recycled after a worker exited can never receive
+//! a signal meant for that worker.
+
+use std::{
+    collections::HashSet,
+    ffi::OsString,
+    fs,
+    io::{self, Write},
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
+
+/// Default PATH of workers (nothing of the daemon's environment reaches them).
+pub const WORKER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What to run for one worker.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    /// (uid, gid) to run as; `None` = root.
+    pub user: Option<(u32, u32)>,
+    /// journald identifier (the app name).
+    pub identifier: String,
+    /// The scope unit, as a fallback for journald.
+    pub unit: String,
+}
+
+/// A launcher held at its gate: forked, not yet running the worker's command.
+#[derive(Debug)]
+pub struct Gated {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    gate: OwnedFd,
+}
+
+/// Forks the launcher for `spec`, held at its gate. Closing the [`Gated`] without
+/// [`Gated::release`] makes the launcher exit without running anything.
+pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
+    let (gate_r, gate_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let exe = PathBuf::from("/proc/self/exe");
+    let mut cmd = Command::new(&exe);
+    cmd.arg0("ipclusterd-launch")
+        .arg(crate::launcher::ARG)
+        .arg(&spec.identifier)
+        .arg(&spec.unit)
+        .arg("--")
+        .args(spec.argv.iter().map(OsString::from))
+        .env_clear()
+        .env("PATH", WORKER_PATH)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some((uid, gid)) = spec.user {
+        // std drops supplementary groups when it changes the uid as root.
+        cmd.uid(uid).gid(gid);
+    }
+    let gate_raw = gate_r.as_raw_fd();
+    // SAFETY: only async-signal-safe calls between fork and exec: dup2 and setsid.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The gate's read end becomes fd 3 (dup2 clears CLOEXEC on the copy).
+            if libc::dup2(gate_raw, crate::launcher::GATE_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Its own session: a worker never shares the daemon's process group or terminal.
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(gate_r);
+    let pid = child.id();
+    // The child cannot have been reaped (only we wait for it), so the PID is still ours.
+    let pidfd = rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty())?;
+    drop(child);
+    Ok(Gated { pid, pidfd, gate: gate_w })
+}
+
+impl Gated {
+    /// Lets the launcher go on to run the worker's command.
+    pub fn release(self) -> io::Result<OwnedFd> {
+        let mut gate = fs::File::from(self.gate);
+        gate.write_all(b"1")?;
+        Ok(self.pidfd)
+    }
+}
+
+fn pid_of(pid: u32) -> io::Result<Pid> {
+    i32::try_from(pid).ok().and_then(Pid::from_raw).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Exited with this status.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+    /// Gone, status unknown (not our child: adopted).
+    Unknown,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exited {c}"),
+            Exit::Signal(s) => write!(f, "killed by signal {}", ipcluster_core::units::Signal::describe(*s)),
+            Exit::Unknown => f.write_str("exited"),
+        }
+    }
+}
+
+/// Waits (asynchronously) until the process behind `pidfd` ends, then reaps it if it is our child.
+pub async fn wait_exit(pidfd: std::sync::Arc<OwnedFd>) -> Exit {
+    let dup = match pidfd.try_clone() {
+        Ok(fd) => fd,
+        Err(_) => return Exit::Unknown,
+    };
+    // A pidfd becomes readable when its process exits.
+    // SAFETY: `dup` is an owned pidfd that the AsyncFd owns and closes; nothing else closes it.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE) };
+    if let Ok(afd) = registered {
+        let _ = afd.readable().await;
+    }
+    match rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED | WaitIdOptions::NOHANG)
+    {
+        Ok(Some(status)) => {
+            if let Some(sig) = status.terminating_signal() {
+                Exit::Signal(sig)
+            } else if let Some(code) = status.exit_status() {
+                Exit::Code(code)
+            } else {
+                Exit::Unknown
+            }
+        }
+        _ => Exit::Unknown,
+    }
+}
+
+/// Sends signal number `sig` through `pidfd`. Sending to a process that has already exited is
+/// not an error (`ESRCH` is ignored): the result is the same.
+pub fn signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
+    let Some(sig) = Signal::from_named_raw(sig) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    match rustix::process::pidfd_send_signal(pidfd, sig) {
+        Err(e) if e == rustix::io::Errno::SRCH => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// PIDs of `pid` and all its descendants (from /proc/<pid>/task/*/children).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut seen: HashSet<u32> = HashSet::from([pid]);
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        i += 1;
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for t in tasks.flatten() {
+            let Ok(children) = fs::read_to_string(t.path().join("children")) else { continue };
+            for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                if seen.insert(c) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every thread of every process in `pid`'s tree.
+pub fn threads_of_tree(pid: u32) -> Vec<u32> {
+    let mut tids = Vec::new();
+    for p in process_tree(pid) {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        tids.extend(tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok()));
+    }
+    tids
+}
+
+/// Adds `delta` to the nice value of every thread of `pid`'s tree (niceness is per thread on
+/// Linux). Returns the new nice value of the main thread.
+pub fn renice_tree(pid: u32, delta: i32) -> io::Result<i32> {
+    let mut main = None;
+    for tid in threads_of_tree(pid) {
+        let Ok(p) = pid_of(tid) else { continue };
+        let Ok(current) = rustix::process::getpriority_process(Some(p)) else { continue };
+        let new = (current + delta).clamp(-20, 19);
+        // A thread that exited meanwhile is not an error.
+        match rustix::process::setpriority_process(Some(p), new) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::SRCH => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if tid == pid {
+            main = Some(new);
+        }
+    }
+    main.ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))
+}
+
+/// The nice value of `pid` (its main thread).
+pub fn nice_of(pid: u32) -> Option<i32> {
+    rustix::process::getpriority_process(Some(pid_of(pid).ok()?)).ok()
+}
+
+/// Resident memory (bytes) and CPU time (µs) of `pid`'s whole tree, from /proc.
+pub fn usage_of_tree(pid: u32) -> (u64, u64) {
+    let page = rustix::param::page_size() as u64;
+    let ticks = 100u64; // USER_HZ is 100 on Linux for every architecture's /proc interface.
+    let mut rss = 0;
+    let mut cpu = 0;
+    for p in process_tree(pid) {
+        if let Ok(statm) = fs::read_to_string(format!("/proc/{p}/statm")) {
+            rss += statm.split_whitespace().nth(1).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) * page;
+        }
+        if let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) {
+            // Fields after the command (which may contain spaces) start after the last ')'.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let utime: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let stime: u64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+                cpu += (utime + stime) * 1_000_000 / ticks;
+            }
+        }
+    }
+    (rss, cpu)
+}
+
+/// Looks up a user's uid and primary gid.
+pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
+        Ok(None) => Err(format!("user {name:?} does not exist")),
+        Err(e) => Err(format!("cannot look up user {name:?}: {e}")),
+    }
+}
