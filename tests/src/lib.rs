@@ -5,7 +5,8 @@
 //! real TCP clients whose sockets live in the sandbox's network namespace.
 
 pub mod bus;
-pub mod client;
+
+pub use ipcluster_load as client;
 
 use std::time::{Duration, Instant};
 

@@ -486,6 +486,24 @@ autostart = false
         assert!(!c.autostart);
     }
 
+    /// KEYS (which the docs test checks against the reference) is exactly what the parser takes.
+    #[test]
+    fn keys_lists_every_accepted_key() {
+        for key in KEYS {
+            let text = format!("{MIN}{key} = 0\n");
+            if key == "command" || key == "listen" {
+                continue;
+            }
+            if let Err(e) = parse(&text) {
+                assert!(!e.message.contains("unknown field"), "{key} is in KEYS but not accepted: {e}");
+            }
+        }
+        let e = parse(&format!("{MIN}nonsense = 0\n")).unwrap_err();
+        for key in KEYS {
+            assert!(e.message.contains(&format!("`{key}`")), "parser knows a key KEYS lacks? {e}");
+        }
+    }
+
     /// Each bad file is rejected with the key, its line, and what is allowed.
     #[test]
     fn errors_name_file_line_key_and_allowed_values() {

@@ -148,7 +148,7 @@ async fn unix_signals(handle: supervisor::Handle) {
         tokio::select! {
             _ = usr1.recv() => {
                 match handle.call(|reply| supervisor::Command::KillRetired { app: String::new(), reply }).await {
-                    Ok(n) => info!(count = n, "SIGUSR1: stopping retired workers"),
+                    Ok(n) => info!(count = n, "SIGUSR1 received: {n} retired workers asked to stop"),
                     Err(e) => warn!("SIGUSR1: {e}"),
                 }
             }

@@ -7,6 +7,8 @@
 //! - `test`: everything CI checks: packages, formatting, lints, unit and end-to-end tests.
 
 mod demo;
+#[cfg(test)]
+mod docs_check;
 mod install;
 mod test;
 

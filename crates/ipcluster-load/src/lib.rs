@@ -1,5 +1,6 @@
-//! HTTP clients whose sockets live in the sandbox's network namespace, with a chosen loopback
-//! source address (which decides the band).
+//! HTTP clients with a chosen source address (which decides the band), for the end-to-end
+//! tests, the demo and the benchmarks. Their sockets live in a sandbox's network namespace when
+//! created on a thread from [`ipcluster_sandbox::Sandbox::in_netns`].
 
 use std::{
     io::{Read, Write},
@@ -119,7 +120,7 @@ pub struct Load {
 
 impl Load {
     /// Starts the load inside `sb`'s network namespace.
-    pub fn start(sb: &crate::Sandbox, sources: Vec<Ipv4Addr>, dst: SocketAddrV4) -> Self {
+    pub fn start(sb: &ipcluster_sandbox::Sandbox, sources: Vec<Ipv4Addr>, dst: SocketAddrV4) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = sb
