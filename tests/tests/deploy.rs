@@ -412,3 +412,39 @@ fn introspection_matches_the_shipped_xml() {
     assert_eq!(iface(&live), iface(&shipped), "dbus/org.ipcluster1.Manager.xml is out of date:\n{live}");
     let _ = text;
 }
+
+#[test]
+fn autostart_apps_are_live_when_start_returns_and_reload_picks_up_new_files() {
+    let auto = WEB.replace("autostart = false\n", "");
+    let (sb, bus) = cluster(&[("web", &auto)]);
+    // Type=notify: `systemctl start` returned only after READY=1, sent once autostart finished.
+    let rows = bus.list_workers("web");
+    assert_eq!(rows.iter().filter(|w| w.1 == 1 && w.4 == "live").count(), 4, "{rows:?}");
+
+    // A new valid file and an invalid one; reload starts the valid one and skips the other.
+    let api = auto.replace("0.0.0.0:80", "0.0.0.0:8080").replace("workers = 4", "workers = 2");
+    sb.write_file("/etc/ipcluster/apps/api.toml", api, 0o644).unwrap();
+    sb.write_file("/etc/ipcluster/apps/broken.toml", "command = \"not an array\"\n", 0o644).unwrap();
+    sb.check(["systemctl", "reload", "ipclusterd"]).unwrap();
+    wait_for("api to autostart", Duration::from_secs(5), || {
+        (bus.list_workers("api").iter().filter(|w| w.4 == "live").count() == 2).then_some(())
+    });
+    let answer = sb
+        .in_netns(|| client::get(Ipv4Addr::new(127, 0, 0, 3), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)));
+    assert_eq!(answer.unwrap().map(|a| (a.app, a.band)), Ok(("api".to_owned(), 1)));
+    let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
+    assert!(journal.contains("broken.toml:1:11: command: invalid type"), "{journal}");
+    assert_eq!(bus.deploy_plain("broken").unwrap_err().name, "org.ipcluster1.Error.InvalidConfig");
+    assert_eq!(pids(&bus.list_workers("web"), 1).len(), 4, "web untouched by the reload");
+    let apps = sb
+        .check([
+            "busctl",
+            "get-property",
+            "org.ipcluster1",
+            "/org/ipcluster1",
+            "org.ipcluster1.Manager",
+            "Apps",
+        ])
+        .unwrap();
+    assert_eq!(apps.trim(), "as 2 \"api\" \"web\"");
+}
