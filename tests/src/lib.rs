@@ -58,6 +58,20 @@ pub fn nat_rules(sb: &Sandbox) -> String {
     sb.check(["iptables", "-t", "nat", "-S"]).unwrap()
 }
 
+/// A property of org.ipcluster1.Manager read with `busctl get-property` inside the sandbox, as
+/// busctl prints it (`s "0.1.0"`).
+pub fn manager_property(sb: &Sandbox, name: &str) -> String {
+    let out = sb.check([
+        "busctl",
+        "get-property",
+        "org.ipcluster1",
+        "/org/ipcluster1",
+        "org.ipcluster1.Manager",
+        name,
+    ]);
+    out.unwrap().trim().to_owned()
+}
+
 /// Nice values of every thread of `pid` (field 19 of /proc/<pid>/task/<tid>/stat).
 pub fn thread_nices(sb: &Sandbox, pid: u32) -> Vec<i32> {
     let dir = sb.host_path(format!("/proc/{pid}/task"));

@@ -96,17 +96,8 @@ fn deploy_runs_one_worker_per_band_in_its_own_scope() {
     // STATUS= summarises.
     let status = sb.check(["systemctl", "show", "-p", "StatusText", "--value", "ipclusterd"]).unwrap();
     assert_eq!(status.trim(), "1 apps, 4 live workers, 0 retired workers");
-    let apps = sb
-        .check([
-            "busctl",
-            "get-property",
-            "org.ipcluster1",
-            "/org/ipcluster1",
-            "org.ipcluster1.Manager",
-            "Apps",
-        ])
-        .unwrap();
-    assert_eq!(apps.trim(), "as 1 \"web\"");
+    let apps = ipcluster_e2e::manager_property(&sb, "Apps");
+    assert_eq!(apps, "as 1 \"web\"");
 }
 
 #[test]
@@ -436,15 +427,6 @@ fn autostart_apps_are_live_when_start_returns_and_reload_picks_up_new_files() {
     assert!(journal.contains("broken.toml:1:11: command: invalid type"), "{journal}");
     assert_eq!(bus.deploy_plain("broken").unwrap_err().name, "org.ipcluster1.Error.InvalidConfig");
     assert_eq!(pids(&bus.list_workers("web"), 1).len(), 4, "web untouched by the reload");
-    let apps = sb
-        .check([
-            "busctl",
-            "get-property",
-            "org.ipcluster1",
-            "/org/ipcluster1",
-            "org.ipcluster1.Manager",
-            "Apps",
-        ])
-        .unwrap();
-    assert_eq!(apps.trim(), "as 2 \"api\" \"web\"");
+    let apps = ipcluster_e2e::manager_property(&sb, "Apps");
+    assert_eq!(apps, "as 2 \"api\" \"web\"");
 }

@@ -21,17 +21,8 @@ fn daemon_starts_under_systemd_owns_its_name_and_stops_cleanly() {
 
     let introspect = sb.check(["busctl", "introspect", "org.ipcluster1", "/org/ipcluster1"]).unwrap();
     assert!(introspect.contains("org.ipcluster1.Manager"), "{introspect}");
-    let version = sb
-        .check([
-            "busctl",
-            "get-property",
-            "org.ipcluster1",
-            "/org/ipcluster1",
-            "org.ipcluster1.Manager",
-            "Version",
-        ])
-        .unwrap();
-    assert_eq!(version.trim(), format!("s \"{}\"", env!("CARGO_PKG_VERSION")));
+    let version = ipcluster_e2e::manager_property(&sb, "Version");
+    assert_eq!(version, format!("s \"{}\"", env!("CARGO_PKG_VERSION")));
     assert_eq!(sb.check(["ipclusterctl", "version"]).unwrap().trim(), env!("CARGO_PKG_VERSION"));
 
     // The daemon logs to the journal (tracing-journald), visible per unit.
