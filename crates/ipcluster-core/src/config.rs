@@ -265,6 +265,29 @@ impl AppConfig {
         Ok(config)
     }
 
+    /// The settings used for workers adopted after a restart when their app file is gone or
+    /// invalid: the defaults, with the shape reality tells (bands and public addresses). Such an
+    /// app cannot deploy until its file is valid again, but its workers are still managed.
+    pub fn fallback(name: AppName, workers: u32, listen: Vec<SocketAddrV4>) -> Self {
+        AppConfig {
+            name,
+            command: Vec::new(),
+            workers,
+            listen,
+            port_range: (20000, 39999),
+            ready: Ready::Tcp,
+            ready_timeout: Duration::from_secs(30),
+            working_directory: PathBuf::from("/"),
+            user: None,
+            environment: BTreeMap::new(),
+            stop_signal: Signal::Term,
+            stop_timeout: Duration::from_secs(5),
+            retire_signal: None,
+            retire_nice: 5,
+            autostart: false,
+        }
+    }
+
     /// Cross-key checks: public ports outside the worker port range, and a range wide enough for
     /// two generations (one deploying while the previous still holds its ports).
     fn check_ports(&self) -> Result<(), (&'static str, String)> {

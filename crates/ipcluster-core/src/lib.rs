@@ -6,6 +6,7 @@
 pub mod config;
 pub mod model;
 pub mod name;
+pub mod policy;
 pub mod ports;
 pub mod routing;
 pub mod units;

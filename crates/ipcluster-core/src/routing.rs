@@ -62,6 +62,18 @@ fn ours(chain: &str) -> bool {
     chain == TOP_CHAIN || chain.starts_with(APP_CHAIN_PREFIX)
 }
 
+impl Existing {
+    /// Worker ports our rules currently redirect to (what the kernel says is live).
+    pub fn routed_ports(&self) -> BTreeSet<u16> {
+        self.rules
+            .iter()
+            .filter_map(|r| {
+                r.split_once("--to-ports ").and_then(|(_, p)| p.split_whitespace().next()?.parse().ok())
+            })
+            .collect()
+    }
+}
+
 /// Parses the `*nat` table of `iptables-save` output.
 pub fn parse_existing(save: &str) -> Existing {
     let mut ex = Existing::default();
@@ -240,6 +252,7 @@ mod tests {
         assert!(ex.prerouting_jump && ex.output_jump);
         assert_eq!(ex.chains.iter().cloned().collect::<Vec<_>>(), ["IPC-old", "IPCLUSTER"]);
         assert_eq!(ex.rules, ["-A IPCLUSTER -j IPC-old"]);
+        assert!(ex.routed_ports().is_empty());
         let r = route("new", &["0.0.0.0:80"], &[&[20000]]);
         let text = render(&ex, std::slice::from_ref(&r));
         assert!(text.contains(":IPC-old - [0:0]\n") && text.contains("-X IPC-old\n"), "{text}");
@@ -266,6 +279,7 @@ mod tests {
         }
         save.push_str("COMMIT\n");
         assert!(up_to_date(&parse_existing(&save), std::slice::from_ref(&r)));
+        assert_eq!(parse_existing(&save).routed_ports(), BTreeSet::from([20000, 20001]));
         let other = route("web", &["0.0.0.0:80"], &[&[20000], &[20002]]);
         assert!(!up_to_date(&parse_existing(&save), &[other]));
     }

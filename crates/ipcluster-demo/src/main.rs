@@ -7,7 +7,7 @@
 //! It listens on `0.0.0.0:<port>` for every worker port in `IPCLUSTER_PORTS` (else `$PORT`),
 //! sends `READY=1` when `NOTIFY_SOCKET` is set, and keeps connections alive. Flags make it
 //! misbehave on purpose, for tests: `--exit-at-start CODE`, `--never-ready`, `--ignore-sigterm`,
-//! `--delay-ready MS`.
+//! `--delay-ready MS`; `--log-requests` prints a line per request (to the journal).
 
 use std::{
     env,
@@ -24,6 +24,7 @@ struct Flags {
     never_ready: bool,
     ignore_sigterm: bool,
     delay_ready_ms: u64,
+    log_requests: bool,
 }
 
 fn parse_flags() -> Result<Flags, String> {
@@ -37,6 +38,7 @@ fn parse_flags() -> Result<Flags, String> {
             }
             "--never-ready" => f.never_ready = true,
             "--ignore-sigterm" => f.ignore_sigterm = true,
+            "--log-requests" => f.log_requests = true,
             "--delay-ready" => {
                 f.delay_ready_ms = value("--delay-ready")?.parse().map_err(|e| format!("{e}"))?
             }
@@ -110,12 +112,13 @@ fn main() -> ExitCode {
         });
     }
     let mut handles = Vec::new();
+    let log = flags.log_requests;
     for l in listeners {
         let identity = identity.clone();
         handles.push(thread::spawn(move || {
             for stream in l.incoming().flatten() {
                 let identity = identity.clone();
-                thread::spawn(move || serve(stream, &identity));
+                thread::spawn(move || serve(stream, &identity, log));
             }
         }));
     }
@@ -126,7 +129,7 @@ fn main() -> ExitCode {
 }
 
 /// Serves HTTP/1.1 requests on one connection until the client closes it.
-fn serve(stream: TcpStream, identity: &str) {
+fn serve(stream: TcpStream, identity: &str, log: bool) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let Ok(mut writer) = stream.try_clone() else { return };
@@ -165,6 +168,9 @@ fn serve(stream: TcpStream, identity: &str) {
             if std::io::Read::read_exact(&mut reader, &mut discard).is_err() {
                 return;
             }
+        }
+        if log {
+            println!("request from {peer}");
         }
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",

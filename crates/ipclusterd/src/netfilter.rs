@@ -29,6 +29,8 @@ pub trait Router: Send + Sync {
         &self,
         routes: &[AppRoute],
     ) -> impl std::future::Future<Output = Result<Applied, RouterError>> + Send;
+    /// What of ours is in the kernel now.
+    fn current(&self) -> impl std::future::Future<Output = Result<routing::Existing, RouterError>> + Send;
 }
 
 /// [`Router`] with iptables (iptables-nft on Debian 12).
@@ -36,7 +38,7 @@ pub trait Router: Send + Sync {
 pub struct Iptables;
 
 impl Router for Iptables {
-    async fn apply(&self, routes: &[AppRoute]) -> Result<Applied, RouterError> {
+    async fn current(&self) -> Result<routing::Existing, RouterError> {
         let save = Command::new("iptables-save")
             .args(["-t", "nat"])
             .stdin(Stdio::null())
@@ -50,7 +52,11 @@ impl Router for Iptables {
                 String::from_utf8_lossy(&save.stderr).trim()
             )));
         }
-        let existing = routing::parse_existing(&String::from_utf8_lossy(&save.stdout));
+        Ok(routing::parse_existing(&String::from_utf8_lossy(&save.stdout)))
+    }
+
+    async fn apply(&self, routes: &[AppRoute]) -> Result<Applied, RouterError> {
+        let existing = self.current().await?;
         if routing::up_to_date(&existing, routes) {
             return Ok(Applied::Unchanged);
         }

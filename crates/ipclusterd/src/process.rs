@@ -193,25 +193,66 @@ pub fn threads_of_tree(pid: u32) -> Vec<u32> {
     tids
 }
 
-/// Adds `delta` to the nice value of every thread of `pid`'s tree (niceness is per thread on
-/// Linux). Returns the new nice value of the main thread.
-pub fn renice_tree(pid: u32, delta: i32) -> io::Result<i32> {
-    let mut main = None;
+/// Sets the nice value of every thread of `pid`'s tree to `nice` (niceness is per thread on
+/// Linux, so renicing only the main thread would leave the others at full priority). Idempotent.
+pub fn renice_tree(pid: u32, nice: i32) -> io::Result<()> {
+    let mut reniced_main = false;
     for tid in threads_of_tree(pid) {
         let Ok(p) = pid_of(tid) else { continue };
-        let Ok(current) = rustix::process::getpriority_process(Some(p)) else { continue };
-        let new = (current + delta).clamp(-20, 19);
         // A thread that exited meanwhile is not an error.
-        match rustix::process::setpriority_process(Some(p), new) {
-            Ok(()) => {}
+        match rustix::process::setpriority_process(Some(p), nice.clamp(-20, 19)) {
+            Ok(()) => reniced_main |= tid == pid,
             Err(e) if e == rustix::io::Errno::SRCH => continue,
             Err(e) => return Err(e.into()),
         }
-        if tid == pid {
-            main = Some(new);
-        }
     }
-    main.ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))
+    if reniced_main { Ok(()) } else { Err(io::Error::from_raw_os_error(libc::ESRCH)) }
+}
+
+/// This process's own nice value: workers start with it.
+pub fn own_nice() -> i32 {
+    rustix::process::getpriority_process(None).unwrap_or(0)
+}
+
+/// Opens a pidfd for a process the daemon did not start (adoption after a restart).
+pub fn adopt(pid: u32) -> io::Result<OwnedFd> {
+    Ok(rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty())?)
+}
+
+/// When `pid` started, in µs since the epoch (from /proc: the same answer before and after a
+/// daemon restart, at clock-tick resolution).
+pub fn start_time_usec(pid: u32) -> Option<u64> {
+    static BOOT_USEC: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let boot = (*BOOT_USEC.get_or_init(|| {
+        let stat = fs::read_to_string("/proc/stat").ok()?;
+        let secs: u64 = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
+        Some(secs * 1_000_000)
+    }))?;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    // Field 22 (starttime) is the 20th after the command.
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    Some(boot + ticks * 10_000)
+}
+
+/// The parent PID of `pid`.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The environment `pid` was started with.
+pub fn environ(pid: u32) -> Option<Vec<(String, String)>> {
+    let raw = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter_map(|kv| {
+                let kv = std::str::from_utf8(kv).ok()?;
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_owned(), v.to_owned()))
+            })
+            .collect(),
+    )
 }
 
 /// The nice value of `pid` (its main thread).

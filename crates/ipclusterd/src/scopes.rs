@@ -42,6 +42,10 @@ pub trait Scopes: Send + Sync {
     fn stop(&self, unit: &str) -> impl Future<Output = Result<(), ScopeError>> + Send;
     /// Names of loaded `ipcluster-*.scope` units.
     fn list(&self) -> impl Future<Output = Result<Vec<String>, ScopeError>> + Send;
+    /// PIDs of every process in the scope.
+    fn processes(&self, unit: &str) -> impl Future<Output = Result<Vec<u32>, ScopeError>> + Send;
+    /// Moves `pids` into the existing scope `unit` (a respawned worker joins its generation).
+    fn attach(&self, unit: &str, pids: &[u32]) -> impl Future<Output = Result<(), ScopeError>> + Send;
 }
 
 /// [`Scopes`] over systemd's D-Bus API.
@@ -96,6 +100,9 @@ impl Scopes for Systemd {
             ("PIDs".to_owned(), var(spec.pids.clone())),
             // Leave no failed scope behind when workers die.
             ("CollectMode".to_owned(), var(Str::from("inactive-or-failed"))),
+            // Lets AttachProcessesToUnit add a respawned worker to its generation's scope later
+            // ("Process migration not available on non-delegated units" otherwise).
+            ("Delegate".to_owned(), var(true)),
             ("KillSignal".to_owned(), var(spec.kill_signal)),
             ("TimeoutStopUSec".to_owned(), var(spec.stop_timeout.as_micros() as u64)),
         ];
@@ -126,6 +133,23 @@ impl Scopes for Systemd {
             .list_units_by_patterns(vec![], vec!["ipcluster-*.scope".into()])
             .await
             .map_err(|source| ScopeError::Bus { what: "ListUnitsByPatterns".into(), source })?;
-        Ok(units.into_iter().map(|u| u.0).collect())
+        // Only scopes that still run: a dead or failed one has no processes to adopt.
+        Ok(units.into_iter().filter(|u| u.3 == "active").map(|u| u.0).collect())
+    }
+
+    async fn processes(&self, unit: &str) -> Result<Vec<u32>, ScopeError> {
+        let procs = self
+            .manager
+            .get_unit_processes(unit.to_owned())
+            .await
+            .map_err(|source| ScopeError::Bus { what: format!("GetUnitProcesses {unit}"), source })?;
+        Ok(procs.into_iter().map(|p| p.1).collect())
+    }
+
+    async fn attach(&self, unit: &str, pids: &[u32]) -> Result<(), ScopeError> {
+        self.manager
+            .attach_processes_to_unit(unit.to_owned(), String::new(), pids.to_vec())
+            .await
+            .map_err(|source| ScopeError::Bus { what: format!("AttachProcessesToUnit {unit}"), source })
     }
 }

@@ -19,6 +19,29 @@ pub struct PersistedState {
     /// Last generation number allocated, per app.
     #[serde(default)]
     pub last_generation: BTreeMap<String, u64>,
+    /// Generations that still run (starting, live, retired), per app.
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppRecord>,
+}
+
+/// What is remembered of an app.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppRecord {
+    #[serde(default)]
+    pub generations: BTreeMap<u64, GenRecord>,
+}
+
+/// What is remembered of a running generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenRecord {
+    /// `starting`, `live` or `retired`.
+    pub state: String,
+    pub started_usec: u64,
+    #[serde(default)]
+    pub retired_usec: Option<u64>,
+    pub workers: u32,
+    /// Public addresses (`ip:port`), in `listen` order.
+    pub listen: Vec<String>,
 }
 
 /// Loads the state; a missing file is the empty state.
@@ -54,6 +77,16 @@ mod tests {
         assert_eq!(load(&path).unwrap(), PersistedState::default());
         let mut s = PersistedState::default();
         s.last_generation.insert("chat".into(), 7);
+        s.apps.entry("chat".into()).or_default().generations.insert(
+            7,
+            GenRecord {
+                state: "live".into(),
+                started_usec: 1,
+                retired_usec: None,
+                workers: 4,
+                listen: vec!["0.0.0.0:80".into()],
+            },
+        );
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), s);
         assert!(!path.with_extension("tmp").exists());

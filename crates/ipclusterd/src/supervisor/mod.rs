@@ -14,6 +14,13 @@
 //!    `ready_timeout`: then stop the scope, and only once it is gone answer `DeployFailed`;
 //! 4. cutover: one router transaction points every band at the new workers;
 //! 5. retire the previous live generation (renice every thread, `retire_signal`), answer `g`.
+//!
+//! Around that: [`adopt`] takes over the generations a previous daemon left running, [`respawn`]
+//! replaces crashed live workers, and the rules are reconciled with the live workers every
+//! [`RECONCILE_EVERY`] (another tool may have flushed them).
+
+mod adopt;
+mod respawn;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,6 +35,7 @@ use ipcluster_core::{
     config::{AppConfig, ConfigError, Overrides, Ready},
     model::{GenState, WorkerIdentity, WorkerState, scope_name, slice_name},
     name::AppName,
+    policy::Backoff,
     ports::PortAllocator,
     routing::AppRoute,
 };
@@ -35,11 +43,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::{
-    netfilter::Router,
+    netfilter::{Applied, Router},
     notify,
     process::{self, Exit, SpawnSpec},
     scopes::{ScopeSpec, Scopes},
-    state::{self, PersistedState},
+    state::{self, GenRecord, PersistedState},
 };
 
 /// Errors the supervisor answers with; the D-Bus adapter maps each to a bus error name.
@@ -113,12 +121,39 @@ pub enum BusSignal {
 /// Something that happened, reported by a helper task.
 #[derive(Debug)]
 pub enum Event {
-    Exited { id: u64, exit: Exit },
-    Ready { id: u64 },
-    Notify { pid: u32, message: notify::Message },
-    ReadyTimeout { app: AppName, generation: u64 },
-    StopTimeout { id: u64 },
-    ScopeStopped { app: AppName, generation: u64, error: Option<String> },
+    Exited {
+        id: u64,
+        exit: Exit,
+    },
+    Ready {
+        id: u64,
+    },
+    Notify {
+        pid: u32,
+        message: notify::Message,
+    },
+    ReadyTimeout {
+        app: AppName,
+        generation: u64,
+    },
+    StopTimeout {
+        id: u64,
+    },
+    ScopeStopped {
+        app: AppName,
+        generation: u64,
+        error: Option<String>,
+    },
+    /// Time to respawn a crashed band of a live generation.
+    Respawn {
+        app: AppName,
+        generation: u64,
+        band: u32,
+    },
+    /// A respawned worker did not become ready in time.
+    RespawnTimeout {
+        id: u64,
+    },
 }
 
 /// A cheap, clonable handle for sending commands to the supervisor.
@@ -183,6 +218,7 @@ struct Generation {
     state: GenState,
     config: Arc<AppConfig>,
     started: SystemTime,
+    retired_at: Option<SystemTime>,
     scope: String,
     /// Deploy callers waiting for the cutover (or the failure).
     waiting: Vec<Reply<u64>>,
@@ -209,6 +245,8 @@ impl App {
 
 /// Finished generations kept for ListGenerations, per app.
 const HISTORY: usize = 16;
+/// How often the rules are compared with the live workers (and repaired).
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
 /// Owner of all state.
 #[derive(Debug)]
@@ -223,6 +261,12 @@ pub struct Supervisor<S, R> {
     ports: PortAllocator,
     persisted: PersistedState,
     last_status: String,
+    /// Nice value workers start with (the daemon's own); retired ones get this + `retire_nice`.
+    base_nice: i32,
+    /// Respawn delays of crashing bands.
+    backoff: BTreeMap<(AppName, u32), Backoff>,
+    /// Whether the workers' notify socket is bound.
+    notify_bound: bool,
 }
 
 fn usec(t: SystemTime) -> u64 {
@@ -251,6 +295,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             ports: PortAllocator::default(),
             persisted,
             last_status: String::new(),
+            base_nice: process::own_nice(),
+            backoff: BTreeMap::new(),
+            notify_bound: false,
         }
     }
 
@@ -259,6 +306,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
     pub async fn run(mut self) {
         self.load_configs();
         self.bump_counters_from_scopes().await;
+        self.adopt().await;
+        self.notify_bound = self.deps.notify.is_some();
         if let Some(rx) = self.deps.notify.take() {
             let tx = self.events_tx.clone();
             tokio::spawn(async move {
@@ -286,6 +335,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         });
         let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2).unwrap_or(Duration::from_secs(3600));
         let mut tick = tokio::time::interval(watchdog);
+        let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
@@ -294,6 +345,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 },
                 Some(ev) = self.events.recv() => self.event(ev).await,
                 _ = tick.tick() => crate::notify_systemd(&[sd_notify::NotifyState::Watchdog]),
+                _ = reconcile.tick() => self.reconcile().await,
             }
             self.update_status();
         }
@@ -331,10 +383,52 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             warn!(app = %app, generation = g, "unexpected transition {} -> {}", gen_.state, state);
         }
         gen_.state = state;
+        if state == GenState::Retired {
+            gen_.retired_at = Some(SystemTime::now());
+        }
         info!(app = %app, generation = g, "{app}: generation {g} is {state}");
+        self.persist();
         self.signal(BusSignal::GenerationStateChanged { app: app.to_string(), generation: g, state });
         if !state.is_running() {
             self.trim_history(app);
+        }
+    }
+
+    /// Writes what reality cannot tell a restarted daemon: generation counters and the state of
+    /// every running generation. A failure is logged: the daemon keeps serving, and adoption
+    /// trusts reality (scopes, processes, rules) first anyway.
+    fn persist(&mut self) {
+        let mut apps: BTreeMap<String, state::AppRecord> = BTreeMap::new();
+        for (name, app) in &self.apps {
+            for (g, x) in app.generations.iter().filter(|(_, x)| x.state.is_running()) {
+                apps.entry(name.to_string()).or_default().generations.insert(
+                    *g,
+                    GenRecord {
+                        state: x.state.as_str().to_owned(),
+                        started_usec: usec(x.started),
+                        retired_usec: x.retired_at.map(usec),
+                        workers: x.config.workers,
+                        listen: x.config.listen.iter().map(ToString::to_string).collect(),
+                    },
+                );
+            }
+        }
+        self.persisted.apps = apps;
+        if let Err(e) = state::save(&self.deps.state_file, &self.persisted) {
+            error!("cannot write {}: {e}", self.deps.state_file.display());
+        }
+    }
+
+    /// Makes the kernel's rules match the live workers; says so when it had to change them.
+    async fn reconcile(&mut self) {
+        match self.deps.router.apply(&self.routes(None)).await {
+            Ok(Applied::Changed) => {
+                warn!(
+                    "NAT rules did not match the live workers (flushed or changed by another tool?); repaired in one transaction"
+                )
+            }
+            Ok(Applied::Unchanged) => {}
+            Err(e) => error!("cannot check the NAT rules: {e}"),
         }
     }
 
@@ -457,6 +551,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             }
             Command::Reload { reply } => {
                 self.load_configs();
+                self.reconcile().await;
                 let _ = self.autostart().await;
                 info!("configuration reloaded");
                 let _ = reply.send(Ok(()));
@@ -509,68 +604,39 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         }
         let config =
             Arc::new(config.with_overrides(overrides).map_err(|e| Error::InvalidArgs(e.to_string()))?);
-        let user = match &config.user {
-            Some(u) => Some(process::lookup_user(u).map_err(Error::InvalidConfig)?),
-            None => None,
-        };
-
-        // Ports: distinct from every port a worker of any app holds, and free on the host.
-        let held: BTreeSet<u16> = self.workers.values().flat_map(|w| w.ports.iter().map(|p| p.1)).collect();
-        let count = config.workers as usize * config.listen.len();
-        let ports = self.ports.allocate(config.port_range, count, &held, port_is_free).ok_or_else(|| {
-            Error::DeployFailed(format!(
-                "not enough free ports in {:?} for {count} workers",
-                config.port_range
-            ))
-        })?;
+        let launch = self.launch_context(&config)?;
+        let ports = self.allocate_ports(&config, config.workers as usize)?;
 
         let g = self.persisted.last_generation.get(name.as_str()).copied().unwrap_or(0) + 1;
         self.persisted.last_generation.insert(name.to_string(), g);
+        // Remember the generation as starting before any process exists: a daemon killed from
+        // here on finds it on restart and cleans it up.
+        self.persisted.apps.entry(name.to_string()).or_default().generations.insert(
+            g,
+            GenRecord {
+                state: GenState::Starting.as_str().to_owned(),
+                started_usec: usec(SystemTime::now()),
+                retired_usec: None,
+                workers: config.workers,
+                listen: config.listen.iter().map(ToString::to_string).collect(),
+            },
+        );
         if let Err(e) = state::save(&self.deps.state_file, &self.persisted) {
             // Numbers must never repeat: refuse rather than risk it.
             return Err(Error::DeployFailed(format!("cannot persist the generation counter: {e}")));
         }
         let scope = scope_name(&name, g);
-        let notify_socket = if config.ready == Ready::Notify {
-            self.notify_path().map(|p| p.display().to_string())
-        } else {
-            None
-        };
-        if config.ready == Ready::Notify && notify_socket.is_none() {
-            return Err(Error::DeployFailed(
-                "ready = \"notify\" but the notify socket is not available".into(),
-            ));
-        }
 
         // Fork every band's launcher, held at its gate.
         let mut gated = Vec::new();
-        for band in 0..config.workers {
-            let listen = config.listen.len();
-            let my_ports: Vec<(SocketAddrV4, u16)> = config
-                .listen
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (*l, ports[band as usize * listen + i]))
-                .collect();
-            let identity = WorkerIdentity {
-                app: name.clone(),
-                generation: g,
-                band,
-                bands: config.workers,
-                ports: my_ports.clone(),
-            };
-            let spec = SpawnSpec {
-                argv: config.command.clone(),
-                env: identity.environment(&config, notify_socket.as_deref()),
-                cwd: config.working_directory.clone(),
-                user,
-                identifier: name.to_string(),
-                unit: scope.clone(),
-            };
-            match process::spawn_gated(&spec) {
+        for (band, my_ports) in (0..config.workers).zip(ports) {
+            match spawn_band(&config, g, band, &my_ports, &launch) {
                 Ok(p) => gated.push((band, my_ports, p)),
                 // Dropping `gated` closes every gate: the launchers exit without running anything.
-                Err(e) => return Err(Error::DeployFailed(format!("band {band}: cannot start: {e}"))),
+                Err(e) => {
+                    self.persist();
+                    return Err(Error::DeployFailed(format!("band {band}: cannot start: {e}")));
+                }
             }
         }
         let spec = ScopeSpec {
@@ -582,6 +648,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             stop_timeout: config.stop_timeout,
         };
         if let Err(e) = self.deps.scopes.start(&spec).await {
+            self.persist();
             return Err(Error::DeployFailed(format!("cannot create scope {scope}: {e}")));
         }
 
@@ -592,6 +659,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 state: GenState::Starting,
                 config: config.clone(),
                 started: now,
+                retired_at: None,
                 scope: scope.clone(),
                 waiting: vec![],
                 failure: None,
@@ -630,8 +698,49 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         Ok((name, g))
     }
 
-    fn notify_path(&self) -> Option<PathBuf> {
-        crate::notify_socket_path()
+    /// Who workers run as and where they notify: resolved once per generation.
+    fn launch_context(&self, config: &AppConfig) -> Result<Launch, Error> {
+        let user = match &config.user {
+            Some(u) => Some(process::lookup_user(u).map_err(Error::InvalidConfig)?),
+            None => None,
+        };
+        let notify_socket = match config.ready {
+            Ready::Notify => Some(
+                crate::notify_socket_path()
+                    .filter(|_| self.notify_bound)
+                    .ok_or_else(|| {
+                        Error::DeployFailed(
+                            "ready = \"notify\" but the notify socket is not available".into(),
+                        )
+                    })?
+                    .display()
+                    .to_string(),
+            ),
+            Ready::Tcp => None,
+        };
+        Ok(Launch { user, notify_socket })
+    }
+
+    /// Worker ports for `workers` workers: distinct from every port a worker of any app holds,
+    /// and free on the host. One list per worker, in `listen` order.
+    fn allocate_ports(
+        &mut self,
+        config: &AppConfig,
+        workers: usize,
+    ) -> Result<Vec<Vec<(SocketAddrV4, u16)>>, Error> {
+        let held: BTreeSet<u16> = self.workers.values().flat_map(|w| w.ports.iter().map(|p| p.1)).collect();
+        let per = config.listen.len();
+        let ports =
+            self.ports.allocate(config.port_range, workers * per, &held, port_is_free).ok_or_else(|| {
+                Error::DeployFailed(format!(
+                    "not enough free ports in {}-{} for {workers} workers",
+                    config.port_range.0, config.port_range.1
+                ))
+            })?;
+        Ok(ports
+            .chunks(per)
+            .map(|c| config.listen.iter().copied().zip(c.iter().copied()).collect())
+            .collect())
     }
 
     #[allow(clippy::too_many_arguments, reason = "one worker's identity, gathered in one place")]
@@ -647,6 +756,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
     ) -> u64 {
         let id = self.next_worker;
         self.next_worker += 1;
+        // The kernel's start time, so ListWorkers says the same before and after a restart.
+        let started = process::start_time_usec(pid)
+            .map_or(started, |us| SystemTime::UNIX_EPOCH + Duration::from_micros(us));
         let pidfd = Arc::new(pidfd);
         let tx = self.events_tx.clone();
         let fd = pidfd.clone();
@@ -869,6 +981,22 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                     let _ = process::signal(&w.pidfd, libc::SIGKILL);
                 }
             }
+            Event::Respawn { app, generation, band } => self.respawn(app, generation, band).await,
+            Event::RespawnTimeout { id } => {
+                if let Some(w) =
+                    self.workers.get(&id).filter(|w| w.state == WorkerState::Starting && !w.ready)
+                {
+                    let live = self
+                        .apps
+                        .get(&w.app)
+                        .and_then(|a| a.generations.get(&w.generation))
+                        .is_some_and(|g| g.state == GenState::Live);
+                    if live {
+                        warn!(app = %w.app, band = w.band, pid = w.pid, "{}: respawned worker of band {} not ready in time; killing it", w.app, w.band);
+                        let _ = process::signal(&w.pidfd, libc::SIGKILL);
+                    }
+                }
+            }
             Event::ScopeStopped { app, generation, error } => {
                 let Some(g) = self.apps.get_mut(&app).and_then(|a| a.generations.get_mut(&generation)) else {
                     return;
@@ -894,7 +1022,16 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         }
         w.ready = true;
         let (app, g) = (w.app.clone(), w.generation);
-        self.check_ready(&app, g).await;
+        let live_gen = self
+            .apps
+            .get(&app)
+            .and_then(|a| a.generations.get(&g))
+            .is_some_and(|x| x.state == GenState::Live);
+        if live_gen {
+            self.respawned_ready(id).await;
+        } else {
+            self.check_ready(&app, g).await;
+        }
     }
 
     /// When every band of a starting generation is ready: cutover.
@@ -957,7 +1094,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 continue;
             }
             w.state = WorkerState::Retired;
-            if let Err(e) = process::renice_tree(w.pid, config.retire_nice) {
+            if let Err(e) = process::renice_tree(w.pid, self.base_nice + config.retire_nice) {
                 warn!(app = %app, generation = g, pid = w.pid, "cannot renice: {e}");
             }
             if let Some(sig) = config.retire_signal
@@ -1028,17 +1165,18 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 };
                 self.fail(&w.app, w.generation, why);
             }
-            Some(GenState::Live) if w.state == WorkerState::Live => {
-                warn!(app = %w.app, generation = w.generation, band = w.band, "{}: live worker of band {} gone; the band falls back to a neighbour", w.app, w.band);
-                if let Err(e) = self.deps.router.apply(&self.routes(None)).await {
-                    error!("cannot update rules: {e}");
+            Some(GenState::Live) if matches!(w.state, WorkerState::Live | WorkerState::Starting) => {
+                // Until a replacement is ready, the band's new connections go to a neighbour.
+                if w.state == WorkerState::Live {
+                    warn!(app = %w.app, generation = w.generation, band = w.band, "{}: live worker of band {} gone; the band falls back to a neighbour", w.app, w.band);
+                    self.reconcile().await;
                 }
-                if !remaining {
-                    self.set_gen_state(&w.app, w.generation, GenState::Stopped);
-                    if let Err(e) = self.deps.router.apply(&self.routes(None)).await {
-                        error!("cannot update rules: {e}");
-                    }
-                }
+                let up_for = if w.state == WorkerState::Live {
+                    SystemTime::now().duration_since(w.started).unwrap_or_default()
+                } else {
+                    Duration::ZERO
+                };
+                self.schedule_respawn(&w.app, w.generation, w.band, up_for);
             }
             Some(GenState::Retired | GenState::Live) if !remaining => {
                 self.set_gen_state(&w.app, w.generation, GenState::Stopped);
@@ -1080,6 +1218,38 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         }
         out
     }
+}
+
+/// Who a generation's workers run as and where they send notifications.
+#[derive(Debug, Clone)]
+struct Launch {
+    user: Option<(u32, u32)>,
+    notify_socket: Option<String>,
+}
+
+/// Forks the launcher of one worker, held at its gate.
+fn spawn_band(
+    config: &AppConfig,
+    generation: u64,
+    band: u32,
+    ports: &[(SocketAddrV4, u16)],
+    launch: &Launch,
+) -> std::io::Result<process::Gated> {
+    let identity = WorkerIdentity {
+        app: config.name.clone(),
+        generation,
+        band,
+        bands: config.workers,
+        ports: ports.to_vec(),
+    };
+    process::spawn_gated(&SpawnSpec {
+        argv: config.command.clone(),
+        env: identity.environment(config, launch.notify_socket.as_deref()),
+        cwd: config.working_directory.clone(),
+        user: launch.user,
+        identifier: config.name.to_string(),
+        unit: scope_name(&config.name, generation),
+    })
 }
 
 /// Whether no other program holds `port` (a worker must be able to bind it).
