@@ -118,9 +118,11 @@ fn adopted_workers_are_reaped_respawned_and_numbered_on() {
     });
     assert_eq!(bus.deploy_plain("web"), Ok(3), "numbers go on after a restart");
 
-    // SIGUSR1 too.
+    // SIGUSR1 too, after an upgrade: stop, install the binaries again (a new inode), start.
     let old = main_pid(&sb);
-    sb.check(["systemctl", "restart", "ipclusterd"]).unwrap();
+    sb.check(["systemctl", "stop", "ipclusterd"]).unwrap();
+    sb.install().unwrap();
+    sb.check(["systemctl", "start", "ipclusterd"]).unwrap();
     wait_restarted(&sb, &bus, old);
     assert!(bus.list_workers("web").iter().any(|w| w.1 == 2 && w.4 == "retired"));
     sb.check(["systemctl", "kill", "-s", "USR1", "ipclusterd"]).unwrap();

@@ -28,6 +28,9 @@ fn main() -> ExitCode {
     }
     let args = Args::parse();
     ipclusterd::logging::init();
+    if let Err(e) = ipclusterd::process::raise_nofile_limit() {
+        tracing::warn!("cannot raise the open-files limit: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -39,8 +39,9 @@ pub struct SpawnSpec {
 #[derive(Debug)]
 pub struct Gated {
     pub pid: u32,
-    pub pidfd: OwnedFd,
-    gate: OwnedFd,
+    /// `None` once released.
+    pidfd: Option<OwnedFd>,
+    gate: Option<OwnedFd>,
 }
 
 /// Forks the launcher for `spec`, held at its gate. Closing the [`Gated`] without
@@ -67,9 +68,13 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
         cmd.uid(uid).gid(gid);
     }
     let gate_raw = gate_r.as_raw_fd();
-    // SAFETY: only async-signal-safe calls between fork and exec: dup2 and setsid.
+    let nofile = WORKER_NOFILE.get().copied();
+    // SAFETY: only async-signal-safe calls between fork and exec: dup2, setsid, setrlimit.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(lim) = &nofile {
+                libc::setrlimit(libc::RLIMIT_NOFILE, lim);
+            }
             // The gate's read end becomes fd 3 (dup2 clears CLOEXEC on the copy).
             if libc::dup2(gate_raw, crate::launcher::GATE_FD) < 0 {
                 return Err(io::Error::last_os_error());
@@ -85,16 +90,49 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
     // The child cannot have been reaped (only we wait for it), so the PID is still ours.
     let pidfd = rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty())?;
     drop(child);
-    Ok(Gated { pid, pidfd, gate: gate_w })
+    Ok(Gated { pid, pidfd: Some(pidfd), gate: Some(gate_w) })
 }
 
 impl Gated {
     /// Lets the launcher go on to run the worker's command.
-    pub fn release(self) -> io::Result<OwnedFd> {
-        let mut gate = fs::File::from(self.gate);
-        gate.write_all(b"1")?;
-        Ok(self.pidfd)
+    pub fn release(mut self) -> io::Result<OwnedFd> {
+        let gate = self.gate.take().ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        fs::File::from(gate).write_all(b"1")?;
+        self.pidfd.take().ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
     }
+}
+
+impl Drop for Gated {
+    /// Not released: closing the gate makes the launcher exit at once (it is blocked reading
+    /// it), and it is reaped here so no zombie is left behind.
+    fn drop(&mut self) {
+        drop(self.gate.take());
+        if let Some(pidfd) = self.pidfd.take() {
+            let _ = rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
+        }
+    }
+}
+
+/// The soft limit on open files the daemon started with, restored for workers: the daemon
+/// raises its own to the hard limit (it holds a pidfd per worker), but programs that use
+/// select(2) break above 1024, so workers get what they would have had.
+static WORKER_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// Raises the daemon's soft limit on open files to its hard limit; remembers the original for
+/// workers.
+pub fn raise_nofile_limit() -> io::Result<()> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let _ = WORKER_NOFILE.set(lim);
+    let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn pid_of(pid: u32) -> io::Result<Pid> {
@@ -124,14 +162,13 @@ impl std::fmt::Display for Exit {
 
 /// Waits (asynchronously) until the process behind `pidfd` ends, then reaps it if it is our child.
 pub async fn wait_exit(pidfd: std::sync::Arc<OwnedFd>) -> Exit {
-    let dup = match pidfd.try_clone() {
-        Ok(fd) => fd,
-        Err(_) => return Exit::Unknown,
+    // A pidfd becomes readable when its process exits. Registered once, without a dup: one fd
+    // per worker, not two.
+    // SAFETY: the Arc keeps the fd open for as long as the AsyncFd (which holds a clone of it)
+    // lives; only this task registers it, and the registration ends before the clone is dropped.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd.clone(), tokio::io::Interest::READABLE)
     };
-    // A pidfd becomes readable when its process exits.
-    // SAFETY: `dup` is an owned pidfd that the AsyncFd owns and closes; nothing else closes it.
-    let registered =
-        unsafe { tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE) };
     if let Ok(afd) = registered {
         let _ = afd.readable().await;
     }
