@@ -33,6 +33,11 @@ impl Backoff {
         next
     }
 
+    /// A backoff that resumes where a previous one (of a previous daemon) stopped.
+    pub fn resumed(min: Duration, max: Duration, last: Duration) -> Self {
+        Self { last: Some(last.clamp(min, max.max(min))), ..Self::new(min, max) }
+    }
+
     /// The delay chosen for the last crash, if any.
     pub fn current(&self) -> Option<Duration> {
         self.last
@@ -57,5 +62,13 @@ mod tests {
         assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000]);
         assert_eq!(b.on_crash(Duration::from_secs(61)), Duration::from_millis(100));
         assert_eq!(b.on_crash(quick), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn resumes_after_a_restart() {
+        let mut b =
+            Backoff::resumed(Duration::from_millis(100), Duration::from_secs(30), Duration::from_secs(8));
+        assert_eq!(b.on_crash(Duration::ZERO), Duration::from_secs(16));
+        assert_eq!(b.current(), Some(Duration::from_secs(16)));
     }
 }

@@ -29,6 +29,10 @@ pub struct PersistedState {
 pub struct AppRecord {
     #[serde(default)]
     pub generations: BTreeMap<u64, GenRecord>,
+    /// Last respawn delay (ms) of each band that crashed, so a crash loop stays slow across
+    /// daemon restarts.
+    #[serde(default)]
+    pub backoff_ms: BTreeMap<u32, u64>,
 }
 
 /// What is remembered of a running generation.

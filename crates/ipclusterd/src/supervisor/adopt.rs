@@ -112,6 +112,20 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             found.entry(app).or_default().insert(g, fg);
         }
 
+        // Crash loops stay slow across restarts.
+        for (app, record) in &self.persisted.apps {
+            let Ok(name) = AppName::new(app) else { continue };
+            for (band, ms) in &record.backoff_ms {
+                self.backoff.insert(
+                    (name.clone(), *band),
+                    ipcluster_core::policy::Backoff::resumed(
+                        Duration::from_millis(100),
+                        Duration::from_secs(30),
+                        Duration::from_millis(*ms),
+                    ),
+                );
+            }
+        }
         let mut adopted = (0, 0);
         for (app, gens) in found {
             let records =

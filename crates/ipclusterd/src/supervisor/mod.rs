@@ -399,6 +399,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
     /// trusts reality (scopes, processes, rules) first anyway.
     fn persist(&mut self) {
         let mut apps: BTreeMap<String, state::AppRecord> = BTreeMap::new();
+        for ((name, band), b) in &self.backoff {
+            if let Some(last) = b.current() {
+                apps.entry(name.to_string()).or_default().backoff_ms.insert(*band, last.as_millis() as u64);
+            }
+        }
         for (name, app) in &self.apps {
             for (g, x) in app.generations.iter().filter(|(_, x)| x.state.is_running()) {
                 apps.entry(name.to_string()).or_default().generations.insert(

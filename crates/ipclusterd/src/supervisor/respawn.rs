@@ -22,6 +22,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
     pub(super) fn schedule_respawn(&mut self, app: &AppName, generation: u64, band: u32, up_for: Duration) {
         let delay = self.backoff.entry((app.clone(), band)).or_default().on_crash(up_for);
         info!(app = %app, generation, band, "{app}: respawning band {band} in {delay:?}");
+        self.persist();
         let tx = self.events_tx.clone();
         let app = app.clone();
         tokio::spawn(async move {
