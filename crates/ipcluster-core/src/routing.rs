@@ -138,6 +138,10 @@ pub fn desired_rules(routes: &[AppRoute]) -> Vec<String> {
 
 /// Whether the kernel already has exactly the desired rules and jumps.
 pub fn up_to_date(existing: &Existing, routes: &[AppRoute]) -> bool {
+    // Nothing to route and nothing of ours installed: leave the nat table alone.
+    if routes.is_empty() && existing.chains.is_empty() && !existing.prerouting_jump && !existing.output_jump {
+        return true;
+    }
     let wanted: BTreeSet<String> =
         std::iter::once(TOP_CHAIN.to_owned()).chain(routes.iter().map(|r| app_chain(&r.app))).collect();
     existing.prerouting_jump
@@ -261,6 +265,13 @@ mod tests {
             "{text}"
         );
         assert!(!up_to_date(&ex, &[r]));
+    }
+
+    #[test]
+    fn no_apps_installs_nothing() {
+        assert!(up_to_date(&Existing::default(), &[]));
+        let ours = parse_existing("*nat\n:IPCLUSTER - [0:0]\nCOMMIT\n");
+        assert!(!up_to_date(&ours, &[]), "an empty chain of ours is still reconciled");
     }
 
     #[test]

@@ -95,24 +95,35 @@ fn main() -> ExitCode {
 fn describe(e: &zbus::Error) -> (u8, String) {
     match e {
         zbus::Error::MethodError(name, message, _) => {
-            let meaning = match name.as_str() {
-                "org.ipcluster1.Error.NoSuchApp" => "no such app",
-                "org.ipcluster1.Error.NoSuchGeneration" => "no such generation",
-                "org.ipcluster1.Error.DeployFailed" => "deploy failed",
-                "org.ipcluster1.Error.Busy" => "busy",
-                "org.ipcluster1.Error.InvalidConfig" => "invalid app configuration",
-                "org.freedesktop.DBus.Error.InvalidArgs" => "invalid arguments",
-                "org.freedesktop.DBus.Error.AccessDenied" => "access denied",
-                "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
-                    return (3, "ipclusterd is not running (systemctl start ipclusterd)".into());
-                }
-                other => other,
-            };
-            (1, format!("{meaning}: {}", message.as_deref().unwrap_or("")))
+            describe_named(name.as_str(), message.as_deref().unwrap_or(""))
         }
-        zbus::Error::FDO(f) => (1, f.to_string()),
+        zbus::Error::FDO(f) => describe_named(
+            &zbus::DBusError::name(&**f).to_string(),
+            zbus::DBusError::description(&**f).unwrap_or(""),
+        ),
         other => (3, format!("cannot reach ipclusterd: {other}")),
     }
+}
+
+/// The meaning of a D-Bus error name, with the daemon's message.
+fn describe_named(name: &str, message: &str) -> (u8, String) {
+    let meaning = match name {
+        "org.ipcluster1.Error.NoSuchApp" => "no such app",
+        "org.ipcluster1.Error.NoSuchGeneration" => "no such generation",
+        "org.ipcluster1.Error.DeployFailed" => "deploy failed",
+        "org.ipcluster1.Error.Busy" => "busy",
+        "org.ipcluster1.Error.InvalidConfig" => "invalid app configuration",
+        "org.freedesktop.DBus.Error.InvalidArgs" => "invalid arguments",
+        "org.freedesktop.DBus.Error.AccessDenied" => "access denied",
+        "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
+            "access denied (authentication required)"
+        }
+        "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
+            return (3, "ipclusterd is not running (systemctl start ipclusterd)".into());
+        }
+        other => other,
+    };
+    (1, format!("{meaning}: {message}"))
 }
 
 fn opt<'a>(v: impl Into<Variant<'a>>) -> zbus::Result<OwnedVariant> {

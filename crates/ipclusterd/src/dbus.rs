@@ -26,6 +26,9 @@ pub mod names {
     pub const BUSY: &str = "org.ipcluster1.Error.Busy";
     pub const INVALID_CONFIG: &str = "org.ipcluster1.Error.InvalidConfig";
     pub const INVALID_ARGS: &str = "org.freedesktop.DBus.Error.InvalidArgs";
+    pub const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
+    pub const INTERACTIVE_AUTHORIZATION_REQUIRED: &str =
+        "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired";
     pub const NO_SERVER: &str = "org.freedesktop.DBus.Error.NoServer";
 }
 
@@ -62,6 +65,17 @@ impl From<supervisor::Error> for BusError {
             E::Gone => names::NO_SERVER,
         };
         BusError::new(name, e.to_string())
+    }
+}
+
+impl From<crate::auth::Denied> for BusError {
+    fn from(d: crate::auth::Denied) -> Self {
+        match d {
+            crate::auth::Denied::AccessDenied(m) => BusError::new(names::ACCESS_DENIED, m),
+            crate::auth::Denied::InteractionRequired(m) => {
+                BusError::new(names::INTERACTIVE_AUTHORIZATION_REQUIRED, m)
+            }
+        }
     }
 }
 
@@ -140,18 +154,38 @@ type GenerationRow = (String, u64, String, u32, u64, String);
 #[zbus::interface(name = "org.ipcluster1.Manager")]
 impl Manager {
     /// Starts a new generation of `app` and returns its number after cutover.
-    async fn deploy(&self, app: String, options: HashMap<String, OwnedVariant>) -> Result<u64, BusError> {
+    async fn deploy(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        app: String,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<u64, BusError> {
+        crate::auth::authorize(conn, &hdr).await?;
         let overrides = parse_options(&options)?;
         Ok(self.handle.call(|reply| Command::Deploy { app, overrides, reply }).await?)
     }
 
     /// Retires a generation (a live one only after its replacement is live).
-    async fn retire_generation(&self, app: String, generation: u64) -> Result<(), BusError> {
+    async fn retire_generation(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        app: String,
+        generation: u64,
+    ) -> Result<(), BusError> {
+        crate::auth::authorize(conn, &hdr).await?;
         Ok(self.handle.call(|reply| Command::Retire { app, generation, reply }).await?)
     }
 
     /// Stops every retired worker of `app` ("" = all apps); returns how many it began to stop.
-    async fn kill_retired(&self, app: String) -> Result<u32, BusError> {
+    async fn kill_retired(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        app: String,
+    ) -> Result<u32, BusError> {
+        crate::auth::authorize(conn, &hdr).await?;
         Ok(self.handle.call(|reply| Command::KillRetired { app, reply }).await?)
     }
 
@@ -188,7 +222,12 @@ impl Manager {
     }
 
     /// Re-reads /etc/ipcluster/apps/.
-    async fn reload(&self) -> Result<(), BusError> {
+    async fn reload(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+    ) -> Result<(), BusError> {
+        crate::auth::authorize(conn, &hdr).await?;
         Ok(self.handle.call(|reply| Command::Reload { reply }).await?)
     }
 

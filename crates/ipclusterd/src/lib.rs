@@ -9,6 +9,7 @@
 //! exits, probes, notify ─Event▶   state       ──▶ process.rs (launcher gate, pidfds, renice)
 //! ```
 
+pub mod auth;
 pub mod dbus;
 pub mod journal;
 pub mod launcher;

@@ -49,6 +49,11 @@ pub fn run(args: &InstallArgs) -> Result<()> {
         0o644,
     )?;
     install_file(
+        &src.join("dbus/org.ipcluster1.policy"),
+        &root.join("usr/share/polkit-1/actions/org.ipcluster1.policy"),
+        0o644,
+    )?;
+    install_file(
         &src.join("dbus/org.ipcluster1.Manager.xml"),
         &root.join("usr/share/dbus-1/interfaces/org.ipcluster1.Manager.xml"),
         0o644,
