@@ -1,17 +1,18 @@
-//! `ipclusterctl`: a thin client of `org.ipcluster1.Manager` on the system bus.
+//! `ipclusterctl`: a thin client of `org.ipcluster1.Manager` on the system bus, in the
+//! conventions of systemctl and busctl.
 //!
-//! Exit status: 0 success, 1 the daemon refused or failed the request (its message is printed),
-//! 2 usage error, 3 the daemon is not reachable.
+//! Exit status: 0 success; 1 the daemon refused or failed the request, or a config file is
+//! invalid (the message says why); 2 usage error; 3 the daemon is not reachable.
 
-use std::{collections::HashMap, process::ExitCode, time::SystemTime};
+mod output;
 
-use clap::{Parser, Subcommand};
+use std::{collections::HashMap, process::ExitCode};
+
+use clap::{CommandFactory, Parser, Subcommand};
+use futures_util::StreamExt;
 use zbus::wire::{OwnedVariant, Variant};
 
-/// ListWorkers row.
-type WorkerRow = (String, u64, u32, u32, String, Vec<(u16, u16)>, u64, u64, u64, i32, String);
-/// ListGenerations row.
-type GenerationRow = (String, u64, String, u32, u64, String);
+use output::{GenerationRow, WorkerRow};
 
 #[zbus::proxy(
     interface = "org.ipcluster1.Manager",
@@ -25,16 +26,31 @@ trait Manager {
     fn list_workers(&self, app: &str) -> zbus::Result<Vec<WorkerRow>>;
     fn list_generations(&self, app: &str) -> zbus::Result<Vec<GenerationRow>>;
     fn reload(&self) -> zbus::Result<()>;
+    fn stop_app(&self, app: &str) -> zbus::Result<()>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn apps(&self) -> zbus::Result<Vec<String>>;
+    #[zbus(signal)]
+    fn generation_state_changed(&self, app: String, generation: u64, state: String) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn worker_ready(&self, app: String, generation: u64, band: u32, pid: u32) -> zbus::Result<()>;
 }
 
-/// Control ipclusterd.
+/// Control ipclusterd: deploy apps, inspect workers, reap retired generations.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    name = "ipclusterctl",
+    version,
+    about,
+    after_help = "Exit status: 0 success; 1 refused or failed (message printed); 2 usage; 3 ipclusterd not reachable."
+)]
 struct Args {
-    /// Talk to the daemon on the session bus instead of the system bus.
+    /// Machine-readable JSON output.
     #[arg(long, global = true)]
+    json: bool,
+    /// Talk to a daemon on the session bus instead of the system bus.
+    #[arg(long, global = true, hide = true)]
     user: bool,
     #[command(subcommand)]
     command: Cmd,
@@ -42,9 +58,9 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Print the daemon's version.
-    Version,
-    /// Start a new generation of APP; returns once it serves.
+    /// Apps, generations and workers (live first).
+    Status { app: Option<String> },
+    /// Start a new generation of APP; waits until it serves (or fails).
     Deploy {
         app: String,
         /// Number of workers (a power of two) for this generation.
@@ -59,10 +75,13 @@ enum Cmd {
         /// Working directory for this generation.
         #[arg(long)]
         workdir: Option<String>,
+        /// Return as soon as the generation has a number, without waiting for it to serve.
+        #[arg(long)]
+        no_block: bool,
     },
     /// Retire a generation (a live one is replaced first).
     Retire { app: String, generation: u64 },
-    /// Stop every retired worker of APP (all apps without APP).
+    /// Stop every retired worker of APP (of every app without APP).
     KillRetired { app: Option<String> },
     /// List workers.
     Workers { app: Option<String> },
@@ -70,10 +89,43 @@ enum Cmd {
     Generations { app: Option<String> },
     /// Re-read /etc/ipcluster/apps/.
     Reload,
+    /// Stop every generation of APP and remove its rules, until the next deploy.
+    Stop { app: String },
+    /// Show the workers' journal (journalctl for their scopes).
+    Logs {
+        app: String,
+        generation: Option<u64>,
+        /// Follow new lines.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Validate app files offline (default: /etc/ipcluster/apps/*.toml).
+    CheckConfig { files: Vec<std::path::PathBuf> },
+    /// Print the daemon's version.
+    Version,
+    /// Print the man page (roff).
+    #[command(name = "__man", hide = true)]
+    Man,
+    /// Print shell completions.
+    #[command(name = "__completions", hide = true)]
+    Completions { shell: clap_complete::Shell },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    match args.command {
+        Cmd::Man => {
+            let _ = clap_mangen::Man::new(Args::command()).render(&mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Args::command(), "ipclusterctl", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::CheckConfig { ref files } => return output::check_config(files, args.json),
+        Cmd::Logs { ref app, generation, follow } => return logs(app, generation, follow),
+        _ => {}
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -113,6 +165,7 @@ fn describe_named(name: &str, message: &str) -> (u8, String) {
         "org.ipcluster1.Error.DeployFailed" => "deploy failed",
         "org.ipcluster1.Error.Busy" => "busy",
         "org.ipcluster1.Error.InvalidConfig" => "invalid app configuration",
+        "org.ipcluster1.Error.StopFailed" => "stop failed",
         "org.freedesktop.DBus.Error.InvalidArgs" => "invalid arguments",
         "org.freedesktop.DBus.Error.AccessDenied" => "access denied",
         "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
@@ -130,13 +183,42 @@ fn opt<'a>(v: impl Into<Variant<'a>>) -> zbus::Result<OwnedVariant> {
     v.into().try_to_owned()
 }
 
+/// `journalctl` for the app's scopes, replacing this process.
+fn logs(app: &str, generation: Option<u64>, follow: bool) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    // Validated locally: the name becomes part of a unit pattern.
+    if let Err(e) = ipcluster_core::name::AppName::new(app) {
+        eprintln!("ipclusterctl: {e}");
+        return ExitCode::from(2);
+    }
+    let unit = match generation {
+        Some(g) => format!("ipcluster-{app}-{g}.scope"),
+        None => format!("ipcluster-{app}-*.scope"),
+    };
+    let mut cmd = std::process::Command::new("journalctl");
+    cmd.arg("-u").arg(unit);
+    if follow {
+        cmd.arg("-f");
+    }
+    let err = cmd.exec();
+    eprintln!("ipclusterctl: cannot run journalctl: {err}");
+    ExitCode::from(3)
+}
+
 async fn run(args: Args) -> zbus::Result<()> {
     let conn =
         if args.user { zbus::Connection::session().await? } else { zbus::Connection::system().await? };
     let manager = ManagerProxy::new(&conn).await?;
+    let all = |a: &Option<String>| a.clone().unwrap_or_default();
+    let json = args.json;
     match args.command {
-        Cmd::Version => println!("{}", manager.version().await?),
-        Cmd::Deploy { app, workers, command, env, workdir } => {
+        Cmd::Version => output::print_value(json, "version", manager.version().await?),
+        Cmd::Status { app } => {
+            let app = all(&app);
+            let (gens, workers) = (manager.list_generations(&app).await?, manager.list_workers(&app).await?);
+            output::status(json, &gens, &workers);
+        }
+        Cmd::Deploy { app, workers, command, env, workdir, no_block } => {
             let mut options = HashMap::new();
             if let Some(w) = workers {
                 options.insert("workers", opt(w)?);
@@ -150,62 +232,80 @@ async fn run(args: Args) -> zbus::Result<()> {
             if let Some(d) = workdir {
                 options.insert("working_directory", opt(d)?);
             }
-            let g = manager.deploy(&app, options).await?;
-            println!("{app}: generation {g} is live");
+            deploy(&manager, &app, options, no_block, json).await?;
         }
-        Cmd::Retire { app, generation } => manager.retire_generation(&app, generation).await?,
+        Cmd::Retire { app, generation } => {
+            manager.retire_generation(&app, generation).await?;
+            output::print_value(json, "retired", format!("{app} generation {generation}"));
+        }
         Cmd::KillRetired { app } => {
-            let n = manager.kill_retired(app.as_deref().unwrap_or("")).await?;
-            println!("stopping {n} retired workers");
+            let n = manager.kill_retired(&all(&app)).await?;
+            output::print_value(json, "stopping", n);
         }
-        Cmd::Workers { app } => print_workers(&manager.list_workers(app.as_deref().unwrap_or("")).await?),
-        Cmd::Generations { app } => {
-            print_generations(&manager.list_generations(app.as_deref().unwrap_or("")).await?)
+        Cmd::Workers { app } => output::workers(json, &manager.list_workers(&all(&app)).await?),
+        Cmd::Generations { app } => output::generations(json, &manager.list_generations(&all(&app)).await?),
+        Cmd::Reload => {
+            manager.reload().await?;
+            output::print_value(json, "reloaded", true);
         }
-        Cmd::Reload => manager.reload().await?,
+        Cmd::Stop { app } => {
+            manager.stop_app(&app).await?;
+            output::print_value(json, "stopped", app);
+        }
+        Cmd::Man | Cmd::Completions { .. } | Cmd::CheckConfig { .. } | Cmd::Logs { .. } => {}
     }
     Ok(())
 }
 
-fn age(start_usec: u64) -> String {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-    let s = now.saturating_sub(start_usec) / 1_000_000;
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}min", s / 60),
-        _ => format!("{}h", s / 3600),
-    }
-}
-
-fn print_workers(rows: &[WorkerRow]) {
-    let mut rows = rows.to_vec();
-    // Live first, then by app, generation, band.
-    rows.sort_by_key(|w| (w.4 != "live", w.0.clone(), std::cmp::Reverse(w.1), w.2));
-    println!(
-        "{:<12} {:>4} {:<9} {:>5} {:>8} {:<15} {:>9} {:>8} {:>4} {:>6}",
-        "APP", "GEN", "STATE", "BAND", "PID", "PORTS", "RSS", "CPU", "NICE", "AGE"
-    );
-    for w in rows {
-        let ports: Vec<String> = w.5.iter().map(|(p, q)| format!("{p}->{q}")).collect();
-        println!(
-            "{:<12} {:>4} {:<9} {:>5} {:>8} {:<15} {:>8}K {:>7}s {:>4} {:>6}",
-            w.0,
-            w.1,
-            w.4,
-            w.2,
-            w.3,
-            ports.join(","),
-            w.6 / 1024,
-            w.7 / 1_000_000,
-            w.9,
-            age(w.8)
-        );
-    }
-}
-
-fn print_generations(rows: &[GenerationRow]) {
-    println!("{:<12} {:>4} {:<9} {:>7} {:>6}  SCOPE", "APP", "GEN", "STATE", "WORKERS", "AGE");
-    for g in rows {
-        println!("{:<12} {:>4} {:<9} {:>7} {:>6}  {}", g.0, g.1, g.2, g.3, age(g.4), g.5);
+/// Calls Deploy; meanwhile reports progress from GenerationStateChanged and WorkerReady.
+async fn deploy(
+    manager: &ManagerProxy<'_>,
+    app: &str,
+    options: HashMap<&str, OwnedVariant>,
+    no_block: bool,
+    json: bool,
+) -> zbus::Result<()> {
+    // Subscribed before the call, so no signal of this deploy is missed.
+    let mut states = manager.receive_generation_state_changed_with_args(&[(0, app)]).await?;
+    let mut ready = manager.receive_worker_ready_with_args(&[(0, app)]).await?;
+    let call = manager.deploy(app, options);
+    tokio::pin!(call);
+    let mut generation = None;
+    let mut bands_ready = std::collections::BTreeSet::new();
+    loop {
+        tokio::select! {
+            result = &mut call => {
+                let g = result?;
+                if json {
+                    println!("{}", serde_json::json!({"app": app, "generation": g, "state": "live"}));
+                } else {
+                    println!("{app}: generation {g} is live");
+                }
+                return Ok(());
+            }
+            Some(signal) = states.next() => {
+                let Ok(a) = signal.args() else { continue };
+                if a.state == "starting" && generation.is_none() {
+                    generation = Some(a.generation);
+                    if no_block {
+                        if json {
+                            println!("{}", serde_json::json!({"app": app, "generation": a.generation, "state": "starting"}));
+                        } else {
+                            println!("{app}: generation {} is starting", a.generation);
+                        }
+                        return Ok(());
+                    }
+                    if !json {
+                        eprintln!("{app}: generation {} starting", a.generation);
+                    }
+                }
+            }
+            Some(signal) = ready.next() => {
+                let Ok(a) = signal.args() else { continue };
+                if Some(a.generation) == generation && bands_ready.insert(a.band) && !json {
+                    eprintln!("{app}: generation {}: band {} ready (pid {}), {} ready", a.generation, a.band, a.pid, bands_ready.len());
+                }
+            }
+        }
     }
 }

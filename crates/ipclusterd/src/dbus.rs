@@ -25,6 +25,7 @@ pub mod names {
     pub const DEPLOY_FAILED: &str = "org.ipcluster1.Error.DeployFailed";
     pub const BUSY: &str = "org.ipcluster1.Error.Busy";
     pub const INVALID_CONFIG: &str = "org.ipcluster1.Error.InvalidConfig";
+    pub const STOP_FAILED: &str = "org.ipcluster1.Error.StopFailed";
     pub const INVALID_ARGS: &str = "org.freedesktop.DBus.Error.InvalidArgs";
     pub const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
     pub const INTERACTIVE_AUTHORIZATION_REQUIRED: &str =
@@ -62,6 +63,7 @@ impl From<supervisor::Error> for BusError {
             E::Busy(_) => names::BUSY,
             E::InvalidConfig(_) => names::INVALID_CONFIG,
             E::InvalidArgs(_) => names::INVALID_ARGS,
+            E::StopFailed(_) => names::STOP_FAILED,
             E::Gone => names::NO_SERVER,
         };
         BusError::new(name, e.to_string())
@@ -221,6 +223,17 @@ impl Manager {
             .collect())
     }
 
+    /// Stops every generation of `app` and removes its rules, until the next Deploy.
+    async fn stop_app(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        app: String,
+    ) -> Result<(), BusError> {
+        crate::auth::authorize(conn, &hdr).await?;
+        Ok(self.handle.call(|reply| Command::StopApp { app, reply }).await?)
+    }
+
     /// Re-reads /etc/ipcluster/apps/.
     async fn reload(
         &self,
@@ -252,6 +265,16 @@ impl Manager {
         state: &str,
     ) -> zbus::Result<()>;
 
+    /// A worker became ready (accepts on its ports, or sent READY=1).
+    #[zbus(signal)]
+    pub async fn worker_ready(
+        emitter: &SignalEmitter<'_>,
+        app: &str,
+        generation: u64,
+        band: u32,
+        pid: u32,
+    ) -> zbus::Result<()>;
+
     /// A worker exited: `reason` is `exited N`, `killed by signal S`, or `reaped (...)`.
     #[zbus(signal)]
     pub async fn worker_exited(
@@ -278,6 +301,9 @@ pub async fn forward_signals(
             }
             supervisor::BusSignal::WorkerExited { app, generation, band, pid, reason } => {
                 Manager::worker_exited(&emitter, app, *generation, *band, *pid, reason).await
+            }
+            supervisor::BusSignal::WorkerReady { app, generation, band, pid } => {
+                Manager::worker_ready(&emitter, app, *generation, *band, *pid).await
             }
         };
         if let Err(e) = r {

@@ -6,8 +6,12 @@ use clap::Parser;
 use ipclusterd::{BusKind, Options};
 
 /// Runs multi-process network services with sticky sessions and zero-downtime deploys.
+///
+/// Started by systemd (ipclusterd.service); controlled over D-Bus (org.ipcluster1) and with
+/// ipclusterctl(1). App files: /etc/ipcluster/apps/<app>.toml. SIGUSR1 stops retired workers;
+/// SIGHUP reloads the app files.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "ipclusterd", version, about, long_about)]
 struct Args {
     /// Directory of app files (`<app>.toml`).
     #[arg(long, default_value = "/etc/ipcluster/apps")]
@@ -18,6 +22,9 @@ struct Args {
     /// Well-known bus name to own.
     #[arg(long, default_value = ipclusterd::BUS_NAME)]
     bus_name: String,
+    /// Print the man page (roff) and exit.
+    #[arg(long, hide = true)]
+    print_man: bool,
 }
 
 fn main() -> ExitCode {
@@ -27,6 +34,14 @@ fn main() -> ExitCode {
         return ExitCode::from(ipclusterd::launcher::main(raw) as u8);
     }
     let args = Args::parse();
+    if args.print_man {
+        use clap::CommandFactory;
+        let man = clap_mangen::Man::new(Args::command()).section("8");
+        return match man.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     ipclusterd::logging::init();
     if let Err(e) = ipclusterd::process::raise_nofile_limit() {
         tracing::warn!("cannot raise the open-files limit: {e}");

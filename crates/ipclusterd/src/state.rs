@@ -33,6 +33,9 @@ pub struct AppRecord {
     /// daemon restarts.
     #[serde(default)]
     pub backoff_ms: BTreeMap<u32, u64>,
+    /// Stopped with StopApp (stays stopped until the next Deploy).
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// What is remembered of a running generation.

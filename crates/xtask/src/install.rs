@@ -58,6 +58,34 @@ pub fn run(args: &InstallArgs) -> Result<()> {
         &root.join("usr/share/dbus-1/interfaces/org.ipcluster1.Manager.xml"),
         0o644,
     )?;
+    // Man pages and shell completions, generated from the clap definitions of the binaries.
+    let generated: [(&str, &[&str], &str); 5] = [
+        ("ipclusterctl", &["__man"], "usr/local/share/man/man1/ipclusterctl.1"),
+        ("ipclusterd", &["--print-man"], "usr/local/share/man/man8/ipclusterd.8"),
+        (
+            "ipclusterctl",
+            &["__completions", "bash"],
+            "usr/local/share/bash-completion/completions/ipclusterctl",
+        ),
+        ("ipclusterctl", &["__completions", "zsh"], "usr/local/share/zsh/site-functions/_ipclusterctl"),
+        (
+            "ipclusterctl",
+            &["__completions", "fish"],
+            "usr/local/share/fish/vendor_completions.d/ipclusterctl.fish",
+        ),
+    ];
+    for (bin, args, dest) in generated {
+        let out = Command::new(bin_dir.join(bin))
+            .args(args)
+            .output()
+            .with_context(|| format!("cannot run {bin}"))?;
+        if !out.status.success() || out.stdout.is_empty() {
+            bail!("{bin} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        let dest = root.join(dest);
+        fs::create_dir_all(dest.parent().context("no parent")?)?;
+        fs::write(&dest, &out.stdout).with_context(|| format!("cannot write {}", dest.display()))?;
+    }
     let apps = root.join("etc/ipcluster/apps");
     fs::create_dir_all(&apps).with_context(|| format!("cannot create {}", apps.display()))?;
     eprintln!("installed into {}", root.display());

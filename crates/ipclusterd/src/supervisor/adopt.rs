@@ -171,6 +171,28 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             }
         }
         adopted.1 = self.workers.len();
+        // Apps stopped with StopApp stay stopped; finish a stop a crash interrupted.
+        for (app, record) in &self.persisted.apps {
+            let Ok(name) = AppName::new(app) else { continue };
+            if !record.stopped {
+                continue;
+            }
+            let a = self.apps.entry(name.clone()).or_default();
+            a.stopped = true;
+            for g in a.generations.values().filter(|g| g.state.is_running()) {
+                warn!(app = %name, "{name}: was being stopped when the previous daemon stopped; stopping {}", g.scope);
+                let scopes = self.deps.scopes.clone();
+                let unit = g.scope.clone();
+                tokio::spawn(async move {
+                    let _ = scopes.stop(&unit).await;
+                });
+            }
+        }
+        for w in self.workers.values_mut() {
+            if self.apps.get(&w.app).is_some_and(|a| a.stopped) {
+                w.state = WorkerState::Stopping;
+            }
+        }
         if adopted.0 > 0 {
             info!("adopted {} generations with {} workers", adopted.0, adopted.1);
         }

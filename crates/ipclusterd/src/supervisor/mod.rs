@@ -65,6 +65,8 @@ pub enum Error {
     InvalidConfig(String),
     #[error("{0}")]
     InvalidArgs(String),
+    #[error("{0}")]
+    StopFailed(String),
     #[error("the supervisor is not running (ipclusterd is stopping)")]
     Gone,
 }
@@ -82,6 +84,7 @@ pub enum Command {
     ListWorkers { app: String, reply: Reply<Vec<WorkerInfo>> },
     ListGenerations { app: String, reply: Reply<Vec<GenerationInfo>> },
     Reload { reply: Reply<()> },
+    StopApp { app: String, reply: Reply<()> },
 }
 
 /// One row of ListWorkers.
@@ -116,6 +119,7 @@ pub struct GenerationInfo {
 pub enum BusSignal {
     GenerationStateChanged { app: String, generation: u64, state: GenState },
     WorkerExited { app: String, generation: u64, band: u32, pid: u32, reason: String },
+    WorkerReady { app: String, generation: u64, band: u32, pid: u32 },
 }
 
 /// Something that happened, reported by a helper task.
@@ -231,6 +235,8 @@ struct App {
     /// The app file as last read: `None` when the file is gone.
     config: Option<Result<Arc<AppConfig>, ConfigError>>,
     generations: BTreeMap<u64, Generation>,
+    /// Stopped by StopApp: no rules, no autostart, until the next Deploy (persisted).
+    stopped: bool,
 }
 
 impl App {
@@ -405,6 +411,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             }
         }
         for (name, app) in &self.apps {
+            if app.stopped {
+                apps.entry(name.to_string()).or_default().stopped = true;
+            }
             for (g, x) in app.generations.iter().filter(|(_, x)| x.state.is_running()) {
                 apps.entry(name.to_string()).or_default().generations.insert(
                     *g,
@@ -514,7 +523,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         let names: Vec<AppName> = self
             .apps
             .iter()
-            .filter(|(_, a)| matches!(&a.config, Some(Ok(c)) if c.autostart) && a.live().is_none())
+            .filter(|(_, a)| {
+                matches!(&a.config, Some(Ok(c)) if c.autostart) && a.live().is_none() && !a.stopped
+            })
             .map(|(n, _)| n.clone())
             .collect();
         let mut pending = Vec::new();
@@ -554,6 +565,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             Command::ListGenerations { app, reply } => {
                 let _ = reply.send(self.list_generations(&app));
             }
+            Command::StopApp { app, reply } => self.stop_app(&app, reply).await,
             Command::Reload { reply } => {
                 self.load_configs();
                 self.reconcile().await;
@@ -851,6 +863,53 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         }
     }
 
+    /// Stops every generation of `app` and removes its rules; it stays stopped (across daemon
+    /// restarts too) until the next Deploy. Answers once every scope is gone.
+    async fn stop_app(&mut self, app: &str, reply: Reply<()>) {
+        let name = match self.app_name(app) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if let Some(g) = self.apps[&name].deploying() {
+            let _ = reply.send(Err(Error::Busy(format!("{name} is deploying generation {g}"))));
+            return;
+        }
+        self.apps.get_mut(&name).expect("checked").stopped = true;
+        self.persist();
+        // Rules first: from now on nothing new reaches the app.
+        self.reconcile().await;
+        for w in self.workers.values_mut().filter(|w| w.app == name) {
+            w.state = WorkerState::Stopping;
+            if let Some(p) = w.probe.take() {
+                p.abort();
+            }
+        }
+        let scopes: Vec<String> = self.apps[&name]
+            .generations
+            .values()
+            .filter(|g| g.state.is_running())
+            .map(|g| g.scope.clone())
+            .collect();
+        info!(app = %name, "{name}: stopping the app ({} generations)", scopes.len());
+        let systemd = self.deps.scopes.clone();
+        tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for scope in scopes {
+                if let Err(e) = systemd.stop(&scope).await {
+                    errors.push(e.to_string());
+                }
+            }
+            let _ = reply.send(if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::StopFailed(errors.join("; ")))
+            });
+        });
+    }
+
     fn kill_retired(&mut self, app: &str) -> Result<u32, Error> {
         let apps = self.apps_matching(app)?;
         let ids: Vec<u64> = self
@@ -1027,6 +1086,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         }
         w.ready = true;
         let (app, g) = (w.app.clone(), w.generation);
+        let ready = BusSignal::WorkerReady { app: app.to_string(), generation: g, band: w.band, pid: w.pid };
+        self.signal(ready);
         let live_gen = self
             .apps
             .get(&app)
@@ -1077,6 +1138,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             }
         }
         info!(app = %app, generation = g, "{app}: cutover to generation {g} in {} ms", started.elapsed().as_millis());
+        if let Some(a) = self.apps.get_mut(app) {
+            a.stopped = false;
+        }
         self.set_gen_state(app, g, GenState::Live);
         for p in previous {
             self.retire_generation(app, p);
@@ -1196,6 +1260,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
     fn routes(&self, extra: Option<(&AppName, u64)>) -> Vec<AppRoute> {
         let mut out = Vec::new();
         for (name, app) in &self.apps {
+            if app.stopped && extra.is_none_or(|(a, _)| a != name) {
+                continue;
+            }
             let g = match extra {
                 Some((a, g)) if a == name => Some(g),
                 _ => app.live(),

@@ -1,0 +1,208 @@
+//! What ipclusterctl prints: tables for people (colors only on a terminal), JSON for machines.
+
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::SystemTime};
+
+use serde::Serialize;
+
+/// ListWorkers row: app, generation, band, pid, state, ports, RSS, CPU µs, start µs, nice, scope.
+pub type WorkerRow = (String, u64, u32, u32, String, Vec<(u16, u16)>, u64, u64, u64, i32, String);
+/// ListGenerations row: app, generation, state, workers, start µs, scope.
+pub type GenerationRow = (String, u64, String, u32, u64, String);
+
+#[derive(Debug, Serialize)]
+struct Worker<'a> {
+    app: &'a str,
+    generation: u64,
+    band: u32,
+    pid: u32,
+    state: &'a str,
+    ports: Vec<Port>,
+    rss_bytes: u64,
+    cpu_usec: u64,
+    start_usec: u64,
+    nice: i32,
+    scope: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct Port {
+    public: u16,
+    worker: u16,
+}
+
+#[derive(Debug, Serialize)]
+struct Generation<'a> {
+    app: &'a str,
+    generation: u64,
+    state: &'a str,
+    workers: u32,
+    start_usec: u64,
+    scope: &'a str,
+}
+
+fn worker(w: &WorkerRow) -> Worker<'_> {
+    Worker {
+        app: &w.0,
+        generation: w.1,
+        band: w.2,
+        pid: w.3,
+        state: &w.4,
+        ports: w.5.iter().map(|(public, worker)| Port { public: *public, worker: *worker }).collect(),
+        rss_bytes: w.6,
+        cpu_usec: w.7,
+        start_usec: w.8,
+        nice: w.9,
+        scope: &w.10,
+    }
+}
+
+fn generation(g: &GenerationRow) -> Generation<'_> {
+    Generation { app: &g.0, generation: g.1, state: &g.2, workers: g.3, start_usec: g.4, scope: &g.5 }
+}
+
+/// Prints `{"key": value}` as JSON, or the value alone.
+pub fn print_value<T: Serialize + std::fmt::Display>(json: bool, key: &str, value: T) {
+    if json {
+        println!("{}", serde_json::json!({ key: value }));
+    } else {
+        println!("{value}");
+    }
+}
+
+fn age(start_usec: u64) -> String {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    let s = now.saturating_sub(start_usec) / 1_000_000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}min", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+fn rank(state: &str) -> u8 {
+    match state {
+        "live" => 0,
+        "starting" => 1,
+        "retired" => 2,
+        "stopping" => 3,
+        _ => 4,
+    }
+}
+
+/// The state, colored when stdout is a terminal.
+fn colored(state: &str, width: usize) -> String {
+    let padded = format!("{state:<width$}");
+    if !std::io::stdout().is_terminal() {
+        return padded;
+    }
+    let code = match state {
+        "live" => "32",
+        "starting" => "36",
+        "retired" | "stopping" => "33",
+        "failed" => "31",
+        _ => "2",
+    };
+    format!("\x1b[{code}m{padded}\x1b[0m")
+}
+
+pub fn workers(json: bool, rows: &[WorkerRow]) {
+    let mut rows: Vec<&WorkerRow> = rows.iter().collect();
+    rows.sort_by_key(|w| (rank(&w.4), w.0.clone(), std::cmp::Reverse(w.1), w.2));
+    if json {
+        let v: Vec<Worker<'_>> = rows.into_iter().map(worker).collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!(
+        "{:<12} {:>4} {:<9} {:>5} {:>8} {:<15} {:>9} {:>8} {:>4} {:>6}",
+        "APP", "GEN", "STATE", "BAND", "PID", "PORTS", "RSS", "CPU", "NICE", "AGE"
+    );
+    for w in rows {
+        let ports: Vec<String> = w.5.iter().map(|(p, q)| format!("{p}->{q}")).collect();
+        println!(
+            "{:<12} {:>4} {} {:>5} {:>8} {:<15} {:>8}K {:>7.1}s {:>4} {:>6}",
+            w.0,
+            w.1,
+            colored(&w.4, 9),
+            w.2,
+            w.3,
+            ports.join(","),
+            w.6 / 1024,
+            w.7 as f64 / 1e6,
+            w.9,
+            age(w.8)
+        );
+    }
+}
+
+pub fn generations(json: bool, rows: &[GenerationRow]) {
+    let mut rows: Vec<&GenerationRow> = rows.iter().collect();
+    rows.sort_by_key(|g| (g.0.clone(), rank(&g.2), std::cmp::Reverse(g.1)));
+    if json {
+        let v: Vec<Generation<'_>> = rows.into_iter().map(generation).collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!("{:<12} {:>4} {:<9} {:>7} {:>6}  SCOPE", "APP", "GEN", "STATE", "WORKERS", "AGE");
+    for g in rows {
+        println!("{:<12} {:>4} {} {:>7} {:>6}  {}", g.0, g.1, colored(&g.2, 9), g.3, age(g.4), g.5);
+    }
+}
+
+pub fn status(json: bool, gens: &[GenerationRow], rows: &[WorkerRow]) {
+    if json {
+        let v = serde_json::json!({
+            "generations": gens.iter().map(generation).collect::<Vec<_>>(),
+            "workers": rows.iter().map(worker).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    generations(false, gens);
+    println!();
+    workers(false, rows);
+}
+
+/// Validates app files offline; exit status 1 if any is invalid.
+pub fn check_config(files: &[PathBuf], json: bool) -> ExitCode {
+    let files: Vec<PathBuf> = if files.is_empty() {
+        let dir = std::path::Path::new("/etc/ipcluster/apps");
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    } else {
+        files.to_vec()
+    };
+    let mut results = Vec::new();
+    for f in &files {
+        let shown = f.display().to_string();
+        let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        let result = match std::fs::read_to_string(f) {
+            Ok(text) => ipcluster_core::config::AppConfig::parse(&shown, stem, &text)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("{shown}: {e}")),
+        };
+        results.push((shown, result));
+    }
+    let failed = results.iter().any(|(_, r)| r.is_err());
+    if json {
+        let v: Vec<_> = results
+            .iter()
+            .map(|(f, r)| serde_json::json!({"file": f, "ok": r.is_ok(), "error": r.as_ref().err()}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        for (f, r) in &results {
+            match r {
+                Ok(()) => println!("{f}: ok"),
+                Err(e) => eprintln!("{e}"),
+            }
+        }
+    }
+    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
