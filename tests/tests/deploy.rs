@@ -400,7 +400,11 @@ fn introspection_matches_the_shipped_xml() {
         let end = xml[start..].find("</interface>").unwrap() + start;
         xml[start..end].split_whitespace().collect::<Vec<_>>().join(" ")
     };
-    assert_eq!(iface(&live), iface(&shipped), "dbus/org.ipcluster1.Manager.xml is out of date:\n{live}");
+    assert_eq!(
+        iface(&live),
+        iface(&shipped),
+        "dbus/org.ipcluster1.Manager.xml is out of date (cargo xtask dbus-xml):\n{live}"
+    );
     let _ = text;
 }
 

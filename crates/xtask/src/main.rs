@@ -6,6 +6,7 @@
 //! - `demo`: a throwaway systemd host running ipclusterd.
 //! - `test`: everything CI checks: packages, formatting, lints, unit and end-to-end tests.
 
+mod dbus_xml;
 mod demo;
 #[cfg(test)]
 mod docs_check;
@@ -29,6 +30,8 @@ enum Cmd {
     Install(install::InstallArgs),
     /// Boot a sandboxed systemd host, install ipclusterd, show it working, tear down.
     Demo,
+    /// Regenerate dbus/org.ipcluster1.Manager.xml from the live daemon's introspection.
+    DbusXml,
     /// Install missing system packages, check formatting and lints, run every test.
     Test {
         /// Only unit and adapter tests (no sandboxes).
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Cmd::Install(a) => install::run(&a),
         Cmd::Demo => demo::run(),
+        Cmd::DbusXml => dbus_xml::run(),
         Cmd::Test { unit_only, nextest_args } => test::run(unit_only, &nextest_args),
     };
     match result {
