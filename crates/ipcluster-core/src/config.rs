@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use crate::{
     name::AppName,
-    units::{Signal, parse_duration, parse_port_range},
+    units::{Signal, parse_duration, parse_duration_range, parse_port_range, parse_rate, parse_size},
 };
 
 /// Most bands an app may have.
@@ -55,6 +55,22 @@ pub struct AppConfig {
     pub retire_signal: Option<Signal>,
     pub retire_nice: i32,
     pub autostart: bool,
+    /// A live worker above this RSS (bytes) is retired and replaced.
+    pub worker_memory_max: Option<u64>,
+    /// Budget (bytes) for the RSS of all the app's workers; watermarks at 80 % and 95 %.
+    pub cluster_memory_max: Option<u64>,
+    /// At most this many memory/health retirements per window.
+    pub retire_rate: (u32, Duration),
+    /// Retired workers older than this are stopped.
+    pub retire_timeout: Option<Duration>,
+    /// Pause between stopping successive retired workers.
+    pub reap_interval: Duration,
+    /// Pause between spawning successive workers of a generation.
+    pub spawn_interval: Duration,
+    /// With ready = notify: workers must send WATCHDOG=1 at least this often.
+    pub watchdog: Option<Duration>,
+    /// Respawn delay of a crashed band: min, doubling, up to max.
+    pub restart_backoff: (Duration, Duration),
 }
 
 /// An invalid app file or override, with where and why.
@@ -103,10 +119,18 @@ struct Raw {
     retire_signal: Option<Spanned<String>>,
     retire_nice: Option<Spanned<i64>>,
     autostart: Option<Spanned<bool>>,
+    worker_memory_max: Option<Spanned<String>>,
+    cluster_memory_max: Option<Spanned<String>>,
+    retire_rate: Option<Spanned<String>>,
+    retire_timeout: Option<Spanned<String>>,
+    reap_interval: Option<Spanned<String>>,
+    spawn_interval: Option<Spanned<String>>,
+    watchdog: Option<Spanned<String>>,
+    restart_backoff: Option<Spanned<String>>,
 }
 
 /// Every key an app file accepts (kept in step with the reference docs by a test).
-pub const KEYS: [&str; 14] = [
+pub const KEYS: [&str; 22] = [
     "command",
     "workers",
     "listen",
@@ -121,6 +145,14 @@ pub const KEYS: [&str; 14] = [
     "retire_signal",
     "retire_nice",
     "autostart",
+    "worker_memory_max",
+    "cluster_memory_max",
+    "retire_rate",
+    "retire_timeout",
+    "reap_interval",
+    "spawn_interval",
+    "watchdog",
+    "restart_backoff",
 ];
 
 struct Ctx<'a> {
@@ -240,6 +272,49 @@ impl AppConfig {
             }
         };
         let autostart = raw.autostart.as_ref().is_none_or(|a| *a.get_ref());
+        let size = |v: &Option<Spanned<String>>, key: &str| {
+            v.as_ref()
+                .map(|x| match parse_size(x.get_ref()) {
+                    Ok(0) => Err(cx.err(key, Some(x.span()), "must be more than 0")),
+                    Ok(n) => Ok(n),
+                    Err(m) => Err(cx.err(key, Some(x.span()), m)),
+                })
+                .transpose()
+        };
+        let worker_memory_max = size(&raw.worker_memory_max, "worker_memory_max")?;
+        let cluster_memory_max = size(&raw.cluster_memory_max, "cluster_memory_max")?;
+        let retire_rate = match &raw.retire_rate {
+            None => (10, Duration::from_secs(120)),
+            Some(r) => parse_rate(r.get_ref()).map_err(|m| cx.err("retire_rate", Some(r.span()), m))?,
+        };
+        let optional = |v: &Option<Spanned<String>>, key: &str| {
+            v.as_ref()
+                .map(|x| match parse_duration(x.get_ref()) {
+                    Ok(d) if d.is_zero() => Err(cx.err(key, Some(x.span()), "must be more than 0")),
+                    Ok(d) => Ok(d),
+                    Err(m) => Err(cx.err(key, Some(x.span()), m)),
+                })
+                .transpose()
+        };
+        let retire_timeout = optional(&raw.retire_timeout, "retire_timeout")?;
+        let watchdog = optional(&raw.watchdog, "watchdog")?;
+        if let (Some(_), Some(w)) = (watchdog, &raw.watchdog)
+            && ready != Ready::Notify
+        {
+            return Err(cx.err(
+                "watchdog",
+                Some(w.span()),
+                "needs ready = \"notify\" (WATCHDOG=1 is an sd_notify message)",
+            ));
+        }
+        let reap_interval = duration(&raw.reap_interval, "reap_interval", Duration::ZERO, Duration::ZERO)?;
+        let spawn_interval = duration(&raw.spawn_interval, "spawn_interval", Duration::ZERO, Duration::ZERO)?;
+        let restart_backoff = match &raw.restart_backoff {
+            None => (Duration::from_millis(100), Duration::from_secs(30)),
+            Some(r) => {
+                parse_duration_range(r.get_ref()).map_err(|m| cx.err("restart_backoff", Some(r.span()), m))?
+            }
+        };
 
         let config = AppConfig {
             name,
@@ -257,6 +332,14 @@ impl AppConfig {
             retire_signal,
             retire_nice,
             autostart,
+            worker_memory_max,
+            cluster_memory_max,
+            retire_rate,
+            retire_timeout,
+            reap_interval,
+            spawn_interval,
+            watchdog,
+            restart_backoff,
         };
         config.check_ports().map_err(|(key, m)| {
             let sp = if key == "port_range" { span(&raw.port_range) } else { Some(raw.listen.span()) };
@@ -285,6 +368,14 @@ impl AppConfig {
             retire_signal: None,
             retire_nice: 5,
             autostart: false,
+            worker_memory_max: None,
+            cluster_memory_max: None,
+            retire_rate: (10, Duration::from_secs(120)),
+            retire_timeout: None,
+            reap_interval: Duration::ZERO,
+            spawn_interval: Duration::ZERO,
+            watchdog: None,
+            restart_backoff: (Duration::from_millis(100), Duration::from_secs(30)),
         }
     }
 
@@ -342,6 +433,51 @@ impl AppConfig {
             c.working_directory = check_workdir(d).map_err(|m| err("working_directory", m))?;
         }
         c.check_ports().map_err(|(k, m)| err(k, m))?;
+        Ok(c)
+    }
+}
+
+/// The daemon's own settings: `/etc/ipcluster/ipclusterd.toml` (optional).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// How often workers' RSS, CPU and connections are sampled (and memory and watchdog
+    /// policies applied).
+    pub sample_interval: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self { sample_interval: Duration::from_secs(1) }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    sample_interval: Option<Spanned<String>>,
+}
+
+/// Keys of the daemon's file (kept in step with the reference docs by a test).
+pub const DAEMON_KEYS: [&str; 1] = ["sample_interval"];
+
+impl DaemonConfig {
+    /// Parses the daemon's file `file` with contents `text`.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawDaemon = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            location: e.span().map(|s| line_col(text, s.start)),
+            key: None,
+            message: e.message().trim().to_owned(),
+        })?;
+        let cx = Ctx { file, text };
+        let mut c = DaemonConfig::default();
+        if let Some(v) = &raw.sample_interval {
+            let d = parse_duration(v.get_ref()).map_err(|m| cx.err("sample_interval", Some(v.span()), m))?;
+            if d < Duration::from_millis(100) {
+                return Err(cx.err("sample_interval", Some(v.span()), "must be at least 100ms"));
+            }
+            c.sample_interval = d;
+        }
         Ok(c)
     }
 }
@@ -475,6 +611,13 @@ mod tests {
         assert_eq!(c.retire_signal, None);
         assert_eq!(c.retire_nice, 5);
         assert!(c.autostart);
+        assert_eq!(
+            (c.worker_memory_max, c.cluster_memory_max, c.retire_timeout, c.watchdog),
+            (None, None, None, None)
+        );
+        assert_eq!(c.retire_rate, (10, Duration::from_secs(120)));
+        assert_eq!((c.reap_interval, c.spawn_interval), (Duration::ZERO, Duration::ZERO));
+        assert_eq!(c.restart_backoff, (Duration::from_millis(100), Duration::from_secs(30)));
     }
 
     #[test]
@@ -495,6 +638,14 @@ stop_timeout = "10s"
 retire_signal = "USR2"
 retire_nice = 10
 autostart = false
+worker_memory_max = "448M"
+cluster_memory_max = "2G"
+retire_rate = "5/1min"
+retire_timeout = "1h"
+reap_interval = "500ms"
+spawn_interval = "100ms"
+watchdog = "10s"
+restart_backoff = "1s-1min"
 "#,
         )
         .unwrap();
@@ -507,6 +658,16 @@ autostart = false
         assert_eq!(c.retire_signal, Some(Signal::Usr2));
         assert_eq!(c.retire_nice, 10);
         assert!(!c.autostart);
+        assert_eq!(c.worker_memory_max, Some(448 << 20));
+        assert_eq!(c.cluster_memory_max, Some(2 << 30));
+        assert_eq!(c.retire_rate, (5, Duration::from_secs(60)));
+        assert_eq!(c.retire_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            (c.reap_interval, c.spawn_interval),
+            (Duration::from_millis(500), Duration::from_millis(100))
+        );
+        assert_eq!(c.watchdog, Some(Duration::from_secs(10)));
+        assert_eq!(c.restart_backoff, (Duration::from_secs(1), Duration::from_secs(60)));
     }
 
     /// KEYS (which the docs test checks against the reference) is exactly what the parser takes.
@@ -547,6 +708,13 @@ autostart = false
             ("environment = { \"A-B\" = \"1\" }\n", "environment", (3, 15), "variable name"),
             ("colour = \"blue\"\n", "colour", (3, 1), "unknown field"),
             ("autostart = \"yes\"\n", "autostart", (3, 13), "invalid type"),
+            ("worker_memory_max = \"lots\"\n", "worker_memory_max", (3, 21), "M = MiB"),
+            ("cluster_memory_max = \"0\"\n", "cluster_memory_max", (3, 22), "more than 0"),
+            ("retire_rate = \"10\"\n", "retire_rate", (3, 15), "N/duration"),
+            ("retire_timeout = \"0\"\n", "retire_timeout", (3, 18), "more than 0"),
+            ("reap_interval = \"x\"\n", "reap_interval", (3, 17), "not a duration"),
+            ("watchdog = \"10s\"\n", "watchdog", (3, 12), "needs ready = \"notify\""),
+            ("restart_backoff = \"30s-1s\"\n", "restart_backoff", (3, 19), "min-max"),
         ];
         for (extra, key, loc, allowed) in cases {
             let e = parse(&format!("{MIN}{extra}")).expect_err(extra);
@@ -574,6 +742,22 @@ autostart = false
         }
         let e = AppConfig::parse("x/../A.toml", "../A", MIN).unwrap_err();
         assert!(e.message.contains("app name"), "{e}");
+    }
+
+    #[test]
+    fn daemon_file() {
+        assert_eq!(DaemonConfig::parse("d", "").unwrap(), DaemonConfig::default());
+        assert_eq!(
+            DaemonConfig::parse("d", "sample_interval = \"250ms\"\n").unwrap().sample_interval,
+            Duration::from_millis(250)
+        );
+        let e = DaemonConfig::parse("/etc/ipcluster/ipclusterd.toml", "sample_interval = \"10ms\"\n")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/ipcluster/ipclusterd.toml:1:19: sample_interval: must be at least 100ms"
+        );
+        assert!(DaemonConfig::parse("d", "samples = 1\n").unwrap_err().message.contains("unknown field"));
     }
 
     #[test]

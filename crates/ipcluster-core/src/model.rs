@@ -127,6 +127,10 @@ impl WorkerIdentity {
         env.push(("IPCLUSTER_PORTS".into(), pairs.join(",")));
         if let Some(sock) = notify_socket {
             env.push(("NOTIFY_SOCKET".into(), sock.to_owned()));
+            // WATCHDOG_PID is added by the launcher, which knows the worker's PID.
+            if let Some(w) = config.watchdog {
+                env.push(("WATCHDOG_USEC".into(), w.as_micros().to_string()));
+            }
         }
         env
     }

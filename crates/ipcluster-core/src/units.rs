@@ -150,3 +150,77 @@ mod tests {
         }
     }
 }
+
+/// Parses a size in binary units: `448M` = 448 MiB, `4G`, `512K`, `1T`, or plain bytes (`1048576`).
+/// `M` means MiB, as in systemd's `MemoryMax=` (the `bytesize` crate would read it as 10⁶).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let err = || format!("{s:?} is not a size (examples: 512K, 448M, 4G; binary units: M = MiB)");
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits == 0 {
+        return Err(err());
+    }
+    let n: u64 = t[..digits].parse().map_err(|_| err())?;
+    let unit = t[digits..].trim();
+    let shift = match unit {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        _ => return Err(err()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// Parses `N/duration` (e.g. `10/2min`): at most N events per window.
+pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+    let err = || format!("{s:?} is not a rate (\"N/duration\", e.g. \"10/2min\")");
+    let (n, d) = s.split_once('/').ok_or_else(err)?;
+    let n: u32 = n.trim().parse().map_err(|_| err())?;
+    let d = parse_duration(d).map_err(|_| err())?;
+    if n == 0 || d.is_zero() {
+        return Err(err());
+    }
+    Ok((n, d))
+}
+
+/// Parses `min-max` durations (e.g. `100ms-30s`) with `0 < min <= max`.
+pub fn parse_duration_range(s: &str) -> Result<(Duration, Duration), String> {
+    let err = || format!("{s:?} is not a range of durations (\"min-max\", e.g. \"100ms-30s\")");
+    let (lo, hi) = s.split_once('-').ok_or_else(err)?;
+    let lo = parse_duration(lo).map_err(|_| err())?;
+    let hi = parse_duration(hi).map_err(|_| err())?;
+    if lo.is_zero() || lo > hi {
+        return Err(err());
+    }
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_binary() {
+        assert_eq!(parse_size("448M").unwrap(), 448 << 20);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("512K").unwrap(), 512 << 10);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("2MiB").unwrap(), 2 << 20);
+        for bad in ["", "M", "1.5G", "4X", "-1M", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn rates_and_ranges() {
+        assert_eq!(parse_rate("10/2min").unwrap(), (10, Duration::from_secs(120)));
+        assert!(parse_rate("0/1s").is_err() && parse_rate("10").is_err() && parse_rate("1/0").is_err());
+        assert_eq!(
+            parse_duration_range("100ms-30s").unwrap(),
+            (Duration::from_millis(100), Duration::from_secs(30))
+        );
+        assert!(parse_duration_range("30s-1s").is_err() && parse_duration_range("0-1s").is_err());
+    }
+}

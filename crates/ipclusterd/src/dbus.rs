@@ -275,6 +275,18 @@ impl Manager {
         pid: u32,
     ) -> zbus::Result<()>;
 
+    /// A memory or health policy could not act: a retirement held back by `retire_rate`, or live
+    /// workers alone over `cluster_memory_max` (band and pid are 0 then).
+    #[zbus(signal)]
+    pub async fn policy_held_back(
+        emitter: &SignalEmitter<'_>,
+        app: &str,
+        generation: u64,
+        band: u32,
+        pid: u32,
+        reason: &str,
+    ) -> zbus::Result<()>;
+
     /// A worker exited: `reason` is `exited N`, `killed by signal S`, or `reaped (...)`.
     #[zbus(signal)]
     pub async fn worker_exited(
@@ -304,6 +316,9 @@ pub async fn forward_signals(
             }
             supervisor::BusSignal::WorkerReady { app, generation, band, pid } => {
                 Manager::worker_ready(&emitter, app, *generation, *band, *pid).await
+            }
+            supervisor::BusSignal::PolicyHeldBack { app, generation, band, pid, reason } => {
+                Manager::policy_held_back(&emitter, app, *generation, *band, *pid, reason).await
             }
         };
         if let Err(e) = r {

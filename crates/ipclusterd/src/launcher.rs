@@ -50,7 +50,13 @@ pub fn main(args: Vec<OsString>) -> i32 {
         let _ = rustix::stdio::dup2_stdout(&stream);
         let _ = rustix::stdio::dup2_stderr(&stream);
     }
-    let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    // sd_watchdog_enabled(3): the watchdog is meant for this very process.
+    if std::env::var_os("WATCHDOG_USEC").is_some() {
+        cmd.env("WATCHDOG_PID", std::process::id().to_string());
+    }
+    let err = cmd.exec();
     eprintln!("ipclusterd: cannot execute {:?}: {err}", argv[0]);
     127
 }

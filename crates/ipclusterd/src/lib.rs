@@ -17,6 +17,7 @@ pub mod logging;
 pub mod netfilter;
 pub mod notify;
 pub mod process;
+pub mod sampler;
 pub mod scopes;
 pub mod state;
 pub mod supervisor;
@@ -117,7 +118,9 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     };
     let (signals_tx, signals_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(dbus::forward_signals(connection.clone(), OBJECT_PATH, signals_rx));
+    let daemon_config = load_daemon_config(&options.config_dir);
     let deps = supervisor::Deps {
+        sample_interval: daemon_config.sample_interval,
         scopes,
         router: netfilter::Iptables,
         config_dir: options.config_dir.clone(),
@@ -135,6 +138,24 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     supervisor_task.abort();
     info!("stopped; workers and rules stay in place");
     Ok(())
+}
+
+/// The daemon's own file, `ipclusterd.toml` beside the apps directory; missing is the defaults,
+/// invalid is reported and the defaults are used.
+fn load_daemon_config(config_dir: &std::path::Path) -> ipcluster_core::config::DaemonConfig {
+    let path = config_dir.parent().unwrap_or(config_dir).join("ipclusterd.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => ipcluster_core::config::DaemonConfig::parse(&path.display().to_string(), &text)
+            .unwrap_or_else(|e| {
+                tracing::error!("{e}; using the defaults");
+                ipcluster_core::config::DaemonConfig::default()
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ipcluster_core::config::DaemonConfig::default(),
+        Err(e) => {
+            tracing::error!("cannot read {}: {e}; using the defaults", path.display());
+            ipcluster_core::config::DaemonConfig::default()
+        }
+    }
 }
 
 /// SIGUSR1 stops every retired worker (as the original project did); SIGHUP reloads the apps.

@@ -299,11 +299,16 @@ pub fn nice_of(pid: u32) -> Option<i32> {
 
 /// Resident memory (bytes) and CPU time (µs) of `pid`'s whole tree, from /proc.
 pub fn usage_of_tree(pid: u32) -> (u64, u64) {
+    usage_of_pids(&process_tree(pid))
+}
+
+/// Resident memory (bytes) and CPU time (µs) of `pids` together, from /proc.
+pub fn usage_of_pids(pids: &[u32]) -> (u64, u64) {
     let page = rustix::param::page_size() as u64;
     let ticks = 100u64; // USER_HZ is 100 on Linux for every architecture's /proc interface.
     let mut rss = 0;
     let mut cpu = 0;
-    for p in process_tree(pid) {
+    for &p in pids {
         if let Ok(statm) = fs::read_to_string(format!("/proc/{p}/statm")) {
             rss += statm.split_whitespace().nth(1).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) * page;
         }

@@ -46,6 +46,9 @@ pub trait Scopes: Send + Sync {
     fn processes(&self, unit: &str) -> impl Future<Output = Result<Vec<u32>, ScopeError>> + Send;
     /// Moves `pids` into the existing scope `unit` (a respawned worker joins its generation).
     fn attach(&self, unit: &str, pids: &[u32]) -> impl Future<Output = Result<(), ScopeError>> + Send;
+    /// Sets the scope's `CPUWeight=` (retired generations get a low one). Accepted, if not
+    /// enforced, where the cpu controller is not available.
+    fn set_cpu_weight(&self, unit: &str, weight: u64) -> impl Future<Output = Result<(), ScopeError>> + Send;
 }
 
 /// [`Scopes`] over systemd's D-Bus API.
@@ -144,6 +147,13 @@ impl Scopes for Systemd {
             .await
             .map_err(|source| ScopeError::Bus { what: format!("GetUnitProcesses {unit}"), source })?;
         Ok(procs.into_iter().map(|p| p.1).collect())
+    }
+
+    async fn set_cpu_weight(&self, unit: &str, weight: u64) -> Result<(), ScopeError> {
+        self.manager
+            .set_unit_properties(unit.to_owned(), true, vec![("CPUWeight".to_owned(), var(weight))])
+            .await
+            .map_err(|source| ScopeError::Bus { what: format!("SetUnitProperties {unit}"), source })
     }
 
     async fn attach(&self, unit: &str, pids: &[u32]) -> Result<(), ScopeError> {

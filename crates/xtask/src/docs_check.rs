@@ -10,7 +10,7 @@ fn read(path: &str) -> String {
 #[test]
 fn every_config_key_is_in_the_config_reference() {
     let doc = read("docs/config.md");
-    for key in ipcluster_core::config::KEYS {
+    for key in ipcluster_core::config::KEYS.iter().chain(ipcluster_core::config::DAEMON_KEYS.iter()) {
         assert!(doc.contains(&format!("| `{key}` |")), "docs/config.md lacks a row for `{key}`");
     }
 }

@@ -20,6 +20,7 @@
 //! [`RECONCILE_EVERY`] (another tool may have flushed them).
 
 mod adopt;
+mod health;
 mod respawn;
 
 use std::{
@@ -117,9 +118,33 @@ pub struct GenerationInfo {
 /// Signals for the bus, emitted by the D-Bus adapter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BusSignal {
-    GenerationStateChanged { app: String, generation: u64, state: GenState },
-    WorkerExited { app: String, generation: u64, band: u32, pid: u32, reason: String },
-    WorkerReady { app: String, generation: u64, band: u32, pid: u32 },
+    GenerationStateChanged {
+        app: String,
+        generation: u64,
+        state: GenState,
+    },
+    WorkerExited {
+        app: String,
+        generation: u64,
+        band: u32,
+        pid: u32,
+        reason: String,
+    },
+    WorkerReady {
+        app: String,
+        generation: u64,
+        band: u32,
+        pid: u32,
+    },
+    /// A memory or health retirement was held back by retire_rate, or live workers alone are
+    /// over cluster_memory_max.
+    PolicyHeldBack {
+        app: String,
+        generation: u64,
+        band: u32,
+        pid: u32,
+        reason: String,
+    },
 }
 
 /// Something that happened, reported by a helper task.
@@ -157,6 +182,17 @@ pub enum Event {
     /// A respawned worker did not become ready in time.
     RespawnTimeout {
         id: u64,
+    },
+    /// A sampling round finished.
+    Samples(Vec<(u64, crate::sampler::Sample)>),
+    /// Time to stop the next worker in an app's reap queue.
+    ReapNext {
+        app: AppName,
+    },
+    /// Time to release the next launcher of a generation (spawn_interval).
+    ReleaseNext {
+        app: AppName,
+        generation: u64,
     },
 }
 
@@ -201,6 +237,8 @@ pub struct Deps<S, R> {
     /// The workers' notify socket, if it could be bound.
     pub notify: Option<notify::Receiver>,
     pub signals: mpsc::UnboundedSender<BusSignal>,
+    /// How often workers are sampled and the memory and watchdog policies run.
+    pub sample_interval: Duration,
 }
 
 #[derive(Debug)]
@@ -215,6 +253,18 @@ struct Worker {
     pidfd: Arc<OwnedFd>,
     ready: bool,
     probe: Option<tokio::task::AbortHandle>,
+    /// Last sample (RSS bytes, CPU µs, established connections).
+    sample: crate::sampler::Sample,
+    /// Last WATCHDOG=1 (or readiness), for `watchdog`.
+    last_ping: std::time::Instant,
+    /// Why the daemon stopped (or retired) it: memory, watchdog, reaped, cluster memory.
+    stop_reason: Option<&'static str>,
+    /// For a replacement spawned while this band's worker still serves: the worker it replaces.
+    replaces: Option<u64>,
+    /// Waiting in the app's reap queue (reap_interval).
+    reap_queued: bool,
+    /// When it was retired on its own (a memory or health replacement), not with its generation.
+    retired_at: Option<SystemTime>,
 }
 
 #[derive(Debug)]
@@ -230,6 +280,9 @@ struct Generation {
     failure: Option<String>,
 }
 
+/// A launcher held at its gate until its turn (spawn_interval): band, ports, launcher, generation.
+type HeldLauncher = (u32, Vec<(SocketAddrV4, u16)>, process::Gated, u64);
+
 #[derive(Debug, Default)]
 struct App {
     /// The app file as last read: `None` when the file is gone.
@@ -237,6 +290,15 @@ struct App {
     generations: BTreeMap<u64, Generation>,
     /// Stopped by StopApp: no rules, no autostart, until the next Deploy (persisted).
     stopped: bool,
+    /// Memory and health retirements (retire_rate).
+    retire_limit: Option<ipcluster_core::policy::RateLimiter>,
+    /// Retired workers waiting to be stopped, one every reap_interval.
+    reap_queue: std::collections::VecDeque<u64>,
+    reaping: bool,
+    /// Live workers alone were over cluster_memory_max at the last sample (reported once).
+    live_over_budget: bool,
+    /// Launchers of a generation released one every spawn_interval.
+    pending_release: Vec<HeldLauncher>,
 }
 
 impl App {
@@ -251,6 +313,8 @@ impl App {
 
 /// Finished generations kept for ListGenerations, per app.
 const HISTORY: usize = 16;
+/// `CPUWeight=` of retired generations' scopes (the default is 100).
+pub const RETIRED_CPU_WEIGHT: u64 = 10;
 /// How often the rules are compared with the live workers (and repaired).
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
@@ -273,6 +337,8 @@ pub struct Supervisor<S, R> {
     backoff: BTreeMap<(AppName, u32), Backoff>,
     /// Whether the workers' notify socket is bound.
     notify_bound: bool,
+    /// Monotonic origin of the policies' clock.
+    clock: std::time::Instant,
 }
 
 fn usec(t: SystemTime) -> u64 {
@@ -304,6 +370,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             base_nice: process::own_nice(),
             backoff: BTreeMap::new(),
             notify_bound: false,
+            clock: std::time::Instant::now(),
         }
     }
 
@@ -343,13 +410,25 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         let mut tick = tokio::time::interval(watchdog);
         let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sample = tokio::time::interval(self.deps.sample_interval);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sampling = false;
         loop {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => self.command(cmd).await,
                     None => break,
                 },
-                Some(ev) = self.events.recv() => self.event(ev).await,
+                Some(ev) = self.events.recv() => {
+                    if matches!(ev, Event::Samples(_)) {
+                        sampling = false;
+                    }
+                    self.event(ev).await;
+                }
+                _ = sample.tick(), if !sampling => {
+                    sampling = true;
+                    self.start_sampling();
+                }
                 _ = tick.tick() => crate::notify_systemd(&[sd_notify::NotifyState::Watchdog]),
                 _ = reconcile.tick() => self.reconcile().await,
             }
@@ -689,21 +768,31 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         });
         info!(app = %name, generation = g, "{name}: deploying generation {g} ({} workers) in {scope}", config.workers);
 
+        // Release the launchers: all at once, or one every spawn_interval.
+        let mut gated = gated.into_iter();
+        let paced = !config.spawn_interval.is_zero();
         let mut release_error = None;
-        for (band, my_ports, p) in gated {
-            let pid = p.pid;
-            match p.release() {
-                Ok(pidfd) => {
-                    let id = self.add_worker(&name, g, band, pid, my_ports, pidfd, now);
-                    if config.ready == Ready::Tcp {
-                        self.start_probe(id);
-                    }
-                }
-                Err(e) => release_error = Some(format!("band {band}: cannot start: {e}")),
+        for (band, my_ports, p) in gated.by_ref() {
+            if let Err(e) = self.release_worker(&name, g, band, my_ports, p, config.ready == Ready::Tcp) {
+                release_error = Some(e);
+            }
+            if paced {
+                break;
             }
         }
+        let rest: Vec<_> = gated.map(|(band, ports, p)| (band, ports, p, g)).collect();
+        if !rest.is_empty() {
+            self.apps.get_mut(&name).expect("checked above").pending_release.extend(rest);
+            let tx = self.events_tx.clone();
+            let (app2, interval) = (name.clone(), config.spawn_interval);
+            tokio::spawn(async move {
+                tokio::time::sleep(interval).await;
+                let _ = tx.send(Event::ReleaseNext { app: app2, generation: g });
+            });
+        }
         let tx = self.events_tx.clone();
-        let timeout = config.ready_timeout;
+        // Every band gets ready_timeout from its own start.
+        let timeout = config.ready_timeout + config.spawn_interval * config.workers.saturating_sub(1);
         let app2 = name.clone();
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
@@ -713,6 +802,25 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             self.fail(&name, g, reason);
         }
         Ok((name, g))
+    }
+
+    /// Lets a held launcher run and starts watching it (and probing it, for `ready = "tcp"`).
+    fn release_worker(
+        &mut self,
+        app: &AppName,
+        g: u64,
+        band: u32,
+        ports: Vec<(SocketAddrV4, u16)>,
+        gated: process::Gated,
+        probe: bool,
+    ) -> Result<u64, String> {
+        let pid = gated.pid;
+        let pidfd = gated.release().map_err(|e| format!("band {band}: cannot start: {e}"))?;
+        let id = self.add_worker(app, g, band, pid, ports, pidfd, SystemTime::now());
+        if probe {
+            self.start_probe(id);
+        }
+        Ok(id)
     }
 
     /// Who workers run as and where they notify: resolved once per generation.
@@ -796,6 +904,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 pidfd,
                 ready: false,
                 probe: None,
+                sample: crate::sampler::Sample::default(),
+                last_ping: std::time::Instant::now(),
+                stop_reason: None,
+                replaces: None,
+                reap_queued: false,
+                retired_at: None,
             },
         );
         id
@@ -915,11 +1029,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         let ids: Vec<u64> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.state == WorkerState::Retired && apps.contains(&w.app))
+            .filter(|(_, w)| w.state == WorkerState::Retired && !w.reap_queued && apps.contains(&w.app))
             .map(|(id, _)| *id)
             .collect();
         for id in &ids {
-            self.stop_worker(*id);
+            self.queue_reap(*id, "reaped");
         }
         if !ids.is_empty() {
             info!(
@@ -933,8 +1047,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
     }
 
     /// Sends the worker its stop signal, and SIGKILL after `stop_timeout` if it is still there.
-    fn stop_worker(&mut self, id: u64) {
+    fn stop_worker(&mut self, id: u64, reason: &'static str) {
         let Some(w) = self.workers.get_mut(&id) else { return };
+        if w.state == WorkerState::Stopping {
+            return;
+        }
+        w.stop_reason = w.stop_reason.or(Some(reason));
         let Some(config) =
             self.apps.get(&w.app).and_then(|a| a.generations.get(&w.generation)).map(|g| g.config.clone())
         else {
@@ -959,7 +1077,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             .values()
             .filter(|w| apps.contains(&w.app))
             .map(|w| {
-                let (rss, cpu_usec) = process::usage_of_tree(w.pid);
+                // The last sample; a worker younger than one round is read now.
+                let (rss, cpu_usec) = if w.sample.rss > 0 {
+                    (w.sample.rss, w.sample.cpu_usec)
+                } else {
+                    process::usage_of_tree(w.pid)
+                };
                 WorkerInfo {
                     app: w.app.to_string(),
                     generation: w.generation,
@@ -1002,6 +1125,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         match ev {
             Event::Ready { id } => self.worker_ready(id).await,
             Event::Notify { pid, message } => {
+                if message.watchdog || message.ready {
+                    let now = std::time::Instant::now();
+                    for w in self.workers.values_mut().filter(|w| w.pid == pid) {
+                        w.last_ping = now;
+                    }
+                }
                 if message.ready {
                     let id = self.workers.iter().find(|(_, w)| w.pid == pid).map(|(id, _)| *id);
                     let id = id.or_else(|| {
@@ -1046,6 +1175,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 }
             }
             Event::Respawn { app, generation, band } => self.respawn(app, generation, band).await,
+            Event::Samples(samples) => self.apply_samples(samples).await,
+            Event::ReapNext { app } => self.reap_next(&app),
+            Event::ReleaseNext { app, generation } => self.release_next(&app, generation),
             Event::RespawnTimeout { id } => {
                 if let Some(w) =
                     self.workers.get(&id).filter(|w| w.state == WorkerState::Starting && !w.ready)
@@ -1085,6 +1217,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             return;
         }
         w.ready = true;
+        w.last_ping = std::time::Instant::now();
         let (app, g) = (w.app.clone(), w.generation);
         let ready = BusSignal::WorkerReady { app: app.to_string(), generation: g, band: w.band, pid: w.pid };
         self.signal(ready);
@@ -1174,6 +1307,15 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         }
         let empty = !self.workers.values().any(|w| &w.app == app && w.generation == g);
         self.set_gen_state(app, g, GenState::Retired);
+        // Retired generations yield the CPU to the live one.
+        if let Some(scope) = self.apps.get(app).and_then(|a| a.generations.get(&g)).map(|x| x.scope.clone()) {
+            let scopes = self.deps.scopes.clone();
+            tokio::spawn(async move {
+                if let Err(e) = scopes.set_cpu_weight(&scope, RETIRED_CPU_WEIGHT).await {
+                    warn!("cannot lower the CPU weight of {scope}: {e}");
+                }
+            });
+        }
         if empty {
             self.set_gen_state(app, g, GenState::Stopped);
         }
@@ -1209,8 +1351,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         if let Some(p) = &w.probe {
             p.abort();
         }
-        let reason =
-            if w.state == WorkerState::Stopping { format!("reaped ({exit})") } else { exit.to_string() };
+        let reason = match (w.stop_reason, w.state) {
+            (Some(why), _) => format!("{why} ({exit})"),
+            (None, WorkerState::Stopping) => format!("reaped ({exit})"),
+            (None, _) => exit.to_string(),
+        };
         info!(app = %w.app, generation = w.generation, band = w.band, pid = w.pid, "{}: generation {} band {} pid {} ({}): {reason}", w.app, w.generation, w.band, w.pid, w.state);
         self.signal(BusSignal::WorkerExited {
             app: w.app.to_string(),
