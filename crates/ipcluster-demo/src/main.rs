@@ -7,7 +7,9 @@
 //! It listens on `0.0.0.0:<port>` for every worker port in `IPCLUSTER_PORTS` (else `$PORT`),
 //! sends `READY=1` when `NOTIFY_SOCKET` is set, and keeps connections alive. Flags make it
 //! misbehave on purpose, for tests: `--exit-at-start CODE`, `--never-ready`, `--ignore-sigterm`,
-//! `--delay-ready MS`; `--log-requests` prints a line per request (to the journal).
+//! `--delay-ready MS`, `--exit-after MS` (exit 1 that long after becoming ready),
+//! `--stop-watchdog-after MS`; `--log-requests` prints a line per request (to the journal).
+//! `GET /alloc/N` makes the worker allocate (and touch) N more MiB, for memory tests.
 
 use std::{
     env,
@@ -25,6 +27,8 @@ struct Flags {
     ignore_sigterm: bool,
     delay_ready_ms: u64,
     log_requests: bool,
+    exit_after_ms: Option<u64>,
+    stop_watchdog_after_ms: Option<u64>,
 }
 
 fn parse_flags() -> Result<Flags, String> {
@@ -39,6 +43,13 @@ fn parse_flags() -> Result<Flags, String> {
             "--never-ready" => f.never_ready = true,
             "--ignore-sigterm" => f.ignore_sigterm = true,
             "--log-requests" => f.log_requests = true,
+            "--exit-after" => {
+                f.exit_after_ms = Some(value("--exit-after")?.parse().map_err(|e| format!("{e}"))?)
+            }
+            "--stop-watchdog-after" => {
+                f.stop_watchdog_after_ms =
+                    Some(value("--stop-watchdog-after")?.parse().map_err(|e| format!("{e}"))?)
+            }
             "--delay-ready" => {
                 f.delay_ready_ms = value("--delay-ready")?.parse().map_err(|e| format!("{e}"))?
             }
@@ -104,11 +115,21 @@ fn main() -> ExitCode {
     println!("ipcluster-demo {identity} listening on {ports:?}");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(interval) = sd_notify::watchdog_enabled() {
+        let stop_after = flags.stop_watchdog_after_ms.map(Duration::from_millis);
         thread::spawn(move || {
-            loop {
+            let start = std::time::Instant::now();
+            while stop_after.is_none_or(|s| start.elapsed() < s) {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 thread::sleep(interval / 3);
             }
+            println!("ipcluster-demo: no more WATCHDOG=1 (as asked)");
+        });
+    }
+    if let Some(ms) = flags.exit_after_ms {
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(ms));
+            eprintln!("ipcluster-demo: exiting with 1 as asked (--exit-after)");
+            std::process::exit(1);
         });
     }
     let mut handles = Vec::new();
@@ -144,6 +165,15 @@ fn serve(stream: TcpStream, identity: &str, log: bool) {
             Ok(_) => {}
         }
         let mut close = line.starts_with("GET") && line.contains("HTTP/1.0");
+        if let Some(mb) = line
+            .strip_prefix("GET /alloc/")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            // Touch every page so it counts in RSS; keep it for the process's life.
+            let block = vec![1u8; mb.min(4096) << 20];
+            Box::leak(block.into_boxed_slice());
+        }
         let mut content_length = 0usize;
         // Headers.
         loop {

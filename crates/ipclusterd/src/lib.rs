@@ -16,6 +16,7 @@ pub mod launcher;
 pub mod logging;
 pub mod netfilter;
 pub mod notify;
+pub mod orphan;
 pub mod process;
 pub mod sampler;
 pub mod scopes;

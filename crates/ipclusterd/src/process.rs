@@ -333,3 +333,60 @@ pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
         Err(e) => Err(format!("cannot look up user {name:?}: {e}")),
     }
 }
+
+/// Inode → local port of every listening TCP socket (IPv4 and IPv6) in this network namespace.
+fn listening_inodes() -> std::collections::HashMap<u64, u16> {
+    let mut map = std::collections::HashMap::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = fs::read_to_string(file) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (field 9); state 0A = LISTEN.
+            if f.get(3) != Some(&"0A") {
+                continue;
+            }
+            let port =
+                f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            if let (Some(port), Some(inode)) = (port, f.get(9).and_then(|i| i.parse().ok())) {
+                map.insert(inode, port);
+            }
+        }
+    }
+    map
+}
+
+/// Duplicates into this process the listening sockets of `pid`'s tree on `ports` (pidfd_getfd,
+/// Linux 5.6). Held by the daemon, a listening socket outlives a crashed worker: connections
+/// that arrive before the rules move its band queue there instead of being refused.
+pub fn grab_listeners(pid: u32, ports: &[u16]) -> Vec<(u16, OwnedFd)> {
+    let listening = listening_inodes();
+    let mut out: Vec<(u16, OwnedFd)> = Vec::new();
+    for p in process_tree(pid) {
+        let Ok(fds) = fs::read_dir(format!("/proc/{p}/fd")) else { continue };
+        let Ok(pidfd) = adopt(p) else { continue };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else { continue };
+            let t = target.to_string_lossy();
+            let Some(inode) = t
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|i| i.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Some(port) = listening.get(&inode).copied().filter(|port| ports.contains(port)) else {
+                continue;
+            };
+            if out.iter().any(|(p, _)| *p == port) {
+                continue;
+            }
+            let Some(num) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            if let Ok(dup) =
+                rustix::process::pidfd_getfd(&pidfd, num, rustix::process::PidfdGetfdFlags::empty())
+            {
+                out.push((port, dup));
+            }
+        }
+    }
+    out
+}

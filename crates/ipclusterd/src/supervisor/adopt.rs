@@ -269,6 +269,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             if let Some(worker) = self.workers.get_mut(&id) {
                 worker.state = wstate;
                 worker.ready = true;
+                let ports: Vec<u16> = worker.ports.iter().map(|p| p.1).collect();
+                worker.listeners = process::grab_listeners(worker.pid, &ports);
             }
             // The rules went live with a newer generation but this one was not retired yet.
             if state == GenState::Retired && was_live {

@@ -265,6 +265,8 @@ struct Worker {
     reap_queued: bool,
     /// When it was retired on its own (a memory or health replacement), not with its generation.
     retired_at: Option<SystemTime>,
+    /// Duplicates of its listening sockets, taken when it became ready (see orphan.rs).
+    listeners: Vec<(u16, OwnedFd)>,
 }
 
 #[derive(Debug)]
@@ -910,6 +912,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 replaces: None,
                 reap_queued: false,
                 retired_at: None,
+                listeners: Vec::new(),
             },
         );
         id
@@ -1218,6 +1221,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         }
         w.ready = true;
         w.last_ping = std::time::Instant::now();
+        let ports: Vec<u16> = w.ports.iter().map(|p| p.1).collect();
+        w.listeners = process::grab_listeners(w.pid, &ports);
         let (app, g) = (w.app.clone(), w.generation);
         let ready = BusSignal::WorkerReady { app: app.to_string(), generation: g, band: w.band, pid: w.pid };
         self.signal(ready);
@@ -1385,6 +1390,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                     warn!(app = %w.app, generation = w.generation, band = w.band, "{}: live worker of band {} gone; the band falls back to a neighbour", w.app, w.band);
                     self.reconcile().await;
                 }
+                self.drain_orphans(&w);
                 let up_for = if w.state == WorkerState::Live {
                     SystemTime::now().duration_since(w.started).unwrap_or_default()
                 } else {
@@ -1396,6 +1402,28 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 self.set_gen_state(&w.app, w.generation, GenState::Stopped);
             }
             _ => {}
+        }
+    }
+
+    /// Hands a crashed live worker's listening sockets to [`crate::orphan::drain`], relaying to
+    /// the worker the rules now send its band to.
+    fn drain_orphans(&self, w: &Worker) {
+        if w.listeners.is_empty() {
+            return;
+        }
+        let routes = self.routes(None);
+        let Some(route) = routes.iter().find(|r| r.app == w.app) else { return };
+        let Some(ports) = route.bands.get(w.band as usize) else { return };
+        for (port, fd) in &w.listeners {
+            let Some(i) = w.ports.iter().position(|p| p.1 == *port) else { continue };
+            let Some(target) = ports.get(i) else { continue };
+            let Ok(dup) = fd.try_clone() else { continue };
+            crate::orphan::drain(
+                w.app.to_string(),
+                *port,
+                dup,
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, *target),
+            );
         }
     }
 

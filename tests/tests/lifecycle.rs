@@ -1,0 +1,295 @@
+//! Worker lifecycle: memory limits, crash respawn, watchdog, paced reaping — what keeps a
+//! cluster healthy for weeks without an operator.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use ipcluster_e2e::{
+    Sandbox,
+    bus::{Bus, opt},
+    client::{self, Load},
+    text, wait_for,
+};
+
+const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
+
+fn app(extra: &str) -> String {
+    format!(
+        "command = [\"/usr/local/bin/ipcluster-demo\"]\nworkers = 4\nlisten = [\"0.0.0.0:80\"]\nautostart = false\nstop_timeout = \"2s\"\nready_timeout = \"5s\"\n{extra}"
+    )
+}
+
+/// A cluster sampling every 200 ms.
+fn fast_cluster(web: &str) -> (Sandbox, Bus) {
+    let sb = ipcluster_e2e::installed_sandbox();
+    sb.write_file("/etc/ipcluster/ipclusterd.toml", "sample_interval = \"200ms\"\n", 0o644).unwrap();
+    sb.write_file("/etc/ipcluster/apps/web.toml", web, 0o644).unwrap();
+    sb.check(["systemctl", "start", "ipclusterd"]).unwrap();
+    let bus = Bus::connect(&sb);
+    (sb, bus)
+}
+
+/// Makes the worker behind `port` allocate `mb` MiB (straight to its port: no NAT).
+fn alloc(sb: &Sandbox, port: u16, mb: u32) {
+    let r = sb
+        .in_netns(move || {
+            let mut s = client::connect(Ipv4Addr::LOCALHOST, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))?;
+            std::io::Write::write_all(
+                &mut s,
+                format!("GET /alloc/{mb} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+            )
+            .map_err(|e| client::Failure::Other(e.to_string()))?;
+            let mut buf = [0u8; 512];
+            std::io::Read::read(&mut s, &mut buf).map_err(|e| client::Failure::Other(e.to_string()))?;
+            Ok::<_, client::Failure>(())
+        })
+        .unwrap();
+    r.unwrap();
+}
+
+fn journal(sb: &Sandbox) -> String {
+    sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap()
+}
+
+fn no_failed_units(sb: &Sandbox) {
+    let failed = sb.check(["systemctl", "list-units", "--failed", "--no-legend", "--plain"]).unwrap();
+    assert!(failed.trim().is_empty(), "failed units left: {failed}");
+}
+
+#[test]
+fn a_worker_over_worker_memory_max_is_replaced_without_a_failed_request() {
+    let (sb, bus) = fast_cluster(&app("worker_memory_max = \"40M\"\n"));
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    let old = bus.list_workers("web").into_iter().find(|w| w.2 == 2).unwrap();
+    let load = Load::start(&sb, vec![Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 6)], PUBLIC);
+    std::thread::sleep(Duration::from_millis(300));
+    alloc(&sb, old.5[0].1, 64);
+    let new = wait_for("band 2 to be replaced", Duration::from_secs(5), || {
+        bus.list_workers("web").into_iter().find(|w| w.2 == 2 && w.4 == "live" && w.3 != old.3)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let outcomes = load.finish();
+    assert!(outcomes.iter().all(|(_, r)| r.is_ok()), "{:?}", outcomes.iter().find(|(_, r)| r.is_err()));
+    let pids: Vec<u32> = outcomes.iter().map(|(_, r)| r.as_ref().unwrap().pid).collect();
+    assert_eq!(pids.first(), Some(&old.3), "served by the old worker first");
+    assert_eq!(pids.last(), Some(&new.3), "then by its replacement");
+    assert_eq!(new.1, 1, "the replacement joins the same generation");
+    let rows = bus.list_workers("web");
+    let retired = rows.iter().find(|w| w.3 == old.3).expect("the old worker is still there, retired");
+    assert_eq!((retired.4.as_str(), retired.9), ("retired", 5));
+    assert!(journal(&sb).contains("over worker_memory_max 40 MiB; replacing it"), "{}", journal(&sb));
+    let procs = sb
+        .check([
+            "cat",
+            "/sys/fs/cgroup/ipcluster.slice/ipcluster-web.slice/ipcluster-web-1.scope/cgroup.procs",
+        ])
+        .unwrap();
+    assert!(
+        procs.split_whitespace().any(|p| p == new.3.to_string()),
+        "replacement in the generation's scope"
+    );
+    no_failed_units(&sb);
+}
+
+#[test]
+fn cluster_watermarks_stop_then_kill_retired_workers_most_killable_first() {
+    // 200 MiB: stop retired workers over 160 MiB, kill them over 190 MiB.
+    let (sb, bus) = fast_cluster(&app("cluster_memory_max = \"200M\"\n"));
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    assert_eq!(bus.deploy_plain("web"), Ok(2));
+    assert_eq!(bus.deploy_plain("web"), Ok(3));
+    let rows = bus.list_workers("web");
+    let live: BTreeSet<u32> = rows.iter().filter(|w| w.1 == 3).map(|w| w.3).collect();
+    let by = |g: u64, band: u32| rows.iter().find(|w| w.1 == g && w.2 == band).unwrap().clone();
+    let (r1, r2, r3) = (by(1, 0), by(1, 1), by(2, 0));
+    // r2 holds an open connection: less killable than the others at any size.
+    let port = r2.5[0].1;
+    let _held = sb
+        .in_netns(move || {
+            client::connect(Ipv4Addr::LOCALHOST, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).unwrap()
+        })
+        .unwrap();
+
+    // 80 %: ~20 MiB of workers + 70 + 70 = ~160+ MiB. r1 (no connection, largest) is stopped.
+    alloc(&sb, r2.5[0].1, 72);
+    alloc(&sb, r1.5[0].1, 75);
+    wait_for("the 80 % watermark to stop r1", Duration::from_secs(5), || {
+        (!bus.list_workers("web").iter().any(|w| w.3 == r1.3)).then_some(())
+    });
+    assert!(bus.list_workers("web").iter().any(|w| w.3 == r2.3), "r2 (one connection) survives");
+
+    // 95 %: r3 grows past the high watermark and is killed, again before r2.
+    alloc(&sb, r3.5[0].1, 130);
+    wait_for("the 95 % watermark to kill r3", Duration::from_secs(5), || {
+        (!bus.list_workers("web").iter().any(|w| w.3 == r3.3)).then_some(())
+    });
+    let rows = bus.list_workers("web");
+    assert!(rows.iter().any(|w| w.3 == r2.3), "r2 still survives");
+    assert_eq!(
+        rows.iter().filter(|w| w.1 == 3).map(|w| w.3).collect::<BTreeSet<_>>(),
+        live,
+        "live workers untouched"
+    );
+    let j = journal(&sb);
+    assert!(j.contains(&format!("pid {} (stopping): memory (killed by signal SIGTERM)", r1.3)), "{j}");
+    assert!(
+        j.contains(&format!("SIGKILL to retired pid {}", r3.3))
+            && j.contains("memory (killed by signal SIGKILL)"),
+        "{j}"
+    );
+    no_failed_units(&sb);
+}
+
+#[test]
+fn a_crash_looping_band_backs_off_and_the_daemon_stays_responsive() {
+    let (sb, bus) = fast_cluster(&app(""));
+    let looping = std::collections::HashMap::from([(
+        "command",
+        opt(vec!["/usr/local/bin/ipcluster-demo", "--exit-after", "200"]),
+    )]);
+    assert_eq!(bus.deploy("web", looping), Ok(1), "ready before it exits");
+    let pid =
+        sb.check(["systemctl", "show", "-p", "MainPID", "--value", "ipclusterd"]).unwrap().trim().to_owned();
+    let cpu = || {
+        let stat = sb.read_file(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<u64> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let (cpu0, t0) = (cpu(), Instant::now());
+    for _ in 0..20 {
+        assert!(
+            !bus.list_workers("web").is_empty() || bus.list_generations("web").len() == 1,
+            "ListWorkers answers"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let used = Duration::from_millis((cpu() - cpu0) * 10);
+    assert!(used < t0.elapsed() / 10, "the daemon used {used:?} of CPU in {:?}", t0.elapsed());
+    // Delays of band 0 grow: 100ms, 200ms, 400ms, 800ms, ...
+    let j = journal(&sb);
+    let delays: Vec<Duration> = j
+        .lines()
+        .filter_map(|l| l.strip_prefix("web: respawning band 0 in "))
+        .map(|d| {
+            if let Some(ms) = d.strip_suffix("ms") {
+                Duration::from_millis(ms.parse().unwrap())
+            } else {
+                Duration::from_secs_f64(d.trim_end_matches('s').parse().unwrap())
+            }
+        })
+        .collect();
+    assert!(delays.len() >= 4, "{delays:?}\n{j}");
+    assert!(delays.windows(2).all(|w| w[1] == w[0] * 2), "delays double: {delays:?}");
+    // A deploy still works, and ends the loop.
+    assert_eq!(bus.deploy_plain("web"), Ok(2));
+    assert_eq!(bus.list_workers("web").iter().filter(|w| w.1 == 2 && w.4 == "live").count(), 4);
+    no_failed_units(&sb);
+}
+
+#[test]
+fn a_worker_that_stops_sending_watchdog_is_replaced() {
+    let web = app("ready = \"notify\"\nwatchdog = \"1s\"\n").replace(
+        "[\"/usr/local/bin/ipcluster-demo\"]",
+        "[\"/usr/local/bin/ipcluster-demo\", \"--stop-watchdog-after\", \"1500\"]",
+    );
+    let (sb, bus) = fast_cluster(&web);
+    let env_ok = {
+        assert_eq!(bus.deploy_plain("web"), Ok(1));
+        let w = bus.list_workers("web").into_iter().next().unwrap();
+        let env = ipcluster_e2e::environ(&sb, w.3);
+        env.contains(&"WATCHDOG_USEC=1000000".to_owned()) && env.contains(&format!("WATCHDOG_PID={}", w.3))
+    };
+    let start = Instant::now();
+    assert!(env_ok, "WATCHDOG_USEC and WATCHDOG_PID are set");
+    let old = bus.list_workers("web").into_iter().find(|w| w.2 == 0).unwrap();
+    wait_for("band 0 to be replaced", Duration::from_millis(1500 + 1000 + 2000), || {
+        bus.list_workers("web").into_iter().find(|w| w.2 == 0 && w.4 == "live" && w.3 != old.3)
+    });
+    assert!(start.elapsed() > Duration::from_millis(2000), "not before the watchdog expired");
+    assert!(
+        journal(&sb).contains("is hung (no WATCHDOG=1 for more than 1s); replacing it"),
+        "{}",
+        journal(&sb)
+    );
+    // The hung worker, now retired and still silent, is stopped.
+    wait_for("the hung retired worker to be stopped", Duration::from_secs(5), || {
+        journal(&sb).contains(&format!("pid {} (stopping): watchdog", old.3)).then_some(())
+    });
+    no_failed_units(&sb);
+}
+
+#[test]
+fn retire_timeout_and_reap_interval_show_in_the_timestamps() {
+    let (sb, bus) = fast_cluster(&app("retire_timeout = \"2s\"\nreap_interval = \"500ms\"\n"));
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    assert_eq!(bus.deploy_plain("web"), Ok(2));
+    let retired_at = Instant::now();
+    wait_for("generation 1 to be reaped", Duration::from_secs(6), || {
+        bus.list_workers("web").iter().all(|w| w.1 == 2).then_some(())
+    });
+    assert!(
+        retired_at.elapsed() >= Duration::from_millis(2000 + 3 * 500 - 300),
+        "reaped too early: {:?}",
+        retired_at.elapsed()
+    );
+    let j = sb.check(["journalctl", "-u", "ipclusterd", "-o", "short-monotonic", "--no-pager"]).unwrap();
+    let at =
+        |l: &str| -> f64 { l.trim_start_matches('[').split(']').next().unwrap().trim().parse().unwrap() };
+    let retired = j.lines().find(|l| l.contains("generation 1 is retired")).map(at).unwrap();
+    let reaped: Vec<f64> =
+        j.lines().filter(|l| l.contains("web: generation 1 band") && l.contains("reaped")).map(at).collect();
+    assert_eq!(reaped.len(), 4, "{j}");
+    assert!(reaped[0] - retired >= 1.9, "first reaped {:.2}s after retirement", reaped[0] - retired);
+    for w in reaped.windows(2) {
+        assert!(w[1] - w[0] >= 0.4, "reaped {:.2}s apart (reap_interval 500ms): {reaped:?}", w[1] - w[0]);
+    }
+    no_failed_units(&sb);
+    let _ = text;
+}
+
+#[test]
+fn killing_a_live_worker_under_load_refuses_no_connection() {
+    let (sb, bus) = fast_cluster(&app(""));
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    // Continuous load from every band (sources .1 to .8: two per band), from three clients.
+    let loads: Vec<Load> = (0..3).map(|_| Load::start(&sb, client::loopback_sources(8), PUBLIC)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let victim = bus.list_workers("web").into_iter().find(|w| w.2 == 1).unwrap();
+    sb.check(["kill", "-9", &victim.3.to_string()]).unwrap();
+    let replacement = wait_for("band 1's replacement", Duration::from_secs(5), || {
+        bus.list_workers("web").into_iter().find(|w| w.2 == 1 && w.4 == "live" && w.3 != victim.3)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let outcomes: Vec<_> = loads.into_iter().flat_map(Load::finish).collect();
+    // No connection is refused (or left hanging). The only failures allowed are requests that
+    // were in flight on the killed worker's own connections (at most one per client).
+    let refused: Vec<_> =
+        outcomes.iter().filter(|(_, r)| !matches!(r, Ok(_) | Err(client::Failure::Reset))).collect();
+    assert!(refused.is_empty(), "{} of {} refused or timed out: {refused:?}", refused.len(), outcomes.len());
+    let resets = outcomes.iter().filter(|(_, r)| r.is_err()).count();
+    assert!(resets <= 3, "{resets} resets: more than the requests in flight on the killed worker");
+    let outcomes: Vec<_> = outcomes.into_iter().filter(|(_, r)| r.is_ok()).collect();
+    // Band 1 (sources .1 and .5): its worker, then a neighbour, then its replacement.
+    let band1: Vec<u32> = outcomes
+        .iter()
+        .filter(|(s, _)| u32::from(*s) & 3 == 1)
+        .map(|(_, r)| r.as_ref().unwrap().pid)
+        .collect();
+    assert!(band1.contains(&victim.3) && band1.contains(&replacement.3));
+    assert!(
+        band1.iter().any(|p| *p != victim.3 && *p != replacement.3),
+        "a neighbour served band 1 meanwhile"
+    );
+    no_failed_units(&sb);
+}
