@@ -334,59 +334,74 @@ pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
     }
 }
 
-/// Inode → local port of every listening TCP socket (IPv4 and IPv6) in this network namespace.
-fn listening_inodes() -> std::collections::HashMap<u64, u16> {
-    let mut map = std::collections::HashMap::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = fs::read_to_string(file) else { continue };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local_address rem_address st ... inode (field 9); state 0A = LISTEN.
-            if f.get(3) != Some(&"0A") {
-                continue;
-            }
-            let port =
-                f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
-            if let (Some(port), Some(inode)) = (port, f.get(9).and_then(|i| i.parse().ok())) {
-                map.insert(inode, port);
-            }
-        }
-    }
-    map
-}
-
 /// Duplicates into this process the listening sockets of `pid`'s tree on `ports` (pidfd_getfd,
 /// Linux 5.6). Held by the daemon, a listening socket outlives a crashed worker: connections
 /// that arrive before the rules move its band queue there instead of being refused.
 pub fn grab_listeners(pid: u32, ports: &[u16]) -> Vec<(u16, OwnedFd)> {
-    let listening = listening_inodes();
+    // Each socket is duplicated and asked directly (SO_ACCEPTCONN, getsockname): cheaper than
+    // /proc/net/tcp, which walks the kernel's whole TCP hash table.
     let mut out: Vec<(u16, OwnedFd)> = Vec::new();
     for p in process_tree(pid) {
         let Ok(fds) = fs::read_dir(format!("/proc/{p}/fd")) else { continue };
         let Ok(pidfd) = adopt(p) else { continue };
         for fd in fds.flatten() {
-            let Ok(target) = fs::read_link(fd.path()) else { continue };
-            let t = target.to_string_lossy();
-            let Some(inode) = t
-                .strip_prefix("socket:[")
-                .and_then(|r| r.strip_suffix(']'))
-                .and_then(|i| i.parse::<u64>().ok())
+            let is_socket =
+                fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:["));
+            let Some(num) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            if !is_socket {
+                continue;
+            }
+            let Ok(dup) =
+                rustix::process::pidfd_getfd(&pidfd, num, rustix::process::PidfdGetfdFlags::empty())
             else {
                 continue;
             };
-            let Some(port) = listening.get(&inode).copied().filter(|port| ports.contains(port)) else {
-                continue;
-            };
-            if out.iter().any(|(p, _)| *p == port) {
-                continue;
-            }
-            let Some(num) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-            if let Ok(dup) =
-                rustix::process::pidfd_getfd(&pidfd, num, rustix::process::PidfdGetfdFlags::empty())
-            {
-                out.push((port, dup));
+            let listening = rustix::net::sockopt::socket_acceptconn(&dup).unwrap_or(false);
+            let port = rustix::net::getsockname(&dup).ok().and_then(|a| {
+                use rustix::net::SocketAddrAny;
+                let a: SocketAddrAny = a;
+                std::net::SocketAddr::try_from(a).ok().map(|a| a.port())
+            });
+            match port {
+                Some(port) if listening && ports.contains(&port) && !out.iter().any(|(p, _)| *p == port) => {
+                    out.push((port, dup));
+                }
+                _ => drop(dup),
             }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grabs_only_listening_sockets_on_the_given_ports() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(other.local_addr().unwrap()).unwrap();
+        let grabbed = grab_listeners(std::process::id(), &[port]);
+        assert_eq!(grabbed.len(), 1, "{grabbed:?}");
+        assert_eq!(grabbed[0].0, port);
+        // The duplicate is the same listening socket: it accepts what was queued for the original.
+        drop(listener);
+        let _c =
+            std::net::TcpStream::connect(("127.0.0.1", port)).expect("still listening through the duplicate");
+        let dup = std::net::TcpListener::from(grabbed.into_iter().next().unwrap().1);
+        assert!(dup.accept().is_ok());
+    }
+
+    #[test]
+    fn start_time_and_environ_of_this_process() {
+        let me = std::process::id();
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+        let started = start_time_usec(me).unwrap();
+        assert!(started <= now + 20_000 && now - started < 3_600_000_000, "{started} vs {now}");
+        assert!(environ(me).unwrap().iter().any(|(k, _)| k == "PATH"));
+        assert_eq!(parent(me), Some(std::os::unix::process::parent_id()));
+    }
 }

@@ -2,6 +2,10 @@
 //!
 //! Runs on a blocking thread (it reads many small files); the supervisor gets the results as one
 //! event per round. A worker that exits mid-sample simply reads as what was left.
+//!
+//! Connections are counted only when a policy needs them ([`connections`]): /proc/net/tcp walks
+//! the kernel's whole TCP hash table, which costs milliseconds per read on a large host, far too
+//! much to do every second for nothing.
 
 use std::{collections::HashSet, fs};
 
@@ -12,8 +16,6 @@ use crate::process;
 pub struct Sample {
     pub rss: u64,
     pub cpu_usec: u64,
-    /// Established TCP connections held by the tree.
-    pub connections: u32,
 }
 
 /// Inodes of established TCP sockets (IPv4 and IPv6) on this host (network namespace).
@@ -53,16 +55,23 @@ fn connections_of(pids: &[u32], established: &HashSet<u64>) -> u32 {
     n
 }
 
-/// Samples every `(id, pid)`.
+/// Samples RSS and CPU time of every `(id, pid)`.
 pub fn sample(workers: &[(u64, u32)]) -> Vec<(u64, Sample)> {
-    let established = established_inodes();
     workers
         .iter()
         .map(|(id, pid)| {
-            let tree = process::process_tree(*pid);
-            let (rss, cpu_usec) = process::usage_of_pids(&tree);
-            (*id, Sample { rss, cpu_usec, connections: connections_of(&tree, &established) })
+            let (rss, cpu_usec) = process::usage_of_tree(*pid);
+            (*id, Sample { rss, cpu_usec })
         })
+        .collect()
+}
+
+/// Established TCP connections held by each `(id, pid)`'s process tree.
+pub fn connections(workers: &[(u64, u32)]) -> Vec<(u64, u32)> {
+    let established = established_inodes();
+    workers
+        .iter()
+        .map(|(id, pid)| (*id, connections_of(&process::process_tree(*pid), &established)))
         .collect()
 }
 
@@ -79,7 +88,8 @@ mod tests {
         let s = sample(&[(1, me)]);
         assert_eq!(s.len(), 1);
         assert!(s[0].1.rss > 1 << 20, "RSS of the test process: {:?}", s[0].1);
-        assert!(s[0].1.connections >= 2, "both ends of the connection are ours: {:?}", s[0].1);
+        let c = connections(&[(1, me)]);
+        assert!(c[0].1 >= 2, "both ends of the connection are ours: {c:?}");
         assert_eq!(sample(&[(2, u32::MAX - 1)])[0].1, Sample::default(), "a missing process samples as zero");
     }
 }

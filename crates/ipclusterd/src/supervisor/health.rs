@@ -115,6 +115,30 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         else {
             return;
         };
+        // Below the low watermark nothing happens: skip counting connections (see sampler.rs).
+        let total: u64 = self.workers.values().filter(|w| &w.app == app).map(|w| w.sample.rss).sum();
+        if total <= budget / 100 * 80 {
+            let live: u64 = self
+                .workers
+                .values()
+                .filter(|w| &w.app == app && w.state == WorkerState::Live)
+                .map(|w| w.sample.rss)
+                .sum();
+            if live <= budget {
+                if let Some(a) = self.apps.get_mut(app) {
+                    a.live_over_budget = false;
+                }
+                return;
+            }
+        }
+        let candidates: Vec<(u64, u32)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| &w.app == app && matches!(w.state, WorkerState::Retired | WorkerState::Stopping))
+            .map(|(id, w)| (*id, w.pid))
+            .collect();
+        let connections: std::collections::HashMap<u64, u32> =
+            sampler::connections(&candidates).into_iter().collect();
         let mem: Vec<MemWorker> = self
             .workers
             .iter()
@@ -122,7 +146,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             .map(|(id, w)| MemWorker {
                 id: *id,
                 rss: w.sample.rss,
-                connections: w.sample.connections,
+                connections: connections.get(id).copied().unwrap_or(0),
                 started: usec(w.started),
                 state: match w.state {
                     WorkerState::Live | WorkerState::Starting => MemState::Live,
@@ -132,7 +156,6 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             })
             .collect();
         let verdict = cluster_memory(&mem, budget);
-        let total: u64 = mem.iter().map(|w| w.rss).sum();
         for id in &verdict.kill {
             if let Some(w) = self.workers.get_mut(id) {
                 warn!(app = %app, pid = w.pid, "{app}: cluster RSS {} MiB over 95 % of {} MiB; SIGKILL to retired pid {}", total >> 20, budget >> 20, w.pid);
