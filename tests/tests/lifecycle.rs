@@ -293,3 +293,29 @@ fn killing_a_live_worker_under_load_refuses_no_connection() {
     );
     no_failed_units(&sb);
 }
+
+#[test]
+fn spawn_interval_paces_a_generation_and_retired_scopes_get_a_low_cpu_weight() {
+    let (sb, bus) = fast_cluster(&app("spawn_interval = \"300ms\"\n"));
+    let start = Instant::now();
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    assert!(start.elapsed() >= Duration::from_millis(900), "4 workers 300 ms apart: {:?}", start.elapsed());
+    let mut starts: Vec<u64> = bus.list_workers("web").iter().map(|w| w.8).collect();
+    starts.sort();
+    for w in starts.windows(2) {
+        assert!(w[1] - w[0] >= 250_000, "workers started {} µs apart", w[1] - w[0]);
+    }
+    assert_eq!(
+        sb.check(["systemctl", "show", "-p", "CPUWeight", "--value", "ipcluster-web-1.scope"])
+            .unwrap()
+            .trim(),
+        "[not set]"
+    );
+    assert_eq!(bus.deploy_plain("web"), Ok(2));
+    wait_for("the retired scope's CPUWeight", Duration::from_secs(3), || {
+        let w =
+            sb.check(["systemctl", "show", "-p", "CPUWeight", "--value", "ipcluster-web-1.scope"]).ok()?;
+        (w.trim() == "10").then_some(())
+    });
+    no_failed_units(&sb);
+}

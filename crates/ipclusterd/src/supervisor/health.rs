@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use ipcluster_core::{
-    config::Ready,
     model::{GenState, WorkerState},
     name::AppName,
     policy::{MemState, MemWorker, RateLimiter, cluster_memory},
@@ -295,23 +294,24 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         }
     }
 
-    /// Releases the next held launcher of a generation (spawn_interval).
-    pub(super) fn release_next(&mut self, app: &AppName, generation: u64) {
+    /// Starts the next band of a paced generation (spawn_interval).
+    pub(super) async fn release_next(&mut self, app: &AppName, generation: u64) {
         let Some(a) = self.apps.get_mut(app) else { return };
-        let Some(pos) = a.pending_release.iter().position(|p| p.3 == generation) else { return };
-        let (band, ports, gated, _) = a.pending_release.remove(pos);
-        let more = a.pending_release.iter().any(|p| p.3 == generation);
+        let Some(pos) = a.pending_release.iter().position(|p| p.2 == generation) else { return };
+        let (band, ports, _) = a.pending_release.remove(pos);
+        let more = a.pending_release.iter().any(|p| p.2 == generation);
         let starting = a.generations.get(&generation).is_some_and(|g| g.state == GenState::Starting);
         let Some(config) = self.gen_config(app, generation) else { return };
         if !starting {
-            // The deploy failed meanwhile: dropping the launcher makes it exit unrun.
-            drop(gated);
-        } else {
-            if let Err(reason) =
-                self.release_worker(app, generation, band, ports, gated, config.ready == Ready::Tcp)
-            {
-                self.fail(app, generation, reason);
+            // The deploy failed meanwhile.
+            if let Some(a) = self.apps.get_mut(app) {
+                a.pending_release.retain(|p| p.2 != generation);
             }
+            return;
+        }
+        if let Err(e) = self.launch_into_scope(app, generation, band, ports).await {
+            self.fail(app, generation, format!("band {band}: cannot start: {e}"));
+            return;
         }
         if more {
             let tx = self.events_tx.clone();

@@ -282,8 +282,8 @@ struct Generation {
     failure: Option<String>,
 }
 
-/// A launcher held at its gate until its turn (spawn_interval): band, ports, launcher, generation.
-type HeldLauncher = (u32, Vec<(SocketAddrV4, u16)>, process::Gated, u64);
+/// A band of a paced generation waiting for its turn (spawn_interval): band, ports, generation.
+type HeldLauncher = (u32, Vec<(SocketAddrV4, u16)>, u64);
 
 #[derive(Debug, Default)]
 struct App {
@@ -725,9 +725,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         }
         let scope = scope_name(&name, g);
 
-        // Fork every band's launcher, held at its gate.
+        // Fork every band's launcher, held at its gate; with spawn_interval only the first band
+        // now, the others one by one into the scope later.
+        let paced = !config.spawn_interval.is_zero();
+        let mut ports = ports.into_iter();
+        let first = if paced { 1 } else { config.workers };
         let mut gated = Vec::new();
-        for (band, my_ports) in (0..config.workers).zip(ports) {
+        for (band, my_ports) in (0..first).zip(ports.by_ref()) {
             match spawn_band(&config, g, band, &my_ports, &launch) {
                 Ok(p) => gated.push((band, my_ports, p)),
                 // Dropping `gated` closes every gate: the launchers exit without running anything.
@@ -770,19 +774,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         });
         info!(app = %name, generation = g, "{name}: deploying generation {g} ({} workers) in {scope}", config.workers);
 
-        // Release the launchers: all at once, or one every spawn_interval.
-        let mut gated = gated.into_iter();
-        let paced = !config.spawn_interval.is_zero();
         let mut release_error = None;
-        for (band, my_ports, p) in gated.by_ref() {
+        for (band, my_ports, p) in gated {
             if let Err(e) = self.release_worker(&name, g, band, my_ports, p, config.ready == Ready::Tcp) {
                 release_error = Some(e);
             }
-            if paced {
-                break;
-            }
         }
-        let rest: Vec<_> = gated.map(|(band, ports, p)| (band, ports, p, g)).collect();
+        let rest: Vec<_> = (first..config.workers).zip(ports).map(|(band, ports)| (band, ports, g)).collect();
         if !rest.is_empty() {
             self.apps.get_mut(&name).expect("checked above").pending_release.extend(rest);
             let tx = self.events_tx.clone();
@@ -1180,7 +1178,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             Event::Respawn { app, generation, band } => self.respawn(app, generation, band).await,
             Event::Samples(samples) => self.apply_samples(samples).await,
             Event::ReapNext { app } => self.reap_next(&app),
-            Event::ReleaseNext { app, generation } => self.release_next(&app, generation),
+            Event::ReleaseNext { app, generation } => self.release_next(&app, generation).await,
             Event::RespawnTimeout { id } => {
                 if let Some(w) =
                     self.workers.get(&id).filter(|w| w.state == WorkerState::Starting && !w.ready)

@@ -87,58 +87,62 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         band: u32,
         replaces: Option<u64>,
     ) -> Result<(), String> {
-        let app = app.clone();
-        let Some(gen_) = self.apps.get(&app).and_then(|a| a.generations.get(&generation)) else {
+        let Some(gen_) = self.apps.get(app).and_then(|a| a.generations.get(&generation)) else {
             return Err("no such generation".into());
         };
         if gen_.state != GenState::Live {
             return Err(format!("generation {generation} is {}", gen_.state));
         }
         let config = gen_.config.clone();
+        let ports = self.allocate_ports(&config, 1).map_err(|e| e.to_string())?.remove(0);
+        let id = self.launch_into_scope(app, generation, band, ports).await?;
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.replaces = replaces;
+        }
+        let tx = self.events_tx.clone();
+        let timeout = config.ready_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let _ = tx.send(Event::RespawnTimeout { id });
+        });
+        Ok(())
+    }
+
+    /// Starts one worker of an existing generation inside its scope: forked at its gate, moved
+    /// into the scope (created again if every worker died and systemd removed it), released.
+    pub(super) async fn launch_into_scope(
+        &mut self,
+        app: &AppName,
+        generation: u64,
+        band: u32,
+        ports: Vec<(std::net::SocketAddrV4, u16)>,
+    ) -> Result<u64, String> {
+        let Some(gen_) = self.apps.get(app).and_then(|a| a.generations.get(&generation)) else {
+            return Err("no such generation".into());
+        };
+        let config = gen_.config.clone();
         let scope = gen_.scope.clone();
-        let spawned = async {
-            let launch = self.launch_context(&config).map_err(|e| e.to_string())?;
-            let ports = self.allocate_ports(&config, 1).map_err(|e| e.to_string())?.remove(0);
-            let gated = spawn_band(&config, generation, band, &ports, &launch).map_err(|e| e.to_string())?;
-            // Into the generation's scope before it runs; if every worker died, systemd removed
-            // the scope: create it again.
-            if let Err(e) = self.deps.scopes.attach(&scope, &[gated.pid]).await {
-                let spec = ScopeSpec {
-                    unit: scope.clone(),
-                    slice: slice_name(&app),
-                    description: format!("ipcluster {app} generation {generation}"),
-                    pids: vec![gated.pid],
-                    kill_signal: config.stop_signal.number(),
-                    stop_timeout: config.stop_timeout,
-                };
-                self.deps.scopes.start(&spec).await.map_err(|e2| format!("{e}; {e2}"))?;
-            }
-            let pid = gated.pid;
-            let pidfd = gated.release().map_err(|e| e.to_string())?;
-            Ok::<_, String>((pid, ports, pidfd))
+        let launch = self.launch_context(&config).map_err(|e| e.to_string())?;
+        let gated = spawn_band(&config, generation, band, &ports, &launch).map_err(|e| e.to_string())?;
+        if let Err(e) = self.deps.scopes.attach(&scope, &[gated.pid]).await {
+            let spec = ScopeSpec {
+                unit: scope.clone(),
+                slice: slice_name(app),
+                description: format!("ipcluster {app} generation {generation}"),
+                pids: vec![gated.pid],
+                kill_signal: config.stop_signal.number(),
+                stop_timeout: config.stop_timeout,
+            };
+            self.deps.scopes.start(&spec).await.map_err(|e2| format!("{e}; {e2}"))?;
         }
-        .await;
-        match spawned {
-            Ok((pid, ports, pidfd)) => {
-                let id =
-                    self.add_worker(&app, generation, band, pid, ports, pidfd, std::time::SystemTime::now());
-                if let Some(w) = self.workers.get_mut(&id) {
-                    w.replaces = replaces;
-                }
-                info!(app = %app, generation, band, pid, "{app}: started pid {pid} for band {band} of generation {generation}");
-                if config.ready == Ready::Tcp {
-                    self.start_probe(id);
-                }
-                let tx = self.events_tx.clone();
-                let timeout = config.ready_timeout;
-                tokio::spawn(async move {
-                    tokio::time::sleep(timeout).await;
-                    let _ = tx.send(Event::RespawnTimeout { id });
-                });
-                Ok(())
-            }
-            Err(e) => Err(e),
+        let pid = gated.pid;
+        let pidfd = gated.release().map_err(|e| e.to_string())?;
+        let id = self.add_worker(app, generation, band, pid, ports, pidfd, std::time::SystemTime::now());
+        info!(app = %app, generation, band, pid, "{app}: started pid {pid} for band {band} of generation {generation}");
+        if config.ready == Ready::Tcp {
+            self.start_probe(id);
         }
+        Ok(id)
     }
 
     /// A respawned worker is ready: its band switches back to it.
