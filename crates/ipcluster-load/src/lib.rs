@@ -156,3 +156,159 @@ impl Drop for Load {
 pub fn loopback_sources(n: u8) -> Vec<Ipv4Addr> {
     (1..=n).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect()
 }
+
+/// Throughput and latency of a closed-loop run.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub ok: u64,
+    pub failed: u64,
+    pub elapsed: Duration,
+    /// Latencies of successful requests, in µs (sorted by [`Stats::finish`]).
+    pub latencies_us: Vec<u32>,
+}
+
+impl Stats {
+    /// Requests per second.
+    pub fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The `p`-th percentile latency (0..=100), in µs.
+    pub fn percentile(&self, p: f64) -> u32 {
+        percentile(&self.latencies_us, p)
+    }
+
+    fn merge(&mut self, other: Stats) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.latencies_us.extend(other.latencies_us);
+    }
+}
+
+/// The `p`-th percentile of sorted `values`.
+pub fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// A closed-loop load: `clients` threads, each sending requests back to back for `duration`,
+/// over one keep-alive connection each or a new connection per request, cycling through
+/// `sources` (which decide the bands); client `c` talks to `dsts[c % dsts.len()]`. Runs inside
+/// `sb`'s network namespace.
+pub fn closed_loop(
+    sb: &ipcluster_sandbox::Sandbox,
+    clients: usize,
+    duration: Duration,
+    keepalive: bool,
+    sources: &[Ipv4Addr],
+    dsts: &[SocketAddrV4],
+) -> Stats {
+    let start = std::time::Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let sources: Vec<Ipv4Addr> = sources.to_vec();
+            let dst = dsts[c % dsts.len()];
+            sb.spawn_in_netns(move || {
+                let mut stats = Stats::default();
+                let deadline = std::time::Instant::now() + duration;
+                let mut i = c;
+                let mut conn: Option<TcpStream> = None;
+                while std::time::Instant::now() < deadline {
+                    let src = sources[i % sources.len()];
+                    i += 1;
+                    let t = std::time::Instant::now();
+                    let result = if keepalive {
+                        if conn.is_none() {
+                            conn = connect(src, dst).ok();
+                        }
+                        match conn.as_mut() {
+                            Some(s) => request(s),
+                            None => Err(Failure::Refused),
+                        }
+                    } else {
+                        get(src, dst)
+                    };
+                    match result {
+                        Ok(_) => {
+                            stats.ok += 1;
+                            stats.latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        }
+                        Err(_) => {
+                            stats.failed += 1;
+                            conn = None;
+                        }
+                    }
+                }
+                stats
+            })
+            .expect("client thread in the sandbox")
+        })
+        .collect();
+    let mut total = Stats::default();
+    for h in handles {
+        total.merge(h.join().unwrap_or_default());
+    }
+    total.elapsed = start.elapsed();
+    total.latencies_us.sort_unstable();
+    total
+}
+
+/// One request of an open-loop run.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// When it was due, since the start of the run.
+    pub due: Duration,
+    /// From when it was due to the end of the response (so a stalled server cannot hide
+    /// latency by slowing the generator down: no coordinated omission).
+    pub latency: Duration,
+    pub outcome: Result<u32, Failure>,
+}
+
+/// An open-loop load: requests due at a fixed `rate` per second over new connections, cycling
+/// through `sources`, for `duration` from `start`; `workers` threads serve the schedule. Runs
+/// inside `sb`'s network namespace. Returns one record per request.
+#[allow(clippy::too_many_arguments, reason = "each is a knob of the run")]
+pub fn open_loop(
+    sb: &ipcluster_sandbox::Sandbox,
+    start: std::time::Instant,
+    rate: u32,
+    duration: Duration,
+    sources: &[Ipv4Addr],
+    dst: SocketAddrV4,
+    workers: usize,
+) -> Vec<Record> {
+    let (tx, rx) = std::sync::mpsc::channel::<(Duration, Ipv4Addr)>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let rx = rx.clone();
+            sb.spawn_in_netns(move || {
+                let mut out = Vec::new();
+                loop {
+                    // A std Mutex: held only to take the next due request.
+                    let next = rx.lock().map(|r| r.recv());
+                    let Ok(Ok((due, src))) = next else { return out };
+                    let outcome = get(src, dst).map(|a| a.pid);
+                    out.push(Record { due, latency: start.elapsed().saturating_sub(due), outcome });
+                }
+            })
+            .expect("client thread in the sandbox")
+        })
+        .collect();
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let total = (duration.as_secs_f64() * f64::from(rate)) as u64;
+    for n in 0..total {
+        let due = interval * n as u32;
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let _ = tx.send((due, sources[n as usize % sources.len()]));
+    }
+    drop(tx);
+    let mut records: Vec<Record> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+    records.sort_by_key(|r| r.due);
+    records
+}

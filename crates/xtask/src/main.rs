@@ -6,6 +6,7 @@
 //! - `demo`: a throwaway systemd host running ipclusterd.
 //! - `test`: everything CI checks: packages, formatting, lints, unit and end-to-end tests.
 
+mod bench;
 mod dbus_xml;
 mod demo;
 #[cfg(test)]
@@ -30,6 +31,12 @@ enum Cmd {
     Install(install::InstallArgs),
     /// Boot a sandboxed systemd host, install ipclusterd, show it working, tear down.
     Demo,
+    /// Benchmarks against the alternatives (needs root); writes docs/bench/REPORT.md.
+    Bench {
+        /// A reduced run (< 3 min) for iteration; writes docs/bench/quick/.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Regenerate dbus/org.ipcluster1.Manager.xml from the live daemon's introspection.
     DbusXml,
     /// Install missing system packages, check formatting and lints, run every test.
@@ -49,6 +56,7 @@ fn main() -> ExitCode {
         Cmd::Install(a) => install::run(&a),
         Cmd::Demo => demo::run(),
         Cmd::DbusXml => dbus_xml::run(),
+        Cmd::Bench { quick } => bench::run(quick),
         Cmd::Test { unit_only, nextest_args } => test::run(unit_only, &nextest_args),
     };
     match result {

@@ -22,9 +22,21 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
     /// Starts a sampling round on a blocking thread; its result arrives as [`Event::Samples`].
     pub(super) fn start_sampling(&mut self) {
         let targets: Vec<(u64, u32)> = self.workers.iter().map(|(id, w)| (*id, w.pid)).collect();
+        // The scopes' cgroups (systemd puts ipcluster-<app>.slice under ipcluster.slice).
+        let scopes: Vec<std::path::PathBuf> = self
+            .apps
+            .iter()
+            .flat_map(|(name, a)| {
+                a.generations.values().filter(|g| g.state.is_running()).map(move |g| {
+                    std::path::Path::new("/sys/fs/cgroup/ipcluster.slice")
+                        .join(ipcluster_core::model::slice_name(name))
+                        .join(&g.scope)
+                })
+            })
+            .collect();
         let tx = self.events_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let _ = tx.send(Event::Samples(sampler::sample(&targets)));
+            let _ = tx.send(Event::Samples(sampler::sample(&scopes, &targets)));
         });
     }
 

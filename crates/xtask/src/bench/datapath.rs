@@ -1,0 +1,181 @@
+//! Data path: the same worker program behind each front, keep-alive and new connections.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use anyhow::Result;
+use ipcluster_load::{Stats, closed_loop, loopback_sources};
+use ipcluster_sandbox::Sandbox;
+
+use super::{Plan, background, sandbox, wait_port};
+
+/// One front's numbers.
+#[derive(Debug)]
+pub struct Mode {
+    pub name: String,
+    /// What it is compared with ("direct" or "node direct").
+    pub baseline: &'static str,
+    pub keepalive: Stats,
+    pub newconn: Stats,
+}
+
+#[derive(Debug)]
+pub struct DataPath {
+    pub modes: Vec<Mode>,
+}
+
+impl DataPath {
+    pub fn get(&self, name: &str) -> Option<&Mode> {
+        self.modes.iter().find(|m| m.name == name)
+    }
+}
+
+fn app(command: &str, workers: u32) -> String {
+    format!("command = {command}\nworkers = {workers}\nlisten = [\"0.0.0.0:80\"]\n")
+}
+
+const DEMO: &str = "[\"/usr/local/bin/ipcluster-demo\"]";
+const NODE: &str = "[\"/usr/bin/node\", \"/srv/bench/worker.js\"]";
+
+fn measure(
+    plan: &Plan,
+    sb: &Sandbox,
+    name: &str,
+    baseline: &'static str,
+    dst: SocketAddrV4,
+    sources: &[Ipv4Addr],
+) -> Mode {
+    measure_many(plan, sb, name, baseline, &[dst], sources)
+}
+
+fn measure_many(
+    plan: &Plan,
+    sb: &Sandbox,
+    name: &str,
+    baseline: &'static str,
+    dsts: &[SocketAddrV4],
+    sources: &[Ipv4Addr],
+) -> Mode {
+    // A short warm-up so that every mode starts from the same state.
+    let _ = closed_loop(sb, plan.clients, plan.run / 5, true, sources, dsts);
+    let keepalive = closed_loop(sb, plan.clients, plan.run, true, sources, dsts);
+    let newconn = closed_loop(sb, plan.clients, plan.run, false, sources, dsts);
+    eprintln!(
+        "   {name:<22} keep-alive {:>8.0} req/s p50 {:>5} µs p99 {:>6} µs | new conn {:>7.0} req/s p50 {:>5} µs p99 {:>6} µs ({} failed)",
+        keepalive.rate(),
+        keepalive.percentile(50.0),
+        keepalive.percentile(99.0),
+        newconn.rate(),
+        newconn.percentile(50.0),
+        newconn.percentile(99.0),
+        keepalive.failed + newconn.failed
+    );
+    Mode { name: name.to_owned(), baseline, keepalive, newconn }
+}
+
+pub fn run(plan: &Plan, pm2: &Path) -> Result<DataPath> {
+    let public = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
+    let worker = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 20000);
+    let many = loopback_sources(64);
+    let one = [Ipv4Addr::LOCALHOST];
+    let mut modes = Vec::new();
+
+    // Direct: one worker, the physical limit.
+    {
+        let sb = sandbox(None)?;
+        background(&sb, &["/usr/local/bin/ipcluster-demo"], &[("PORT", "20000")])?;
+        wait_port(&sb, 20000)?;
+        modes.push(measure(plan, &sb, "direct", "direct", worker, &one));
+    }
+    // The same, with connection tracking and NAT active in the namespace (a rule that matches
+    // nothing we send): what conntrack alone costs.
+    {
+        let sb = sandbox(None)?;
+        sb.check([
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "9",
+        ])?;
+        background(&sb, &["/usr/local/bin/ipcluster-demo"], &[("PORT", "20000")])?;
+        wait_port(&sb, 20000)?;
+        modes.push(measure(plan, &sb, "direct + conntrack", "direct", worker, &one));
+    }
+    // Eight workers reached directly (each client on one of them): what spreading the same load
+    // over 8 processes costs, without any NAT.
+    {
+        let sb = sandbox(None)?;
+        let mut dsts = Vec::new();
+        for i in 0..8u16 {
+            background(&sb, &["/usr/local/bin/ipcluster-demo"], &[("PORT", &(20000 + i).to_string())])?;
+            wait_port(&sb, 20000 + i)?;
+            dsts.push(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 20000 + i));
+        }
+        modes.push(measure_many(plan, &sb, "direct 8 workers", "direct", &dsts, &one));
+    }
+    for bands in [1u32, 8, 64] {
+        let sb = sandbox(Some(&app(DEMO, bands)))?;
+        wait_port(&sb, 80)?;
+        modes.push(measure(plan, &sb, &format!("ipclusterd {bands} bands"), "direct", public, &many));
+    }
+    // HAProxy in front of 8 of the same workers, sticky by source address like ipclusterd.
+    {
+        let sb = sandbox(None)?;
+        let mut servers = String::new();
+        for i in 0..8u16 {
+            let port = (20000 + i).to_string();
+            background(&sb, &["/usr/local/bin/ipcluster-demo"], &[("PORT", &port)])?;
+            wait_port(&sb, 20000 + i)?;
+            servers.push_str(&format!("  server w{i} 127.0.0.1:{port}\n"));
+        }
+        let cfg = format!(
+            "global\n  maxconn 8000\n  nbthread 2\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend f\n  bind 0.0.0.0:80\n  default_backend b\nbackend b\n  balance source\n{servers}"
+        );
+        sb.write_file("/srv/bench/haproxy.cfg", cfg, 0o644)?;
+        background(&sb, &["/usr/sbin/haproxy", "-f", "/srv/bench/haproxy.cfg"], &[])?;
+        wait_port(&sb, 80)?;
+        modes.push(measure(plan, &sb, "haproxy 8 workers", "direct", public, &many));
+    }
+    // Node.js: direct, under ipclusterd, and PM2 cluster mode.
+    {
+        let sb = sandbox(None)?;
+        background(&sb, &["/usr/bin/node", "/srv/bench/worker.js"], &[("PORT", "20000")])?;
+        wait_port(&sb, 20000)?;
+        modes.push(measure(plan, &sb, "node direct", "node direct", worker, &one));
+    }
+    {
+        let sb = sandbox(Some(&app(NODE, 8)))?;
+        wait_port(&sb, 80)?;
+        modes.push(measure(plan, &sb, "node ipclusterd 8 bands", "node direct", public, &many));
+    }
+    {
+        let sb = sandbox(None)?;
+        start_pm2(&sb, pm2)?;
+        modes.push(measure(plan, &sb, "node pm2 cluster 8", "node direct", public, &many));
+    }
+    Ok(DataPath { modes })
+}
+
+/// PM2 cluster mode with 8 instances of the Node worker on port 80.
+pub fn start_pm2(sb: &Sandbox, pm2: &Path) -> Result<()> {
+    let pm2 = pm2.to_string_lossy().into_owned();
+    let out = sb
+        .command(["/usr/bin/node", &pm2, "start", "/srv/bench/worker.js", "-i", "8", "--name", "bench"])
+        .env("PM2_HOME", "/tmp/pm2")
+        .env("HOME", "/tmp")
+        .env("PORT", "80")
+        .output()?;
+    anyhow::ensure!(out.status.success(), "pm2 start failed: {}", String::from_utf8_lossy(&out.stderr));
+    wait_port(sb, 80)
+}

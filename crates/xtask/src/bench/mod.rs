@@ -1,0 +1,164 @@
+//! `cargo xtask bench [--quick]`: ipclusterd against the alternatives, measured in the same run.
+//!
+//! 1. data path ([`datapath`]): requests/s and latency, keep-alive and new connections, direct
+//!    to a worker vs. ipclusterd (1, 8, 64 bands) vs. HAProxy vs. PM2 cluster mode;
+//! 2. deploys under load ([`deploys`]): an open-loop load during consecutive deploys and daemon
+//!    restarts, vs. `pm2 reload`;
+//! 3. footprint and scale ([`footprint`]).
+//!
+//! Every mode runs in a fresh sandbox (its own network namespace: no TIME_WAIT left by the
+//! previous mode). Results are compared as ratios within the run; [`report`] writes
+//! docs/bench/REPORT.md with SVG charts and the README's headline table.
+
+mod datapath;
+mod deploys;
+mod footprint;
+mod report;
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use ipcluster_sandbox::Sandbox;
+
+/// How long and how big: the full run or `--quick`.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub quick: bool,
+    /// Duration of each closed-loop measurement.
+    pub run: Duration,
+    pub clients: usize,
+    pub deploys: u32,
+    pub restarts: u32,
+    pub rate: u32,
+    pub scales: &'static [u32],
+    pub idle: Duration,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                quick,
+                run: Duration::from_millis(1500),
+                clients: 16,
+                deploys: 5,
+                restarts: 2,
+                rate: 200,
+                scales: &[16, 256],
+                idle: Duration::from_secs(3),
+            }
+        } else {
+            Plan {
+                quick,
+                run: Duration::from_secs(5),
+                clients: 32,
+                deploys: 20,
+                restarts: 5,
+                rate: 300,
+                scales: &[16, 256, 1024],
+                idle: Duration::from_secs(10),
+            }
+        }
+    }
+}
+
+pub fn run(quick: bool) -> Result<()> {
+    if let Some(why) = ipcluster_sandbox::unavailable_reason() {
+        bail!("the benchmarks boot sandboxed systemd hosts: {why}");
+    }
+    let plan = Plan::new(quick);
+    let started = std::time::Instant::now();
+    install_packages()?;
+    let pm2 = ensure_pm2()?;
+    crate::demo::build()?;
+    eprintln!("== data path");
+    let dp = datapath::run(&plan, &pm2)?;
+    eprintln!("== deploys under load");
+    let dl = deploys::run(&plan, &pm2)?;
+    eprintln!("== footprint and scale");
+    let fp = footprint::run(&plan)?;
+    report::write(&plan, &dp, &dl, &fp, started.elapsed())?;
+    Ok(())
+}
+
+fn install_packages() -> Result<()> {
+    let missing: Vec<&str> =
+        [("haproxy", "/usr/sbin/haproxy"), ("nodejs", "/usr/bin/node"), ("npm", "/usr/bin/npm")]
+            .iter()
+            .filter(|(_, f)| !std::path::Path::new(f).exists())
+            .map(|(p, _)| *p)
+            .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    crate::sh(Command::new("apt-get").args(["update", "-q"]))?;
+    crate::sh(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// PM2 from the npm registry, installed under target/bench (the sandboxes see it there).
+fn ensure_pm2() -> Result<PathBuf> {
+    let prefix = crate::root().join("target/bench/pm2");
+    let bin = prefix.join("node_modules/pm2/bin/pm2");
+    if !bin.exists() {
+        std::fs::create_dir_all(&prefix)?;
+        crate::sh(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&prefix)
+                .arg("pm2@5"),
+        )?;
+    }
+    Ok(bin)
+}
+
+/// The Node.js worker used for the PM2 comparison (same answer as ipcluster-demo).
+pub const NODE_WORKER: &str = r#"const http = require('http');
+const port = +(process.env.PORT || 3000);
+const id = `app=node generation=${process.env.IPCLUSTER_GENERATION || 0} band=${process.env.IPCLUSTER_BAND || 0} pid=${process.pid}`;
+http.createServer((req, res) => {
+  res.setHeader('Content-Type', 'text/plain');
+  res.end(`${id} peer=${req.socket.remoteAddress}\n`);
+}).listen(port, '0.0.0.0', () => { if (process.send) process.send('ready'); });
+"#;
+
+/// A sandbox with the build installed and, optionally, ipclusterd running `app` (a TOML body).
+pub fn sandbox(app: Option<&str>) -> Result<Sandbox> {
+    let sb = Sandbox::boot()?;
+    sb.install()?;
+    sb.write_file("/srv/bench/worker.js", NODE_WORKER, 0o644)?;
+    if let Some(app) = app {
+        sb.write_file("/etc/ipcluster/apps/bench.toml", app, 0o644)?;
+        sb.check(["systemctl", "start", "ipclusterd"])?;
+    }
+    Ok(sb)
+}
+
+/// Waits until `port` accepts inside the sandbox.
+pub fn wait_port(sb: &Sandbox, port: u16) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        let ok = sb
+            .in_netns(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+            .context("netns")?;
+        if ok {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on port {port}")
+}
+
+/// Starts `argv` in the background inside the sandbox (it dies with the sandbox).
+pub fn background(sb: &Sandbox, argv: &[&str], env: &[(&str, &str)]) -> Result<std::process::Child> {
+    let mut cmd = sb.command(argv);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    Ok(cmd.spawn()?)
+}
