@@ -26,7 +26,7 @@ stop_timeout = "2s"
 const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
 
 fn main_pid(sb: &Sandbox) -> u32 {
-    sb.check(["systemctl", "show", "-p", "MainPID", "--value", "ipclusterd"]).unwrap().trim().parse().unwrap()
+    sb.main_pid("ipclusterd").unwrap()
 }
 
 /// Waits until a daemon other than `old` runs and answers on the bus.

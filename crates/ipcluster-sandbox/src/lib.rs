@@ -299,6 +299,12 @@ impl Sandbox {
         }
     }
 
+    /// The main PID (inside the sandbox) of a running service, from `systemctl show`.
+    pub fn main_pid(&self, unit: &str) -> Result<u32> {
+        let out = self.check(["systemctl", "show", "-p", "MainPID", "--value", unit])?;
+        out.trim().parse().with_context(|| format!("no main pid for {unit}: {out:?}"))
+    }
+
     /// The address of the sandbox's system bus, reachable from the host (as root).
     pub fn system_bus_address(&self) -> String {
         format!("unix:path=/proc/{}/root/run/dbus/system_bus_socket", self.init_pid)

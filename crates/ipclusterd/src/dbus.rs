@@ -326,3 +326,68 @@ pub async fn forward_signals(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use zbus::wire::{Str, Variant};
+
+    use super::*;
+
+    fn v<'a>(x: impl Into<Variant<'a>>) -> OwnedVariant {
+        x.into().try_to_owned().unwrap()
+    }
+
+    #[test]
+    fn options_of_the_documented_types_are_accepted() {
+        let options = HashMap::from([
+            ("workers".to_owned(), v(8u32)),
+            ("command".to_owned(), v(vec!["/bin/srv", "--x"])),
+            ("environment".to_owned(), v(vec!["A=1"])),
+            ("working_directory".to_owned(), v(Str::from("/srv"))),
+        ]);
+        let o = parse_options(&options).unwrap();
+        assert_eq!(o.workers, Some(8));
+        assert_eq!(o.command.unwrap(), ["/bin/srv", "--x"]);
+        assert_eq!(o.environment.unwrap(), ["A=1"]);
+        assert_eq!(o.working_directory.as_deref(), Some("/srv"));
+    }
+
+    #[test]
+    fn wrong_types_unknown_keys_and_too_many_options_are_invalid_args() {
+        for (key, value) in [
+            ("workers", v(Str::from("8"))),
+            ("workers", v(8i32)),
+            ("command", v(Str::from("/bin/sh -c x"))),
+            ("environment", v(7u32)),
+            ("working_directory", v(vec!["/"])),
+            ("colour", v(1u32)),
+        ] {
+            let e = parse_options(&HashMap::from([(key.to_owned(), value)])).unwrap_err();
+            assert_eq!(e.name, names::INVALID_ARGS, "{key}: {e:?}");
+        }
+        let many: HashMap<String, OwnedVariant> = (0..17).map(|i| (format!("k{i}"), v(1u32))).collect();
+        assert!(parse_options(&many).unwrap_err().message.contains("at most 16"));
+    }
+
+    #[test]
+    fn every_supervisor_error_has_its_own_name() {
+        use supervisor::Error as E;
+        let cases = [
+            (E::NoSuchApp("x".into()), names::NO_SUCH_APP),
+            (E::NoSuchGeneration("x".into()), names::NO_SUCH_GENERATION),
+            (E::DeployFailed("x".into()), names::DEPLOY_FAILED),
+            (E::Busy("x".into()), names::BUSY),
+            (E::InvalidConfig("x".into()), names::INVALID_CONFIG),
+            (E::InvalidArgs("x".into()), names::INVALID_ARGS),
+            (E::StopFailed("x".into()), names::STOP_FAILED),
+            (E::Gone, names::NO_SERVER),
+        ];
+        for (e, name) in cases {
+            let b = BusError::from(e);
+            assert_eq!(b.name, name);
+            assert!(!b.name.ends_with(".Failed"), "never a bare Failed");
+        }
+        let denied = BusError::from(crate::auth::Denied::AccessDenied("no".into()));
+        assert_eq!(denied.name, names::ACCESS_DENIED);
+    }
+}

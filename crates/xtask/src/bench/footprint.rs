@@ -42,10 +42,6 @@ fn app(workers: u32, autostart: bool) -> String {
     )
 }
 
-fn main_pid(sb: &Sandbox) -> Result<u32> {
-    Ok(sb.check(["systemctl", "show", "-p", "MainPID", "--value", "ipclusterd"])?.trim().parse()?)
-}
-
 fn cpu_ticks(sb: &Sandbox, pid: u32) -> Result<u64> {
     let stat = sb.read_file(format!("/proc/{pid}/stat"))?;
     let f: Vec<u64> = stat
@@ -88,7 +84,7 @@ pub fn run(plan: &Plan) -> Result<Footprint> {
     let mut idle = Vec::new();
     for &n in plan.scales {
         let sb = sandbox(Some(&app(n, true)))?;
-        let pid = main_pid(&sb)?;
+        let pid = sb.main_pid("ipclusterd")?;
         std::thread::sleep(Duration::from_secs(2));
         let (c0, t0) = (cpu_ticks(&sb, pid)?, Instant::now());
         std::thread::sleep(plan.idle);
