@@ -122,6 +122,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let daemon_config = load_daemon_config(&options.config_dir);
     let deps = supervisor::Deps {
         sample_interval: daemon_config.sample_interval,
+        launcher: PathBuf::from("/proc/self/exe"),
         scopes,
         router: netfilter::Iptables,
         config_dir: options.config_dir.clone(),

@@ -33,6 +33,8 @@ pub struct SpawnSpec {
     pub identifier: String,
     /// The scope unit, as a fallback for journald.
     pub unit: String,
+    /// The launcher executable: an ipclusterd binary (`/proc/self/exe` in the daemon).
+    pub launcher: PathBuf,
 }
 
 /// A launcher held at its gate: forked, not yet running the worker's command.
@@ -48,8 +50,7 @@ pub struct Gated {
 /// [`Gated::release`] makes the launcher exit without running anything.
 pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
     let (gate_r, gate_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let exe = PathBuf::from("/proc/self/exe");
-    let mut cmd = Command::new(&exe);
+    let mut cmd = Command::new(&spec.launcher);
     cmd.arg0("ipclusterd-launch")
         .arg(crate::launcher::ARG)
         .arg(&spec.identifier)
@@ -69,14 +70,19 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
     }
     let gate_raw = gate_r.as_raw_fd();
     let nofile = WORKER_NOFILE.get().copied();
-    // SAFETY: only async-signal-safe calls between fork and exec: dup2, setsid, setrlimit.
+    // SAFETY: only async-signal-safe calls between fork and exec: dup2, fcntl, setsid, setrlimit.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(lim) = &nofile {
                 libc::setrlimit(libc::RLIMIT_NOFILE, lim);
             }
-            // The gate's read end becomes fd 3 (dup2 clears CLOEXEC on the copy).
-            if libc::dup2(gate_raw, crate::launcher::GATE_FD) < 0 {
+            // The gate's read end becomes fd 3. dup2 clears CLOEXEC on the copy, but when the
+            // pipe already is fd 3, dup2 does nothing and the flag must be cleared by hand.
+            if gate_raw == crate::launcher::GATE_FD {
+                if libc::fcntl(gate_raw, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(gate_raw, crate::launcher::GATE_FD) < 0 {
                 return Err(io::Error::last_os_error());
             }
             // Its own session: a worker never shares the daemon's process group or terminal.

@@ -239,6 +239,9 @@ pub struct Deps<S, R> {
     pub signals: mpsc::UnboundedSender<BusSignal>,
     /// How often workers are sampled and the memory and watchdog policies run.
     pub sample_interval: Duration,
+    /// The ipclusterd binary workers are launched through (`/proc/self/exe` in the daemon,
+    /// which stays valid even after the file is replaced by an upgrade).
+    pub launcher: PathBuf,
 }
 
 #[derive(Debug)]
@@ -843,7 +846,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             ),
             Ready::Tcp => None,
         };
-        Ok(Launch { user, notify_socket })
+        Ok(Launch { user, notify_socket, launcher: self.deps.launcher.clone() })
     }
 
     /// Worker ports for `workers` workers: distinct from every port a worker of any app holds,
@@ -1204,7 +1207,28 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 }
                 let msg =
                     format!("{app} generation {generation}: {reason}; the previous generation keeps serving");
-                for r in g.waiting.drain(..) {
+                let waiting: Vec<_> = g.waiting.drain(..).collect();
+                // The scope is gone, so are its processes: forget them now rather than when
+                // their exits are read, so no caller sees a worker of a failed generation after
+                // DeployFailed. (Their watchers still reap them.)
+                let gone: Vec<u64> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| w.app == app && w.generation == generation)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in gone {
+                    if let Some(w) = self.workers.remove(&id) {
+                        self.signal(BusSignal::WorkerExited {
+                            app: app.to_string(),
+                            generation,
+                            band: w.band,
+                            pid: w.pid,
+                            reason: "stopped (deploy failed)".into(),
+                        });
+                    }
+                }
+                for r in waiting {
                     let _ = r.send(Err(Error::DeployFailed(msg.clone())));
                 }
                 self.trim_history(&app);
@@ -1468,6 +1492,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
 struct Launch {
     user: Option<(u32, u32)>,
     notify_socket: Option<String>,
+    launcher: PathBuf,
 }
 
 /// Forks the launcher of one worker, held at its gate.
@@ -1492,6 +1517,7 @@ fn spawn_band(
         user: launch.user,
         identifier: config.name.to_string(),
         unit: scope_name(&config.name, generation),
+        launcher: launch.launcher.clone(),
     })
 }
 

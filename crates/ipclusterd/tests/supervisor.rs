@@ -1,0 +1,204 @@
+//! The supervisor against fakes of its OS traits: fast, deterministic checks of the deploy
+//! flow (real worker processes, recorded scopes and routes, no systemd, no netfilter). The
+//! sandboxed end-to-end tests prove the real `Systemd` and `Iptables` implementations.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ipcluster_core::{
+    config::Overrides,
+    routing::{AppRoute, Existing},
+};
+use ipclusterd::{
+    netfilter::{Applied, Router, RouterError},
+    scopes::{ScopeError, ScopeSpec, Scopes},
+    supervisor::{self, BusSignal, Command, Deps, Error, Handle, Supervisor},
+};
+
+/// Records scopes; stopping one kills its processes, as systemd would (through pidfds taken
+/// when the scope was created: tests run side by side, and a PID may be reused meanwhile).
+#[derive(Debug, Clone, Default)]
+struct FakeScopes {
+    units: Arc<Mutex<BTreeMap<String, Vec<u32>>>>,
+    pidfds: Arc<Mutex<BTreeMap<String, Vec<std::os::fd::OwnedFd>>>>,
+    stopped: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scopes for FakeScopes {
+    async fn start(&self, spec: &ScopeSpec) -> Result<(), ScopeError> {
+        self.units.lock().unwrap().insert(spec.unit.clone(), spec.pids.clone());
+        let fds = spec.pids.iter().filter_map(|p| ipclusterd::process::adopt(*p).ok()).collect();
+        self.pidfds.lock().unwrap().insert(spec.unit.clone(), fds);
+        Ok(())
+    }
+    async fn stop(&self, unit: &str) -> Result<(), ScopeError> {
+        self.stopped.lock().unwrap().push(unit.to_owned());
+        self.units.lock().unwrap().remove(unit);
+        for fd in self.pidfds.lock().unwrap().remove(unit).unwrap_or_default() {
+            let _ = ipclusterd::process::signal(&fd, libc::SIGKILL);
+        }
+        Ok(())
+    }
+    async fn list(&self) -> Result<Vec<String>, ScopeError> {
+        Ok(self.units.lock().unwrap().keys().cloned().collect())
+    }
+    async fn processes(&self, unit: &str) -> Result<Vec<u32>, ScopeError> {
+        Ok(self.units.lock().unwrap().get(unit).cloned().unwrap_or_default())
+    }
+    async fn attach(&self, unit: &str, pids: &[u32]) -> Result<(), ScopeError> {
+        self.units.lock().unwrap().entry(unit.to_owned()).or_default().extend(pids);
+        let fds: Vec<_> = pids.iter().filter_map(|p| ipclusterd::process::adopt(*p).ok()).collect();
+        self.pidfds.lock().unwrap().entry(unit.to_owned()).or_default().extend(fds);
+        Ok(())
+    }
+    async fn set_cpu_weight(&self, _unit: &str, _weight: u64) -> Result<(), ScopeError> {
+        Ok(())
+    }
+}
+
+/// Records every set of routes applied.
+#[derive(Debug, Clone, Default)]
+struct FakeRouter {
+    applied: Arc<Mutex<Vec<Vec<AppRoute>>>>,
+}
+
+impl Router for FakeRouter {
+    async fn apply(&self, routes: &[AppRoute]) -> Result<Applied, RouterError> {
+        let mut applied = self.applied.lock().unwrap();
+        if applied.last().map(Vec::as_slice) == Some(routes) {
+            return Ok(Applied::Unchanged);
+        }
+        applied.push(routes.to_vec());
+        Ok(Applied::Changed)
+    }
+    async fn current(&self) -> Result<Existing, RouterError> {
+        Ok(Existing::default())
+    }
+}
+
+struct Harness {
+    handle: Handle,
+    scopes: FakeScopes,
+    router: FakeRouter,
+    signals: tokio::sync::mpsc::UnboundedReceiver<BusSignal>,
+    dir: PathBuf,
+}
+
+/// A Python HTTP server on $PORT: a worker that is ready when it accepts.
+const SERVER: &str = "exec python3 -m http.server \"$PORT\" --bind 127.0.0.1";
+
+fn app(ports: &str, command: &str) -> String {
+    format!(
+        "command = [\"/bin/sh\", \"-c\", {command:?}]\nworkers = 2\nlisten = [\"0.0.0.0:8080\"]\nport_range = \"{ports}\"\nautostart = false\nready_timeout = \"3s\"\nstop_timeout = \"1s\"\n"
+    )
+}
+
+fn start(name: &str, apps: &[(&str, String)]) -> Harness {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("supervisor-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("apps")).unwrap();
+    for (app, text) in apps {
+        std::fs::write(dir.join("apps").join(format!("{app}.toml")), text).unwrap();
+    }
+    let (handle, commands) = supervisor::channel();
+    let (signals_tx, signals) = tokio::sync::mpsc::unbounded_channel();
+    let scopes = FakeScopes::default();
+    let router = FakeRouter::default();
+    let deps = Deps {
+        scopes: scopes.clone(),
+        router: router.clone(),
+        config_dir: dir.join("apps"),
+        state_file: dir.join("state.json"),
+        notify: None,
+        signals: signals_tx,
+        sample_interval: Duration::from_secs(1),
+        launcher: PathBuf::from(env!("CARGO_BIN_EXE_ipclusterd")),
+    };
+    tokio::spawn(Supervisor::new(commands, deps).run());
+    Harness { handle, scopes, router, signals, dir }
+}
+
+async fn deploy(h: &Handle, app: &str, overrides: Overrides) -> Result<u64, Error> {
+    h.call(|reply| Command::Deploy { app: app.into(), overrides, reply }).await
+}
+
+async fn workers(h: &Handle, app: &str) -> Vec<supervisor::WorkerInfo> {
+    h.call(|reply| Command::ListWorkers { app: app.into(), reply }).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_cutover_and_retirement_through_the_traits() {
+    let mut h = start("cutover", &[("web", app("41000-41049", SERVER))]);
+    assert_eq!(deploy(&h.handle, "web", Overrides::default()).await, Ok(1));
+    let first = workers(&h.handle, "web").await;
+    assert_eq!(first.len(), 2);
+    assert!(h.scopes.units.lock().unwrap().contains_key("ipcluster-web-1.scope"));
+    // One transaction made generation 1's ports the route of bands 0 and 1.
+    let routes = h.router.applied.lock().unwrap().last().cloned().unwrap();
+    let by_band: Vec<u16> = (0..2).map(|b| first.iter().find(|w| w.band == b).unwrap().ports[0].1).collect();
+    assert_eq!(routes[0].bands, vec![vec![by_band[0]], vec![by_band[1]]]);
+
+    assert_eq!(deploy(&h.handle, "web", Overrides::default()).await, Ok(2));
+    let rows = workers(&h.handle, "web").await;
+    let retired: Vec<_> = rows.iter().filter(|w| w.generation == 1).collect();
+    assert!(retired.iter().all(|w| w.state.as_str() == "retired" && w.nice >= 5), "{retired:?}");
+    let routes = h.router.applied.lock().unwrap().last().cloned().unwrap();
+    let new_ports: Vec<u16> = rows.iter().filter(|w| w.generation == 2).map(|w| w.ports[0].1).collect();
+    assert!(routes[0].bands.iter().all(|b| new_ports.contains(&b[0])), "routes point at generation 2");
+
+    let n = h.handle.call(|reply| Command::KillRetired { app: String::new(), reply }).await.unwrap();
+    assert_eq!(n, 2);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while workers(&h.handle, "web").await.iter().any(|w| w.generation == 1) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("retired workers stop");
+    let mut states = Vec::new();
+    while let Ok(s) = h.signals.try_recv() {
+        if let BusSignal::GenerationStateChanged { generation, state, .. } = s {
+            states.push((generation, state.as_str()));
+        }
+    }
+    assert!(states.contains(&(1, "stopped")) && states.contains(&(2, "live")), "{states:?}");
+    let _ = h.handle.call(|reply| Command::StopApp { app: "web".into(), reply }).await;
+    let _ = std::fs::remove_dir_all(&h.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_deploys_stop_their_scope_and_route_nothing() {
+    let h = start(
+        "failed",
+        &[("exits", app("41100-41149", "exit 3")), ("hangs", app("41150-41199", "exec sleep 30"))],
+    );
+    let e = deploy(&h.handle, "exits", Overrides::default()).await.unwrap_err();
+    assert!(matches!(&e, Error::DeployFailed(m) if m.contains("exited with status 3")), "{e:?}");
+    let e = deploy(&h.handle, "hangs", Overrides::default()).await.unwrap_err();
+    assert!(matches!(&e, Error::DeployFailed(m) if m.contains("band 0: not ready after 3s")), "{e:?}");
+    let stopped = h.scopes.stopped.lock().unwrap().clone();
+    assert_eq!(stopped, ["ipcluster-exits-1.scope", "ipcluster-hangs-1.scope"]);
+    assert!(h.router.applied.lock().unwrap().iter().all(Vec::is_empty), "no route for a failed generation");
+    assert!(workers(&h.handle, "").await.is_empty());
+    let _ = std::fs::remove_dir_all(&h.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_with_their_own_errors() {
+    let h = start("bad", &[("web", app("41200-41249", SERVER)), ("broken", "workers = 3\n".into())]);
+    let e = |r: Result<u64, Error>| r.unwrap_err();
+    assert!(matches!(e(deploy(&h.handle, "nope", Overrides::default()).await), Error::NoSuchApp(_)));
+    assert!(matches!(e(deploy(&h.handle, "../x", Overrides::default()).await), Error::InvalidArgs(_)));
+    assert!(matches!(e(deploy(&h.handle, "broken", Overrides::default()).await), Error::InvalidConfig(_)));
+    let three = Overrides { workers: Some(3), ..Overrides::default() };
+    assert!(matches!(e(deploy(&h.handle, "web", three).await), Error::InvalidArgs(_)));
+    let r = h.handle.call(|reply| Command::Retire { app: "web".into(), generation: 7, reply }).await;
+    assert!(matches!(r, Err(Error::NoSuchGeneration(_))));
+    assert!(h.scopes.units.lock().unwrap().is_empty(), "nothing was started");
+    let _ = std::fs::remove_dir_all(&h.dir);
+}
