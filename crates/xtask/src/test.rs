@@ -47,7 +47,16 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
 
     let before = HostState::capture()?;
     let mut cmd = Command::new(&cargo);
-    cmd.args(["nextest", "run", "--locked", "--workspace", "--no-fail-fast"]);
+    // cargo-nextest runs each test in its own process (sandboxes of a killed test are collected
+    // by the next boot); plain `cargo test` is the fallback where it is not installed.
+    let nextest =
+        Command::new(&cargo).args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
+    if nextest {
+        cmd.args(["nextest", "run", "--locked", "--workspace", "--no-fail-fast"]);
+    } else {
+        eprintln!("cargo-nextest not found (cargo install cargo-nextest); using cargo test");
+        cmd.args(["test", "--locked", "--workspace", "--no-fail-fast"]);
+    }
     if let Some(why) = &e2e_skip {
         cmd.args(["--exclude", "ipcluster-e2e"]);
         eprintln!("\n*** END-TO-END TESTS SKIPPED: {why} ***\n");
