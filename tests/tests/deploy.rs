@@ -434,3 +434,40 @@ fn autostart_apps_are_live_when_start_returns_and_reload_picks_up_new_files() {
     let apps = ipcluster_e2e::manager_property(&sb, "Apps");
     assert_eq!(apps, "as 2 \"api\" \"web\"");
 }
+
+#[test]
+fn workers_run_as_the_configured_user_in_the_configured_directory() {
+    let web = WEB.replace("autostart = false\n", "autostart = false\nuser = \"nobody\"\nworking_directory = \"/srv\"\nenvironment = { MODE = \"test\" }\n");
+    let (sb, bus) = cluster(&[("web", &web)]);
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    let nobody = sb.check(["id", "-u", "nobody"]).unwrap().trim().to_owned();
+    for w in bus.list_workers("web") {
+        let status = sb.read_file(format!("/proc/{}/status", w.3)).unwrap();
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+        assert_eq!(uid, nobody, "pid {} runs as uid {uid}", w.3);
+        let groups = status.lines().find_map(|l| l.strip_prefix("Groups:")).unwrap().trim().to_owned();
+        assert!(groups.is_empty(), "supplementary groups dropped: {groups:?}");
+        let cwd = std::fs::read_link(sb.host_path(format!("/proc/{}/cwd", w.3))).unwrap();
+        assert_eq!(cwd, std::path::Path::new("/srv"));
+        assert!(environ(&sb, w.3).contains(&"MODE=test".to_owned()));
+    }
+    // The workers' output still reaches the journal as an unprivileged user.
+    wait_for("journal lines of the unprivileged workers", Duration::from_secs(5), || {
+        let j = sb.check(["journalctl", "-u", "ipcluster-web-1.scope", "-o", "cat", "--no-pager"]).ok()?;
+        j.contains("listening on").then_some(())
+    });
+    let unknown = WEB.replace("autostart = false\n", "autostart = false\nuser = \"nosuchuser\"\n");
+    sb.write_file("/etc/ipcluster/apps/ghost.toml", unknown.replace("0.0.0.0:80", "0.0.0.0:81"), 0o644)
+        .unwrap();
+    sb.check(["systemctl", "reload", "ipclusterd"]).unwrap();
+    let e = bus.deploy_plain("ghost").unwrap_err();
+    assert_eq!(e.name, "org.ipcluster1.Error.InvalidConfig");
+    assert!(e.message.contains("user \"nosuchuser\" does not exist"), "{e:?}");
+}
