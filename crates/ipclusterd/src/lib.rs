@@ -78,8 +78,8 @@ fn state_dir() -> PathBuf {
 }
 
 /// The workers' notify socket: stable across daemon restarts.
-pub fn notify_socket_path() -> Option<PathBuf> {
-    Some(runtime_dir().join("notify"))
+pub fn notify_socket_path() -> PathBuf {
+    runtime_dir().join("notify")
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -109,14 +109,11 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         BusKind::Session => zbus::Connection::system().await.context("cannot connect to the system bus")?,
     };
     let scopes = scopes::Systemd::new(&system).await.context("cannot talk to systemd")?;
-    let notify = match notify_socket_path().map(|p| notify::Receiver::bind(&p)) {
-        Some(Ok(r)) => Some(r),
-        Some(Err(e)) => {
-            warn!("cannot bind the workers' notify socket: {e}; ready = \"notify\" apps cannot deploy");
-            None
-        }
-        None => None,
-    };
+    let notify = notify::Receiver::bind(&notify_socket_path())
+        .inspect_err(|e| {
+            warn!("cannot bind the workers' notify socket: {e}; ready = \"notify\" apps cannot deploy")
+        })
+        .ok();
     let (signals_tx, signals_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(dbus::forward_signals(connection.clone(), OBJECT_PATH, signals_rx));
     let daemon_config = load_daemon_config(&options.config_dir);

@@ -340,8 +340,8 @@ pub struct Supervisor<S, R> {
     base_nice: i32,
     /// Respawn delays of crashing bands.
     backoff: BTreeMap<(AppName, u32), Backoff>,
-    /// Whether the workers' notify socket is bound.
-    notify_bound: bool,
+    /// The workers' notify socket, when it is bound (from the receiver itself).
+    notify_path: Option<PathBuf>,
     /// Monotonic origin of the policies' clock.
     clock: std::time::Instant,
 }
@@ -374,7 +374,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             last_status: String::new(),
             base_nice: process::own_nice(),
             backoff: BTreeMap::new(),
-            notify_bound: false,
+            notify_path: None,
             clock: std::time::Instant::now(),
         }
     }
@@ -385,7 +385,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         self.load_configs();
         self.bump_counters_from_scopes().await;
         self.adopt().await;
-        self.notify_bound = self.deps.notify.is_some();
+        self.notify_path = self.deps.notify.as_ref().map(|r| r.path().to_owned());
         if let Some(rx) = self.deps.notify.take() {
             let tx = self.events_tx.clone();
             tokio::spawn(async move {
@@ -834,8 +834,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         };
         let notify_socket = match config.ready {
             Ready::Notify => Some(
-                crate::notify_socket_path()
-                    .filter(|_| self.notify_bound)
+                self.notify_path
+                    .as_ref()
                     .ok_or_else(|| {
                         Error::DeployFailed(
                             "ready = \"notify\" but the notify socket is not available".into(),
