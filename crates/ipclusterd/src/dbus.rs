@@ -96,6 +96,11 @@ fn invalid_args(m: impl Into<String>) -> BusError {
 /// Most options a Deploy call may carry.
 const MAX_OPTIONS: usize = 16;
 
+/// An option's value as `T` (an owned copy: zbus converts owned variants into owned types).
+fn typed<T: TryFrom<OwnedVariant>>(value: &OwnedVariant) -> Result<T, ()> {
+    value.try_clone().ok().and_then(|v| T::try_from(v).ok()).ok_or(())
+}
+
 /// Parses Deploy's `a{sv}` options. Unknown keys and wrong types are InvalidArgs.
 fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<Overrides, BusError> {
     if options.len() > MAX_OPTIONS {
@@ -106,23 +111,9 @@ fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<Overrides, B
         let wrong = |ty: &str| invalid_args(format!("option {key:?} must be of type {ty}"));
         match key.as_str() {
             "workers" => o.workers = Some(u32::try_from(value).map_err(|_| wrong("u (uint32)"))?),
-            "command" => {
-                o.command = Some(
-                    Vec::<String>::try_from(value.try_clone().map_err(BusError::from)?)
-                        .map_err(|_| wrong("as"))?,
-                )
-            }
-            "environment" => {
-                o.environment = Some(
-                    Vec::<String>::try_from(value.try_clone().map_err(BusError::from)?)
-                        .map_err(|_| wrong("as"))?,
-                )
-            }
-            "working_directory" => {
-                o.working_directory = Some(
-                    String::try_from(value.try_clone().map_err(BusError::from)?).map_err(|_| wrong("s"))?,
-                )
-            }
+            "command" => o.command = Some(typed(value).map_err(|_| wrong("as"))?),
+            "environment" => o.environment = Some(typed(value).map_err(|_| wrong("as"))?),
+            "working_directory" => o.working_directory = Some(typed(value).map_err(|_| wrong("s"))?),
             _ => {
                 let shown: String = key.chars().take(64).collect();
                 return Err(invalid_args(format!(
