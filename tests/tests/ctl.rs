@@ -64,7 +64,7 @@ fn every_command_works_against_the_daemon() {
         (field(&j, "generation"), field(&j, "state")),
         (&serde_json::Value::from(2), &serde_json::Value::from("starting"))
     );
-    wait_for("generation 2 to go live", Duration::from_secs(5), || {
+    wait_for("generation 2 to go live", Duration::from_secs(15), || {
         bus.list_generations("web").iter().any(|g| g.1 == 2 && g.2 == "live").then_some(())
     });
     assert_eq!(live_by_band(&bus.list_workers("web")).len(), 2, "--workers 2 applied");

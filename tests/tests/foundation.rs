@@ -26,7 +26,7 @@ fn daemon_starts_under_systemd_owns_its_name_and_stops_cleanly() {
     assert_eq!(sb.check(["ipclusterctl", "version"]).unwrap().trim(), env!("CARGO_PKG_VERSION"));
 
     // The daemon logs to the journal (tracing-journald), visible per unit.
-    wait_for("the daemon's journal lines", Duration::from_secs(5), || {
+    wait_for("the daemon's journal lines", Duration::from_secs(15), || {
         let j = sb.check(["journalctl", "-u", "ipclusterd", "--no-pager", "-o", "cat"]).ok()?;
         j.contains("serving on the bus").then_some(())
     });
@@ -48,7 +48,8 @@ fn daemon_starts_under_systemd_owns_its_name_and_stops_cleanly() {
 
     let start = Instant::now();
     sb.check(["systemctl", "stop", "ipclusterd"]).unwrap();
-    assert!(start.elapsed() < Duration::from_secs(2), "stop took {:?}", start.elapsed());
+    // Well inside TimeoutStopSec (10 s): the daemon exits on SIGTERM, it is not killed.
+    assert!(start.elapsed() < Duration::from_secs(8), "stop took {:?}", start.elapsed());
     let result = sb.check(["systemctl", "show", "-p", "Result", "--value", "ipclusterd"]).unwrap();
     assert_eq!(result.trim(), "success", "the daemon did not exit cleanly on SIGTERM");
 }

@@ -2,7 +2,6 @@
 //! cluster healthy for weeks without an operator.
 
 use std::{
-    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
@@ -11,7 +10,7 @@ use ipcluster_e2e::{
     Sandbox,
     bus::{Bus, opt},
     client::{self, Load},
-    text, wait_for,
+    wait_for,
 };
 
 const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
@@ -67,7 +66,7 @@ fn a_worker_over_worker_memory_max_is_replaced_without_a_failed_request() {
     let load = Load::start(&sb, vec![Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 6)], PUBLIC);
     std::thread::sleep(Duration::from_millis(300));
     alloc(&sb, old.5[0].1, 64);
-    let new = wait_for("band 2 to be replaced", Duration::from_secs(5), || {
+    let new = wait_for("band 2 to be replaced", Duration::from_secs(15), || {
         bus.list_workers("web").into_iter().find(|w| w.2 == 2 && w.4 == "live" && w.3 != old.3)
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -94,63 +93,104 @@ fn a_worker_over_worker_memory_max_is_replaced_without_a_failed_request() {
     no_failed_units(&sb);
 }
 
+/// RSS of a worker as ListWorkers reports it (the last sample).
+fn rss_of(bus: &Bus, pid: u32) -> Option<u64> {
+    bus.list_workers("web").into_iter().find(|w| w.3 == pid).map(|w| w.6)
+}
+
+const MIB: u64 = 1 << 20;
+
 #[test]
 fn cluster_watermarks_stop_then_kill_retired_workers_most_killable_first() {
-    // 200 MiB: stop retired workers over 160 MiB, kill them over 190 MiB.
-    let (sb, bus) = fast_cluster(&app("cluster_memory_max = \"200M\"\n"));
+    // Deterministic by construction: memory grows while the budget is far above it, so no policy
+    // acts during the growth; then one deploy brings a budget measured from the workers' sampled
+    // RSS. At that cutover the whole picture changes at once, and the next sample sees it settled:
+    // no verdict depends on how fast a worker allocates or how the sampler interleaves with it.
+    let (sb, bus) = fast_cluster(&app("cluster_memory_max = \"64G\"\n"));
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     assert_eq!(bus.deploy_plain("web"), Ok(2));
-    assert_eq!(bus.deploy_plain("web"), Ok(3));
     let rows = bus.list_workers("web");
-    let live: BTreeSet<u32> = rows.iter().filter(|w| w.1 == 3).map(|w| w.3).collect();
     let by = |g: u64, band: u32| rows.iter().find(|w| w.1 == g && w.2 == band).unwrap().clone();
-    let (r1, r2, r3) = (by(1, 0), by(1, 1), by(2, 0));
-    // r2 holds an open connection: less killable than the others at any size.
-    let port = r2.5[0].1;
-    let _held = sb
+    // Retired workers of generation 1: `big` (no connection, largest) is to be killed at 95 %;
+    // `held` is larger than `mid` but holds a connection, so `mid` is stopped at 80 % before it.
+    let (big, held, mid) = (by(1, 0), by(1, 1), by(1, 2));
+    let port = held.5[0].1;
+    let _connection = sb
         .in_netns(move || {
             client::connect(Ipv4Addr::LOCALHOST, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).unwrap()
         })
         .unwrap();
-
-    // 80 %: ~20 MiB of workers + 70 + 70 = ~160+ MiB. r1 (no connection, largest) is stopped.
-    alloc(&sb, r2.5[0].1, 72);
-    alloc(&sb, r1.5[0].1, 75);
-    wait_for("the 80 % watermark to stop r1", Duration::from_secs(5), || {
-        (!bus.list_workers("web").iter().any(|w| w.3 == r1.3)).then_some(())
-    });
-    assert!(bus.list_workers("web").iter().any(|w| w.3 == r2.3), "r2 (one connection) survives");
-
-    // 95 %: r3 grows past the high watermark and is killed, again before r2.
-    alloc(&sb, r3.5[0].1, 130);
-    wait_for("the 95 % watermark to kill r3", Duration::from_secs(5), || {
-        (!bus.list_workers("web").iter().any(|w| w.3 == r3.3)).then_some(())
+    alloc(&sb, big.5[0].1, 500);
+    alloc(&sb, held.5[0].1, 200);
+    alloc(&sb, mid.5[0].1, 150);
+    wait_for("samples with the allocations", Duration::from_secs(10), || {
+        let grown = |pid, mib| rss_of(&bus, pid).is_some_and(|r| r >= mib * MIB);
+        (grown(big.3, 500) && grown(held.3, 200) && grown(mid.3, 150)).then_some(())
     });
     let rows = bus.list_workers("web");
-    assert!(rows.iter().any(|w| w.3 == r2.3), "r2 still survives");
-    assert_eq!(
-        rows.iter().filter(|w| w.1 == 3).map(|w| w.3).collect::<BTreeSet<_>>(),
-        live,
-        "live workers untouched"
-    );
-    let j = journal(&sb);
-    assert!(j.contains(&format!("pid {} (stopping): memory (killed by signal SIGTERM)", r1.3)), "{j}");
+    assert_eq!(rows.len(), 8, "no policy acted during the growth: {rows:?}");
+    let rss = |pid: u32| rows.iter().find(|w| w.3 == pid).unwrap().6;
+    // Generation 3 will weigh what generation 2 (the same program, as young) weighs now.
+    let next: u64 = rows.iter().filter(|w| w.1 == 2).map(|w| w.6).sum();
+    let total: u64 = rows.iter().map(|w| w.6).sum::<u64>() + next;
+    let after_kill = total - rss(big.3);
+    let after_stop = after_kill - rss(mid.3);
+    // A budget that puts `after_kill` midway between the watermarks (80 % and 95 %).
+    let budget = after_kill * 1000 / 875 / MIB * MIB;
+    let (low, high) = (budget / 100 * 80, budget / 100 * 95);
+    let margin = 15 * MIB;
     assert!(
-        j.contains(&format!("SIGKILL to retired pid {}", r3.3))
-            && j.contains("memory (killed by signal SIGKILL)"),
+        total > high + margin
+            && after_kill > low + margin
+            && after_kill + margin < high
+            && after_stop + margin < low,
+        "test setup: total {total} after kill {after_kill} after stop {after_stop} vs {low}..{high}"
+    );
+    sb.write_file(
+        "/etc/ipcluster/apps/web.toml",
+        app(&format!("cluster_memory_max = \"{}M\"\n", budget / MIB)),
+        0o644,
+    )
+    .unwrap();
+    sb.check(["systemctl", "reload", "ipclusterd"]).unwrap();
+    assert_eq!(bus.deploy_plain("web"), Ok(3));
+
+    wait_for("the watermarks to act", Duration::from_secs(10), || {
+        let rows = bus.list_workers("web");
+        (!rows.iter().any(|w| w.3 == big.3 || w.3 == mid.3)).then_some(())
+    });
+    // Nothing more than needed: once the projected total is under 80 %, the rest stay.
+    std::thread::sleep(Duration::from_millis(600));
+    let rows = bus.list_workers("web");
+    assert!(rows.iter().any(|w| w.3 == held.3 && w.4 == "retired"), "held (a connection) survives: {rows:?}");
+    assert_eq!(rows.iter().filter(|w| w.1 == 1).count(), 2, "generation 1 keeps held and band 3: {rows:?}");
+    assert_eq!(rows.iter().filter(|w| w.1 == 2 && w.4 == "retired").count(), 4, "{rows:?}");
+    assert_eq!(rows.iter().filter(|w| w.1 == 3 && w.4 == "live").count(), 4, "live workers untouched");
+    let j = journal(&sb);
+    assert!(
+        j.contains(&format!("SIGKILL to retired pid {}", big.3))
+            && j.contains(&format!("pid {} (stopping): memory (killed by signal SIGKILL)", big.3)),
         "{j}"
     );
+    assert!(
+        j.contains(&format!("stopping retired pid {}", mid.3))
+            && j.contains(&format!("pid {} (stopping): memory (killed by signal SIGTERM)", mid.3)),
+        "{j}"
+    );
+    assert!(!j.contains(&format!("retired pid {}", held.3)), "{j}");
     no_failed_units(&sb);
 }
 
 #[test]
 fn a_crash_looping_band_backs_off_and_the_daemon_stays_responsive() {
     let (sb, bus) = fast_cluster(&app(""));
+    // Workers exit 200 ms after they are ready, but only once the test arms them: the deploy
+    // itself never races the first exits.
     let looping = std::collections::HashMap::from([(
         "command",
-        opt(vec!["/usr/local/bin/ipcluster-demo", "--exit-after", "200"]),
+        opt(vec!["/usr/local/bin/ipcluster-demo", "--exit-after", "200", "--armed-by", "/run/crash"]),
     )]);
-    assert_eq!(bus.deploy("web", looping), Ok(1), "ready before it exits");
+    assert_eq!(bus.deploy("web", looping), Ok(1));
     let pid =
         sb.check(["systemctl", "show", "-p", "MainPID", "--value", "ipclusterd"]).unwrap().trim().to_owned();
     let cpu = || {
@@ -166,32 +206,36 @@ fn a_crash_looping_band_backs_off_and_the_daemon_stays_responsive() {
             .collect();
         f[0] + f[1]
     };
+    let respawns = |j: &str| -> Vec<Duration> {
+        j.lines()
+            .filter_map(|l| l.strip_prefix("web: respawning band 0 in "))
+            .map(|d| {
+                if let Some(ms) = d.strip_suffix("ms") {
+                    Duration::from_millis(ms.parse().unwrap())
+                } else {
+                    Duration::from_secs_f64(d.trim_end_matches('s').parse().unwrap())
+                }
+            })
+            .collect()
+    };
     let (cpu0, t0) = (cpu(), Instant::now());
-    for _ in 0..20 {
+    sb.write_file("/run/crash", "", 0o644).unwrap();
+    // Delays of band 0 grow: 100ms, 200ms, 400ms, 800ms, ... while ListWorkers keeps answering.
+    wait_for("four respawns of band 0", Duration::from_secs(30), || {
         assert!(
             !bus.list_workers("web").is_empty() || bus.list_generations("web").len() == 1,
             "ListWorkers answers"
         );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+        std::thread::sleep(Duration::from_millis(200));
+        (respawns(&journal(&sb)).len() >= 4).then_some(())
+    });
     let used = Duration::from_millis((cpu() - cpu0) * 10);
     assert!(used < t0.elapsed() / 10, "the daemon used {used:?} of CPU in {:?}", t0.elapsed());
-    // Delays of band 0 grow: 100ms, 200ms, 400ms, 800ms, ...
     let j = journal(&sb);
-    let delays: Vec<Duration> = j
-        .lines()
-        .filter_map(|l| l.strip_prefix("web: respawning band 0 in "))
-        .map(|d| {
-            if let Some(ms) = d.strip_suffix("ms") {
-                Duration::from_millis(ms.parse().unwrap())
-            } else {
-                Duration::from_secs_f64(d.trim_end_matches('s').parse().unwrap())
-            }
-        })
-        .collect();
-    assert!(delays.len() >= 4, "{delays:?}\n{j}");
-    assert!(delays.windows(2).all(|w| w[1] == w[0] * 2), "delays double: {delays:?}");
+    let delays = respawns(&j);
+    assert!(delays.windows(2).all(|w| w[1] == w[0] * 2), "delays double: {delays:?}\n{j}");
     // A deploy still works, and ends the loop.
+    sb.check(["rm", "/run/crash"]).unwrap();
     assert_eq!(bus.deploy_plain("web"), Ok(2));
     assert_eq!(bus.list_workers("web").iter().filter(|w| w.1 == 2 && w.4 == "live").count(), 4);
     no_failed_units(&sb);
@@ -210,20 +254,22 @@ fn a_worker_that_stops_sending_watchdog_is_replaced() {
         let env = ipcluster_e2e::environ(&sb, w.3);
         env.contains(&"WATCHDOG_USEC=1000000".to_owned()) && env.contains(&format!("WATCHDOG_PID={}", w.3))
     };
-    let start = Instant::now();
     assert!(env_ok, "WATCHDOG_USEC and WATCHDOG_PID are set");
     let old = bus.list_workers("web").into_iter().find(|w| w.2 == 0).unwrap();
-    wait_for("band 0 to be replaced", Duration::from_millis(1500 + 1000 + 2000), || {
+    let new = wait_for("band 0 to be replaced", Duration::from_secs(15), || {
         bus.list_workers("web").into_iter().find(|w| w.2 == 0 && w.4 == "live" && w.3 != old.3)
     });
-    assert!(start.elapsed() > Duration::from_millis(2000), "not before the watchdog expired");
+    // The old worker pinged until 1.5 s after it was ready (at least every 333 ms), and the
+    // watchdog allows 1 s of silence: its replacement cannot have started sooner than 2.1 s
+    // after it (start times from the kernel, at 10 ms resolution).
+    assert!(new.8 >= old.8 + 2_000_000, "replaced {} ms after it started", (new.8 - old.8) / 1000);
     assert!(
         journal(&sb).contains("is hung (no WATCHDOG=1 for more than 1s); replacing it"),
         "{}",
         journal(&sb)
     );
     // The hung worker, now retired and still silent, is stopped.
-    wait_for("the hung retired worker to be stopped", Duration::from_secs(5), || {
+    wait_for("the hung retired worker to be stopped", Duration::from_secs(15), || {
         journal(&sb).contains(&format!("pid {} (stopping): watchdog", old.3)).then_some(())
     });
     no_failed_units(&sb);
@@ -234,15 +280,9 @@ fn retire_timeout_and_reap_interval_show_in_the_timestamps() {
     let (sb, bus) = fast_cluster(&app("retire_timeout = \"2s\"\nreap_interval = \"500ms\"\n"));
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     assert_eq!(bus.deploy_plain("web"), Ok(2));
-    let retired_at = Instant::now();
-    wait_for("generation 1 to be reaped", Duration::from_secs(6), || {
+    wait_for("generation 1 to be reaped", Duration::from_secs(20), || {
         bus.list_workers("web").iter().all(|w| w.1 == 2).then_some(())
     });
-    assert!(
-        retired_at.elapsed() >= Duration::from_millis(2000 + 3 * 500 - 300),
-        "reaped too early: {:?}",
-        retired_at.elapsed()
-    );
     let j = sb.check(["journalctl", "-u", "ipclusterd", "-o", "short-monotonic", "--no-pager"]).unwrap();
     let at =
         |l: &str| -> f64 { l.trim_start_matches('[').split(']').next().unwrap().trim().parse().unwrap() };
@@ -255,7 +295,6 @@ fn retire_timeout_and_reap_interval_show_in_the_timestamps() {
         assert!(w[1] - w[0] >= 0.4, "reaped {:.2}s apart (reap_interval 500ms): {reaped:?}", w[1] - w[0]);
     }
     no_failed_units(&sb);
-    let _ = text;
 }
 
 #[test]
@@ -267,7 +306,7 @@ fn killing_a_live_worker_under_load_refuses_no_connection() {
     std::thread::sleep(Duration::from_millis(500));
     let victim = bus.list_workers("web").into_iter().find(|w| w.2 == 1).unwrap();
     sb.check(["kill", "-9", &victim.3.to_string()]).unwrap();
-    let replacement = wait_for("band 1's replacement", Duration::from_secs(5), || {
+    let replacement = wait_for("band 1's replacement", Duration::from_secs(15), || {
         bus.list_workers("web").into_iter().find(|w| w.2 == 1 && w.4 == "live" && w.3 != victim.3)
     });
     std::thread::sleep(Duration::from_millis(500));
@@ -312,7 +351,7 @@ fn spawn_interval_paces_a_generation_and_retired_scopes_get_a_low_cpu_weight() {
         "[not set]"
     );
     assert_eq!(bus.deploy_plain("web"), Ok(2));
-    wait_for("the retired scope's CPUWeight", Duration::from_secs(3), || {
+    wait_for("the retired scope's CPUWeight", Duration::from_secs(15), || {
         let w =
             sb.check(["systemctl", "show", "-p", "CPUWeight", "--value", "ipcluster-web-1.scope"]).ok()?;
         (w.trim() == "10").then_some(())

