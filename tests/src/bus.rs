@@ -1,5 +1,6 @@
 //! A client of the sandbox's system bus, from the host process (as root, over
 //! `/proc/<pid>/root/run/dbus/system_bus_socket`), so tests see typed replies and error names.
+//! The rows and names are the daemon's own contract ([`ipcluster_bus`]).
 
 use std::collections::HashMap;
 
@@ -7,10 +8,7 @@ use zbus::wire::{OwnedVariant, Variant};
 
 use crate::Sandbox;
 
-/// ListWorkers row.
-pub type WorkerRow = (String, u64, u32, u32, String, Vec<(u16, u16)>, u64, u64, u64, i32, String);
-/// ListGenerations row.
-pub type GenerationRow = (String, u64, String, u32, u64, String);
+pub use ipcluster_bus::{GenerationRow, WorkerRow};
 
 /// A failed call: the D-Bus error name and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,9 +42,9 @@ impl Bus {
         R: for<'d> zbus::wire::DynamicDeserialize<'d>,
     {
         let reply = self.rt.block_on(self.conn.call_method(
-            Some("org.ipcluster1"),
-            "/org/ipcluster1",
-            Some("org.ipcluster1.Manager"),
+            Some(ipcluster_bus::BUS_NAME),
+            ipcluster_bus::OBJECT_PATH,
+            Some(ipcluster_bus::INTERFACE),
             method,
             body,
         ));
@@ -111,5 +109,5 @@ pub fn opt<'a>(v: impl Into<Variant<'a>>) -> OwnedVariant {
 
 /// Live workers' pids by band.
 pub fn live_by_band(rows: &[WorkerRow]) -> std::collections::BTreeMap<u32, u32> {
-    rows.iter().filter(|w| w.4 == "live").map(|w| (w.2, w.3)).collect()
+    rows.iter().filter(|w| w.state == "live").map(|w| (w.band, w.pid)).collect()
 }

@@ -69,7 +69,7 @@ fn a_polkit_rule_lets_a_user_deploy() {
     let out = sb.run(as_user("ipcdeployer", &["ipclusterctl", "deploy", "web"])).unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("generation 1 is live"), "{}", text(&out));
-    assert_eq!(bus.list_generations("web")[0].2, "live");
+    assert_eq!(bus.list_generations("web")[0].state, "live");
 }
 
 #[test]

@@ -44,12 +44,12 @@ fn every_command_works_against_the_daemon() {
     let arr = json.as_array().unwrap();
     assert_eq!(arr.len(), rows.len());
     for w in &rows {
-        let j = arr.iter().find(|j| field(j, "pid") == w.3).expect("every worker listed");
+        let j = arr.iter().find(|j| field(j, "pid") == w.pid).expect("every worker listed");
         assert_eq!(
             (field(j, "band"), field(j, "state"), field(j, "generation")),
-            (&w.2.into(), &w.4.clone().into(), &w.1.into())
+            (&w.band.into(), &w.state.clone().into(), &w.generation.into())
         );
-        assert_eq!(field(&field(j, "ports")[0], "worker"), &serde_json::Value::from(w.5[0].1));
+        assert_eq!(field(&field(j, "ports")[0], "worker"), &serde_json::Value::from(w.ports[0].1));
         assert_eq!(field(j, "scope"), "ipcluster-web-1.scope");
     }
     let out = ctl(&["--json", "generations"]);
@@ -65,7 +65,7 @@ fn every_command_works_against_the_daemon() {
         (&serde_json::Value::from(2), &serde_json::Value::from("starting"))
     );
     wait_for("generation 2 to go live", Duration::from_secs(15), || {
-        bus.list_generations("web").iter().any(|g| g.1 == 2 && g.2 == "live").then_some(())
+        bus.list_generations("web").iter().any(|g| g.generation == 2 && g.state == "live").then_some(())
     });
     assert_eq!(live_by_band(&bus.list_workers("web")).len(), 2, "--workers 2 applied");
 

@@ -25,7 +25,7 @@ stop_timeout = "2s"
 const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
 
 fn pids(rows: &[ipcluster_e2e::bus::WorkerRow], generation: u64) -> BTreeSet<u32> {
-    rows.iter().filter(|w| w.1 == generation).map(|w| w.3).collect()
+    rows.iter().filter(|w| w.generation == generation).map(|w| w.pid).collect()
 }
 
 #[test]
@@ -35,28 +35,28 @@ fn deploy_runs_one_worker_per_band_in_its_own_scope() {
 
     let workers = bus.list_workers("web");
     assert_eq!(workers.len(), 4, "{workers:?}");
-    let bands: BTreeSet<u32> = workers.iter().map(|w| w.2).collect();
+    let bands: BTreeSet<u32> = workers.iter().map(|w| w.band).collect();
     assert_eq!(bands, BTreeSet::from([0, 1, 2, 3]));
     let mut ports = BTreeSet::new();
     for w in &workers {
         assert_eq!(
-            (w.0.as_str(), w.1, w.4.as_str(), w.10.as_str()),
+            (w.app.as_str(), w.generation, w.state.as_str(), w.scope.as_str()),
             ("web", 1, "live", "ipcluster-web-1.scope")
         );
-        assert_eq!(w.5.len(), 1);
-        assert_eq!(w.5[0].0, 80);
-        assert!(ports.insert(w.5[0].1), "port {} reused", w.5[0].1);
-        assert!(w.6 > 0, "RSS of {} is 0", w.3);
-        assert_eq!(w.9, 0, "live workers are not reniced");
+        assert_eq!(w.ports.len(), 1);
+        assert_eq!(w.ports[0].0, 80);
+        assert!(ports.insert(w.ports[0].1), "port {} reused", w.ports[0].1);
+        assert!(w.rss > 0, "RSS of {} is 0", w.pid);
+        assert_eq!(w.nice, 0, "live workers are not reniced");
         // Identity and hygiene of the environment.
-        let env = environ(&sb, w.3);
+        let env = environ(&sb, w.pid);
         for expected in [
             "IPCLUSTER_APP=web".to_owned(),
             "IPCLUSTER_GENERATION=1".to_owned(),
-            format!("IPCLUSTER_BAND={}", w.2),
+            format!("IPCLUSTER_BAND={}", w.band),
             "IPCLUSTER_BANDS=4".to_owned(),
-            format!("PORT={}", w.5[0].1),
-            format!("IPCLUSTER_PORTS=80:{}", w.5[0].1),
+            format!("PORT={}", w.ports[0].1),
+            format!("IPCLUSTER_PORTS=80:{}", w.ports[0].1),
         ] {
             assert!(env.contains(&expected), "{expected} missing in {env:?}");
         }
@@ -81,7 +81,10 @@ fn deploy_runs_one_worker_per_band_in_its_own_scope() {
         assert!(status.contains(&pid.to_string()), "pid {pid} not in {status}");
     }
     assert_eq!(
-        bus.list_generations("web").into_iter().map(|g| (g.0, g.1, g.2, g.3, g.5)).collect::<Vec<_>>(),
+        bus.list_generations("web")
+            .into_iter()
+            .map(|g| (g.app, g.generation, g.state, g.workers, g.scope))
+            .collect::<Vec<_>>(),
         [("web".to_owned(), 1, "live".to_owned(), 4, "ipcluster-web-1.scope".to_owned())]
     );
 
@@ -165,7 +168,7 @@ fn redeploys_under_load_drop_nothing_and_keep_established_connections() {
     assert!(outcomes.len() > 100, "the load ran ({} requests)", outcomes.len());
     assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), outcomes.len());
     let gens = bus.list_generations("web");
-    let states: Vec<(u64, &str)> = gens.iter().map(|g| (g.1, g.2.as_str())).collect();
+    let states: Vec<(u64, &str)> = gens.iter().map(|g| (g.generation, g.state.as_str())).collect();
     assert_eq!(states, [(1, "retired"), (2, "retired"), (3, "retired"), (4, "live")]);
 }
 
@@ -179,13 +182,13 @@ fn retired_workers_are_reniced_then_reaped_by_sigusr1_and_kill_retired() {
     let (old, live) = (pids(&rows, 1), pids(&rows, 2));
     assert_eq!((old.len(), live.len()), (4, 4));
     for w in &rows {
-        let expected = if w.1 == 1 { ("retired", 5) } else { ("live", 0) };
-        assert_eq!((w.4.as_str(), w.9), expected, "{w:?}");
-        let nices = thread_nices(&sb, w.3);
+        let expected = if w.generation == 1 { ("retired", 5) } else { ("live", 0) };
+        assert_eq!((w.state.as_str(), w.nice), expected, "{w:?}");
+        let nices = thread_nices(&sb, w.pid);
         assert!(
             !nices.is_empty() && nices.iter().all(|n| *n == expected.1),
             "pid {} threads: {nices:?}",
-            w.3
+            w.pid
         );
     }
     // Retiring it again changes nothing.
@@ -207,7 +210,7 @@ fn retired_workers_are_reniced_then_reaped_by_sigusr1_and_kill_retired() {
         units.trim().is_empty().then_some(())
     });
     let gens = bus.list_generations("web");
-    assert!(gens.iter().any(|g| g.1 == 1 && g.2 == "stopped" && g.3 == 0), "{gens:?}");
+    assert!(gens.iter().any(|g| g.generation == 1 && g.state == "stopped" && g.workers == 0), "{gens:?}");
 
     // A worker that ignores SIGTERM is SIGKILLed after stop_timeout (2 s).
     let stubborn =
@@ -221,7 +224,7 @@ fn retired_workers_are_reniced_then_reaped_by_sigusr1_and_kill_retired() {
     std::thread::sleep(Duration::from_millis(300));
     let still = pids(&bus.list_workers("web"), 3);
     assert_eq!(still, stubborn_pids, "SIGTERM-ignoring workers are still there before stop_timeout");
-    assert!(bus.list_workers("web").iter().filter(|w| w.1 == 3).all(|w| w.4 == "stopping"));
+    assert!(bus.list_workers("web").iter().filter(|w| w.generation == 3).all(|w| w.state == "stopping"));
     wait_for("SIGKILL after stop_timeout", Duration::from_secs(15), || {
         pids(&bus.list_workers("web"), 3).is_empty().then_some(())
     });
@@ -261,7 +264,8 @@ fn failed_deploys_leave_the_previous_generation_serving_and_no_scope() {
         "{:?}",
         outcomes.iter().find(|(_, r)| !matches!(r, Ok(a) if a.generation == 1))
     );
-    let states: Vec<(u64, String)> = bus.list_generations("web").into_iter().map(|g| (g.1, g.2)).collect();
+    let states: Vec<(u64, String)> =
+        bus.list_generations("web").into_iter().map(|g| (g.generation, g.state)).collect();
     assert_eq!(
         states,
         [(1, "live".into()), (2, "failed".into()), (3, "failed".into()), (4, "failed".into())]
@@ -280,8 +284,11 @@ type Snapshot = (Vec<(String, u64, u32, u32, String, Vec<(u16, u16)>)>, Vec<(Str
 
 fn snapshot(bus: &Bus) -> Snapshot {
     (
-        bus.list_workers("").into_iter().map(|w| (w.0, w.1, w.2, w.3, w.4, w.5)).collect(),
-        bus.list_generations("").into_iter().map(|g| (g.0, g.1, g.2, g.3)).collect(),
+        bus.list_workers("")
+            .into_iter()
+            .map(|w| (w.app, w.generation, w.band, w.pid, w.state, w.ports))
+            .collect(),
+        bus.list_generations("").into_iter().map(|g| (g.app, g.generation, g.state, g.workers)).collect(),
     )
 }
 
@@ -333,7 +340,7 @@ fn bad_input_gets_the_documented_error_and_changes_nothing() {
             )
         });
         wait_for("the slow deploy to start", Duration::from_secs(15), || {
-            bus.list_generations("web").iter().any(|g| g.2 == "starting").then_some(())
+            bus.list_generations("web").iter().any(|g| g.state == "starting").then_some(())
         });
         assert_eq!(err(bus.deploy_plain("web")), "org.ipcluster1.Error.Busy");
         assert_eq!(slow.join().unwrap().unwrap_err().name, "org.ipcluster1.Error.DeployFailed");
@@ -374,7 +381,7 @@ fn only_ipclusterd_chains_change_and_other_rules_survive() {
     }
     let ours: Vec<&str> = after.lines().filter(|l| l.starts_with("-A IPC-web")).collect();
     let ports: BTreeSet<u16> =
-        bus.list_workers("web").iter().filter(|w| w.1 == 2).map(|w| w.5[0].1).collect();
+        bus.list_workers("web").iter().filter(|w| w.generation == 2).map(|w| w.ports[0].1).collect();
     assert_eq!(ours.len(), 4, "{after}");
     for l in ours {
         let port: u16 = l.rsplit(' ').next().unwrap().parse().unwrap();
@@ -413,7 +420,7 @@ fn autostart_apps_are_live_when_start_returns_and_reload_picks_up_new_files() {
     let (sb, bus) = cluster(&[("web", &auto)]);
     // Type=notify: `systemctl start` returned only after READY=1, sent once autostart finished.
     let rows = bus.list_workers("web");
-    assert_eq!(rows.iter().filter(|w| w.1 == 1 && w.4 == "live").count(), 4, "{rows:?}");
+    assert_eq!(rows.iter().filter(|w| w.generation == 1 && w.state == "live").count(), 4, "{rows:?}");
 
     // A new valid file and an invalid one; reload starts the valid one and skips the other.
     let api = auto.replace("0.0.0.0:80", "0.0.0.0:8080").replace("workers = 4", "workers = 2");
@@ -421,7 +428,7 @@ fn autostart_apps_are_live_when_start_returns_and_reload_picks_up_new_files() {
     sb.write_file("/etc/ipcluster/apps/broken.toml", "command = \"not an array\"\n", 0o644).unwrap();
     sb.check(["systemctl", "reload", "ipclusterd"]).unwrap();
     wait_for("api to autostart", Duration::from_secs(15), || {
-        (bus.list_workers("api").iter().filter(|w| w.4 == "live").count() == 2).then_some(())
+        (bus.list_workers("api").iter().filter(|w| w.state == "live").count() == 2).then_some(())
     });
     let answer = sb
         .in_netns(|| client::get(Ipv4Addr::new(127, 0, 0, 3), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)));
@@ -441,7 +448,7 @@ fn workers_run_as_the_configured_user_in_the_configured_directory() {
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     let nobody = sb.check(["id", "-u", "nobody"]).unwrap().trim().to_owned();
     for w in bus.list_workers("web") {
-        let status = sb.read_file(format!("/proc/{}/status", w.3)).unwrap();
+        let status = sb.read_file(format!("/proc/{}/status", w.pid)).unwrap();
         let uid = status
             .lines()
             .find_map(|l| l.strip_prefix("Uid:"))
@@ -450,12 +457,12 @@ fn workers_run_as_the_configured_user_in_the_configured_directory() {
             .next()
             .unwrap()
             .to_owned();
-        assert_eq!(uid, nobody, "pid {} runs as uid {uid}", w.3);
+        assert_eq!(uid, nobody, "pid {} runs as uid {uid}", w.pid);
         let groups = status.lines().find_map(|l| l.strip_prefix("Groups:")).unwrap().trim().to_owned();
         assert!(groups.is_empty(), "supplementary groups dropped: {groups:?}");
-        let cwd = std::fs::read_link(sb.host_path(format!("/proc/{}/cwd", w.3))).unwrap();
+        let cwd = std::fs::read_link(sb.host_path(format!("/proc/{}/cwd", w.pid))).unwrap();
         assert_eq!(cwd, std::path::Path::new("/srv"));
-        assert!(environ(&sb, w.3).contains(&"MODE=test".to_owned()));
+        assert!(environ(&sb, w.pid).contains(&"MODE=test".to_owned()));
     }
     // The workers' output still reaches the journal as an unprivileged user.
     wait_for("journal lines of the unprivileged workers", Duration::from_secs(15), || {

@@ -62,23 +62,23 @@ fn no_failed_units(sb: &Sandbox) {
 fn a_worker_over_worker_memory_max_is_replaced_without_a_failed_request() {
     let (sb, bus) = fast_cluster(&app("worker_memory_max = \"40M\"\n"));
     assert_eq!(bus.deploy_plain("web"), Ok(1));
-    let old = bus.list_workers("web").into_iter().find(|w| w.2 == 2).unwrap();
+    let old = bus.list_workers("web").into_iter().find(|w| w.band == 2).unwrap();
     let load = Load::start(&sb, vec![Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 6)], PUBLIC);
     std::thread::sleep(Duration::from_millis(300));
-    alloc(&sb, old.5[0].1, 64);
+    alloc(&sb, old.ports[0].1, 64);
     let new = wait_for("band 2 to be replaced", Duration::from_secs(15), || {
-        bus.list_workers("web").into_iter().find(|w| w.2 == 2 && w.4 == "live" && w.3 != old.3)
+        bus.list_workers("web").into_iter().find(|w| w.band == 2 && w.state == "live" && w.pid != old.pid)
     });
     std::thread::sleep(Duration::from_millis(300));
     let outcomes = load.finish();
     assert!(outcomes.iter().all(|(_, r)| r.is_ok()), "{:?}", outcomes.iter().find(|(_, r)| r.is_err()));
     let pids: Vec<u32> = outcomes.iter().map(|(_, r)| r.as_ref().unwrap().pid).collect();
-    assert_eq!(pids.first(), Some(&old.3), "served by the old worker first");
-    assert_eq!(pids.last(), Some(&new.3), "then by its replacement");
-    assert_eq!(new.1, 1, "the replacement joins the same generation");
+    assert_eq!(pids.first(), Some(&old.pid), "served by the old worker first");
+    assert_eq!(pids.last(), Some(&new.pid), "then by its replacement");
+    assert_eq!(new.generation, 1, "the replacement joins the same generation");
     let rows = bus.list_workers("web");
-    let retired = rows.iter().find(|w| w.3 == old.3).expect("the old worker is still there, retired");
-    assert_eq!((retired.4.as_str(), retired.9), ("retired", 5));
+    let retired = rows.iter().find(|w| w.pid == old.pid).expect("the old worker is still there, retired");
+    assert_eq!((retired.state.as_str(), retired.nice), ("retired", 5));
     assert!(journal(&sb).contains("over worker_memory_max 40 MiB; replacing it"), "{}", journal(&sb));
     let procs = sb
         .check([
@@ -87,7 +87,7 @@ fn a_worker_over_worker_memory_max_is_replaced_without_a_failed_request() {
         ])
         .unwrap();
     assert!(
-        procs.split_whitespace().any(|p| p == new.3.to_string()),
+        procs.split_whitespace().any(|p| p == new.pid.to_string()),
         "replacement in the generation's scope"
     );
     no_failed_units(&sb);
@@ -95,7 +95,7 @@ fn a_worker_over_worker_memory_max_is_replaced_without_a_failed_request() {
 
 /// RSS of a worker as ListWorkers reports it (the last sample).
 fn rss_of(bus: &Bus, pid: u32) -> Option<u64> {
-    bus.list_workers("web").into_iter().find(|w| w.3 == pid).map(|w| w.6)
+    bus.list_workers("web").into_iter().find(|w| w.pid == pid).map(|w| w.rss)
 }
 
 const MIB: u64 = 1 << 20;
@@ -110,31 +110,31 @@ fn cluster_watermarks_stop_then_kill_retired_workers_most_killable_first() {
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     assert_eq!(bus.deploy_plain("web"), Ok(2));
     let rows = bus.list_workers("web");
-    let by = |g: u64, band: u32| rows.iter().find(|w| w.1 == g && w.2 == band).unwrap().clone();
+    let by = |g: u64, band: u32| rows.iter().find(|w| w.generation == g && w.band == band).unwrap().clone();
     // Retired workers of generation 1: `big` (no connection, largest) is to be killed at 95 %;
     // `held` is larger than `mid` but holds a connection, so `mid` is stopped at 80 % before it.
     let (big, held, mid) = (by(1, 0), by(1, 1), by(1, 2));
-    let port = held.5[0].1;
+    let port = held.ports[0].1;
     let _connection = sb
         .in_netns(move || {
             client::connect(Ipv4Addr::LOCALHOST, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).unwrap()
         })
         .unwrap();
-    alloc(&sb, big.5[0].1, 500);
-    alloc(&sb, held.5[0].1, 200);
-    alloc(&sb, mid.5[0].1, 150);
+    alloc(&sb, big.ports[0].1, 500);
+    alloc(&sb, held.ports[0].1, 200);
+    alloc(&sb, mid.ports[0].1, 150);
     wait_for("samples with the allocations", Duration::from_secs(10), || {
         let grown = |pid, mib| rss_of(&bus, pid).is_some_and(|r| r >= mib * MIB);
-        (grown(big.3, 500) && grown(held.3, 200) && grown(mid.3, 150)).then_some(())
+        (grown(big.pid, 500) && grown(held.pid, 200) && grown(mid.pid, 150)).then_some(())
     });
     let rows = bus.list_workers("web");
     assert_eq!(rows.len(), 8, "no policy acted during the growth: {rows:?}");
-    let rss = |pid: u32| rows.iter().find(|w| w.3 == pid).unwrap().6;
+    let rss = |pid: u32| rows.iter().find(|w| w.pid == pid).unwrap().rss;
     // Generation 3 will weigh what generation 2 (the same program, as young) weighs now.
-    let next: u64 = rows.iter().filter(|w| w.1 == 2).map(|w| w.6).sum();
-    let total: u64 = rows.iter().map(|w| w.6).sum::<u64>() + next;
-    let after_kill = total - rss(big.3);
-    let after_stop = after_kill - rss(mid.3);
+    let next: u64 = rows.iter().filter(|w| w.generation == 2).map(|w| w.rss).sum();
+    let total: u64 = rows.iter().map(|w| w.rss).sum::<u64>() + next;
+    let after_kill = total - rss(big.pid);
+    let after_stop = after_kill - rss(mid.pid);
     // A budget that puts `after_kill` midway between the watermarks (80 % and 95 %).
     let budget = after_kill * 1000 / 875 / MIB * MIB;
     let (low, high) = (budget / 100 * 80, budget / 100 * 95);
@@ -157,27 +157,38 @@ fn cluster_watermarks_stop_then_kill_retired_workers_most_killable_first() {
 
     wait_for("the watermarks to act", Duration::from_secs(10), || {
         let rows = bus.list_workers("web");
-        (!rows.iter().any(|w| w.3 == big.3 || w.3 == mid.3)).then_some(())
+        (!rows.iter().any(|w| w.pid == big.pid || w.pid == mid.pid)).then_some(())
     });
     // Nothing more than needed: once the projected total is under 80 %, the rest stay.
     std::thread::sleep(Duration::from_millis(600));
     let rows = bus.list_workers("web");
-    assert!(rows.iter().any(|w| w.3 == held.3 && w.4 == "retired"), "held (a connection) survives: {rows:?}");
-    assert_eq!(rows.iter().filter(|w| w.1 == 1).count(), 2, "generation 1 keeps held and band 3: {rows:?}");
-    assert_eq!(rows.iter().filter(|w| w.1 == 2 && w.4 == "retired").count(), 4, "{rows:?}");
-    assert_eq!(rows.iter().filter(|w| w.1 == 3 && w.4 == "live").count(), 4, "live workers untouched");
+    assert!(
+        rows.iter().any(|w| w.pid == held.pid && w.state == "retired"),
+        "held (a connection) survives: {rows:?}"
+    );
+    assert_eq!(
+        rows.iter().filter(|w| w.generation == 1).count(),
+        2,
+        "generation 1 keeps held and band 3: {rows:?}"
+    );
+    assert_eq!(rows.iter().filter(|w| w.generation == 2 && w.state == "retired").count(), 4, "{rows:?}");
+    assert_eq!(
+        rows.iter().filter(|w| w.generation == 3 && w.state == "live").count(),
+        4,
+        "live workers untouched"
+    );
     let j = journal(&sb);
     assert!(
-        j.contains(&format!("SIGKILL to retired pid {}", big.3))
-            && j.contains(&format!("pid {} (stopping): memory (killed by signal SIGKILL)", big.3)),
+        j.contains(&format!("SIGKILL to retired pid {}", big.pid))
+            && j.contains(&format!("pid {} (stopping): memory (killed by signal SIGKILL)", big.pid)),
         "{j}"
     );
     assert!(
-        j.contains(&format!("stopping retired pid {}", mid.3))
-            && j.contains(&format!("pid {} (stopping): memory (killed by signal SIGTERM)", mid.3)),
+        j.contains(&format!("stopping retired pid {}", mid.pid))
+            && j.contains(&format!("pid {} (stopping): memory (killed by signal SIGTERM)", mid.pid)),
         "{j}"
     );
-    assert!(!j.contains(&format!("retired pid {}", held.3)), "{j}");
+    assert!(!j.contains(&format!("retired pid {}", held.pid)), "{j}");
     no_failed_units(&sb);
 }
 
@@ -237,7 +248,7 @@ fn a_crash_looping_band_backs_off_and_the_daemon_stays_responsive() {
     // A deploy still works, and ends the loop.
     sb.check(["rm", "/run/crash"]).unwrap();
     assert_eq!(bus.deploy_plain("web"), Ok(2));
-    assert_eq!(bus.list_workers("web").iter().filter(|w| w.1 == 2 && w.4 == "live").count(), 4);
+    assert_eq!(bus.list_workers("web").iter().filter(|w| w.generation == 2 && w.state == "live").count(), 4);
     no_failed_units(&sb);
 }
 
@@ -251,18 +262,22 @@ fn a_worker_that_stops_sending_watchdog_is_replaced() {
     let env_ok = {
         assert_eq!(bus.deploy_plain("web"), Ok(1));
         let w = bus.list_workers("web").into_iter().next().unwrap();
-        let env = ipcluster_e2e::environ(&sb, w.3);
-        env.contains(&"WATCHDOG_USEC=1000000".to_owned()) && env.contains(&format!("WATCHDOG_PID={}", w.3))
+        let env = ipcluster_e2e::environ(&sb, w.pid);
+        env.contains(&"WATCHDOG_USEC=1000000".to_owned()) && env.contains(&format!("WATCHDOG_PID={}", w.pid))
     };
     assert!(env_ok, "WATCHDOG_USEC and WATCHDOG_PID are set");
-    let old = bus.list_workers("web").into_iter().find(|w| w.2 == 0).unwrap();
+    let old = bus.list_workers("web").into_iter().find(|w| w.band == 0).unwrap();
     let new = wait_for("band 0 to be replaced", Duration::from_secs(15), || {
-        bus.list_workers("web").into_iter().find(|w| w.2 == 0 && w.4 == "live" && w.3 != old.3)
+        bus.list_workers("web").into_iter().find(|w| w.band == 0 && w.state == "live" && w.pid != old.pid)
     });
     // The old worker pinged until 1.5 s after it was ready (at least every 333 ms), and the
     // watchdog allows 1 s of silence: its replacement cannot have started sooner than 2.1 s
     // after it (start times from the kernel, at 10 ms resolution).
-    assert!(new.8 >= old.8 + 2_000_000, "replaced {} ms after it started", (new.8 - old.8) / 1000);
+    assert!(
+        new.start_usec >= old.start_usec + 2_000_000,
+        "replaced {} ms after it started",
+        (new.start_usec - old.start_usec) / 1000
+    );
     assert!(
         journal(&sb).contains("is hung (no WATCHDOG=1 for more than 1s); replacing it"),
         "{}",
@@ -270,7 +285,7 @@ fn a_worker_that_stops_sending_watchdog_is_replaced() {
     );
     // The hung worker, now retired and still silent, is stopped.
     wait_for("the hung retired worker to be stopped", Duration::from_secs(15), || {
-        journal(&sb).contains(&format!("pid {} (stopping): watchdog", old.3)).then_some(())
+        journal(&sb).contains(&format!("pid {} (stopping): watchdog", old.pid)).then_some(())
     });
     no_failed_units(&sb);
 }
@@ -281,7 +296,7 @@ fn retire_timeout_and_reap_interval_show_in_the_timestamps() {
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     assert_eq!(bus.deploy_plain("web"), Ok(2));
     wait_for("generation 1 to be reaped", Duration::from_secs(20), || {
-        bus.list_workers("web").iter().all(|w| w.1 == 2).then_some(())
+        bus.list_workers("web").iter().all(|w| w.generation == 2).then_some(())
     });
     let j = sb.check(["journalctl", "-u", "ipclusterd", "-o", "short-monotonic", "--no-pager"]).unwrap();
     let at =
@@ -304,10 +319,10 @@ fn killing_a_live_worker_under_load_refuses_no_connection() {
     // Continuous load from every band (sources .1 to .8: two per band), from three clients.
     let loads: Vec<Load> = (0..3).map(|_| Load::start(&sb, client::loopback_sources(8), PUBLIC)).collect();
     std::thread::sleep(Duration::from_millis(500));
-    let victim = bus.list_workers("web").into_iter().find(|w| w.2 == 1).unwrap();
-    sb.check(["kill", "-9", &victim.3.to_string()]).unwrap();
+    let victim = bus.list_workers("web").into_iter().find(|w| w.band == 1).unwrap();
+    sb.check(["kill", "-9", &victim.pid.to_string()]).unwrap();
     let replacement = wait_for("band 1's replacement", Duration::from_secs(15), || {
-        bus.list_workers("web").into_iter().find(|w| w.2 == 1 && w.4 == "live" && w.3 != victim.3)
+        bus.list_workers("web").into_iter().find(|w| w.band == 1 && w.state == "live" && w.pid != victim.pid)
     });
     std::thread::sleep(Duration::from_millis(500));
     let outcomes: Vec<_> = loads.into_iter().flat_map(Load::finish).collect();
@@ -325,9 +340,9 @@ fn killing_a_live_worker_under_load_refuses_no_connection() {
         .filter(|(s, _)| u32::from(*s) & 3 == 1)
         .map(|(_, r)| r.as_ref().unwrap().pid)
         .collect();
-    assert!(band1.contains(&victim.3) && band1.contains(&replacement.3));
+    assert!(band1.contains(&victim.pid) && band1.contains(&replacement.pid));
     assert!(
-        band1.iter().any(|p| *p != victim.3 && *p != replacement.3),
+        band1.iter().any(|p| *p != victim.pid && *p != replacement.pid),
         "a neighbour served band 1 meanwhile"
     );
     no_failed_units(&sb);
@@ -339,7 +354,7 @@ fn spawn_interval_paces_a_generation_and_retired_scopes_get_a_low_cpu_weight() {
     let start = Instant::now();
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     assert!(start.elapsed() >= Duration::from_millis(900), "4 workers 300 ms apart: {:?}", start.elapsed());
-    let mut starts: Vec<u64> = bus.list_workers("web").iter().map(|w| w.8).collect();
+    let mut starts: Vec<u64> = bus.list_workers("web").iter().map(|w| w.start_usec).collect();
     starts.sort();
     for w in starts.windows(2) {
         assert!(w[1] - w[0] >= 250_000, "workers started {} µs apart", w[1] - w[0]);

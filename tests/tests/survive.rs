@@ -43,7 +43,10 @@ fn wait_restarted(sb: &Sandbox, bus: &Bus, old: u32) {
 type StableRow = (String, u64, u32, u32, String, Vec<(u16, u16)>, u64, i32, String);
 
 fn stable(rows: Vec<WorkerRow>) -> Vec<StableRow> {
-    let mut v: Vec<_> = rows.into_iter().map(|w| (w.0, w.1, w.2, w.3, w.4, w.5, w.8, w.9, w.10)).collect();
+    let mut v: Vec<_> = rows
+        .into_iter()
+        .map(|w| (w.app, w.generation, w.band, w.pid, w.state, w.ports, w.start_usec, w.nice, w.scope))
+        .collect();
     v.sort();
     v
 }
@@ -115,7 +118,7 @@ fn adopted_workers_are_reaped_respawned_and_numbered_on() {
     // KillRetired reaches adopted retired workers (not children of this daemon).
     assert_eq!(bus.kill_retired("web"), Ok(4));
     wait_for("adopted retired workers to stop", Duration::from_secs(15), || {
-        bus.list_workers("web").iter().all(|w| w.1 != 1).then_some(())
+        bus.list_workers("web").iter().all(|w| w.generation != 1).then_some(())
     });
     assert_eq!(bus.deploy_plain("web"), Ok(3), "numbers go on after a restart");
 
@@ -125,21 +128,21 @@ fn adopted_workers_are_reaped_respawned_and_numbered_on() {
     sb.install().unwrap();
     sb.check(["systemctl", "start", "ipclusterd"]).unwrap();
     wait_restarted(&sb, &bus, old);
-    assert!(bus.list_workers("web").iter().any(|w| w.1 == 2 && w.4 == "retired"));
+    assert!(bus.list_workers("web").iter().any(|w| w.generation == 2 && w.state == "retired"));
     sb.check(["systemctl", "kill", "-s", "USR1", "ipclusterd"]).unwrap();
     wait_for("SIGUSR1 to reap adopted retired workers", Duration::from_secs(15), || {
-        bus.list_workers("web").iter().all(|w| w.1 == 3).then_some(())
+        bus.list_workers("web").iter().all(|w| w.generation == 3).then_some(())
     });
 
     // An adopted live worker that is killed is respawned for its band.
-    let victim = bus.list_workers("web").into_iter().find(|w| w.2 == 2).unwrap();
-    sb.check(["kill", "-9", &victim.3.to_string()]).unwrap();
+    let victim = bus.list_workers("web").into_iter().find(|w| w.band == 2).unwrap();
+    sb.check(["kill", "-9", &victim.pid.to_string()]).unwrap();
     let replacement = wait_for("band 2 to be respawned", Duration::from_secs(15), || {
-        bus.list_workers("web").into_iter().find(|w| w.2 == 2 && w.4 == "live" && w.3 != victim.3)
+        bus.list_workers("web").into_iter().find(|w| w.band == 2 && w.state == "live" && w.pid != victim.pid)
     });
-    assert_eq!(replacement.1, 3, "respawned into the same generation");
+    assert_eq!(replacement.generation, 3, "respawned into the same generation");
     let answer = sb.in_netns(|| client::get(Ipv4Addr::new(127, 0, 0, 2), PUBLIC)).unwrap().unwrap();
-    assert_eq!(answer.pid, replacement.3, "band 2 is served by its replacement");
+    assert_eq!(answer.pid, replacement.pid, "band 2 is served by its replacement");
     let procs = sb
         .check([
             "cat",
@@ -147,7 +150,7 @@ fn adopted_workers_are_reaped_respawned_and_numbered_on() {
         ])
         .unwrap();
     assert!(
-        procs.split_whitespace().any(|p| p == replacement.3.to_string()),
+        procs.split_whitespace().any(|p| p == replacement.pid.to_string()),
         "replacement is in the scope: {procs}"
     );
 }
@@ -225,25 +228,28 @@ fn a_daemon_killed_during_deploys_leaves_one_live_generation_and_no_orphans() {
         // Half-started generations are stopped in the background; give them stop_timeout.
         let gens = wait_for("one live generation and no half-started one", Duration::from_secs(15), || {
             let gens = bus.list_generations("web");
-            let live = gens.iter().filter(|g| g.2 == "live").count();
-            let starting = gens.iter().filter(|g| g.2 == "starting").count();
+            let live = gens.iter().filter(|g| g.state == "live").count();
+            let starting = gens.iter().filter(|g| g.state == "starting").count();
             let units =
                 sb.check(["systemctl", "list-units", "--no-legend", "--plain", "ipcluster-web-*"]).ok()?;
             let scopes: BTreeSet<String> =
                 units.lines().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect();
-            let running: BTreeSet<String> =
-                gens.iter().filter(|g| g.2 == "live" || g.2 == "retired").map(|g| g.5.clone()).collect();
+            let running: BTreeSet<String> = gens
+                .iter()
+                .filter(|g| g.state == "live" || g.state == "retired")
+                .map(|g| g.scope.clone())
+                .collect();
             (live == 1 && starting == 0 && scopes == running).then_some(gens)
         });
-        let live = gens.iter().find(|g| g.2 == "live").unwrap();
-        assert_eq!(live.3, 4, "round {round}: all bands of the live generation run: {gens:?}");
+        let live = gens.iter().find(|g| g.state == "live").unwrap();
+        assert_eq!(live.workers, 4, "round {round}: all bands of the live generation run: {gens:?}");
         let answers = sb
             .in_netns(|| loopback_sources(4).into_iter().map(|s| client::get(s, PUBLIC)).collect::<Vec<_>>())
             .unwrap();
         for a in answers {
             assert_eq!(
                 a.map(|a| a.generation),
-                Ok(live.1),
+                Ok(live.generation),
                 "round {round}: every band served by the live generation"
             );
         }
@@ -257,6 +263,6 @@ fn a_daemon_killed_during_deploys_leaves_one_live_generation_and_no_orphans() {
         journal.contains("was still starting when the previous daemon stopped; stopping it"),
         "{journal}"
     );
-    let live = bus.list_generations("web").into_iter().find(|g| g.2 == "live").unwrap();
-    assert!(live.1 > 2, "no deploy completed between kills: live generation {}", live.1);
+    let live = bus.list_generations("web").into_iter().find(|g| g.state == "live").unwrap();
+    assert!(live.generation > 2, "no deploy completed between kills: live generation {}", live.generation);
 }

@@ -3,12 +3,14 @@
 //! Nothing in this crate touches the file system, the bus, processes or the network: callers read
 //! files and pass their text in, and apply the decisions that come out.
 
+pub mod adoption;
 pub mod config;
 pub mod model;
 pub mod name;
 pub mod policy;
 pub mod ports;
 pub mod routing;
+pub mod saved;
 pub mod units;
 
 /// The version of the ipclusterd suite, reported over D-Bus as `Version`.

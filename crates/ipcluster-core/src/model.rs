@@ -6,7 +6,8 @@ use std::{fmt, net::SocketAddrV4};
 use crate::{config::AppConfig, name::AppName};
 
 /// State of a generation: `starting → live → retired → stopped`, or `starting → failed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum GenState {
     Starting,
     Live,

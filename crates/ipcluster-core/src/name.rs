@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-/// Longest app name accepted (`IPC-<app>-OUT` must fit iptables' 28-character chain names).
+/// Longest app name accepted (`IPC-<app>` must fit iptables' 28-character chain names).
 pub const MAX_APP_NAME: usize = 24;
 
 /// A validated app name.
@@ -34,6 +34,20 @@ impl AppName {
     /// The name as a string.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl serde::Serialize for AppName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Names read back (from the daemon's saved state) are validated like any other.
+impl<'de> serde::Deserialize<'de> for AppName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        AppName::new(&s).map_err(serde::de::Error::custom)
     }
 }
 

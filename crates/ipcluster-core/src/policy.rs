@@ -1,5 +1,5 @@
 //! Policies: the respawn backoff of a crashing band, the rate limit on memory and health
-//! retirements, and the cluster memory watermarks (shared/DESIGN.md §4).
+//! retirements, and the cluster memory watermarks (docs/ARCHITECTURE.md, "Memory and health").
 //!
 //! Time is passed in as a `Duration` since any fixed origin (the daemon uses a monotonic clock),
 //! so tests drive these with a fake clock.
@@ -19,7 +19,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// A backoff between `min` and `max` (the seed's defaults: 100 ms to 30 s).
+    /// A backoff between `min` and `max` (`restart_backoff`).
     pub fn new(min: Duration, max: Duration) -> Self {
         Self { min, max: max.max(min), last: None }
     }
@@ -50,7 +50,7 @@ impl Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self::new(Duration::from_millis(100), Duration::from_secs(30))
+        Self::new(crate::config::defaults::RESTART_BACKOFF.0, crate::config::defaults::RESTART_BACKOFF.1)
     }
 }
 
@@ -63,7 +63,7 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    /// `max` events per `window` (the seed's default: 10 per 2 minutes).
+    /// `max` events per `window` (`retire_rate`).
     pub fn new(max: u32, window: Duration) -> Self {
         Self { max, window, events: VecDeque::new() }
     }

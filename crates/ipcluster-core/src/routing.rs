@@ -42,6 +42,17 @@ pub struct AppRoute {
     pub bands: Vec<Vec<u16>>,
 }
 
+/// Band failover: each band's worker ports are those of its own live worker, or, when it has
+/// none (crashed, not yet replaced), those of the next band (cyclically) that has one:
+/// stickiness yields to availability. `None` when no band has a live worker.
+pub fn with_failover(by_band: &[Option<Vec<u16>>]) -> Option<Vec<Vec<u16>>> {
+    let n = by_band.len();
+    if by_band.iter().all(Option::is_none) {
+        return None;
+    }
+    Some((0..n).map(|b| (0..n).find_map(|k| by_band[(b + k) % n].clone()).unwrap_or_default()).collect())
+}
+
 /// The name of an app's chain.
 pub fn app_chain(app: &AppName) -> String {
     format!("{APP_CHAIN_PREFIX}{app}")
@@ -244,6 +255,15 @@ mod tests {
         }
         // One band: no source match at all.
         assert!(text.contains("-A IPC-web -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 20000\n"));
+    }
+
+    #[test]
+    fn a_band_without_a_worker_borrows_the_next_ones() {
+        let p = |x: u16| Some(vec![x]);
+        assert_eq!(with_failover(&[p(1), p(2), p(3), p(4)]).unwrap(), [[1], [2], [3], [4]]);
+        assert_eq!(with_failover(&[p(1), None, None, p(4)]).unwrap(), [[1], [4], [4], [4]]);
+        assert_eq!(with_failover(&[None, p(2), p(3), None]).unwrap(), [[2], [2], [3], [2]]);
+        assert_eq!(with_failover(&[None, None]), None);
     }
 
     #[test]

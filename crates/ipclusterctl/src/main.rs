@@ -10,32 +10,8 @@ use std::{collections::HashMap, process::ExitCode};
 
 use clap::{CommandFactory, Parser, Subcommand};
 use futures_util::StreamExt;
+use ipcluster_bus::{ErrorName, ManagerProxy, option};
 use zbus::wire::{OwnedVariant, Variant};
-
-use output::{GenerationRow, WorkerRow};
-
-#[zbus::proxy(
-    interface = "org.ipcluster1.Manager",
-    default_service = "org.ipcluster1",
-    default_path = "/org/ipcluster1"
-)]
-trait Manager {
-    fn deploy(&self, app: &str, options: HashMap<&str, OwnedVariant>) -> zbus::Result<u64>;
-    fn retire_generation(&self, app: &str, generation: u64) -> zbus::Result<()>;
-    fn kill_retired(&self, app: &str) -> zbus::Result<u32>;
-    fn list_workers(&self, app: &str) -> zbus::Result<Vec<WorkerRow>>;
-    fn list_generations(&self, app: &str) -> zbus::Result<Vec<GenerationRow>>;
-    fn reload(&self) -> zbus::Result<()>;
-    fn stop_app(&self, app: &str) -> zbus::Result<()>;
-    #[zbus(property)]
-    fn version(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn apps(&self) -> zbus::Result<Vec<String>>;
-    #[zbus(signal)]
-    fn generation_state_changed(&self, app: String, generation: u64, state: String) -> zbus::Result<()>;
-    #[zbus(signal)]
-    fn worker_ready(&self, app: String, generation: u64, band: u32, pid: u32) -> zbus::Result<()>;
-}
 
 /// Control ipclusterd: deploy apps, inspect workers, reap retired generations.
 #[derive(Debug, Parser)]
@@ -159,24 +135,18 @@ fn describe(e: &zbus::Error) -> (u8, String) {
 
 /// The meaning of a D-Bus error name, with the daemon's message.
 fn describe_named(name: &str, message: &str) -> (u8, String) {
-    let meaning = match name {
-        "org.ipcluster1.Error.NoSuchApp" => "no such app",
-        "org.ipcluster1.Error.NoSuchGeneration" => "no such generation",
-        "org.ipcluster1.Error.DeployFailed" => "deploy failed",
-        "org.ipcluster1.Error.Busy" => "busy",
-        "org.ipcluster1.Error.InvalidConfig" => "invalid app configuration",
-        "org.ipcluster1.Error.StopFailed" => "stop failed",
-        "org.freedesktop.DBus.Error.InvalidArgs" => "invalid arguments",
-        "org.freedesktop.DBus.Error.AccessDenied" => "access denied",
-        "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
-            "access denied (authentication required)"
+    match ErrorName::parse(name) {
+        Some(e @ ErrorName::NoServer) => (3, format!("{}: {message}", e.meaning())),
+        Some(e) => (1, format!("{}: {message}", e.meaning())),
+        None if matches!(
+            name,
+            "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner"
+        ) =>
+        {
+            (3, "ipclusterd is not running (systemctl start ipclusterd)".into())
         }
-        "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
-            return (3, "ipclusterd is not running (systemctl start ipclusterd)".into());
-        }
-        other => other,
-    };
-    (1, format!("{meaning}: {message}"))
+        None => (1, format!("{name}: {message}")),
+    }
 }
 
 fn opt<'a>(v: impl Into<Variant<'a>>) -> zbus::Result<OwnedVariant> {
@@ -221,16 +191,16 @@ async fn run(args: Args) -> zbus::Result<()> {
         Cmd::Deploy { app, workers, command, env, workdir, no_block } => {
             let mut options = HashMap::new();
             if let Some(w) = workers {
-                options.insert("workers", opt(w)?);
+                options.insert(option::WORKERS, opt(w)?);
             }
             if let Some(c) = command {
-                options.insert("command", opt(c)?);
+                options.insert(option::COMMAND, opt(c)?);
             }
             if !env.is_empty() {
-                options.insert("environment", opt(env)?);
+                options.insert(option::ENVIRONMENT, opt(env)?);
             }
             if let Some(d) = workdir {
-                options.insert("working_directory", opt(d)?);
+                options.insert(option::WORKING_DIRECTORY, opt(d)?);
             }
             deploy(&manager, &app, options, no_block, json).await?;
         }

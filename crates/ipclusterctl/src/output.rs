@@ -2,12 +2,8 @@
 
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::SystemTime};
 
+use ipcluster_bus::{GenerationRow, WorkerRow};
 use serde::Serialize;
-
-/// ListWorkers row: app, generation, band, pid, state, ports, RSS, CPU µs, start µs, nice, scope.
-pub type WorkerRow = (String, u64, u32, u32, String, Vec<(u16, u16)>, u64, u64, u64, i32, String);
-/// ListGenerations row: app, generation, state, workers, start µs, scope.
-pub type GenerationRow = (String, u64, String, u32, u64, String);
 
 #[derive(Debug, Serialize)]
 struct Worker<'a> {
@@ -42,22 +38,29 @@ struct Generation<'a> {
 
 fn worker(w: &WorkerRow) -> Worker<'_> {
     Worker {
-        app: &w.0,
-        generation: w.1,
-        band: w.2,
-        pid: w.3,
-        state: &w.4,
-        ports: w.5.iter().map(|(public, worker)| Port { public: *public, worker: *worker }).collect(),
-        rss_bytes: w.6,
-        cpu_usec: w.7,
-        start_usec: w.8,
-        nice: w.9,
-        scope: &w.10,
+        app: &w.app,
+        generation: w.generation,
+        band: w.band,
+        pid: w.pid,
+        state: &w.state,
+        ports: w.ports.iter().map(|(public, worker)| Port { public: *public, worker: *worker }).collect(),
+        rss_bytes: w.rss,
+        cpu_usec: w.cpu_usec,
+        start_usec: w.start_usec,
+        nice: w.nice,
+        scope: &w.scope,
     }
 }
 
 fn generation(g: &GenerationRow) -> Generation<'_> {
-    Generation { app: &g.0, generation: g.1, state: &g.2, workers: g.3, start_usec: g.4, scope: &g.5 }
+    Generation {
+        app: &g.app,
+        generation: g.generation,
+        state: &g.state,
+        workers: g.workers,
+        start_usec: g.start_usec,
+        scope: &g.scope,
+    }
 }
 
 /// Prints `{"key": value}` as JSON, or the value alone.
@@ -107,7 +110,7 @@ fn colored(state: &str, width: usize) -> String {
 
 pub fn workers(json: bool, rows: &[WorkerRow]) {
     let mut rows: Vec<&WorkerRow> = rows.iter().collect();
-    rows.sort_by_key(|w| (rank(&w.4), w.0.clone(), std::cmp::Reverse(w.1), w.2));
+    rows.sort_by_key(|w| (rank(&w.state), w.app.clone(), std::cmp::Reverse(w.generation), w.band));
     if json {
         let v: Vec<Worker<'_>> = rows.into_iter().map(worker).collect();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -118,26 +121,26 @@ pub fn workers(json: bool, rows: &[WorkerRow]) {
         "APP", "GEN", "STATE", "BAND", "PID", "PORTS", "RSS", "CPU", "NICE", "AGE"
     );
     for w in rows {
-        let ports: Vec<String> = w.5.iter().map(|(p, q)| format!("{p}->{q}")).collect();
+        let ports: Vec<String> = w.ports.iter().map(|(p, q)| format!("{p}->{q}")).collect();
         println!(
             "{:<12} {:>4} {} {:>5} {:>8} {:<15} {:>8}K {:>7.1}s {:>4} {:>6}",
-            w.0,
-            w.1,
-            colored(&w.4, 9),
-            w.2,
-            w.3,
+            w.app,
+            w.generation,
+            colored(&w.state, 9),
+            w.band,
+            w.pid,
             ports.join(","),
-            w.6 / 1024,
-            w.7 as f64 / 1e6,
-            w.9,
-            age(w.8)
+            w.rss / 1024,
+            w.cpu_usec as f64 / 1e6,
+            w.nice,
+            age(w.start_usec)
         );
     }
 }
 
 pub fn generations(json: bool, rows: &[GenerationRow]) {
     let mut rows: Vec<&GenerationRow> = rows.iter().collect();
-    rows.sort_by_key(|g| (g.0.clone(), rank(&g.2), std::cmp::Reverse(g.1)));
+    rows.sort_by_key(|g| (g.app.clone(), rank(&g.state), std::cmp::Reverse(g.generation)));
     if json {
         let v: Vec<Generation<'_>> = rows.into_iter().map(generation).collect();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -145,7 +148,15 @@ pub fn generations(json: bool, rows: &[GenerationRow]) {
     }
     println!("{:<12} {:>4} {:<9} {:>7} {:>6}  SCOPE", "APP", "GEN", "STATE", "WORKERS", "AGE");
     for g in rows {
-        println!("{:<12} {:>4} {} {:>7} {:>6}  {}", g.0, g.1, colored(&g.2, 9), g.3, age(g.4), g.5);
+        println!(
+            "{:<12} {:>4} {} {:>7} {:>6}  {}",
+            g.app,
+            g.generation,
+            colored(&g.state, 9),
+            g.workers,
+            age(g.start_usec),
+            g.scope
+        );
     }
 }
 

@@ -1,51 +1,37 @@
 //! `org.ipcluster1.Manager`: a thin adapter. It converts D-Bus types, sends a command to the
-//! supervisor and maps the answer back; it holds no state of its own. Errors are mapped to bus
-//! error names in one place: [`BusError::from`].
+//! supervisor and maps the answer back; it holds no state of its own. The contract (names,
+//! error names, option keys, rows) is [`ipcluster_bus`]'s; errors are mapped to bus error names
+//! in one place: [`BusError::from`].
 
 use std::collections::HashMap;
 
+use ipcluster_bus::{ErrorName, GenerationRow, WorkerRow, option};
 use ipcluster_core::config::Overrides;
 use zbus::{object_server::SignalEmitter, wire::OwnedVariant};
 
 use crate::supervisor::{self, Command, Handle};
 
-/// An error as it crosses the bus: a name and a message. Names are `org.ipcluster1.Error.*`
-/// for ipclusterd's own errors and the standard `org.freedesktop.DBus.Error.*` ones otherwise;
-/// never a bare `Failed`. Every mapping happens here, in [`From`] impls.
+/// An error as it crosses the bus: a name and a message. Never a bare `Failed`. Every mapping
+/// happens here, in [`From`] impls.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusError {
-    name: &'static str,
+    name: ErrorName,
     message: String,
 }
 
-/// Error names (docs/dbus.md lists them with their meaning).
-pub mod names {
-    pub const NO_SUCH_APP: &str = "org.ipcluster1.Error.NoSuchApp";
-    pub const NO_SUCH_GENERATION: &str = "org.ipcluster1.Error.NoSuchGeneration";
-    pub const DEPLOY_FAILED: &str = "org.ipcluster1.Error.DeployFailed";
-    pub const BUSY: &str = "org.ipcluster1.Error.Busy";
-    pub const INVALID_CONFIG: &str = "org.ipcluster1.Error.InvalidConfig";
-    pub const STOP_FAILED: &str = "org.ipcluster1.Error.StopFailed";
-    pub const INVALID_ARGS: &str = "org.freedesktop.DBus.Error.InvalidArgs";
-    pub const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
-    pub const INTERACTIVE_AUTHORIZATION_REQUIRED: &str =
-        "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired";
-    pub const NO_SERVER: &str = "org.freedesktop.DBus.Error.NoServer";
-}
-
 impl BusError {
-    fn new(name: &'static str, message: impl Into<String>) -> Self {
+    fn new(name: ErrorName, message: impl Into<String>) -> Self {
         Self { name, message: message.into() }
     }
 }
 
 impl zbus::DBusError for BusError {
     fn create_reply(&self, call: &zbus::message::Header<'_>) -> zbus::Result<zbus::message::Message> {
-        zbus::message::Message::error(call, self.name).build(&(self.message.as_str(),))
+        zbus::message::Message::error(call, self.name.as_str()).build(&(self.message.as_str(),))
     }
 
     fn name(&self) -> zbus::names::ErrorName<'_> {
-        zbus::names::ErrorName::from_static_str_unchecked(self.name)
+        zbus::names::ErrorName::from_static_str_unchecked(self.name.as_str())
     }
 
     fn description(&self) -> Option<&str> {
@@ -57,14 +43,14 @@ impl From<supervisor::Error> for BusError {
     fn from(e: supervisor::Error) -> Self {
         use supervisor::Error as E;
         let name = match &e {
-            E::NoSuchApp(_) => names::NO_SUCH_APP,
-            E::NoSuchGeneration(_) => names::NO_SUCH_GENERATION,
-            E::DeployFailed(_) => names::DEPLOY_FAILED,
-            E::Busy(_) => names::BUSY,
-            E::InvalidConfig(_) => names::INVALID_CONFIG,
-            E::InvalidArgs(_) => names::INVALID_ARGS,
-            E::StopFailed(_) => names::STOP_FAILED,
-            E::Gone => names::NO_SERVER,
+            E::NoSuchApp(_) => ErrorName::NoSuchApp,
+            E::NoSuchGeneration(_) => ErrorName::NoSuchGeneration,
+            E::DeployFailed(_) => ErrorName::DeployFailed,
+            E::Busy(_) => ErrorName::Busy,
+            E::InvalidConfig(_) => ErrorName::InvalidConfig,
+            E::InvalidArgs(_) => ErrorName::InvalidArgs,
+            E::StopFailed(_) => ErrorName::StopFailed,
+            E::Gone => ErrorName::NoServer,
         };
         BusError::new(name, e.to_string())
     }
@@ -73,9 +59,9 @@ impl From<supervisor::Error> for BusError {
 impl From<crate::auth::Denied> for BusError {
     fn from(d: crate::auth::Denied) -> Self {
         match d {
-            crate::auth::Denied::AccessDenied(m) => BusError::new(names::ACCESS_DENIED, m),
+            crate::auth::Denied::AccessDenied(m) => BusError::new(ErrorName::AccessDenied, m),
             crate::auth::Denied::InteractionRequired(m) => {
-                BusError::new(names::INTERACTIVE_AUTHORIZATION_REQUIRED, m)
+                BusError::new(ErrorName::InteractiveAuthorizationRequired, m)
             }
         }
     }
@@ -85,16 +71,13 @@ impl From<crate::auth::Denied> for BusError {
 /// types: the caller's arguments are invalid.
 impl From<zbus::Error> for BusError {
     fn from(e: zbus::Error) -> Self {
-        BusError::new(names::INVALID_ARGS, e.to_string())
+        BusError::new(ErrorName::InvalidArgs, e.to_string())
     }
 }
 
 fn invalid_args(m: impl Into<String>) -> BusError {
-    BusError::new(names::INVALID_ARGS, m)
+    BusError::new(ErrorName::InvalidArgs, m)
 }
-
-/// Most options a Deploy call may carry.
-const MAX_OPTIONS: usize = 16;
 
 /// An option's value as `T` (an owned copy: zbus converts owned variants into owned types).
 fn typed<T: TryFrom<OwnedVariant>>(value: &OwnedVariant) -> Result<T, ()> {
@@ -103,21 +86,22 @@ fn typed<T: TryFrom<OwnedVariant>>(value: &OwnedVariant) -> Result<T, ()> {
 
 /// Parses Deploy's `a{sv}` options. Unknown keys and wrong types are InvalidArgs.
 fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<Overrides, BusError> {
-    if options.len() > MAX_OPTIONS {
-        return Err(invalid_args(format!("at most {MAX_OPTIONS} options")));
+    if options.len() > option::MAX {
+        return Err(invalid_args(format!("at most {} options", option::MAX)));
     }
     let mut o = Overrides::default();
     for (key, value) in options {
         let wrong = |ty: &str| invalid_args(format!("option {key:?} must be of type {ty}"));
         match key.as_str() {
-            "workers" => o.workers = Some(u32::try_from(value).map_err(|_| wrong("u (uint32)"))?),
-            "command" => o.command = Some(typed(value).map_err(|_| wrong("as"))?),
-            "environment" => o.environment = Some(typed(value).map_err(|_| wrong("as"))?),
-            "working_directory" => o.working_directory = Some(typed(value).map_err(|_| wrong("s"))?),
+            option::WORKERS => o.workers = Some(u32::try_from(value).map_err(|_| wrong("u (uint32)"))?),
+            option::COMMAND => o.command = Some(typed(value).map_err(|_| wrong("as"))?),
+            option::ENVIRONMENT => o.environment = Some(typed(value).map_err(|_| wrong("as"))?),
+            option::WORKING_DIRECTORY => o.working_directory = Some(typed(value).map_err(|_| wrong("s"))?),
             _ => {
                 let shown: String = key.chars().take(64).collect();
                 return Err(invalid_args(format!(
-                    "unknown option {shown:?} (known: workers, command, environment, working_directory)"
+                    "unknown option {shown:?} (known: {})",
+                    option::ALL.join(", ")
                 )));
             }
         }
@@ -137,12 +121,6 @@ impl Manager {
         Self { handle }
     }
 }
-
-/// ListWorkers row: app, generation, band, pid, state, ports (public, worker), RSS bytes,
-/// CPU µs, start µs since the epoch, nice, scope.
-type WorkerRow = (String, u64, u32, u32, String, Vec<(u16, u16)>, u64, u64, u64, i32, String);
-/// ListGenerations row: app, generation, state, workers, start µs, scope.
-type GenerationRow = (String, u64, String, u32, u64, String);
 
 #[zbus::interface(name = "org.ipcluster1.Manager")]
 impl Manager {
@@ -187,20 +165,18 @@ impl Manager {
         let rows = self.handle.call(|reply| Command::ListWorkers { app, reply }).await?;
         Ok(rows
             .into_iter()
-            .map(|w| {
-                (
-                    w.app,
-                    w.generation,
-                    w.band,
-                    w.pid,
-                    w.state.as_str().to_owned(),
-                    w.ports,
-                    w.rss,
-                    w.cpu_usec,
-                    w.start_usec,
-                    w.nice,
-                    w.scope,
-                )
+            .map(|w| WorkerRow {
+                app: w.app,
+                generation: w.generation,
+                band: w.band,
+                pid: w.pid,
+                state: w.state.as_str().to_owned(),
+                ports: w.ports,
+                rss: w.rss,
+                cpu_usec: w.cpu_usec,
+                start_usec: w.start_usec,
+                nice: w.nice,
+                scope: w.scope,
             })
             .collect())
     }
@@ -210,7 +186,14 @@ impl Manager {
         let rows = self.handle.call(|reply| Command::ListGenerations { app, reply }).await?;
         Ok(rows
             .into_iter()
-            .map(|g| (g.app, g.generation, g.state.as_str().to_owned(), g.workers, g.start_usec, g.scope))
+            .map(|g| GenerationRow {
+                app: g.app,
+                generation: g.generation,
+                state: g.state.as_str().to_owned(),
+                workers: g.workers,
+                start_usec: g.start_usec,
+                scope: g.scope,
+            })
             .collect())
     }
 
@@ -354,7 +337,7 @@ mod tests {
             ("colour", v(1u32)),
         ] {
             let e = parse_options(&HashMap::from([(key.to_owned(), value)])).unwrap_err();
-            assert_eq!(e.name, names::INVALID_ARGS, "{key}: {e:?}");
+            assert_eq!(e.name, ErrorName::InvalidArgs, "{key}: {e:?}");
         }
         let many: HashMap<String, OwnedVariant> = (0..17).map(|i| (format!("k{i}"), v(1u32))).collect();
         assert!(parse_options(&many).unwrap_err().message.contains("at most 16"));
@@ -364,21 +347,19 @@ mod tests {
     fn every_supervisor_error_has_its_own_name() {
         use supervisor::Error as E;
         let cases = [
-            (E::NoSuchApp("x".into()), names::NO_SUCH_APP),
-            (E::NoSuchGeneration("x".into()), names::NO_SUCH_GENERATION),
-            (E::DeployFailed("x".into()), names::DEPLOY_FAILED),
-            (E::Busy("x".into()), names::BUSY),
-            (E::InvalidConfig("x".into()), names::INVALID_CONFIG),
-            (E::InvalidArgs("x".into()), names::INVALID_ARGS),
-            (E::StopFailed("x".into()), names::STOP_FAILED),
-            (E::Gone, names::NO_SERVER),
+            (E::NoSuchApp("x".into()), ErrorName::NoSuchApp),
+            (E::NoSuchGeneration("x".into()), ErrorName::NoSuchGeneration),
+            (E::DeployFailed("x".into()), ErrorName::DeployFailed),
+            (E::Busy("x".into()), ErrorName::Busy),
+            (E::InvalidConfig("x".into()), ErrorName::InvalidConfig),
+            (E::InvalidArgs("x".into()), ErrorName::InvalidArgs),
+            (E::StopFailed("x".into()), ErrorName::StopFailed),
+            (E::Gone, ErrorName::NoServer),
         ];
         for (e, name) in cases {
-            let b = BusError::from(e);
-            assert_eq!(b.name, name);
-            assert!(!b.name.ends_with(".Failed"), "never a bare Failed");
+            assert_eq!(BusError::from(e).name, name);
         }
         let denied = BusError::from(crate::auth::Denied::AccessDenied("no".into()));
-        assert_eq!(denied.name, names::ACCESS_DENIED);
+        assert_eq!(denied.name, ErrorName::AccessDenied);
     }
 }

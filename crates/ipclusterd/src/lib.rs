@@ -4,12 +4,17 @@
 //! future) so tests can run a daemon on a private bus.
 //!
 //! ```text
-//! D-Bus (dbus.rs) ──Command──▶ supervisor.rs ──▶ Scopes (scopes.rs: systemd)
+//! D-Bus (dbus.rs) ──Command──▶  supervisor/  ──▶ Scopes (scopes.rs: systemd)
 //! signals (SIGUSR1, SIGHUP) ─▶   owns all     ──▶ Router (netfilter.rs: iptables-restore)
-//! exits, probes, notify ─Event▶   state       ──▶ process.rs (launcher gate, pidfds, renice)
+//! exits, probes, notify ─Event▶   state       ──▶ Processes (processes.rs: fork, pidfds, /proc)
+//!                                             ──▶ Clock (clock.rs)
 //! ```
+//!
+//! docs/ARCHITECTURE.md describes the parts and how a deploy, an adoption and a crash flow
+//! through them.
 
 pub mod auth;
+pub mod clock;
 pub mod dbus;
 pub mod journal;
 pub mod launcher;
@@ -18,6 +23,7 @@ pub mod netfilter;
 pub mod notify;
 pub mod orphan;
 pub mod process;
+pub mod processes;
 pub mod sampler;
 pub mod scopes;
 pub mod state;
@@ -28,10 +34,7 @@ use std::{future::Future, path::PathBuf};
 use anyhow::Context;
 use tracing::{info, warn};
 
-/// The well-known bus name the daemon owns.
-pub const BUS_NAME: &str = "org.ipcluster1";
-/// The object path of the manager.
-pub const OBJECT_PATH: &str = "/org/ipcluster1";
+pub use ipcluster_bus::{BUS_NAME, OBJECT_PATH};
 
 /// Which message bus to serve on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -109,11 +112,16 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         BusKind::Session => zbus::Connection::system().await.context("cannot connect to the system bus")?,
     };
     let scopes = scopes::Systemd::new(&system).await.context("cannot talk to systemd")?;
-    let notify = notify::Receiver::bind(&notify_socket_path())
-        .inspect_err(|e| {
-            warn!("cannot bind the workers' notify socket: {e}; ready = \"notify\" apps cannot deploy")
-        })
-        .ok();
+    let (notify, notify_socket) = match notify::Receiver::bind(&notify_socket_path()) {
+        Ok(receiver) => {
+            let path = receiver.path().to_owned();
+            (Some(notify::forward(receiver)), Some(path))
+        }
+        Err(e) => {
+            warn!("cannot bind the workers' notify socket: {e}; ready = \"notify\" apps cannot deploy");
+            (None, None)
+        }
+    };
     let (signals_tx, signals_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(dbus::forward_signals(connection.clone(), OBJECT_PATH, signals_rx));
     let daemon_config = load_daemon_config(&options.config_dir);
@@ -122,9 +130,12 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         launcher: PathBuf::from("/proc/self/exe"),
         scopes,
         router: netfilter::Iptables,
+        processes: processes::Host,
+        clock: std::sync::Arc::new(clock::SystemClock),
         config_dir: options.config_dir.clone(),
         state_file: state_dir().join("state.json"),
         notify,
+        notify_socket,
         signals: signals_tx,
     };
     let supervisor = supervisor::Supervisor::new(commands, deps);

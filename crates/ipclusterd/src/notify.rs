@@ -17,24 +17,23 @@ use tokio::net::UnixDatagram;
 /// Largest datagram accepted (systemd uses the same bound for its own notify socket).
 const MAX_DATAGRAM: usize = 4096;
 
-/// What a worker said.
+/// What a worker said that the daemon acts on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Message {
+    /// `READY=1`.
     pub ready: bool,
+    /// `WATCHDOG=1`.
     pub watchdog: bool,
-    pub stopping: bool,
-    pub status: Option<String>,
 }
 
-/// Parses a notification datagram. Unknown assignments are ignored, as systemd does.
+/// Parses a notification datagram. Other assignments (`STATUS=`, `MAINPID=`, …) are ignored,
+/// as are lines that are not assignments.
 pub fn parse(datagram: &[u8]) -> Message {
     let mut m = Message::default();
-    for line in String::from_utf8_lossy(datagram).lines() {
-        match line.split_once('=') {
-            Some(("READY", "1")) => m.ready = true,
-            Some(("WATCHDOG", "1")) => m.watchdog = true,
-            Some(("STOPPING", "1")) => m.stopping = true,
-            Some(("STATUS", s)) => m.status = Some(s.chars().take(256).collect()),
+    for line in datagram.split(|b| *b == b'\n') {
+        match line {
+            b"READY=1" => m.ready = true,
+            b"WATCHDOG=1" => m.watchdog = true,
             _ => {}
         }
     }
@@ -96,6 +95,27 @@ impl Receiver {
     }
 }
 
+/// Reads `receiver` in a task of its own and forwards each datagram with its sender's PID.
+pub fn forward(receiver: Receiver) -> tokio::sync::mpsc::UnboundedReceiver<(u32, Message)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match receiver.recv().await {
+                Ok(m) => {
+                    if tx.send(m).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("notify socket: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,7 +124,6 @@ mod tests {
     fn parses_assignments() {
         let m = parse(b"READY=1\nSTATUS=serving 3 clients\nMAINPID=4\n");
         assert!(m.ready && !m.watchdog);
-        assert_eq!(m.status.as_deref(), Some("serving 3 clients"));
         assert!(parse(b"WATCHDOG=1").watchdog);
         assert!(!parse(b"READY=0").ready);
         assert_eq!(parse(b"\xff\xfe garbage"), Message::default());

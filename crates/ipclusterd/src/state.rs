@@ -1,71 +1,36 @@
-//! Persisted state: what reality (systemd's scopes, /proc) cannot tell a restarted daemon, such
-//! as the last generation number of each app, so numbers never go backwards or repeat.
+//! The saved state's file (`/var/lib/ipcluster/state.json`): what it holds is
+//! [`ipcluster_core::saved`]'s business; this module reads and writes it.
 //!
-//! Written atomically: temp file, fsync, rename, fsync the directory. A missing file is an empty
-//! state; a corrupt one is reported by [`load`] and the caller starts from reality.
+//! Written atomically and root-only: temp file (mode 0600), fsync, rename, fsync the directory.
+//! A missing file is an empty state; a corrupt one is reported by [`load`] and the caller starts
+//! from reality.
 
 use std::{
-    collections::BTreeMap,
     fs,
     io::{self, Write},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::Path,
 };
 
-use serde::{Deserialize, Serialize};
-
-/// The persisted state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PersistedState {
-    /// Last generation number allocated, per app.
-    #[serde(default)]
-    pub last_generation: BTreeMap<String, u64>,
-    /// Generations that still run (starting, live, retired), per app.
-    #[serde(default)]
-    pub apps: BTreeMap<String, AppRecord>,
-}
-
-/// What is remembered of an app.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppRecord {
-    #[serde(default)]
-    pub generations: BTreeMap<u64, GenRecord>,
-    /// Last respawn delay (ms) of each band that crashed, so a crash loop stays slow across
-    /// daemon restarts.
-    #[serde(default)]
-    pub backoff_ms: BTreeMap<u32, u64>,
-    /// Stopped with StopApp (stays stopped until the next Deploy).
-    #[serde(default)]
-    pub stopped: bool,
-}
-
-/// What is remembered of a running generation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GenRecord {
-    /// `starting`, `live` or `retired`.
-    pub state: String,
-    pub started_usec: u64,
-    #[serde(default)]
-    pub retired_usec: Option<u64>,
-    pub workers: u32,
-    /// Public addresses (`ip:port`), in `listen` order.
-    pub listen: Vec<String>,
-}
+use ipcluster_core::saved::SavedState;
 
 /// Loads the state; a missing file is the empty state.
-pub fn load(path: &Path) -> Result<PersistedState, String> {
+pub fn load(path: &Path) -> Result<SavedState, String> {
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("corrupt ({e})")),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(PersistedState::default()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(SavedState::default()),
         Err(e) => Err(e.to_string()),
     }
 }
 
 /// Saves the state atomically.
-pub fn save(path: &Path, state: &PersistedState) -> io::Result<()> {
+pub fn save(path: &Path, state: &SavedState) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp)?;
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    // A temp file left by a crash may predate the mode above.
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
     f.write_all(&serde_json::to_vec_pretty(state).map_err(io::Error::other)?)?;
     f.sync_all()?;
     drop(f);
@@ -75,27 +40,31 @@ pub fn save(path: &Path, state: &PersistedState) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use ipcluster_core::{model::GenState, name::AppName, saved::SavedGeneration};
+
     use super::*;
 
     #[test]
-    fn round_trip_missing_and_corrupt() {
+    fn round_trip_missing_corrupt_and_root_only() {
         let dir = crate::test_dir("state");
         let path = dir.join("state.json");
-        assert_eq!(load(&path).unwrap(), PersistedState::default());
-        let mut s = PersistedState::default();
-        s.last_generation.insert("chat".into(), 7);
-        s.apps.entry("chat".into()).or_default().generations.insert(
+        assert_eq!(load(&path).unwrap(), SavedState::default());
+        let mut s = SavedState::default();
+        let chat = AppName::new("chat").unwrap();
+        s.last_generation.insert(chat.clone(), 7);
+        s.apps.entry(chat).or_default().generations.insert(
             7,
-            GenRecord {
-                state: "live".into(),
+            SavedGeneration {
+                state: GenState::Live,
                 started_usec: 1,
                 retired_usec: None,
                 workers: 4,
-                listen: vec!["0.0.0.0:80".into()],
+                listen: vec!["0.0.0.0:80".parse().unwrap()],
             },
         );
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), s);
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(!path.with_extension("tmp").exists());
         fs::write(&path, b"{\"last_gen").unwrap();
         assert!(load(&path).unwrap_err().contains("corrupt"));

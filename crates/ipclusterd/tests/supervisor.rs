@@ -112,9 +112,12 @@ fn start(name: &str, apps: &[(&str, String)]) -> Harness {
     let deps = Deps {
         scopes: scopes.clone(),
         router: router.clone(),
+        processes: ipclusterd::processes::Host,
+        clock: Arc::new(ipclusterd::clock::SystemClock),
         config_dir: dir.join("apps"),
         state_file: dir.join("state.json"),
         notify: None,
+        notify_socket: None,
         signals: signals_tx,
         sample_interval: Duration::from_secs(1),
         launcher: PathBuf::from(env!("CARGO_BIN_EXE_ipclusterd")),

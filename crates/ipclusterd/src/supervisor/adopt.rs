@@ -1,36 +1,35 @@
 //! Adoption: a daemon that starts (after a restart, a crash or an upgrade) takes over the
-//! generations that are still running, without touching them.
+//! generations that are still running, without touching a serving worker.
 //!
 //! Reality first: the `ipcluster-*.scope` units systemd has, the processes in them and their
 //! `IPCLUSTER_*` environment (app, generation, band, ports), and which worker ports the kernel's
-//! rules point at (that generation is live: a cutover is one atomic transaction, so the rules say
-//! either the old or the new one). The persisted state adds what reality cannot tell: which
-//! generations were retired and when, and which were still starting.
-//!
-//! A generation that was still starting when the daemon died is stopped (it was never live); a
-//! generation that the rules make live but whose predecessor was not yet retired completes that
-//! retirement. The rules are then reconciled with the adopted live workers.
+//! rules route to. The saved state adds what reality cannot tell. What becomes of each generation
+//! is [`ipcluster_core::adoption::decide`]'s pure decision; this module gathers the witnesses and
+//! carries the verdicts out. The rules are then reconciled with the adopted live workers.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use ipcluster_core::{
+    adoption::{self, Found, Verdict},
     config::AppConfig,
     model::{GenState, WorkerState, parse_scope_name},
     name::AppName,
+    policy::Backoff,
+    saved::SavedApp,
 };
 use tracing::{info, warn};
 
-use super::{Generation, Supervisor};
-use crate::{netfilter::Router, process, scopes::Scopes};
+use super::{Supervisor, model::Generation};
+use crate::{clock::from_usec, netfilter::Router, processes::Processes, scopes::Scopes};
 
 /// One worker found in a scope.
 #[derive(Debug)]
-struct Found {
+struct FoundWorker {
     band: u32,
     pid: u32,
     /// (public port, worker port) in `listen` order.
@@ -42,7 +41,7 @@ struct Found {
 struct FoundGen {
     unit: String,
     bands: u32,
-    workers: Vec<Found>,
+    workers: Vec<FoundWorker>,
 }
 
 fn env_get<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -58,16 +57,10 @@ fn parse_ports(s: &str) -> Option<Vec<(u16, u16)>> {
         .collect()
 }
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
     /// Takes over every running generation (see the module docs).
     pub(super) async fn adopt(&mut self) {
-        let units = match self.deps.scopes.list().await {
-            Ok(u) => u,
-            Err(e) => {
-                warn!("cannot list scopes to adopt: {e}");
-                return;
-            }
-        };
+        let found = self.find_running().await;
         let routed = match self.deps.router.current().await {
             Ok(existing) => existing.routed_ports(),
             Err(e) => {
@@ -75,9 +68,58 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 BTreeSet::new()
             }
         };
+        // What the previous daemon saved, as it was: saving as we go rewrites `self.saved`.
+        let saved_apps = self.saved.apps.clone();
+        let (mut generations, mut workers) = (0, 0);
+        for (app, gens) in found {
+            let saved_app = saved_apps.get(&app).cloned().unwrap_or_default();
+            let saved = &saved_app.generations;
+            let witnesses: Vec<Found> = gens
+                .iter()
+                .map(|(g, fg)| Found {
+                    generation: *g,
+                    complete: fg.workers.iter().map(|w| w.band).collect::<BTreeSet<_>>().len() as u32
+                        == fg.bands,
+                    routed: fg.workers.iter().any(|w| w.ports.iter().any(|p| routed.contains(&p.1))),
+                })
+                .collect();
+            let verdicts = adoption::decide(&witnesses, saved);
+            for (g, fg) in gens {
+                match verdicts[&g] {
+                    Verdict::Stop => {
+                        warn!(app = %app, generation = g, "{app}: generation {g} was still starting when the previous daemon stopped; stopping it");
+                        self.stop_unit_in_background(fg.unit);
+                    }
+                    verdict => {
+                        workers += fg.workers.len();
+                        generations += 1;
+                        self.adopt_generation(&app, g, fg, verdict, &saved_app);
+                    }
+                }
+            }
+        }
+        self.finish_stops(&saved_apps);
+        if generations > 0 {
+            info!("adopted {generations} generations with {workers} workers");
+        }
+        self.persist();
+        self.reconcile().await;
+    }
+
+    /// Every generation systemd runs for us: its scope's top-level processes whose environment
+    /// names the scope's app and generation. Generation numbers stay above every one seen.
+    async fn find_running(&mut self) -> BTreeMap<AppName, BTreeMap<u64, FoundGen>> {
         let mut found: BTreeMap<AppName, BTreeMap<u64, FoundGen>> = BTreeMap::new();
+        let units = match self.deps.scopes.list().await {
+            Ok(u) => u,
+            Err(e) => {
+                warn!("cannot list scopes to adopt: {e}");
+                return found;
+            }
+        };
         for unit in units {
             let Some((app, g)) = parse_scope_name(&unit) else { continue };
+            self.saved.saw_generation(&app, g);
             let pids = match self.deps.scopes.processes(&unit).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -87,13 +129,14 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             };
             let in_scope: BTreeSet<u32> = pids.iter().copied().collect();
             let mut fg = FoundGen { unit: unit.clone(), bands: 0, workers: Vec::new() };
+            let p = &self.deps.processes;
             for pid in pids {
                 // A worker's own children inherit its environment: only the top of each tree is
                 // the worker.
-                if process::parent(pid).is_some_and(|pp| in_scope.contains(&pp)) {
+                if p.parent(pid).is_some_and(|pp| in_scope.contains(&pp)) {
                     continue;
                 }
-                let Some(env) = process::environ(pid) else { continue };
+                let Some(env) = p.environ(pid) else { continue };
                 let g_env = env_get(&env, "IPCLUSTER_GENERATION").and_then(|v| v.parse::<u64>().ok());
                 if env_get(&env, "IPCLUSTER_APP") != Some(app.as_str()) || g_env != Some(g) {
                     continue;
@@ -103,7 +146,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 let ports = env_get(&env, "IPCLUSTER_PORTS").and_then(parse_ports);
                 let (Some(band), Some(bands), Some(ports)) = (band, bands, ports) else { continue };
                 fg.bands = bands;
-                fg.workers.push(Found { band, pid, ports });
+                fg.workers.push(FoundWorker { band, pid, ports });
             }
             if fg.workers.is_empty() {
                 warn!("{unit} has no worker of ours; left alone");
@@ -111,93 +154,37 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
             }
             found.entry(app).or_default().insert(g, fg);
         }
+        found
+    }
 
-        // Crash loops stay slow across restarts.
-        for (app, record) in &self.persisted.apps {
-            let Ok(name) = AppName::new(app) else { continue };
-            for (band, ms) in &record.backoff_ms {
-                self.backoff.insert(
-                    (name.clone(), *band),
-                    ipcluster_core::policy::Backoff::resumed(
-                        Duration::from_millis(100),
-                        Duration::from_secs(30),
-                        Duration::from_millis(*ms),
-                    ),
-                );
+    fn stop_unit_in_background(&self, unit: String) {
+        let scopes = self.deps.scopes.clone();
+        tokio::spawn(async move {
+            if let Err(e) = scopes.stop(&unit).await {
+                warn!("cannot stop {unit}: {e}");
             }
-        }
-        let mut adopted = (0, 0);
-        for (app, gens) in found {
-            let records =
-                self.persisted.apps.get(app.as_str()).map(|a| a.generations.clone()).unwrap_or_default();
-            let routed_gen = gens
-                .iter()
-                .rev()
-                .find(|(_, fg)| fg.workers.iter().any(|w| w.ports.iter().any(|p| routed.contains(&p.1))))
-                .map(|(g, _)| *g);
-            let recorded_live = records
-                .iter()
-                .rev()
-                .find(|(g, r)| r.state == "live" && gens.contains_key(g))
-                .map(|(g, _)| *g);
-            let complete = |fg: &FoundGen| {
-                fg.workers.iter().map(|w| w.band).collect::<BTreeSet<_>>().len() as u32 == fg.bands
-            };
-            let newest_complete = gens.iter().rev().find(|(_, fg)| complete(fg)).map(|(g, _)| *g);
-            let live =
-                routed_gen.or(recorded_live).or(if records.is_empty() { newest_complete } else { None });
+        });
+    }
 
-            for (g, fg) in gens {
-                let record = records.get(&g);
-                let half_started = match record {
-                    Some(r) => r.state == "starting" && Some(g) != live,
-                    // No record (a lost state file): newer than the live one means never live.
-                    None => live.is_some_and(|l| g > l),
-                };
-                if half_started {
-                    warn!(app = %app, generation = g, "{app}: generation {g} was still starting when the previous daemon stopped; stopping it");
-                    let scopes = self.deps.scopes.clone();
-                    let unit = fg.unit.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = scopes.stop(&unit).await {
-                            warn!("cannot stop {unit}: {e}");
-                        }
-                    });
-                    continue;
-                }
-                let state = if Some(g) == live { GenState::Live } else { GenState::Retired };
-                self.adopt_generation(&app, g, fg, state, record);
-                adopted.0 += 1;
-            }
-        }
-        adopted.1 = self.workers.len();
-        // Apps stopped with StopApp stay stopped; finish a stop a crash interrupted.
-        for (app, record) in &self.persisted.apps {
-            let Ok(name) = AppName::new(app) else { continue };
-            if !record.stopped {
-                continue;
-            }
-            let a = self.apps.entry(name.clone()).or_default();
+    /// Apps stopped with StopApp stay stopped; a stop a crash interrupted is finished.
+    fn finish_stops(&mut self, saved: &BTreeMap<AppName, SavedApp>) {
+        let stopped: Vec<AppName> = saved.iter().filter(|(_, a)| a.stopped).map(|(n, _)| n.clone()).collect();
+        for name in stopped {
+            let a = self.m.apps.entry(name.clone()).or_default();
             a.stopped = true;
-            for g in a.generations.values().filter(|g| g.state.is_running()) {
-                warn!(app = %name, "{name}: was being stopped when the previous daemon stopped; stopping {}", g.scope);
-                let scopes = self.deps.scopes.clone();
-                let unit = g.scope.clone();
-                tokio::spawn(async move {
-                    let _ = scopes.stop(&unit).await;
-                });
+            let units: Vec<String> =
+                a.generations.values().filter(|g| g.state.is_running()).map(|g| g.scope.clone()).collect();
+            for unit in units {
+                warn!(app = %name, "{name}: was being stopped when the previous daemon stopped; stopping {unit}");
+                self.stop_unit_in_background(unit);
+            }
+            let ids: Vec<_> = self.m.workers_of_app(&name).map(|(id, _)| id).collect();
+            for id in ids {
+                if let Some(w) = self.m.workers.get_mut(&id) {
+                    w.state = WorkerState::Stopping;
+                }
             }
         }
-        for w in self.workers.values_mut() {
-            if self.apps.get(&w.app).is_some_and(|a| a.stopped) {
-                w.state = WorkerState::Stopping;
-            }
-        }
-        if adopted.0 > 0 {
-            info!("adopted {} generations with {} workers", adopted.0, adopted.1);
-        }
-        self.persist();
-        self.reconcile().await;
     }
 
     fn adopt_generation(
@@ -205,19 +192,15 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         app: &AppName,
         g: u64,
         fg: FoundGen,
-        state: GenState,
-        record: Option<&crate::state::GenRecord>,
+        verdict: Verdict,
+        saved_app: &SavedApp,
     ) {
-        let from_file = match self.apps.get(app).and_then(|a| a.config.clone()) {
-            Some(Ok(c)) => Some(c),
-            _ => None,
-        };
+        let saved = saved_app.generations.get(&g);
+        let from_file = self.m.apps.get(app).and_then(|a| a.config.clone()).and_then(Result::ok);
         // Public addresses: remembered, else the app file's entries for the same ports.
         let public_ports: Vec<u16> = fg.workers[0].ports.iter().map(|p| p.0).collect();
-        let listen: Vec<SocketAddrV4> = record
-            .and_then(|r| r.listen.iter().map(|l| l.parse().ok()).collect::<Option<Vec<_>>>())
-            .filter(|l: &Vec<SocketAddrV4>| l.len() == public_ports.len())
-            .unwrap_or_else(|| {
+        let listen: Vec<SocketAddrV4> =
+            saved.map(|s| s.listen.clone()).filter(|l| l.len() == public_ports.len()).unwrap_or_else(|| {
                 public_ports
                     .iter()
                     .map(|p| {
@@ -235,15 +218,17 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
         config.workers = fg.bands;
         config.listen = listen.clone();
         let config = Arc::new(config);
-        let at = |us: u64| SystemTime::UNIX_EPOCH + Duration::from_micros(us);
-        let first_start = fg.workers.iter().filter_map(|w| process::start_time_usec(w.pid)).min();
-        let started = record.map(|r| r.started_usec).or(first_start).map_or_else(SystemTime::now, at);
-        let was_live = record.is_some_and(|r| r.state == "live");
-        let retired_at = match state {
-            GenState::Retired => Some(record.and_then(|r| r.retired_usec).map_or_else(SystemTime::now, at)),
-            _ => None,
+        let p = self.deps.processes.clone();
+        let first_start = fg.workers.iter().filter_map(|w| p.start_time_usec(w.pid)).min();
+        let started = saved.map(|s| s.started_usec).or(first_start).map_or_else(|| self.now(), from_usec);
+        let (state, finish_retirement) = match verdict {
+            Verdict::Live => (GenState::Live, false),
+            Verdict::Retired { finish } => (GenState::Retired, finish),
+            Verdict::Stop => return,
         };
-        self.apps.entry(app.clone()).or_default().generations.insert(
+        let retired_at = (state == GenState::Retired)
+            .then(|| saved.and_then(|s| s.retired_usec).map_or_else(|| self.now(), from_usec));
+        self.m.apps.entry(app.clone()).or_default().generations.insert(
             g,
             Generation {
                 state,
@@ -253,44 +238,47 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static> Supervisor<S, R> {
                 scope: fg.unit.clone(),
                 waiting: vec![],
                 failure: None,
+                held: Default::default(),
             },
         );
         for w in fg.workers {
-            let pidfd = match process::adopt(w.pid) {
-                Ok(fd) => fd,
+            let handle = match p.adopt(w.pid) {
+                Ok(h) => h,
                 Err(e) => {
                     warn!(app = %app, pid = w.pid, "cannot adopt pid {}: {e}", w.pid);
                     continue;
                 }
             };
             let ports = listen.iter().copied().zip(w.ports.iter().map(|p| p.1)).collect();
-            let id = self.add_worker(app, g, w.band, w.pid, ports, pidfd, started);
-            let wstate = if state == GenState::Live { WorkerState::Live } else { WorkerState::Retired };
-            if let Some(worker) = self.workers.get_mut(&id) {
-                worker.state = wstate;
-                worker.ready = true;
-                let ports: Vec<u16> = worker.ports.iter().map(|p| p.1).collect();
-                worker.listeners = process::grab_listeners(worker.pid, &ports);
-            }
-            // The rules went live with a newer generation but this one was not retired yet.
-            if state == GenState::Retired && was_live {
-                if let Err(e) = process::renice_tree(w.pid, self.base_nice + config.retire_nice) {
+            let id = self.add_worker(app, g, w.band, w.pid, ports, handle, started);
+            let worker_ports = self.m.workers[&id].worker_ports();
+            let listeners = p.listeners(w.pid, &worker_ports);
+            let worker = self.m.workers.get_mut(&id).expect("just added");
+            worker.state = if state == GenState::Live { WorkerState::Live } else { WorkerState::Retired };
+            worker.ready = true;
+            worker.listeners = listeners;
+            if finish_retirement {
+                if let Err(e) = p.renice_tree(w.pid, self.base_nice + config.retire_nice) {
                     warn!(app = %app, pid = w.pid, "cannot renice: {e}");
                 }
-                if let Some(sig) = config.retire_signal
-                    && let Some(worker) = self.workers.get(&id)
-                {
-                    let _ = process::signal(&worker.pidfd, sig.number());
+                if let Some(sig) = config.retire_signal {
+                    let _ = p.signal(&worker.handle, sig.number());
                 }
             }
         }
         info!(app = %app, generation = g, "{app}: adopted generation {g} ({state}) from {}", fg.unit);
-        // Bands of the live generation whose worker died while no daemon watched: respawn.
-        if state == GenState::Live {
-            for band in 0..config.workers {
-                if !self.workers.values().any(|w| &w.app == app && w.generation == g && w.band == band) {
-                    self.schedule_respawn(app, g, band, Duration::ZERO);
-                }
+        if state != GenState::Live {
+            return;
+        }
+        // Crash loops stay slow across restarts, at this generation's own restart_backoff.
+        let (min, max) = config.restart_backoff;
+        for (band, ms) in &saved_app.backoff_ms {
+            self.backoff.insert((app.clone(), *band), Backoff::resumed(min, max, Duration::from_millis(*ms)));
+        }
+        // Bands whose worker died while no daemon watched: respawn.
+        for band in 0..config.workers {
+            if !self.m.workers_of(app, g).any(|(_, w)| w.band == band) {
+                self.schedule_respawn(app, g, band, Duration::ZERO);
             }
         }
     }

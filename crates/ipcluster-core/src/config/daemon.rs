@@ -1,0 +1,55 @@
+//! The daemon's own file, `/etc/ipcluster/ipclusterd.toml` (optional): settings that are not
+//! per app.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Ctx, line_col};
+use crate::units::parse_duration;
+
+/// The daemon's own settings: `/etc/ipcluster/ipclusterd.toml` (optional).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// How often workers' RSS, CPU and connections are sampled (and memory and watchdog
+    /// policies applied).
+    pub sample_interval: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self { sample_interval: Duration::from_secs(1) }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    sample_interval: Option<Spanned<String>>,
+}
+
+/// Keys of the daemon's file (kept in step with the reference docs by a test).
+pub const DAEMON_KEYS: [&str; 1] = ["sample_interval"];
+
+impl DaemonConfig {
+    /// Parses the daemon's file `file` with contents `text`.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawDaemon = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            location: e.span().map(|s| line_col(text, s.start)),
+            key: None,
+            message: e.message().trim().to_owned(),
+        })?;
+        let cx = Ctx { file, text };
+        let mut c = DaemonConfig::default();
+        if let Some(v) = &raw.sample_interval {
+            let d = parse_duration(v.get_ref()).map_err(|m| cx.err("sample_interval", Some(v.span()), m))?;
+            if d < Duration::from_millis(100) {
+                return Err(cx.err("sample_interval", Some(v.span()), "must be at least 100ms"));
+            }
+            c.sample_interval = d;
+        }
+        Ok(c)
+    }
+}

@@ -1,0 +1,26 @@
+//! Every default of an app file, in one place: the parser, the fallback settings of a generation
+//! adopted without its file, and the policies all take them from here.
+
+use std::time::Duration;
+
+use crate::units::Signal;
+
+/// `workers`.
+pub const WORKERS: u32 = 4;
+/// `port_range`: the workers' own ports.
+pub const PORT_RANGE: (u16, u16) = (20000, 39999);
+/// `ready_timeout`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// `working_directory`.
+pub const WORKING_DIRECTORY: &str = "/";
+/// `stop_signal`.
+pub const STOP_SIGNAL: Signal = Signal::Term;
+/// `stop_timeout`: SIGKILL after this.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// `retire_nice`: added to the daemon's own nice value for retired workers.
+pub const RETIRE_NICE: i32 = 5;
+/// `retire_rate`: at most 10 memory or health retirements per 2 minutes (the original
+/// project's limit).
+pub const RETIRE_RATE: (u32, Duration) = (10, Duration::from_secs(120));
+/// `restart_backoff`: a crashed band is respawned after 100 ms, doubling up to 30 s.
+pub const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(30));

@@ -1,0 +1,430 @@
+//! App files: `/etc/ipcluster/apps/<app>.toml`, parsed and validated into [`AppConfig`].
+//!
+//! Every error names the file, the line and column, the key, and what is allowed. Parsing is pure:
+//! the caller reads the file and passes its text. Defaults live in [`defaults`] alone: a key left
+//! out of a file, and a generation adopted without its file, get the same values.
+
+mod checks;
+mod daemon;
+pub mod defaults;
+#[cfg(test)]
+mod tests;
+
+use std::{collections::BTreeMap, fmt, net::SocketAddrV4, ops::Range, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use checks::{check_command, check_environment, check_listen, check_user, check_workdir, check_workers};
+pub use daemon::{DAEMON_KEYS, DaemonConfig};
+
+use crate::{
+    name::AppName,
+    units::{Signal, parse_duration, parse_duration_range, parse_port_range, parse_rate, parse_size},
+};
+
+/// Most bands an app may have.
+pub const MAX_WORKERS: u32 = 1024;
+/// Limits on sizes of what callers and files may pass (no unbounded allocations from input).
+pub const MAX_ARGS: usize = 256;
+pub const MAX_ARG_LEN: usize = 4096;
+pub const MAX_ENV: usize = 256;
+pub const MAX_LISTEN: usize = 16;
+
+/// How a worker tells that it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// Ready when `127.0.0.1:<port>` accepts for each of its ports.
+    Tcp,
+    /// Ready after it sends `READY=1` on `NOTIFY_SOCKET`.
+    Notify,
+}
+
+/// A validated app.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppConfig {
+    pub name: AppName,
+    pub command: Vec<String>,
+    pub workers: u32,
+    pub listen: Vec<SocketAddrV4>,
+    pub port_range: (u16, u16),
+    pub ready: Ready,
+    pub ready_timeout: Duration,
+    pub working_directory: PathBuf,
+    pub user: Option<String>,
+    pub environment: BTreeMap<String, String>,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    pub retire_signal: Option<Signal>,
+    pub retire_nice: i32,
+    pub autostart: bool,
+    /// A live worker above this RSS (bytes) is retired and replaced.
+    pub worker_memory_max: Option<u64>,
+    /// Budget (bytes) for the RSS of all the app's workers; watermarks at 80 % and 95 %.
+    pub cluster_memory_max: Option<u64>,
+    /// At most this many memory/health retirements per window.
+    pub retire_rate: (u32, Duration),
+    /// Retired workers older than this are stopped.
+    pub retire_timeout: Option<Duration>,
+    /// Pause between stopping successive retired workers.
+    pub reap_interval: Duration,
+    /// Pause between spawning successive workers of a generation.
+    pub spawn_interval: Duration,
+    /// With ready = notify: workers must send WATCHDOG=1 at least this often.
+    pub watchdog: Option<Duration>,
+    /// Respawn delay of a crashed band: min, doubling, up to max.
+    pub restart_backoff: (Duration, Duration),
+}
+
+/// An invalid app file or override, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file (or `Deploy options` for overrides).
+    pub file: String,
+    /// 1-based line and column, when known.
+    pub location: Option<(usize, usize)>,
+    /// The key, when known.
+    pub key: Option<String>,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some((line, col)) = self.location {
+            write!(f, ":{line}:{col}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    command: Spanned<Vec<String>>,
+    workers: Option<Spanned<i64>>,
+    listen: Spanned<Vec<String>>,
+    port_range: Option<Spanned<String>>,
+    ready: Option<Spanned<String>>,
+    ready_timeout: Option<Spanned<String>>,
+    working_directory: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    environment: Option<Spanned<BTreeMap<String, String>>>,
+    stop_signal: Option<Spanned<String>>,
+    stop_timeout: Option<Spanned<String>>,
+    retire_signal: Option<Spanned<String>>,
+    retire_nice: Option<Spanned<i64>>,
+    autostart: Option<Spanned<bool>>,
+    worker_memory_max: Option<Spanned<String>>,
+    cluster_memory_max: Option<Spanned<String>>,
+    retire_rate: Option<Spanned<String>>,
+    retire_timeout: Option<Spanned<String>>,
+    reap_interval: Option<Spanned<String>>,
+    spawn_interval: Option<Spanned<String>>,
+    watchdog: Option<Spanned<String>>,
+    restart_backoff: Option<Spanned<String>>,
+}
+
+/// Every key an app file accepts (kept in step with the reference docs by a test).
+pub const KEYS: [&str; 22] = [
+    "command",
+    "workers",
+    "listen",
+    "port_range",
+    "ready",
+    "ready_timeout",
+    "working_directory",
+    "user",
+    "environment",
+    "stop_signal",
+    "stop_timeout",
+    "retire_signal",
+    "retire_nice",
+    "autostart",
+    "worker_memory_max",
+    "cluster_memory_max",
+    "retire_rate",
+    "retire_timeout",
+    "reap_interval",
+    "spawn_interval",
+    "watchdog",
+    "restart_backoff",
+];
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: &str, span: Option<Range<usize>>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_owned(),
+            location: span.map(|s| line_col(self.text, s.start)),
+            key: Some(key.to_owned()),
+            message: message.into(),
+        }
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+impl AppConfig {
+    /// An app with `command`, `workers` and `listen`, and every other key at its default.
+    pub fn with_defaults(
+        name: AppName,
+        command: Vec<String>,
+        workers: u32,
+        listen: Vec<SocketAddrV4>,
+    ) -> Self {
+        AppConfig {
+            name,
+            command,
+            workers,
+            listen,
+            port_range: defaults::PORT_RANGE,
+            ready: Ready::Tcp,
+            ready_timeout: defaults::READY_TIMEOUT,
+            working_directory: PathBuf::from(defaults::WORKING_DIRECTORY),
+            user: None,
+            environment: BTreeMap::new(),
+            stop_signal: defaults::STOP_SIGNAL,
+            stop_timeout: defaults::STOP_TIMEOUT,
+            retire_signal: None,
+            retire_nice: defaults::RETIRE_NICE,
+            autostart: true,
+            worker_memory_max: None,
+            cluster_memory_max: None,
+            retire_rate: defaults::RETIRE_RATE,
+            retire_timeout: None,
+            reap_interval: Duration::ZERO,
+            spawn_interval: Duration::ZERO,
+            watchdog: None,
+            restart_backoff: defaults::RESTART_BACKOFF,
+        }
+    }
+
+    /// The settings used for workers adopted after a restart when their app file is gone or
+    /// invalid: the defaults, with the shape reality tells (bands and public addresses), and no
+    /// autostart. Such an app cannot deploy until its file is valid again, but its workers are
+    /// still managed.
+    pub fn fallback(name: AppName, workers: u32, listen: Vec<SocketAddrV4>) -> Self {
+        AppConfig { autostart: false, ..Self::with_defaults(name, Vec::new(), workers, listen) }
+    }
+
+    /// Parses the app file `file` (for messages; its stem is the app name) with contents `text`.
+    pub fn parse(file: &str, name: &str, text: &str) -> Result<Self, ConfigError> {
+        let name = AppName::new(name).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            location: None,
+            key: None,
+            message: format!("the file name gives the app name: {e}"),
+        })?;
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let location = e.span().map(|s| line_col(text, s.start));
+            // The key is the text before '=' on the line the error points at, when there is one.
+            let key = location
+                .and_then(|(line, _)| text.lines().nth(line - 1))
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim().to_owned())
+                .filter(|k| !k.is_empty() && !k.contains(char::is_whitespace));
+            ConfigError { file: file.to_owned(), location, key, message: e.message().trim().to_owned() }
+        })?;
+        let cx = Ctx { file, text };
+        let span = |s: &Option<Spanned<_>>| s.as_ref().map(|s: &Spanned<_>| s.span());
+
+        let workers = match &raw.workers {
+            None => defaults::WORKERS,
+            Some(w) => check_workers(*w.get_ref()).map_err(|m| cx.err("workers", Some(w.span()), m))?,
+        };
+        let command = check_command(raw.command.get_ref())
+            .map_err(|m| cx.err("command", Some(raw.command.span()), m))?;
+        let listen =
+            check_listen(raw.listen.get_ref()).map_err(|m| cx.err("listen", Some(raw.listen.span()), m))?;
+        let mut c = AppConfig::with_defaults(name, command, workers, listen);
+
+        if let Some(r) = &raw.port_range {
+            c.port_range =
+                parse_port_range(r.get_ref()).map_err(|m| cx.err("port_range", Some(r.span()), m))?;
+        }
+        c.ready = match raw.ready.as_ref().map(|r| r.get_ref().as_str()) {
+            None | Some("tcp") => Ready::Tcp,
+            Some("notify") => Ready::Notify,
+            Some(other) => {
+                return Err(cx.err(
+                    "ready",
+                    span(&raw.ready),
+                    format!("{other:?}: must be \"tcp\" or \"notify\""),
+                ));
+            }
+        };
+        let duration = |v: &Option<Spanned<String>>, key: &str, default: Duration, min: Duration| {
+            let Some(v) = v else { return Ok(default) };
+            let d = parse_duration(v.get_ref()).map_err(|m| cx.err(key, Some(v.span()), m))?;
+            if d < min {
+                return Err(cx.err(key, Some(v.span()), format!("must be at least {min:?}")));
+            }
+            Ok(d)
+        };
+        c.ready_timeout =
+            duration(&raw.ready_timeout, "ready_timeout", c.ready_timeout, Duration::from_millis(1))?;
+        c.stop_timeout = duration(&raw.stop_timeout, "stop_timeout", c.stop_timeout, Duration::ZERO)?;
+        if let Some(d) = &raw.working_directory {
+            c.working_directory =
+                check_workdir(d.get_ref()).map_err(|m| cx.err("working_directory", Some(d.span()), m))?;
+        }
+        if let Some(u) = &raw.user {
+            c.user = Some(check_user(u.get_ref()).map_err(|m| cx.err("user", Some(u.span()), m))?);
+        }
+        if let Some(e) = &raw.environment {
+            check_environment(e.get_ref()).map_err(|m| cx.err("environment", Some(e.span()), m))?;
+            c.environment = e.get_ref().clone();
+        }
+        let signal = |v: &Option<Spanned<String>>, key: &str| {
+            v.as_ref()
+                .map(|s| Signal::parse(s.get_ref()).map_err(|m| cx.err(key, Some(s.span()), m)))
+                .transpose()
+        };
+        if let Some(s) = signal(&raw.stop_signal, "stop_signal")? {
+            c.stop_signal = s;
+        }
+        c.retire_signal = signal(&raw.retire_signal, "retire_signal")?;
+        if let Some(n) = &raw.retire_nice {
+            if !(0..=19).contains(n.get_ref()) {
+                return Err(cx.err(
+                    "retire_nice",
+                    Some(n.span()),
+                    format!("{}: must be 0..=19", n.get_ref()),
+                ));
+            }
+            c.retire_nice = *n.get_ref() as i32;
+        }
+        if let Some(a) = &raw.autostart {
+            c.autostart = *a.get_ref();
+        }
+        let size = |v: &Option<Spanned<String>>, key: &str| {
+            v.as_ref()
+                .map(|x| match parse_size(x.get_ref()) {
+                    Ok(0) => Err(cx.err(key, Some(x.span()), "must be more than 0")),
+                    Ok(n) => Ok(n),
+                    Err(m) => Err(cx.err(key, Some(x.span()), m)),
+                })
+                .transpose()
+        };
+        c.worker_memory_max = size(&raw.worker_memory_max, "worker_memory_max")?;
+        c.cluster_memory_max = size(&raw.cluster_memory_max, "cluster_memory_max")?;
+        if let Some(r) = &raw.retire_rate {
+            c.retire_rate = parse_rate(r.get_ref()).map_err(|m| cx.err("retire_rate", Some(r.span()), m))?;
+        }
+        let optional = |v: &Option<Spanned<String>>, key: &str| {
+            v.as_ref()
+                .map(|x| match parse_duration(x.get_ref()) {
+                    Ok(d) if d.is_zero() => Err(cx.err(key, Some(x.span()), "must be more than 0")),
+                    Ok(d) => Ok(d),
+                    Err(m) => Err(cx.err(key, Some(x.span()), m)),
+                })
+                .transpose()
+        };
+        c.retire_timeout = optional(&raw.retire_timeout, "retire_timeout")?;
+        c.watchdog = optional(&raw.watchdog, "watchdog")?;
+        if let (Some(_), Some(w)) = (c.watchdog, &raw.watchdog)
+            && c.ready != Ready::Notify
+        {
+            return Err(cx.err(
+                "watchdog",
+                Some(w.span()),
+                "needs ready = \"notify\" (WATCHDOG=1 is an sd_notify message)",
+            ));
+        }
+        c.reap_interval = duration(&raw.reap_interval, "reap_interval", c.reap_interval, Duration::ZERO)?;
+        c.spawn_interval = duration(&raw.spawn_interval, "spawn_interval", c.spawn_interval, Duration::ZERO)?;
+        if let Some(r) = &raw.restart_backoff {
+            c.restart_backoff = parse_duration_range(r.get_ref())
+                .map_err(|m| cx.err("restart_backoff", Some(r.span()), m))?;
+        }
+        c.check_ports().map_err(|(key, m)| {
+            let sp = if key == "port_range" { span(&raw.port_range) } else { Some(raw.listen.span()) };
+            cx.err(key, sp, m)
+        })?;
+        Ok(c)
+    }
+
+    /// Cross-key checks: public ports outside the worker port range, and a range wide enough for
+    /// two generations (one deploying while the previous still holds its ports).
+    fn check_ports(&self) -> Result<(), (&'static str, String)> {
+        let (lo, hi) = self.port_range;
+        if let Some(l) = self.listen.iter().find(|l| (lo..=hi).contains(&l.port())) {
+            return Err(("listen", format!("public port {} lies inside port_range {lo}-{hi}", l.port())));
+        }
+        let needed = 2 * u64::from(self.workers) * self.listen.len() as u64;
+        let have = u64::from(hi - lo) + 1;
+        if have < needed {
+            return Err((
+                "port_range",
+                format!(
+                    "{lo}-{hi} holds {have} ports; {} workers × {} listen entries need at least {needed} (two generations)",
+                    self.workers,
+                    self.listen.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies Deploy overrides (already type-checked by the caller) and validates the result.
+    pub fn with_overrides(&self, o: &Overrides) -> Result<Self, ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: "Deploy options".into(),
+            location: None,
+            key: Some(key.into()),
+            message,
+        };
+        let mut c = self.clone();
+        if let Some(w) = o.workers {
+            c.workers = check_workers(i64::from(w)).map_err(|m| err("workers", m))?;
+        }
+        if let Some(cmd) = &o.command {
+            c.command = check_command(cmd).map_err(|m| err("command", m))?;
+        }
+        if let Some(env) = &o.environment {
+            if env.len() > MAX_ENV {
+                return Err(err("environment", format!("at most {MAX_ENV} entries")));
+            }
+            let mut extra = BTreeMap::new();
+            for kv in env {
+                let (k, v) =
+                    kv.split_once('=').ok_or_else(|| err("environment", format!("{kv:?} is not K=V")))?;
+                extra.insert(k.to_owned(), v.to_owned());
+            }
+            check_environment(&extra).map_err(|m| err("environment", m))?;
+            c.environment.extend(extra);
+        }
+        if let Some(d) = &o.working_directory {
+            c.working_directory = check_workdir(d).map_err(|m| err("working_directory", m))?;
+        }
+        c.check_ports().map_err(|(k, m)| err(k, m))?;
+        Ok(c)
+    }
+}
+
+/// Per-generation overrides of a Deploy call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub workers: Option<u32>,
+    pub command: Option<Vec<String>>,
+    pub environment: Option<Vec<String>>,
+    pub working_directory: Option<String>,
+}

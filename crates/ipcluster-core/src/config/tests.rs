@@ -1,0 +1,194 @@
+//! Tests of app and daemon file parsing.
+
+use super::*;
+
+fn parse(text: &str) -> Result<AppConfig, ConfigError> {
+    AppConfig::parse("/etc/ipcluster/apps/chat.toml", "chat", text)
+}
+
+const MIN: &str = "command = [\"/usr/bin/srv\"]\nlisten = [\"0.0.0.0:80\"]\n";
+
+#[test]
+fn defaults() {
+    let c = parse(MIN).unwrap();
+    assert_eq!(c.name.as_str(), "chat");
+    assert_eq!(c.workers, 4);
+    assert_eq!(c.port_range, (20000, 39999));
+    assert_eq!(c.ready, Ready::Tcp);
+    assert_eq!(c.ready_timeout, Duration::from_secs(30));
+    assert_eq!(c.working_directory, PathBuf::from("/"));
+    assert_eq!(c.user, None);
+    assert_eq!(c.stop_signal, Signal::Term);
+    assert_eq!(c.stop_timeout, Duration::from_secs(5));
+    assert_eq!(c.retire_signal, None);
+    assert_eq!(c.retire_nice, 5);
+    assert!(c.autostart);
+    assert_eq!(
+        (c.worker_memory_max, c.cluster_memory_max, c.retire_timeout, c.watchdog),
+        (None, None, None, None)
+    );
+    assert_eq!(c.retire_rate, (10, Duration::from_secs(120)));
+    assert_eq!((c.reap_interval, c.spawn_interval), (Duration::ZERO, Duration::ZERO));
+    assert_eq!(c.restart_backoff, (Duration::from_millis(100), Duration::from_secs(30)));
+}
+
+#[test]
+fn every_key() {
+    let c = parse(
+        r#"
+command = ["/usr/bin/srv", "--flag"]
+workers = 8
+listen = ["0.0.0.0:80", "127.0.0.1:8443"]
+port_range = "30000-30100"
+ready = "notify"
+ready_timeout = "2min"
+working_directory = "/srv"
+user = "www-data"
+environment = { MODE = "prod" }
+stop_signal = "SIGINT"
+stop_timeout = "10s"
+retire_signal = "USR2"
+retire_nice = 10
+autostart = false
+worker_memory_max = "448M"
+cluster_memory_max = "2G"
+retire_rate = "5/1min"
+retire_timeout = "1h"
+reap_interval = "500ms"
+spawn_interval = "100ms"
+watchdog = "10s"
+restart_backoff = "1s-1min"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.workers, 8);
+    assert_eq!(c.listen.len(), 2);
+    assert_eq!(c.ready, Ready::Notify);
+    assert_eq!(c.user.as_deref(), Some("www-data"));
+    assert_eq!(c.environment["MODE"], "prod");
+    assert_eq!(c.stop_signal, Signal::Int);
+    assert_eq!(c.retire_signal, Some(Signal::Usr2));
+    assert_eq!(c.retire_nice, 10);
+    assert!(!c.autostart);
+    assert_eq!(c.worker_memory_max, Some(448 << 20));
+    assert_eq!(c.cluster_memory_max, Some(2 << 30));
+    assert_eq!(c.retire_rate, (5, Duration::from_secs(60)));
+    assert_eq!(c.retire_timeout, Some(Duration::from_secs(3600)));
+    assert_eq!((c.reap_interval, c.spawn_interval), (Duration::from_millis(500), Duration::from_millis(100)));
+    assert_eq!(c.watchdog, Some(Duration::from_secs(10)));
+    assert_eq!(c.restart_backoff, (Duration::from_secs(1), Duration::from_secs(60)));
+}
+
+/// KEYS (which the docs test checks against the reference) is exactly what the parser takes.
+#[test]
+fn keys_lists_every_accepted_key() {
+    for key in KEYS {
+        let text = format!("{MIN}{key} = 0\n");
+        if key == "command" || key == "listen" {
+            continue;
+        }
+        if let Err(e) = parse(&text) {
+            assert!(!e.message.contains("unknown field"), "{key} is in KEYS but not accepted: {e}");
+        }
+    }
+    let e = parse(&format!("{MIN}nonsense = 0\n")).unwrap_err();
+    for key in KEYS {
+        assert!(e.message.contains(&format!("`{key}`")), "parser knows a key KEYS lacks? {e}");
+    }
+}
+
+/// Each bad file is rejected with the key, its line, and what is allowed.
+#[test]
+fn errors_name_file_line_key_and_allowed_values() {
+    let cases: &[(&str, &str, (usize, usize), &str)] = &[
+        ("workers = 6\n", "workers", (3, 11), "power of two"),
+        ("workers = 0\n", "workers", (3, 11), "power of two"),
+        ("workers = 2048\n", "workers", (3, 11), "1024"),
+        ("workers = \"4\"\n", "workers", (3, 11), "invalid type"),
+        ("ready = \"http\"\n", "ready", (3, 9), "\"tcp\" or \"notify\""),
+        ("ready_timeout = \"soon\"\n", "ready_timeout", (3, 17), "not a duration"),
+        ("port_range = \"10-20\"\n", "port_range", (3, 14), "lo-hi"),
+        ("port_range = \"20000-20001\"\n", "port_range", (3, 14), "need at least 8"),
+        ("stop_signal = \"SIGFOO\"\n", "stop_signal", (3, 15), "SIGTERM"),
+        ("retire_nice = 20\n", "retire_nice", (3, 15), "0..=19"),
+        ("user = \"root;rm\"\n", "user", (3, 8), "not a user name"),
+        ("working_directory = \"srv\"\n", "working_directory", (3, 21), "absolute"),
+        ("environment = { PORT = \"1\" }\n", "environment", (3, 15), "set by ipclusterd"),
+        ("environment = { \"A-B\" = \"1\" }\n", "environment", (3, 15), "variable name"),
+        ("colour = \"blue\"\n", "colour", (3, 1), "unknown field"),
+        ("autostart = \"yes\"\n", "autostart", (3, 13), "invalid type"),
+        ("worker_memory_max = \"lots\"\n", "worker_memory_max", (3, 21), "M = MiB"),
+        ("cluster_memory_max = \"0\"\n", "cluster_memory_max", (3, 22), "more than 0"),
+        ("retire_rate = \"10\"\n", "retire_rate", (3, 15), "N/duration"),
+        ("retire_timeout = \"0\"\n", "retire_timeout", (3, 18), "more than 0"),
+        ("reap_interval = \"x\"\n", "reap_interval", (3, 17), "not a duration"),
+        ("watchdog = \"10s\"\n", "watchdog", (3, 12), "needs ready = \"notify\""),
+        ("restart_backoff = \"30s-1s\"\n", "restart_backoff", (3, 19), "min-max"),
+    ];
+    for (extra, key, loc, allowed) in cases {
+        let e = parse(&format!("{MIN}{extra}")).expect_err(extra);
+        assert_eq!(e.key.as_deref(), Some(*key), "{extra}: {e}");
+        assert_eq!(e.location, Some(*loc), "{extra}: {e}");
+        assert!(e.message.contains(allowed), "{extra}: {e}");
+        assert!(e.to_string().starts_with("/etc/ipcluster/apps/chat.toml:3:"), "{e}");
+    }
+}
+
+#[test]
+fn listen_and_command_errors() {
+    let bad = [
+        ("command = []\nlisten = [\"0.0.0.0:80\"]\n", "command"),
+        ("command = [\"/x\"]\nlisten = []\n", "listen"),
+        ("command = [\"/x\"]\nlisten = [\"localhost:80\"]\n", "listen"),
+        ("command = [\"/x\"]\nlisten = [\"0.0.0.0:0\"]\n", "listen"),
+        ("command = [\"/x\"]\nlisten = [\"0.0.0.0:80\", \"127.0.0.1:80\"]\n", "listen"),
+        ("command = [\"/x\"]\nlisten = [\"0.0.0.0:20001\"]\n", "listen"),
+        ("command = [\"/x\"]\n", "listen"),
+    ];
+    for (text, key) in bad {
+        let e = parse(text).expect_err(text);
+        assert!(e.key.as_deref() == Some(key) || e.message.contains(key), "{text}: {e}");
+    }
+    let e = AppConfig::parse("x/../A.toml", "../A", MIN).unwrap_err();
+    assert!(e.message.contains("app name"), "{e}");
+}
+
+#[test]
+fn daemon_file() {
+    assert_eq!(DaemonConfig::parse("d", "").unwrap(), DaemonConfig::default());
+    assert_eq!(
+        DaemonConfig::parse("d", "sample_interval = \"250ms\"\n").unwrap().sample_interval,
+        Duration::from_millis(250)
+    );
+    let e =
+        DaemonConfig::parse("/etc/ipcluster/ipclusterd.toml", "sample_interval = \"10ms\"\n").unwrap_err();
+    assert_eq!(e.to_string(), "/etc/ipcluster/ipclusterd.toml:1:19: sample_interval: must be at least 100ms");
+    assert!(DaemonConfig::parse("d", "samples = 1\n").unwrap_err().message.contains("unknown field"));
+}
+
+#[test]
+fn overrides() {
+    let c = parse(MIN).unwrap();
+    let o = Overrides {
+        workers: Some(2),
+        command: Some(vec!["/bin/other".into()]),
+        environment: Some(vec!["A=1".into(), "B=x=y".into()]),
+        working_directory: Some("/tmp".into()),
+    };
+    let d = c.with_overrides(&o).unwrap();
+    assert_eq!(d.workers, 2);
+    assert_eq!(d.command, ["/bin/other"]);
+    assert_eq!(d.environment["B"], "x=y");
+    assert_eq!(d.working_directory, PathBuf::from("/tmp"));
+    for bad in [
+        Overrides { workers: Some(3), ..Default::default() },
+        Overrides { command: Some(vec![]), ..Default::default() },
+        Overrides { environment: Some(vec!["NOEQUALS".into()]), ..Default::default() },
+        Overrides { environment: Some(vec!["IPCLUSTER_BAND=1".into()]), ..Default::default() },
+        Overrides { working_directory: Some("relative".into()), ..Default::default() },
+        Overrides { command: Some(vec!["a\0b".into()]), ..Default::default() },
+    ] {
+        let e = c.with_overrides(&bad).unwrap_err();
+        assert_eq!(e.file, "Deploy options", "{e}");
+    }
+}

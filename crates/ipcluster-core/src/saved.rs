@@ -1,0 +1,101 @@
+//! What the daemon remembers across its own restarts, typed: the last generation number of each
+//! app (numbers never repeat), the state of every running generation, the backoff of crashing
+//! bands, and which apps were stopped. The daemon writes it root-only and atomically
+//! (`ipclusterd::state`); this module only says what it holds.
+//!
+//! On disk it is JSON: states are written as the bus names them (`"live"`), addresses as
+//! `"ip:port"`.
+
+use std::{collections::BTreeMap, net::SocketAddrV4};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{model::GenState, name::AppName};
+
+/// The whole saved state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// Last generation number allocated, per app.
+    #[serde(default)]
+    pub last_generation: BTreeMap<AppName, u64>,
+    /// Per app: running generations, crash backoff, stopped.
+    #[serde(default)]
+    pub apps: BTreeMap<AppName, SavedApp>,
+}
+
+/// What is remembered of an app.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedApp {
+    /// Generations that still run (starting, live, retired).
+    #[serde(default)]
+    pub generations: BTreeMap<u64, SavedGeneration>,
+    /// Last respawn delay (ms) of each band that crashed, so a crash loop stays slow across
+    /// daemon restarts.
+    #[serde(default)]
+    pub backoff_ms: BTreeMap<u32, u64>,
+    /// Stopped with StopApp (stays stopped until the next Deploy).
+    #[serde(default)]
+    pub stopped: bool,
+}
+
+/// What is remembered of a running generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedGeneration {
+    pub state: GenState,
+    pub started_usec: u64,
+    #[serde(default)]
+    pub retired_usec: Option<u64>,
+    pub workers: u32,
+    /// Public addresses, in `listen` order.
+    pub listen: Vec<SocketAddrV4>,
+}
+
+impl SavedState {
+    /// Allocates the next generation number of `app` (one more than any seen).
+    pub fn next_generation(&mut self, app: &AppName) -> u64 {
+        let g = self.last_generation.get(app).copied().unwrap_or(0).saturating_add(1);
+        self.last_generation.insert(app.clone(), g);
+        g
+    }
+
+    /// Remembers that `app` had a generation `g` (found running): later numbers stay above it.
+    pub fn saw_generation(&mut self, app: &AppName, g: u64) {
+        let last = self.last_generation.entry(app.clone()).or_insert(0);
+        *last = (*last).max(g);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_format_on_disk_is_stable() {
+        let text = r#"{"last_generation":{"chat":7},"apps":{"chat":{"generations":{"7":{"state":"live","started_usec":1,"workers":4,"listen":["0.0.0.0:80"]}},"backoff_ms":{"2":400}}}}"#;
+        let s: SavedState = serde_json::from_str(text).unwrap();
+        let chat = AppName::new("chat").unwrap();
+        assert_eq!(s.last_generation[&chat], 7);
+        let g = &s.apps[&chat].generations[&7];
+        assert_eq!((g.state, g.workers, g.listen[0].port()), (GenState::Live, 4, 80));
+        assert_eq!(s.apps[&chat].backoff_ms[&2], 400);
+        let again: SavedState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(again, s);
+    }
+
+    #[test]
+    fn malformed_names_and_states_are_refused() {
+        assert!(serde_json::from_str::<SavedState>(r#"{"last_generation":{"../x":1}}"#).is_err());
+        let bad_state = r#"{"apps":{"a":{"generations":{"1":{"state":"dancing","started_usec":1,"workers":1,"listen":[]}}}}}"#;
+        assert!(serde_json::from_str::<SavedState>(bad_state).is_err());
+    }
+
+    #[test]
+    fn generation_numbers_only_grow() {
+        let mut s = SavedState::default();
+        let a = AppName::new("a").unwrap();
+        assert_eq!(s.next_generation(&a), 1);
+        s.saw_generation(&a, 9);
+        s.saw_generation(&a, 3);
+        assert_eq!(s.next_generation(&a), 10);
+    }
+}

@@ -1,0 +1,169 @@
+//! [`Processes`]: the host's processes and ports, as the supervisor uses them — forking workers
+//! through the launcher's gate, holding them by pidfd, signals, renice, reading /proc, the
+//! readiness probe and sampling. [`Host`] is the real implementation (on [`crate::process`] and
+//! [`crate::sampler`]); the supervisor's unit tests use a fake, so its rules (adoption, respawn,
+//! the memory and watchdog policies, paced spawning) are tested without root or real processes.
+
+use std::{future::Future, io, net::Ipv4Addr, os::fd::OwnedFd, sync::Arc, time::Duration};
+
+use crate::{
+    process::{self, Exit, SpawnSpec},
+    sampler::{self, Sample},
+};
+
+/// A launcher forked and held at its gate (see `launcher.rs`): it runs nothing until released,
+/// and dropping it unreleased makes it exit.
+pub trait Gated: Send + std::fmt::Debug {
+    /// A handle to the running process.
+    type Handle;
+    fn pid(&self) -> u32;
+    /// Lets it run the worker's command.
+    fn release(self) -> io::Result<Self::Handle>;
+}
+
+/// What the supervisor needs of the host's processes. Everything about a process goes through
+/// its [`Processes::Handle`] (a pidfd), so a recycled PID is never signalled by mistake; reads
+/// by PID (`/proc`) are for display and adoption only.
+pub trait Processes: Clone + Send + Sync + std::fmt::Debug + 'static {
+    /// A process the supervisor holds (the real one: a pidfd).
+    type Handle: Clone + Send + Sync + std::fmt::Debug + 'static;
+    type Gated: Gated<Handle = Self::Handle>;
+
+    /// Forks the launcher for `spec`, held at its gate.
+    fn spawn(&self, spec: &SpawnSpec) -> io::Result<Self::Gated>;
+    /// Takes hold of a process the daemon did not start (adoption).
+    fn adopt(&self, pid: u32) -> io::Result<Self::Handle>;
+    /// Resolves when the process ends (reaping it if it is our child).
+    fn wait(&self, process: &Self::Handle) -> impl Future<Output = Exit> + Send + 'static;
+    /// Sends signal `sig`; a process that is already gone is not an error.
+    fn signal(&self, process: &Self::Handle, sig: i32) -> io::Result<()>;
+    /// Sets the nice value of every thread of `pid`'s tree. Idempotent.
+    fn renice_tree(&self, pid: u32, nice: i32) -> io::Result<()>;
+    /// The daemon's own nice value (workers start with it).
+    fn own_nice(&self) -> i32;
+    /// The nice value of `pid`'s main thread.
+    fn nice_of(&self, pid: u32) -> Option<i32>;
+    /// When `pid` started, µs since the epoch (the kernel's answer: the same after a restart).
+    fn start_time_usec(&self, pid: u32) -> Option<u64>;
+    /// The parent of `pid`.
+    fn parent(&self, pid: u32) -> Option<u32>;
+    /// The environment `pid` was started with.
+    fn environ(&self, pid: u32) -> Option<Vec<(String, String)>>;
+    /// `pid` and all its descendants.
+    fn tree(&self, pid: u32) -> Vec<u32>;
+    /// RSS (bytes) and CPU time (µs) of `pid`'s tree, read now.
+    fn usage(&self, pid: u32) -> (u64, u64);
+    /// Duplicates of the listening sockets of `pid`'s tree on `ports`.
+    fn listeners(&self, pid: u32, ports: &[u16]) -> Vec<(u16, OwnedFd)>;
+    /// uid and primary gid of a user.
+    fn user(&self, name: &str) -> Result<(u32, u32), String>;
+    /// Whether nothing holds `port` (a worker must be able to bind it).
+    fn port_is_free(&self, port: u16) -> bool;
+    /// Resolves once `127.0.0.1:<port>` accepts for every port (TCP readiness).
+    fn probe(&self, ports: Vec<u16>) -> impl Future<Output = ()> + Send + 'static;
+    /// One sampling round (blocking: it reads many small files): RSS and CPU of each `(id, pid)`
+    /// tree; `scopes` are the (slice, scope) units whose processes to read.
+    fn sample(&self, scopes: &[(String, String)], workers: &[(u64, u32)]) -> Vec<(u64, Sample)>;
+    /// Established connections of each `(id, pid)` tree (blocking, costly: on demand only).
+    fn connections(&self, workers: &[(u64, u32)]) -> Vec<(u64, u32)>;
+}
+
+/// The real host: fork, pidfds, /proc, TCP.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Host;
+
+/// Where systemd puts `ipcluster-<app>.slice` (a child of `ipcluster.slice`) in cgroup2.
+const SLICE_CGROUP: &str = "/sys/fs/cgroup/ipcluster.slice";
+
+impl Gated for process::Gated {
+    type Handle = Arc<OwnedFd>;
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    fn release(self) -> io::Result<Arc<OwnedFd>> {
+        process::Gated::release(self).map(Arc::new)
+    }
+}
+
+impl Processes for Host {
+    type Handle = Arc<OwnedFd>;
+    type Gated = process::Gated;
+
+    fn spawn(&self, spec: &SpawnSpec) -> io::Result<process::Gated> {
+        process::spawn_gated(spec)
+    }
+    fn adopt(&self, pid: u32) -> io::Result<Arc<OwnedFd>> {
+        process::adopt(pid).map(Arc::new)
+    }
+    fn wait(&self, process: &Arc<OwnedFd>) -> impl Future<Output = Exit> + Send + 'static {
+        process::wait_exit(process.clone())
+    }
+    fn signal(&self, process: &Arc<OwnedFd>, sig: i32) -> io::Result<()> {
+        process::signal(process, sig)
+    }
+    fn renice_tree(&self, pid: u32, nice: i32) -> io::Result<()> {
+        process::renice_tree(pid, nice)
+    }
+    fn own_nice(&self) -> i32 {
+        process::own_nice()
+    }
+    fn nice_of(&self, pid: u32) -> Option<i32> {
+        process::nice_of(pid)
+    }
+    fn start_time_usec(&self, pid: u32) -> Option<u64> {
+        process::start_time_usec(pid)
+    }
+    fn parent(&self, pid: u32) -> Option<u32> {
+        process::parent(pid)
+    }
+    fn environ(&self, pid: u32) -> Option<Vec<(String, String)>> {
+        process::environ(pid)
+    }
+    fn tree(&self, pid: u32) -> Vec<u32> {
+        process::process_tree(pid)
+    }
+    fn usage(&self, pid: u32) -> (u64, u64) {
+        process::usage_of_tree(pid)
+    }
+    fn listeners(&self, pid: u32, ports: &[u16]) -> Vec<(u16, OwnedFd)> {
+        process::grab_listeners(pid, ports)
+    }
+    fn user(&self, name: &str) -> Result<(u32, u32), String> {
+        process::lookup_user(name)
+    }
+    fn port_is_free(&self, port: u16) -> bool {
+        std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok()
+    }
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "the future must not borrow self: it runs in a task of its own"
+    )]
+    fn probe(&self, ports: Vec<u16>) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let mut pending = ports;
+            loop {
+                let mut still = Vec::new();
+                for p in pending {
+                    if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, p)).await.is_err() {
+                        still.push(p);
+                    }
+                }
+                if still.is_empty() {
+                    return;
+                }
+                pending = still;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    fn sample(&self, scopes: &[(String, String)], workers: &[(u64, u32)]) -> Vec<(u64, Sample)> {
+        let dirs: Vec<std::path::PathBuf> = scopes
+            .iter()
+            .map(|(slice, scope)| std::path::Path::new(SLICE_CGROUP).join(slice).join(scope))
+            .collect();
+        sampler::sample(&dirs, workers)
+    }
+    fn connections(&self, workers: &[(u64, u32)]) -> Vec<(u64, u32)> {
+        sampler::connections(workers)
+    }
+}

@@ -1,0 +1,411 @@
+//! Deploys: starting a generation (numbers, ports, launchers held at their gates, the scope),
+//! waiting for every band to be ready, the cutover, and a failed deploy's clean-up.
+//!
+//! A failed deploy changes nothing a user sees: the generation's scope is stopped, its workers
+//! leave ListWorkers, no rule ever named it, and only then is `DeployFailed` answered.
+
+use std::{collections::BTreeSet, net::SocketAddrV4, path::PathBuf, sync::Arc};
+
+use ipcluster_core::{
+    config::{AppConfig, Overrides, Ready},
+    model::{GenState, WorkerIdentity, WorkerState, scope_name, slice_name},
+    name::AppName,
+    saved::SavedGeneration,
+};
+use tracing::{info, warn};
+
+use super::{
+    BusSignal, Error, Supervisor,
+    model::{Generation, HeldBand, Waiter, WorkerId},
+    timers::TimerKey,
+};
+use crate::{
+    clock::usec,
+    netfilter::Router,
+    process::SpawnSpec,
+    processes::{Gated, Processes},
+    scopes::{ScopeSpec, Scopes},
+    state,
+};
+
+/// Who a generation's workers run as and where they send notifications.
+#[derive(Debug, Clone)]
+pub(super) struct Launch {
+    user: Option<(u32, u32)>,
+    notify_socket: Option<String>,
+    launcher: PathBuf,
+}
+
+/// The spec of a new scope for generation `g` of `config`'s app around `pids`.
+pub(super) fn scope_spec(config: &AppConfig, g: u64, pids: Vec<u32>) -> ScopeSpec {
+    ScopeSpec {
+        unit: scope_name(&config.name, g),
+        slice: slice_name(&config.name),
+        description: format!("ipcluster {} generation {g}", config.name),
+        pids,
+        kill_signal: config.stop_signal.number(),
+        stop_timeout: config.stop_timeout,
+    }
+}
+
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+    /// Starts a deploy; `waiter` is answered at the cutover or once a failure is cleaned up.
+    pub(super) async fn deploy(&mut self, app: &str, overrides: &Overrides, waiter: Waiter) {
+        match self.start_generation(app, overrides).await {
+            Ok((name, g)) => {
+                if let Some(gen_) = self.m.generation_mut(&name, g) {
+                    gen_.waiting.push(waiter);
+                }
+            }
+            Err(e) => waiter.answer(Err(e)),
+        }
+    }
+
+    /// Steps 1–2 of a deploy. On error nothing is left behind: no generation, no process, no
+    /// scope, no saved record.
+    async fn start_generation(&mut self, app: &str, overrides: &Overrides) -> Result<(AppName, u64), Error> {
+        let name = self.app_name(app)?;
+        let a = &self.m.apps[&name];
+        let config = a.file_config(&name)?;
+        if let Some(g) = a.deploying() {
+            return Err(Error::Busy(format!("{name} is already deploying generation {g}")));
+        }
+        let config =
+            Arc::new(config.with_overrides(overrides).map_err(|e| Error::InvalidArgs(e.to_string()))?);
+        let launch = self.launch_context(&config)?;
+        let mut ports = self.allocate_ports(&config, config.workers as usize)?.into_iter();
+
+        // Saved as starting before any process exists: a daemon killed from here on finds it on
+        // restart and stops it. A number that could not be saved is never used.
+        let g = self.saved.next_generation(&name);
+        let now = self.now();
+        self.saved.apps.entry(name.clone()).or_default().generations.insert(
+            g,
+            SavedGeneration {
+                state: GenState::Starting,
+                started_usec: usec(now),
+                retired_usec: None,
+                workers: config.workers,
+                listen: config.listen.clone(),
+            },
+        );
+        if let Err(e) = state::save(&self.deps.state_file, &self.saved) {
+            self.forget_start(&name, g);
+            return Err(Error::DeployFailed(format!("cannot save the generation counter: {e}")));
+        }
+
+        // Fork every band's launcher, held at its gate; with spawn_interval only the first band
+        // now, the others one by one into the scope later.
+        let first = if config.spawn_interval.is_zero() { config.workers } else { 1 };
+        let mut gated = Vec::new();
+        for (band, my_ports) in (0..first).zip(ports.by_ref()) {
+            match self.spawn_band(&config, g, band, &my_ports, &launch) {
+                Ok(p) => gated.push((band, my_ports, p)),
+                // Dropping `gated` closes every gate: the launchers exit without running anything.
+                Err(e) => {
+                    self.forget_start(&name, g);
+                    return Err(Error::DeployFailed(format!("band {band}: cannot start: {e}")));
+                }
+            }
+        }
+        let spec = scope_spec(&config, g, gated.iter().map(|(_, _, p)| p.pid()).collect());
+        if let Err(e) = self.deps.scopes.start(&spec).await {
+            self.forget_start(&name, g);
+            return Err(Error::DeployFailed(format!("cannot create scope {}: {e}", spec.unit)));
+        }
+
+        let held = (first..config.workers).zip(ports).map(|(band, ports)| HeldBand { band, ports }).collect();
+        let generation = Generation {
+            state: GenState::Starting,
+            config: config.clone(),
+            started: self.now(),
+            retired_at: None,
+            scope: spec.unit,
+            waiting: vec![],
+            failure: None,
+            held,
+        };
+        self.m.apps.get_mut(&name).expect("checked above").generations.insert(g, generation);
+        self.enter(&name, g, GenState::Starting);
+
+        let mut failure = None;
+        for (band, my_ports, p) in gated {
+            if let Err(e) = self.release(&name, g, band, my_ports, p, &config) {
+                failure.get_or_insert(e);
+            }
+        }
+        if !config.spawn_interval.is_zero() && config.workers > 1 {
+            self.timers
+                .set(TimerKey::ReleaseNext { app: name.clone(), generation: g }, config.spawn_interval);
+        }
+        // Every band gets ready_timeout from its own start.
+        let timeout = config.ready_timeout + config.spawn_interval * config.workers.saturating_sub(1);
+        self.timers.set(TimerKey::ReadyTimeout { app: name.clone(), generation: g }, timeout);
+        if let Some(reason) = failure {
+            self.fail(&name, g, reason);
+        }
+        Ok((name, g))
+    }
+
+    /// Undoes step 1 of a start that went no further.
+    fn forget_start(&mut self, app: &AppName, g: u64) {
+        if let Some(a) = self.saved.apps.get_mut(app) {
+            a.generations.remove(&g);
+        }
+        if let Err(e) = state::save(&self.deps.state_file, &self.saved) {
+            warn!("cannot write {}: {e}", self.deps.state_file.display());
+        }
+    }
+
+    /// Who workers run as and where they notify: resolved once per generation.
+    pub(super) fn launch_context(&self, config: &AppConfig) -> Result<Launch, Error> {
+        let user = match &config.user {
+            Some(u) => Some(self.deps.processes.user(u).map_err(Error::InvalidConfig)?),
+            None => None,
+        };
+        let notify_socket = match config.ready {
+            Ready::Notify => Some(
+                self.deps
+                    .notify_socket
+                    .as_ref()
+                    .ok_or_else(|| {
+                        Error::DeployFailed(
+                            "ready = \"notify\" but the notify socket is not available".into(),
+                        )
+                    })?
+                    .display()
+                    .to_string(),
+            ),
+            Ready::Tcp => None,
+        };
+        Ok(Launch { user, notify_socket, launcher: self.deps.launcher.clone() })
+    }
+
+    /// Worker ports for `workers` workers: distinct from every port a worker of any app holds,
+    /// and free on the host. One list per worker, in `listen` order.
+    pub(super) fn allocate_ports(
+        &mut self,
+        config: &AppConfig,
+        workers: usize,
+    ) -> Result<Vec<Vec<(SocketAddrV4, u16)>>, Error> {
+        let held: BTreeSet<u16> = self.m.workers.values().flat_map(|w| w.ports.iter().map(|p| p.1)).collect();
+        let per = config.listen.len();
+        let processes = &self.deps.processes;
+        let ports = self
+            .ports
+            .allocate(config.port_range, workers * per, &held, |p| processes.port_is_free(p))
+            .ok_or_else(|| {
+                Error::DeployFailed(format!(
+                    "not enough free ports in {}-{} for {workers} workers",
+                    config.port_range.0, config.port_range.1
+                ))
+            })?;
+        Ok(ports
+            .chunks(per)
+            .map(|c| config.listen.iter().copied().zip(c.iter().copied()).collect())
+            .collect())
+    }
+
+    /// Forks the launcher of one worker, held at its gate.
+    pub(super) fn spawn_band(
+        &self,
+        config: &AppConfig,
+        generation: u64,
+        band: u32,
+        ports: &[(SocketAddrV4, u16)],
+        launch: &Launch,
+    ) -> std::io::Result<P::Gated> {
+        let identity = WorkerIdentity {
+            app: config.name.clone(),
+            generation,
+            band,
+            bands: config.workers,
+            ports: ports.to_vec(),
+        };
+        self.deps.processes.spawn(&SpawnSpec {
+            argv: config.command.clone(),
+            env: identity.environment(config, launch.notify_socket.as_deref()),
+            cwd: config.working_directory.clone(),
+            user: launch.user,
+            identifier: config.name.to_string(),
+            unit: scope_name(&config.name, generation),
+            launcher: launch.launcher.clone(),
+        })
+    }
+
+    /// Lets a held launcher run and starts following it (and probing it, for `ready = "tcp"`).
+    pub(super) fn release(
+        &mut self,
+        app: &AppName,
+        g: u64,
+        band: u32,
+        ports: Vec<(SocketAddrV4, u16)>,
+        gated: P::Gated,
+        config: &AppConfig,
+    ) -> Result<WorkerId, String> {
+        let pid = gated.pid();
+        let handle = gated.release().map_err(|e| format!("band {band}: cannot start: {e}"))?;
+        let id = self.add_worker(app, g, band, pid, ports, handle, self.now());
+        if config.ready == Ready::Tcp {
+            self.start_probe(id);
+        }
+        Ok(id)
+    }
+
+    /// Starts one worker of an existing generation inside its scope: forked at its gate, moved
+    /// into the scope (created again if every worker died and systemd removed it), released.
+    pub(super) async fn launch_into_scope(
+        &mut self,
+        app: &AppName,
+        generation: u64,
+        band: u32,
+        ports: Vec<(SocketAddrV4, u16)>,
+    ) -> Result<WorkerId, String> {
+        let Some(gen_) = self.m.generation(app, generation) else { return Err("no such generation".into()) };
+        let (config, scope) = (gen_.config.clone(), gen_.scope.clone());
+        let launch = self.launch_context(&config).map_err(|e| e.to_string())?;
+        let gated = self.spawn_band(&config, generation, band, &ports, &launch).map_err(|e| e.to_string())?;
+        if let Err(e) = self.deps.scopes.attach(&scope, &[gated.pid()]).await {
+            let spec = scope_spec(&config, generation, vec![gated.pid()]);
+            self.deps.scopes.start(&spec).await.map_err(|e2| format!("{e}; {e2}"))?;
+        }
+        let id = self.release(app, generation, band, ports, gated, &config)?;
+        let pid = self.m.workers.get(&id).map_or(0, |w| w.pid);
+        info!(app = %app, generation, band, pid, "{app}: started pid {pid} for band {band} of generation {generation}");
+        Ok(id)
+    }
+
+    /// Starts the next held band of a paced generation (spawn_interval).
+    pub(super) async fn release_next(&mut self, app: &AppName, generation: u64) {
+        let Some(gen_) = self.m.generation_mut(app, generation) else { return };
+        let Some(HeldBand { band, ports }) = gen_.held.pop_front() else { return };
+        let (more, interval) = (!gen_.held.is_empty(), gen_.config.spawn_interval);
+        if let Err(e) = self.launch_into_scope(app, generation, band, ports).await {
+            self.fail(app, generation, format!("band {band}: cannot start: {e}"));
+            return;
+        }
+        if more {
+            self.timers.set(TimerKey::ReleaseNext { app: app.clone(), generation }, interval);
+        }
+    }
+
+    /// When every band of a starting generation is ready: cutover.
+    pub(super) async fn check_ready(&mut self, app: &AppName, g: u64) {
+        let Some(gen_) = self.m.generation(app, g) else { return };
+        if gen_.state != GenState::Starting {
+            return;
+        }
+        let bands = gen_.config.workers as usize;
+        if self.m.workers_of(app, g).filter(|(_, w)| w.ready).count() == bands {
+            self.cutover(app, g).await;
+        }
+    }
+
+    /// Steps 4–5: one transaction switches every band to generation `g`; once it is applied,
+    /// `g`'s workers are live and the previous live generation is retired.
+    async fn cutover(&mut self, app: &AppName, g: u64) {
+        let previous: Vec<u64> = self.m.apps[app]
+            .generations
+            .iter()
+            .filter(|(n, x)| **n != g && x.state == GenState::Live)
+            .map(|(n, _)| *n)
+            .collect();
+        let routes = self.routes(Some((app, g)));
+        let started = tokio::time::Instant::now();
+        if let Err(e) = self.deps.router.apply(&routes).await {
+            self.fail(app, g, format!("cutover failed: {e}"));
+            return;
+        }
+        info!(app = %app, generation = g, "{app}: cutover to generation {g} in {} ms", started.elapsed().as_millis());
+        self.timers.cancel(&TimerKey::ReadyTimeout { app: app.clone(), generation: g });
+        for id in self.m.ids_of(app, g) {
+            if let Some(w) = self.m.workers.get_mut(&id) {
+                w.state = WorkerState::Live;
+            }
+        }
+        if let Some(a) = self.m.apps.get_mut(app) {
+            a.stopped = false;
+        }
+        self.enter(app, g, GenState::Live);
+        for p in previous {
+            self.retire_generation(app, p);
+        }
+        if let Some(gen_) = self.m.generation_mut(app, g) {
+            for w in gen_.waiting.drain(..) {
+                w.answer(Ok(g));
+            }
+        }
+    }
+
+    /// `ready_timeout` passed with bands not ready.
+    pub(super) fn ready_timeout(&mut self, app: &AppName, g: u64) {
+        let Some(gen_) = self.m.generation(app, g) else { return };
+        let timeout = gen_.config.ready_timeout;
+        let band = self.m.workers_of(app, g).filter(|(_, w)| !w.ready).map(|(_, w)| w.band).min();
+        let reason = match band {
+            Some(b) => format!("band {b}: not ready after {timeout:?}"),
+            None => format!("not ready after {timeout:?}"),
+        };
+        self.fail(app, g, reason);
+    }
+
+    /// A starting generation failed: stop its scope; the callers are answered once it is gone.
+    pub(super) fn fail(&mut self, app: &AppName, g: u64, reason: String) {
+        let Some(gen_) = self.m.generation_mut(app, g) else { return };
+        if gen_.state != GenState::Starting {
+            return;
+        }
+        warn!(app = %app, generation = g, "{app}: deploy of generation {g} failed: {reason}");
+        gen_.failure = Some(reason);
+        gen_.held.clear();
+        self.timers.cancel(&TimerKey::ReadyTimeout { app: app.clone(), generation: g });
+        self.timers.cancel(&TimerKey::ReleaseNext { app: app.clone(), generation: g });
+        self.enter(app, g, GenState::Failed);
+        for id in self.m.ids_of(app, g) {
+            if let Some(w) = self.m.workers.get_mut(&id) {
+                if let Some(p) = w.probe.take() {
+                    p.abort();
+                }
+                w.state = WorkerState::Stopping;
+            }
+        }
+        self.scope_job(app, g, super::ScopeJob::Stop);
+    }
+
+    /// The scope of a failed generation is gone: its workers leave the lists, and the callers
+    /// get `DeployFailed`.
+    pub(super) fn failed_scope_stopped(&mut self, app: &AppName, g: u64, error: Option<String>) {
+        let Some(gen_) = self.m.generation_mut(app, g) else { return };
+        if gen_.state != GenState::Failed {
+            return;
+        }
+        // Taken once: a second stop of the same scope finds nothing to do.
+        let Some(mut reason) = gen_.failure.take() else { return };
+        if let Some(e) = error {
+            reason.push_str(&format!(" (and stopping its scope failed: {e})"));
+        }
+        let msg = format!("{app} generation {g}: {reason}; the previous generation keeps serving");
+        let waiting: Vec<Waiter> = gen_.waiting.drain(..).collect();
+        // The scope is gone, so are its processes: forget them now rather than when their exits
+        // are read, so no caller sees a worker of a failed generation after DeployFailed.
+        for id in self.m.ids_of(app, g) {
+            self.forget_worker(id, "stopped (deploy failed)".into());
+        }
+        for w in waiting {
+            w.answer(Err(Error::DeployFailed(msg.clone())));
+        }
+        self.trim_history(app);
+    }
+
+    /// Announces a worker's readiness on the bus.
+    pub(super) fn announce_ready(&self, id: WorkerId) {
+        if let Some(w) = self.m.workers.get(&id) {
+            self.signal(BusSignal::WorkerReady {
+                app: w.app.to_string(),
+                generation: w.generation,
+                band: w.band,
+                pid: w.pid,
+            });
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! What the supervisor knows: apps, their generations and every worker, with the lookups the
+//! rest of the supervisor shares ("the workers of generation g", "the live generation"). Plain
+//! data: changing it is the other modules' business; effects never happen here.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::SocketAddrV4,
+    os::fd::OwnedFd,
+    sync::Arc,
+    time::SystemTime,
+};
+
+use ipcluster_core::{
+    config::{AppConfig, ConfigError},
+    model::{GenState, WorkerState},
+    name::AppName,
+    policy::RateLimiter,
+};
+use tokio::task::AbortHandle;
+
+use super::api::{Error, Reply};
+use crate::sampler::Sample;
+
+/// The supervisor's own name for a worker (PIDs can be reused; these are not).
+pub type WorkerId = u64;
+
+/// One worker process (the top of its process tree).
+#[derive(Debug)]
+pub struct Worker<H> {
+    pub app: AppName,
+    pub generation: u64,
+    pub band: u32,
+    pub pid: u32,
+    /// (public address, worker port), in `listen` order.
+    pub ports: Vec<(SocketAddrV4, u16)>,
+    pub state: WorkerState,
+    pub started: SystemTime,
+    /// How the supervisor holds it (a pidfd).
+    pub handle: H,
+    pub ready: bool,
+    /// The readiness probe, while it runs.
+    pub probe: Option<AbortHandle>,
+    /// Last sample.
+    pub sample: Sample,
+    /// Last WATCHDOG=1 (or readiness), for `watchdog`.
+    pub last_ping: tokio::time::Instant,
+    /// Why the daemon stopped (or retired) it: memory, watchdog, reaped.
+    pub stop_reason: Option<&'static str>,
+    /// For a replacement spawned while this band's worker still serves: the worker it replaces.
+    pub replaces: Option<WorkerId>,
+    /// Waiting in the app's reap queue (reap_interval).
+    pub reap_queued: bool,
+    /// When it was retired on its own (a memory or health replacement), not with its generation.
+    pub retired_at: Option<SystemTime>,
+    /// Duplicates of its listening sockets, taken when it became ready (see orphan.rs).
+    pub listeners: Vec<(u16, OwnedFd)>,
+}
+
+impl<H> Worker<H> {
+    /// Its worker ports, in `listen` order.
+    pub fn worker_ports(&self) -> Vec<u16> {
+        self.ports.iter().map(|p| p.1).collect()
+    }
+}
+
+/// Someone waiting for a starting generation to go live (or fail).
+#[derive(Debug)]
+pub enum Waiter {
+    /// A Deploy call: answered with the generation's number.
+    Deploy(Reply<u64>),
+    /// A RetireGeneration call of the generation this one replaces.
+    Retire(Reply<()>),
+}
+
+impl Waiter {
+    pub fn answer(self, result: Result<u64, Error>) {
+        match self {
+            Waiter::Deploy(r) => {
+                let _ = r.send(result);
+            }
+            Waiter::Retire(r) => {
+                let _ = r.send(result.map(|_| ()));
+            }
+        }
+    }
+}
+
+/// A band of a paced generation waiting for its turn (spawn_interval).
+#[derive(Debug)]
+pub struct HeldBand {
+    pub band: u32,
+    pub ports: Vec<(SocketAddrV4, u16)>,
+}
+
+/// One generation of an app.
+#[derive(Debug)]
+pub struct Generation {
+    pub state: GenState,
+    /// The effective config it runs with (the file's, plus Deploy overrides).
+    pub config: Arc<AppConfig>,
+    pub started: SystemTime,
+    pub retired_at: Option<SystemTime>,
+    pub scope: String,
+    /// Callers waiting for the cutover (or the failure).
+    pub waiting: Vec<Waiter>,
+    /// Why the deploy failed, once it has.
+    pub failure: Option<String>,
+    /// Bands not started yet (spawn_interval), in order.
+    pub held: VecDeque<HeldBand>,
+}
+
+/// A StopApp call waiting for the app's scopes to be gone.
+#[derive(Debug)]
+pub struct Stopping {
+    pub scopes: BTreeSet<u64>,
+    pub errors: Vec<String>,
+    pub replies: Vec<Reply<()>>,
+}
+
+/// One app.
+#[derive(Debug, Default)]
+pub struct App {
+    /// The app file as last read: `None` when the file is gone.
+    pub config: Option<Result<Arc<AppConfig>, ConfigError>>,
+    pub generations: BTreeMap<u64, Generation>,
+    /// Stopped by StopApp: no rules, no autostart, until the next Deploy (persisted).
+    pub stopped: bool,
+    /// Memory and health retirements (retire_rate).
+    pub retire_limit: Option<RateLimiter>,
+    /// Retired workers waiting to be stopped, one every reap_interval.
+    pub reap_queue: VecDeque<WorkerId>,
+    /// Over cluster_memory_max's low watermark at the last sample: the next round counts
+    /// connections (costly) so the policy can order the retired workers.
+    pub memory_pressure: bool,
+    /// Live workers alone were over cluster_memory_max at the last sample (reported once).
+    pub live_over_budget: bool,
+    /// A StopApp in progress.
+    pub stopping: Option<Stopping>,
+}
+
+impl App {
+    /// The live generation.
+    pub fn live(&self) -> Option<u64> {
+        self.generations.iter().rev().find(|(_, g)| g.state == GenState::Live).map(|(n, _)| *n)
+    }
+
+    /// The generation being deployed.
+    pub fn deploying(&self) -> Option<u64> {
+        self.generations.iter().find(|(_, g)| g.state == GenState::Starting).map(|(n, _)| *n)
+    }
+
+    /// The app file's config, or why there is none.
+    pub fn file_config(&self, name: &AppName) -> Result<Arc<AppConfig>, Error> {
+        match &self.config {
+            Some(Ok(c)) => Ok(c.clone()),
+            Some(Err(e)) => Err(Error::InvalidConfig(e.to_string())),
+            None => Err(Error::NoSuchApp(format!("the app file of \"{name}\" was removed"))),
+        }
+    }
+}
+
+/// Every app and worker.
+#[derive(Debug)]
+pub struct Model<H> {
+    pub apps: BTreeMap<AppName, App>,
+    pub workers: BTreeMap<WorkerId, Worker<H>>,
+    next_worker: WorkerId,
+}
+
+impl<H> Default for Model<H> {
+    fn default() -> Self {
+        Self { apps: BTreeMap::new(), workers: BTreeMap::new(), next_worker: 1 }
+    }
+}
+
+impl<H> Model<H> {
+    /// A fresh worker id.
+    pub fn new_worker_id(&mut self) -> WorkerId {
+        let id = self.next_worker;
+        self.next_worker += 1;
+        id
+    }
+
+    pub fn generation(&self, app: &AppName, g: u64) -> Option<&Generation> {
+        self.apps.get(app).and_then(|a| a.generations.get(&g))
+    }
+
+    pub fn generation_mut(&mut self, app: &AppName, g: u64) -> Option<&mut Generation> {
+        self.apps.get_mut(app).and_then(|a| a.generations.get_mut(&g))
+    }
+
+    /// The effective config of generation `g`.
+    pub fn config(&self, app: &AppName, g: u64) -> Option<Arc<AppConfig>> {
+        self.generation(app, g).map(|x| x.config.clone())
+    }
+
+    /// The state of generation `g`.
+    pub fn gen_state(&self, app: &AppName, g: u64) -> Option<GenState> {
+        self.generation(app, g).map(|x| x.state)
+    }
+
+    /// The workers of generation `g` of `app`.
+    pub fn workers_of<'a>(
+        &'a self,
+        app: &'a AppName,
+        g: u64,
+    ) -> impl Iterator<Item = (WorkerId, &'a Worker<H>)> + 'a {
+        self.workers.iter().filter(move |(_, w)| &w.app == app && w.generation == g).map(|(id, w)| (*id, w))
+    }
+
+    /// Ids of the workers of generation `g` of `app`.
+    pub fn ids_of(&self, app: &AppName, g: u64) -> Vec<WorkerId> {
+        self.workers_of(app, g).map(|(id, _)| id).collect()
+    }
+
+    /// The workers of `app`, every generation.
+    pub fn workers_of_app<'a>(
+        &'a self,
+        app: &'a AppName,
+    ) -> impl Iterator<Item = (WorkerId, &'a Worker<H>)> + 'a {
+        self.workers.iter().filter(move |(_, w)| &w.app == app).map(|(id, w)| (*id, w))
+    }
+
+    /// Whether some worker is a replacement in progress for `id`.
+    pub fn being_replaced(&self, id: WorkerId) -> bool {
+        self.workers.values().any(|w| w.replaces == Some(id))
+    }
+}

@@ -1,0 +1,219 @@
+//! Ending things: retiring a generation (renice, retire signal), the RetireGeneration and
+//! KillRetired commands, stopping a worker (stop signal, SIGKILL after `stop_timeout`), the
+//! paced reap queue (`reap_interval`), and StopApp.
+
+use ipcluster_core::{
+    config::Overrides,
+    model::{GenState, WorkerState},
+    name::AppName,
+};
+use tracing::{info, warn};
+
+use super::{
+    Error, Reply, ScopeJob, Supervisor,
+    model::{Stopping, Waiter, WorkerId},
+    timers::TimerKey,
+};
+use crate::{netfilter::Router, processes::Processes, scopes::Scopes};
+
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+    /// RetireGeneration: idempotent for a generation that is no longer live; a live one is
+    /// replaced first (a band is never left without a worker on purpose): a deploy from the
+    /// current config, whose cutover retires it and answers the call.
+    pub(super) async fn retire(&mut self, app: &str, generation: u64, reply: Reply<()>) {
+        let name = match self.app_name(app) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        match self.m.gen_state(&name, generation) {
+            None => {
+                let _ = reply
+                    .send(Err(Error::NoSuchGeneration(format!("{name} has no generation {generation}"))));
+            }
+            Some(GenState::Starting) => {
+                let _ = reply
+                    .send(Err(Error::Busy(format!("{name} generation {generation} is still deploying"))));
+            }
+            Some(GenState::Retired | GenState::Stopped | GenState::Failed) => {
+                let _ = reply.send(Ok(()));
+            }
+            Some(GenState::Live) => {
+                self.deploy(name.as_str(), &Overrides::default(), Waiter::Retire(reply)).await;
+            }
+        }
+    }
+
+    /// Retires every live worker of a generation: renice (every thread), `retire_signal`, a low
+    /// CPU weight for its scope.
+    pub(super) fn retire_generation(&mut self, app: &AppName, g: u64) {
+        let Some(config) = self.m.config(app, g) else { return };
+        for id in self.m.ids_of(app, g) {
+            let Some(w) = self.m.workers.get_mut(&id).filter(|w| w.state == WorkerState::Live) else {
+                continue;
+            };
+            w.state = WorkerState::Retired;
+            let (pid, nice) = (w.pid, self.base_nice + config.retire_nice);
+            if let Err(e) = self.deps.processes.renice_tree(pid, nice) {
+                warn!(app = %app, generation = g, pid, "cannot renice: {e}");
+            }
+            if let Some(sig) = config.retire_signal
+                && let Err(e) = self.deps.processes.signal(&w.handle, sig.number())
+            {
+                warn!(app = %app, generation = g, pid, "cannot send {sig}: {e}");
+            }
+        }
+        self.enter(app, g, GenState::Retired);
+        // Retired generations yield the CPU to the live one.
+        self.scope_job(app, g, ScopeJob::CpuWeight);
+        if self.m.workers_of(app, g).next().is_none() {
+            self.enter(app, g, GenState::Stopped);
+        }
+    }
+
+    /// KillRetired: queues every retired worker of `app` ("" = all) for stopping.
+    pub(super) fn kill_retired(&mut self, app: &str) -> Result<u32, Error> {
+        let apps = self.apps_matching(app)?;
+        let ids: Vec<WorkerId> = self
+            .m
+            .workers
+            .iter()
+            .filter(|(_, w)| w.state == WorkerState::Retired && !w.reap_queued && apps.contains(&w.app))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.queue_reap(*id, "reaped");
+        }
+        if !ids.is_empty() {
+            let which = if app.is_empty() { "all apps" } else { app };
+            info!(app, "stopping {} retired workers of {which}", ids.len());
+        }
+        Ok(ids.len() as u32)
+    }
+
+    /// Puts a retired worker in its app's reap queue; the queue stops one every `reap_interval`.
+    pub(super) fn queue_reap(&mut self, id: WorkerId, reason: &'static str) {
+        let Some(w) = self.m.workers.get_mut(&id) else { return };
+        if w.reap_queued || w.state != WorkerState::Retired {
+            return;
+        }
+        w.reap_queued = true;
+        w.stop_reason = Some(reason);
+        let app = w.app.clone();
+        self.m.apps.entry(app.clone()).or_default().reap_queue.push_back(id);
+        if !self.timers.is_set(&TimerKey::ReapNext(app.clone())) {
+            self.reap_next(&app);
+        }
+    }
+
+    /// Stops the next queued worker of `app`, and sets the timer for the one after.
+    pub(super) fn reap_next(&mut self, app: &AppName) {
+        while let Some(id) = self.m.apps.get_mut(app).and_then(|a| a.reap_queue.pop_front()) {
+            let Some(w) = self.m.workers.get(&id) else { continue };
+            let reason = w.stop_reason.unwrap_or("reaped");
+            let interval = self.m.config(app, w.generation).map(|c| c.reap_interval).unwrap_or_default();
+            self.stop_worker(id, reason);
+            if !interval.is_zero() {
+                self.timers.set(TimerKey::ReapNext(app.clone()), interval);
+                return;
+            }
+        }
+    }
+
+    /// Sends the worker its stop signal, and SIGKILL after `stop_timeout` if it is still there.
+    pub(super) fn stop_worker(&mut self, id: WorkerId, reason: &'static str) {
+        let Some(w) = self.m.workers.get(&id) else { return };
+        if w.state == WorkerState::Stopping {
+            return;
+        }
+        let Some(config) = self.m.config(&w.app, w.generation) else { return };
+        let w = self.m.workers.get_mut(&id).expect("checked above");
+        w.stop_reason = w.stop_reason.or(Some(reason));
+        w.state = WorkerState::Stopping;
+        if let Err(e) = self.deps.processes.signal(&w.handle, config.stop_signal.number()) {
+            warn!(app = %w.app, pid = w.pid, "cannot send {}: {e}", config.stop_signal);
+        }
+        self.timers.set(TimerKey::StopTimeout(id), config.stop_timeout);
+    }
+
+    /// `stop_timeout` passed and the worker is still there.
+    pub(super) fn stop_timeout(&mut self, id: WorkerId) {
+        let Some(w) = self.m.workers.get(&id) else { return };
+        warn!(app = %w.app, generation = w.generation, band = w.band, pid = w.pid, "{}: pid {} still running after stop_timeout; sending SIGKILL", w.app, w.pid);
+        let _ = self.deps.processes.signal(&w.handle, libc::SIGKILL);
+    }
+
+    /// StopApp: the rules first (nothing new reaches the app), then every scope; the call is
+    /// answered once every scope is gone. The app stays stopped (across restarts too) until the
+    /// next Deploy.
+    pub(super) async fn stop_app(&mut self, app: &str, reply: Reply<()>) {
+        let name = match self.app_name(app) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if let Some(g) = self.m.apps[&name].deploying() {
+            let _ = reply.send(Err(Error::Busy(format!("{name} is deploying generation {g}"))));
+            return;
+        }
+        self.m.apps.get_mut(&name).expect("checked").stopped = true;
+        self.persist();
+        self.reconcile().await;
+        let ids: Vec<WorkerId> = self.m.workers_of_app(&name).map(|(id, _)| id).collect();
+        for id in ids {
+            if let Some(w) = self.m.workers.get_mut(&id) {
+                w.state = WorkerState::Stopping;
+                if let Some(p) = w.probe.take() {
+                    p.abort();
+                }
+            }
+        }
+        let running: Vec<u64> = self.m.apps[&name]
+            .generations
+            .iter()
+            .filter(|(_, g)| g.state.is_running())
+            .map(|(n, _)| *n)
+            .collect();
+        info!(app = %name, "{name}: stopping the app ({} generations)", running.len());
+        if running.is_empty() {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        let a = self.m.apps.get_mut(&name).expect("checked");
+        let stopping = a.stopping.get_or_insert_with(|| Stopping {
+            scopes: Default::default(),
+            errors: Vec::new(),
+            replies: Vec::new(),
+        });
+        stopping.replies.push(reply);
+        let fresh: Vec<u64> = running.into_iter().filter(|g| stopping.scopes.insert(*g)).collect();
+        for g in fresh {
+            self.scope_job(&name, g, ScopeJob::Stop);
+        }
+    }
+
+    /// A scope stopped: one less for a StopApp in progress; the last answers it.
+    pub(super) fn app_scope_stopped(&mut self, app: &AppName, g: u64, error: Option<String>) {
+        let Some(a) = self.m.apps.get_mut(app) else { return };
+        let Some(stopping) = a.stopping.as_mut() else { return };
+        if !stopping.scopes.remove(&g) {
+            return;
+        }
+        if let Some(e) = error {
+            stopping.errors.push(e);
+        }
+        if !stopping.scopes.is_empty() {
+            return;
+        }
+        let done = a.stopping.take().expect("checked above");
+        let result =
+            if done.errors.is_empty() { Ok(()) } else { Err(Error::StopFailed(done.errors.join("; "))) };
+        for r in done.replies {
+            let _ = r.send(result.clone());
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Unit tests of the supervisor against fakes (see fakes.rs).
