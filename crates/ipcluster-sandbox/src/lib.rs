@@ -1,7 +1,7 @@
 //! A throwaway systemd host for end-to-end tests, the demo and benchmarks.
 //!
 //! [`Sandbox::boot`] starts a real systemd as PID 1 of fresh mount, PID, UTS, network and cgroup
-//! namespaces (shared/DESIGN.md §6):
+//! namespaces (docs/ARCHITECTURE.md, "The test sandbox"):
 //!
 //! 1. a cgroup of its own under the host's cgroup2 hierarchy, which becomes the sandbox's root;
 //! 2. `unshare --fork` into new namespaces, running `stage2.sh` as PID 1: private mounts, overlays on

@@ -343,6 +343,120 @@ mod tests {
         assert!(parse_options(&many).unwrap_err().message.contains("at most 16"));
     }
 
+    /// The interface served over a peer-to-peer connection, with a fake supervisor behind the
+    /// handle: what a client sees on the wire (rows, error names, properties, signals).
+    async fn served(answer: impl FnMut(Command) + Send + 'static) -> (zbus::Connection, zbus::Connection) {
+        let (handle, mut commands) = supervisor::channel();
+        let mut answer = answer;
+        tokio::spawn(async move {
+            while let Some(c) = commands.recv().await {
+                answer(c);
+            }
+        });
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let guid = zbus::Guid::generate();
+        let server = zbus::connection::Builder::unix_stream(a)
+            .server(guid)
+            .p2p()
+            .serve_at(ipcluster_bus::OBJECT_PATH, Manager::new(handle))
+            .build();
+        let client = zbus::connection::Builder::unix_stream(b).p2p().build();
+        let (server, client) = tokio::join!(server, client);
+        (server.unwrap(), client.unwrap())
+    }
+
+    fn row(app: &str) -> supervisor::WorkerInfo {
+        supervisor::WorkerInfo {
+            app: app.into(),
+            generation: 3,
+            band: 1,
+            pid: 4711,
+            state: ipcluster_core::model::WorkerState::Retired,
+            ports: vec![(80, 20001)],
+            rss: 1 << 20,
+            cpu_usec: 5,
+            start_usec: 6,
+            nice: 5,
+            scope: "ipcluster-web-3.scope".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_wire_carries_named_rows_error_names_properties_and_signals() {
+        let (server, client) = served(|c| match c {
+            Command::ListWorkers { app, reply } if app == "web" => {
+                let _ = reply.send(Ok(vec![row("web")]));
+            }
+            Command::ListWorkers { app, reply } => {
+                let _ = reply.send(Err(supervisor::Error::NoSuchApp(format!("no app {app:?}"))));
+            }
+            Command::Apps(reply) => {
+                let _ = reply.send(vec!["web".into()]);
+            }
+            _ => {}
+        })
+        .await;
+        let proxy = ipcluster_bus::ManagerProxy::new(&client).await.unwrap();
+        let rows = proxy.list_workers("web").await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let w = &rows[0];
+        assert_eq!(
+            (w.app.as_str(), w.generation, w.band, w.pid, w.state.as_str()),
+            ("web", 3, 1, 4711, "retired")
+        );
+        assert_eq!(
+            (w.ports.clone(), w.rss, w.nice, w.scope.as_str()),
+            (vec![(80, 20001)], 1 << 20, 5, "ipcluster-web-3.scope")
+        );
+        match proxy.list_workers("nope").await.unwrap_err() {
+            zbus::Error::MethodError(name, message, _) => {
+                assert_eq!(name.as_str(), ErrorName::NoSuchApp.as_str());
+                assert_eq!(message.as_deref(), Some("no app \"nope\""));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(proxy.apps().await.unwrap(), ["web"]);
+        assert_eq!(proxy.version().await.unwrap(), ipcluster_core::VERSION);
+
+        let mut states = proxy.receive_generation_state_changed().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(forward_signals(server.clone(), ipcluster_bus::OBJECT_PATH, rx));
+        tx.send(supervisor::BusSignal::GenerationStateChanged {
+            app: "web".into(),
+            generation: 4,
+            state: ipcluster_core::model::GenState::Live,
+        })
+        .unwrap();
+        let s = futures_util::StreamExt::next(&mut states).await.unwrap();
+        let args = s.args().unwrap();
+        assert_eq!((args.app.as_str(), args.generation, args.state.as_str()), ("web", 4, "live"));
+    }
+
+    #[tokio::test]
+    async fn changes_fail_closed_when_the_caller_cannot_be_identified() {
+        // No bus daemon to ask who the caller is: every mutating call is refused, and the
+        // supervisor never hears of it.
+        let heard = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = heard.clone();
+        let (_server, client) = served(move |c| {
+            if !matches!(c, Command::Apps(_)) {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+        .await;
+        let proxy = ipcluster_bus::ManagerProxy::new(&client).await.unwrap();
+        let name = |e: zbus::Error| match e {
+            zbus::Error::FDO(f) => zbus::DBusError::name(&*f).to_string(),
+            zbus::Error::MethodError(n, _, _) => n.to_string(),
+            other => panic!("{other:?}"),
+        };
+        let denied = ErrorName::AccessDenied.as_str();
+        assert_eq!(name(proxy.deploy("web", HashMap::new()).await.unwrap_err()), denied);
+        assert_eq!(name(proxy.kill_retired("").await.unwrap_err()), denied);
+        assert_eq!(name(proxy.stop_app("web").await.unwrap_err()), denied);
+        assert!(!heard.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
     #[test]
     fn every_supervisor_error_has_its_own_name() {
         use supervisor::Error as E;

@@ -28,6 +28,7 @@ pub mod sampler;
 pub mod scopes;
 pub mod state;
 pub mod supervisor;
+pub mod testing;
 
 use std::{future::Future, path::PathBuf};
 

@@ -1,84 +1,15 @@
-//! The supervisor against fakes of its OS traits: fast, deterministic checks of the deploy
-//! flow (real worker processes, recorded scopes and routes, no systemd, no netfilter). The
-//! sandboxed end-to-end tests prove the real `Systemd` and `Iptables` implementations.
+//! The supervisor with real worker processes (forked through the real launcher and `Host`) and
+//! fakes of systemd and netfilter: the deploy flow against the kernel's processes, without root.
+//! The supervisor's rules are unit-tested against fakes of every seam (`src/supervisor/tests.rs`);
+//! the sandboxed end-to-end tests prove the real `Systemd` and `Iptables` implementations.
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use ipcluster_core::{
-    config::Overrides,
-    routing::{AppRoute, Existing},
-};
+use ipcluster_core::config::Overrides;
 use ipclusterd::{
-    netfilter::{Applied, Router, RouterError},
-    scopes::{ScopeError, ScopeSpec, Scopes},
     supervisor::{self, BusSignal, Command, Deps, Error, Handle, Supervisor},
+    testing::{FakeRouter, FakeScopes},
 };
-
-/// Records scopes; stopping one kills its processes, as systemd would (through pidfds taken
-/// when the scope was created: tests run side by side, and a PID may be reused meanwhile).
-#[derive(Debug, Clone, Default)]
-struct FakeScopes {
-    units: Arc<Mutex<BTreeMap<String, Vec<u32>>>>,
-    pidfds: Arc<Mutex<BTreeMap<String, Vec<std::os::fd::OwnedFd>>>>,
-    stopped: Arc<Mutex<Vec<String>>>,
-}
-
-impl Scopes for FakeScopes {
-    async fn start(&self, spec: &ScopeSpec) -> Result<(), ScopeError> {
-        self.units.lock().unwrap().insert(spec.unit.clone(), spec.pids.clone());
-        let fds = spec.pids.iter().filter_map(|p| ipclusterd::process::adopt(*p).ok()).collect();
-        self.pidfds.lock().unwrap().insert(spec.unit.clone(), fds);
-        Ok(())
-    }
-    async fn stop(&self, unit: &str) -> Result<(), ScopeError> {
-        self.stopped.lock().unwrap().push(unit.to_owned());
-        self.units.lock().unwrap().remove(unit);
-        for fd in self.pidfds.lock().unwrap().remove(unit).unwrap_or_default() {
-            let _ = ipclusterd::process::signal(&fd, libc::SIGKILL);
-        }
-        Ok(())
-    }
-    async fn list(&self) -> Result<Vec<String>, ScopeError> {
-        Ok(self.units.lock().unwrap().keys().cloned().collect())
-    }
-    async fn processes(&self, unit: &str) -> Result<Vec<u32>, ScopeError> {
-        Ok(self.units.lock().unwrap().get(unit).cloned().unwrap_or_default())
-    }
-    async fn attach(&self, unit: &str, pids: &[u32]) -> Result<(), ScopeError> {
-        self.units.lock().unwrap().entry(unit.to_owned()).or_default().extend(pids);
-        let fds: Vec<_> = pids.iter().filter_map(|p| ipclusterd::process::adopt(*p).ok()).collect();
-        self.pidfds.lock().unwrap().entry(unit.to_owned()).or_default().extend(fds);
-        Ok(())
-    }
-    async fn set_cpu_weight(&self, _unit: &str, _weight: u64) -> Result<(), ScopeError> {
-        Ok(())
-    }
-}
-
-/// Records every set of routes applied.
-#[derive(Debug, Clone, Default)]
-struct FakeRouter {
-    applied: Arc<Mutex<Vec<Vec<AppRoute>>>>,
-}
-
-impl Router for FakeRouter {
-    async fn apply(&self, routes: &[AppRoute]) -> Result<Applied, RouterError> {
-        let mut applied = self.applied.lock().unwrap();
-        if applied.last().map(Vec::as_slice) == Some(routes) {
-            return Ok(Applied::Unchanged);
-        }
-        applied.push(routes.to_vec());
-        Ok(Applied::Changed)
-    }
-    async fn current(&self) -> Result<Existing, RouterError> {
-        Ok(Existing::default())
-    }
-}
 
 struct Harness {
     handle: Handle,
@@ -107,7 +38,7 @@ fn start(name: &str, apps: &[(&str, String)]) -> Harness {
     }
     let (handle, commands) = supervisor::channel();
     let (signals_tx, signals) = tokio::sync::mpsc::unbounded_channel();
-    let scopes = FakeScopes::default();
+    let scopes = FakeScopes::with_pidfds();
     let router = FakeRouter::default();
     let deps = Deps {
         scopes: scopes.clone(),
@@ -188,20 +119,5 @@ async fn failed_deploys_stop_their_scope_and_route_nothing() {
     assert_eq!(stopped, ["ipcluster-exits-1.scope", "ipcluster-hangs-1.scope"]);
     assert!(h.router.applied.lock().unwrap().iter().all(Vec::is_empty), "no route for a failed generation");
     assert!(workers(&h.handle, "").await.is_empty());
-    let _ = std::fs::remove_dir_all(&h.dir);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_requests_are_refused_with_their_own_errors() {
-    let h = start("bad", &[("web", app("41200-41249", SERVER)), ("broken", "workers = 3\n".into())]);
-    let e = |r: Result<u64, Error>| r.unwrap_err();
-    assert!(matches!(e(deploy(&h.handle, "nope", Overrides::default()).await), Error::NoSuchApp(_)));
-    assert!(matches!(e(deploy(&h.handle, "../x", Overrides::default()).await), Error::InvalidArgs(_)));
-    assert!(matches!(e(deploy(&h.handle, "broken", Overrides::default()).await), Error::InvalidConfig(_)));
-    let three = Overrides { workers: Some(3), ..Overrides::default() };
-    assert!(matches!(e(deploy(&h.handle, "web", three).await), Error::InvalidArgs(_)));
-    let r = h.handle.call(|reply| Command::Retire { app: "web".into(), generation: 7, reply }).await;
-    assert!(matches!(r, Err(Error::NoSuchGeneration(_))));
-    assert!(h.scopes.units.lock().unwrap().is_empty(), "nothing was started");
     let _ = std::fs::remove_dir_all(&h.dir);
 }

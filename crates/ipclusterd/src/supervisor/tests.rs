@@ -1,1 +1,511 @@
-//! Unit tests of the supervisor against fakes (see fakes.rs).
+//! The supervisor's rules against fakes of every seam ([`crate::testing`]), under tokio's paused
+//! time: deploys and failures, adoption, respawn backoff, the memory and watchdog policies,
+//! paced spawning and reaping. No root, no real process; each test runs in milliseconds of real
+//! time however many seconds it simulates.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use ipcluster_core::{
+    config::Overrides,
+    model::{GenState, WorkerState},
+    name::AppName,
+    saved::{SavedGeneration, SavedState},
+};
+use tokio::sync::mpsc;
+
+use super::{BusSignal, Command, Deps, Error, Handle, Supervisor, WorkerInfo, channel};
+use crate::{
+    clock::PausedClock,
+    notify::Message,
+    process::Exit,
+    testing::{FakeProcesses, FakeRouter, FakeScopes},
+};
+
+struct Harness {
+    handle: Handle,
+    scopes: FakeScopes,
+    router: FakeRouter,
+    procs: FakeProcesses,
+    signals: mpsc::UnboundedReceiver<BusSignal>,
+    notify: mpsc::UnboundedSender<(u32, Message)>,
+    dir: PathBuf,
+}
+
+const BASE: &str = "listen = [\"0.0.0.0:80\"]\nport_range = \"30000-30099\"\nautostart = false\nready_timeout = \"3s\"\nstop_timeout = \"2s\"\n";
+
+fn app(command: &str, extra: &str) -> String {
+    format!("command = [{command}]\nworkers = 2\n{BASE}{extra}")
+}
+
+/// A supervisor of `apps`, in a world the test prepares first (saved state, running processes,
+/// scopes and rules a previous daemon left).
+async fn start_with(
+    name: &str,
+    apps: &[(&str, String)],
+    saved: Option<SavedState>,
+    world: impl FnOnce(&FakeProcesses, &FakeScopes, &FakeRouter),
+) -> Harness {
+    let dir = crate::test_dir(&format!("supervisor-{name}"));
+    std::fs::create_dir_all(dir.join("apps")).unwrap();
+    for (app, text) in apps {
+        std::fs::write(dir.join("apps").join(format!("{app}.toml")), text).unwrap();
+    }
+    if let Some(s) = saved {
+        crate::state::save(&dir.join("state.json"), &s).unwrap();
+    }
+    let clock = Arc::new(PausedClock::new(std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000)));
+    let procs = FakeProcesses::new(clock.clone());
+    let scopes = FakeScopes::of(&procs);
+    let router = FakeRouter::default();
+    world(&procs, &scopes, &router);
+    let (handle, commands) = channel();
+    let (signals_tx, signals) = mpsc::unbounded_channel();
+    let (notify, notify_rx) = mpsc::unbounded_channel();
+    let deps = Deps {
+        scopes: scopes.clone(),
+        router: router.clone(),
+        processes: procs.clone(),
+        clock,
+        config_dir: dir.join("apps"),
+        state_file: dir.join("state.json"),
+        notify: Some(notify_rx),
+        notify_socket: Some(PathBuf::from("/run/ipcluster/notify")),
+        signals: signals_tx,
+        sample_interval: Duration::from_millis(200),
+        launcher: PathBuf::from("/proc/self/exe"),
+    };
+    tokio::spawn(Supervisor::new(commands, deps).run());
+    Harness { handle, scopes, router, procs, signals, notify, dir }
+}
+
+async fn start(name: &str, apps: &[(&str, String)]) -> Harness {
+    start_with(name, apps, None, |_, _, _| {}).await
+}
+
+impl Harness {
+    async fn deploy(&self, app: &str) -> Result<u64, Error> {
+        self.deploy_with(app, Overrides::default()).await
+    }
+
+    async fn deploy_with(&self, app: &str, overrides: Overrides) -> Result<u64, Error> {
+        self.handle.call(|reply| Command::Deploy { app: app.into(), overrides, reply }).await
+    }
+
+    async fn workers(&self, app: &str) -> Vec<WorkerInfo> {
+        self.handle.call(|reply| Command::ListWorkers { app: app.into(), reply }).await.unwrap()
+    }
+
+    async fn worker(&self, app: &str, generation: u64, band: u32) -> WorkerInfo {
+        let rows = self.workers(app).await;
+        rows.into_iter()
+            .find(|w| w.generation == generation && w.band == band && w.state != WorkerState::Retired)
+            .unwrap_or_else(|| panic!("no worker of generation {generation} band {band}"))
+    }
+
+    /// Lets simulated time pass (every timer due meanwhile fires).
+    async fn sleep(&self, d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    /// Waits (in simulated time) until `f` holds, for at most `limit`.
+    async fn until<F: AsyncFnMut(&Self) -> bool>(&self, what: &str, limit: Duration, mut f: F) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !f(self).await {
+            assert!(tokio::time::Instant::now() < deadline, "{what}: not within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn generation_states(&mut self) -> Vec<(u64, GenState)> {
+        let mut out = Vec::new();
+        while let Ok(s) = self.signals.try_recv() {
+            if let BusSignal::GenerationStateChanged { generation, state, .. } = s {
+                out.push((generation, state));
+            }
+        }
+        out
+    }
+
+    fn held_back(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(s) = self.signals.try_recv() {
+            if let BusSignal::PolicyHeldBack { reason, .. } = s {
+                out.push(reason);
+            }
+        }
+        out
+    }
+
+    /// The worker ports each band of `app` is routed to now.
+    fn routed(&self, app: &str) -> Vec<u16> {
+        let routes = self.router.last();
+        routes
+            .iter()
+            .find(|r| r.app.as_str() == app)
+            .map(|r| r.bands.iter().map(|b| b[0]).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deploy_cuts_over_retires_the_previous_generation_and_reaps_it() {
+    let mut h = start("cutover", &[("web", app("\"serve\"", ""))]).await;
+    assert_eq!(h.deploy("web").await, Ok(1));
+    let first = h.workers("web").await;
+    assert_eq!(first.len(), 2);
+    assert_eq!(h.scopes.names(), ["ipcluster-web-1.scope"]);
+    let by_band = |rows: &[WorkerInfo], g| {
+        (0..2)
+            .map(|b| rows.iter().find(|w| w.generation == g && w.band == b).unwrap().ports[0].1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(h.routed("web"), by_band(&first, 1), "one transaction routes every band to generation 1");
+
+    assert_eq!(h.deploy("web").await, Ok(2));
+    let rows = h.workers("web").await;
+    assert_eq!(h.routed("web"), by_band(&rows, 2));
+    for w in rows.iter().filter(|w| w.generation == 1) {
+        assert_eq!((w.state, w.nice), (WorkerState::Retired, 5), "retired and reniced: {w:?}");
+    }
+    h.sleep(Duration::from_millis(1)).await;
+    assert!(h.scopes.cpu_weights.lock().unwrap().contains(&("ipcluster-web-1.scope".into(), 10)));
+
+    let n = h.handle.call(|reply| Command::KillRetired { app: String::new(), reply }).await;
+    assert_eq!(n, Ok(2));
+    h.until("generation 1 to stop", Duration::from_secs(1), async |h| {
+        h.workers("web").await.iter().all(|w| w.generation == 2)
+    })
+    .await;
+    let states = h.generation_states();
+    let expected =
+        [(1, GenState::Starting), (1, GenState::Live), (2, GenState::Starting), (2, GenState::Live)];
+    assert_eq!(states[..4], expected);
+    assert!(
+        states.contains(&(1, GenState::Retired)) && states.ends_with(&[(1, GenState::Stopped)]),
+        "{states:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_deploy_stops_its_scope_routes_nothing_and_leaves_no_record() {
+    let h = start(
+        "failed",
+        &[
+            ("exits", app("\"exit\", \"3\"", "")),
+            ("hangs", app("\"hang\"", "")),
+            ("web", app("\"serve\"", "")),
+        ],
+    )
+    .await;
+    let e = h.deploy("exits").await.unwrap_err();
+    assert!(matches!(&e, Error::DeployFailed(m) if m.contains("exited with status 3")), "{e:?}");
+    let started = tokio::time::Instant::now();
+    let e = h.deploy("hangs").await.unwrap_err();
+    assert!(matches!(&e, Error::DeployFailed(m) if m.contains("band 0: not ready after 3s")), "{e:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(*h.scopes.stopped.lock().unwrap(), ["ipcluster-exits-1.scope", "ipcluster-hangs-1.scope"]);
+    assert!(h.router.last().is_empty(), "no route for a failed generation");
+    assert!(h.workers("").await.is_empty(), "their workers left the list before DeployFailed");
+    let saved = crate::state::load(&h.dir.join("state.json")).unwrap();
+    assert!(saved.apps.values().all(|a| a.generations.is_empty()), "{saved:?}");
+
+    // A failure leaves the live generation serving, and a retry gets a new number.
+    assert_eq!(h.deploy("web").await, Ok(1));
+    let routed = h.routed("web");
+    let hang = Overrides { command: Some(vec!["hang".into()]), ..Overrides::default() };
+    assert!(h.deploy_with("web", hang).await.is_err());
+    assert_eq!(h.routed("web"), routed);
+    assert_eq!(h.deploy("web").await, Ok(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_requests_get_their_own_errors_and_change_nothing() {
+    let h = start("bad", &[("web", app("\"hang\"", "")), ("broken", "workers = 3\n".into())]).await;
+    let err = |r: Result<u64, Error>| r.unwrap_err();
+    assert!(matches!(err(h.deploy("nope").await), Error::NoSuchApp(_)));
+    assert!(matches!(err(h.deploy("../x").await), Error::InvalidArgs(_)));
+    assert!(matches!(err(h.deploy("broken").await), Error::InvalidConfig(_)));
+    let three = Overrides { workers: Some(3), ..Overrides::default() };
+    assert!(matches!(err(h.deploy_with("web", three).await), Error::InvalidArgs(_)));
+    let r = h.handle.call(|reply| Command::Retire { app: "web".into(), generation: 7, reply }).await;
+    assert!(matches!(r, Err(Error::NoSuchGeneration(_))));
+    assert!(h.scopes.names().is_empty() && h.procs.spawned().is_empty(), "nothing was started");
+    // A second deploy while one is in progress is Busy.
+    let first = {
+        let handle = h.handle.clone();
+        tokio::spawn(async move {
+            handle
+                .call(|reply| Command::Deploy { app: "web".into(), overrides: Overrides::default(), reply })
+                .await
+        })
+    };
+    h.sleep(Duration::from_millis(10)).await;
+    assert!(matches!(err(h.deploy("web").await), Error::Busy(_)));
+    assert!(first.await.unwrap().is_err(), "the hanging deploy fails at ready_timeout");
+}
+
+fn worker_env(app: &str, g: u64, band: u32, bands: u32, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("IPCLUSTER_APP", app.into()),
+        ("IPCLUSTER_GENERATION", g.to_string()),
+        ("IPCLUSTER_BAND", band.to_string()),
+        ("IPCLUSTER_BANDS", bands.to_string()),
+        ("IPCLUSTER_PORTS", format!("80:{port}")),
+    ]
+}
+
+fn saved_gen(state: GenState) -> SavedGeneration {
+    SavedGeneration {
+        state,
+        started_usec: 1,
+        retired_usec: None,
+        workers: 2,
+        listen: vec!["0.0.0.0:80".parse().unwrap()],
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn adoption_takes_the_rules_as_the_live_generation_and_resumes_backoff_at_the_apps_own_limits() {
+    let web = AppName::new("web").unwrap();
+    let mut saved = SavedState::default();
+    saved.last_generation.insert(web.clone(), 3);
+    let a = saved.apps.entry(web.clone()).or_default();
+    a.generations.insert(1, saved_gen(GenState::Live));
+    a.generations.insert(2, saved_gen(GenState::Starting));
+    a.generations.insert(3, saved_gen(GenState::Starting));
+    // Band 0 was crash-looping at 8 s, the app's maximum.
+    a.backoff_ms.insert(0, 8000);
+    let mut h = start_with(
+        "adopt",
+        &[("web", app("\"serve\"", "restart_backoff = \"1s-8s\"\n"))],
+        Some(saved),
+        |procs, scopes, router| {
+            let add = |g: u64, band: u32, port: u16| {
+                let pid = procs.existing(&["serve"], &worker_env("web", g, band, 2, port));
+                scopes.units.lock().unwrap().entry(format!("ipcluster-web-{g}.scope")).or_default().push(pid);
+            };
+            add(1, 0, 30000);
+            add(1, 1, 30001);
+            // Generation 2 went live (the rules say so) but the daemon died before saving it;
+            // its band 1 died while no daemon watched.
+            add(2, 0, 30002);
+            // Generation 3 was still starting.
+            add(3, 0, 30004);
+            add(3, 1, 30005);
+            let route = ipcluster_core::routing::AppRoute {
+                app: AppName::new("web").unwrap(),
+                listen: vec!["0.0.0.0:80".parse().unwrap()],
+                bands: vec![vec![30002], vec![30002]],
+            };
+            futures_util::FutureExt::now_or_never(crate::netfilter::Router::apply(router, &[route]))
+                .unwrap()
+                .unwrap();
+        },
+    )
+    .await;
+    let gens = h.handle.call(|reply| Command::ListGenerations { app: "web".into(), reply }).await.unwrap();
+    let states: Vec<(u64, GenState)> = gens.iter().map(|g| (g.generation, g.state)).collect();
+    assert_eq!(states, [(1, GenState::Retired), (2, GenState::Live)], "generation 3 never went live");
+    h.sleep(Duration::from_millis(1)).await;
+    assert_eq!(*h.scopes.stopped.lock().unwrap(), ["ipcluster-web-3.scope"]);
+    let old = h.workers("web").await;
+    assert!(
+        old.iter().filter(|w| w.generation == 1).all(|w| w.nice == 5),
+        "its retirement is finished: {old:?}"
+    );
+
+    // The band that died unwatched is respawned at the app's minimum backoff.
+    h.until("band 1 of generation 2 to be respawned", Duration::from_millis(1100), async |h| {
+        h.workers("web")
+            .await
+            .iter()
+            .any(|w| w.generation == 2 && w.band == 1 && w.state == WorkerState::Live)
+    })
+    .await;
+    assert_eq!(h.routed("web").len(), 2);
+    // Band 0 crashes again: its delay resumes at 8 s (the app's maximum), not 16 s.
+    let band0 = h.worker("web", 2, 0).await;
+    let spawned = h.procs.spawned().len();
+    h.procs.exit(band0.pid, Exit::Code(1));
+    h.sleep(Duration::from_millis(7900)).await;
+    assert_eq!(h.procs.spawned().len(), spawned, "not before 8 s");
+    h.sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.procs.spawned().len(), spawned + 1, "at 8 s");
+    assert_eq!(h.deploy("web").await, Ok(4), "numbers never repeat");
+    let _ = h.generation_states();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashing_band_is_respawned_with_doubling_delays_and_served_by_a_neighbour_meanwhile() {
+    let h = start("backoff", &[("web", app("\"serve\"", ""))]).await;
+    assert_eq!(h.deploy("web").await, Ok(1));
+    let mut delays = Vec::new();
+    for _ in 0..4 {
+        let victim = h.worker("web", 1, 1).await;
+        let neighbour = h.worker("web", 1, 0).await;
+        h.procs.exit(victim.pid, Exit::Signal(9));
+        let crashed = tokio::time::Instant::now();
+        h.until("band 1 to fall back to band 0", Duration::from_millis(50), async |h| {
+            h.routed("web") == [neighbour.ports[0].1, neighbour.ports[0].1]
+        })
+        .await;
+        h.until("band 1's replacement", Duration::from_secs(5), async |h| {
+            h.workers("web")
+                .await
+                .iter()
+                .any(|w| w.band == 1 && w.pid != victim.pid && w.state == WorkerState::Live)
+        })
+        .await;
+        let (pid, at) = *h.procs.spawned().last().unwrap();
+        assert_ne!(pid, victim.pid);
+        delays.push((at - crashed).as_millis());
+    }
+    assert_eq!(delays, [100, 200, 400, 800]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_over_worker_memory_max_is_replaced_then_retired_and_the_rate_limit_holds_the_next() {
+    let mut h = start(
+        "memory",
+        &[("web", app("\"serve\"", "worker_memory_max = \"40M\"\nretire_rate = \"1/1h\"\n"))],
+    )
+    .await;
+    assert_eq!(h.deploy("web").await, Ok(1));
+    let old = h.worker("web", 1, 0).await;
+    h.procs.set_rss(old.pid, 64 << 20);
+    h.until("band 0's replacement to take over", Duration::from_secs(2), async |h| {
+        h.worker("web", 1, 0).await.pid != old.pid
+    })
+    .await;
+    let new = h.worker("web", 1, 0).await;
+    assert_eq!(h.routed("web")[0], new.ports[0].1, "band 0 moved to the replacement");
+    let rows = h.workers("web").await;
+    let retired = rows.iter().find(|w| w.pid == old.pid).unwrap();
+    assert_eq!((retired.state, retired.nice), (WorkerState::Retired, 5));
+    // A second offender inside the hour is held back, and said so.
+    let band1 = h.worker("web", 1, 1).await;
+    h.procs.set_rss(band1.pid, 64 << 20);
+    h.sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.worker("web", 1, 1).await.pid, band1.pid, "not replaced");
+    let held = h.held_back();
+    assert!(held.iter().any(|r| r.contains("held back by retire_rate")), "{held:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_stops_sending_watchdog_is_replaced_and_then_stopped() {
+    let h = start("watchdog", &[("web", app("\"notify\"", "ready = \"notify\"\nwatchdog = \"1s\"\n"))]).await;
+    let deploy = {
+        let handle = h.handle.clone();
+        tokio::spawn(async move {
+            handle
+                .call(|reply| Command::Deploy { app: "web".into(), overrides: Overrides::default(), reply })
+                .await
+        })
+    };
+    h.until("both workers to spawn", Duration::from_secs(1), async |h| h.procs.spawned().len() == 2).await;
+    let pids: Vec<u32> = h.procs.spawned().iter().map(|(p, _)| *p).collect();
+    let ready = Message { ready: true, watchdog: false };
+    for pid in &pids {
+        h.notify.send((*pid, ready.clone())).unwrap();
+    }
+    assert_eq!(deploy.await.unwrap(), Ok(1));
+    let (band0, band1) = (h.worker("web", 1, 0).await, h.worker("web", 1, 1).await);
+    // Band 1 keeps pinging; band 0 falls silent.
+    let ping = Message { ready: false, watchdog: true };
+    for _ in 0..8 {
+        h.sleep(Duration::from_millis(250)).await;
+        h.notify.send((band1.pid, ping.clone())).unwrap();
+    }
+    let spawned = h.procs.spawned();
+    assert_eq!(spawned.len(), 3, "one replacement, for band 0 only");
+    h.notify.send((spawned[2].0, ready)).unwrap();
+    h.until("band 0's replacement to take over", Duration::from_secs(1), async |h| {
+        h.worker("web", 1, 0).await.pid == spawned[2].0
+    })
+    .await;
+    assert_eq!(h.worker("web", 1, 1).await.pid, band1.pid);
+    // Still silent, now retired: stopped.
+    h.until("the hung worker to be stopped", Duration::from_secs(3), async |h| !h.procs.alive(band0.pid))
+        .await;
+    assert!(h.procs.signals().contains(&(band0.pid, libc::SIGTERM)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn spawn_interval_paces_a_generation_and_reap_interval_paces_retire_timeout() {
+    let extra = "spawn_interval = \"300ms\"\nretire_timeout = \"2s\"\nreap_interval = \"500ms\"\n";
+    let h = start("paced", &[("web", app("\"serve\"", extra).replace("workers = 2", "workers = 4"))]).await;
+    assert_eq!(h.deploy("web").await, Ok(1));
+    let at: Vec<tokio::time::Instant> = h.procs.spawned().iter().map(|(_, t)| *t).collect();
+    let gaps: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    assert_eq!(gaps, [300, 300, 300]);
+    let old: Vec<u32> = h.workers("web").await.iter().map(|w| w.pid).collect();
+    assert_eq!(h.deploy("web").await, Ok(2));
+    let retired = tokio::time::Instant::now();
+    h.until("generation 1 to be reaped", Duration::from_secs(10), async |h| {
+        old.iter().all(|p| !h.procs.alive(*p))
+    })
+    .await;
+    // Sampled every 200 ms: the timeout is noticed within a round; then one every 500 ms.
+    let elapsed = retired.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(2000 + 3 * 500) && elapsed < Duration::from_millis(3800),
+        "{elapsed:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cluster_watermarks_stop_then_kill_retired_workers_most_killable_first() {
+    const MIB: u64 = 1 << 20;
+    let h = start("cluster", &[("web", app("\"serve\"", "cluster_memory_max = \"1000M\"\n"))]).await;
+    for g in 1..=3 {
+        assert_eq!(h.deploy("web").await, Ok(g));
+    }
+    let rows = h.workers("web").await;
+    let pid = |g: u64, band: u32| rows.iter().find(|w| w.generation == g && w.band == band).unwrap().pid;
+    // Budget 1000 MiB: stop retired workers over 800, kill them over 950. Live: 2 × 60 MiB.
+    // Retired: big 500 and mid 250 without connections, held 450 with one, small 10.
+    let (big, held, mid, small) = (pid(1, 0), pid(1, 1), pid(2, 0), pid(2, 1));
+    for band in 0..2 {
+        h.procs.set_rss(pid(3, band), 60 * MIB);
+    }
+    h.procs.set_rss(big, 500 * MIB);
+    h.procs.set_rss(held, 450 * MIB);
+    h.procs.set_connections(held, 1);
+    h.procs.set_rss(mid, 250 * MIB);
+    h.procs.set_rss(small, 10 * MIB);
+    // 1330 > 950: kill big (fewest connections, largest) → 830 > 800: stop mid → 580. Held is
+    // larger than mid but has a connection: it stays, and so does small (no more is needed).
+    h.until("the watermarks to act", Duration::from_secs(2), async |h| {
+        !h.procs.alive(big) && !h.procs.alive(mid)
+    })
+    .await;
+    assert!(h.procs.signals().contains(&(big, libc::SIGKILL)));
+    assert!(
+        h.procs.signals().contains(&(mid, libc::SIGTERM))
+            && !h.procs.signals().contains(&(mid, libc::SIGKILL))
+    );
+    h.sleep(Duration::from_secs(1)).await;
+    assert!(h.procs.alive(held) && h.procs.alive(small), "no more than needed, connections last");
+    assert!(h.procs.alive(pid(3, 0)) && h.procs.alive(pid(3, 1)), "live workers untouched");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_app_answers_once_every_scope_is_gone_and_stays_stopped_until_the_next_deploy() {
+    let h = start("stop", &[("web", app("\"serve\"", ""))]).await;
+    assert_eq!(h.deploy("web").await, Ok(1));
+    assert_eq!(h.deploy("web").await, Ok(2));
+    let r = h.handle.call(|reply| Command::StopApp { app: "web".into(), reply }).await;
+    assert_eq!(r, Ok(()));
+    assert!(h.scopes.names().is_empty(), "both scopes stopped before the answer");
+    assert!(h.router.last().is_empty(), "no rules");
+    let saved = crate::state::load(&h.dir.join("state.json")).unwrap();
+    assert!(saved.apps[&AppName::new("web").unwrap()].stopped);
+    assert_eq!(h.deploy("web").await, Ok(3));
+    assert_eq!(h.routed("web").len(), 2);
+}

@@ -1,0 +1,450 @@
+//! Test doubles of the supervisor's seams: [`FakeScopes`], [`FakeRouter`] and [`FakeProcesses`].
+//! They record what the supervisor asked for and let a test play the world's part (a worker
+//! that becomes ready, exits, grows, stops sending WATCHDOG=1). The sandboxed end-to-end tests
+//! prove the real implementations; these make the supervisor's rules testable in milliseconds,
+//! without root and without real processes, under tokio's paused time.
+//!
+//! [`FakeProcesses`] reads a worker's behaviour from its command (`argv[0]`):
+//! - `serve`: listens as soon as it is released (a TCP probe succeeds);
+//! - `hang`: never listens;
+//! - `exit N`: exits with status N as soon as it is released;
+//! - `stubborn`: like `serve`, but ignores SIGTERM (SIGKILL still ends it);
+//! - anything else: like `hang` (a `ready = "notify"` worker is made ready by a notification).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    os::fd::OwnedFd,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use ipcluster_core::routing::{self, AppRoute, Existing};
+use tokio::sync::watch;
+
+use crate::{
+    clock::{Clock, usec},
+    netfilter::{Applied, Router, RouterError},
+    process::{Exit, SpawnSpec},
+    processes::{Gated, Processes},
+    sampler::Sample,
+    scopes::{ScopeError, ScopeSpec, Scopes},
+};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Scopes kept in memory. Stopping one ends its processes, as systemd would; when the scopes
+/// hold real processes (pidfds given with [`FakeScopes::with_pidfds`]), they are SIGKILLed.
+#[derive(Debug, Clone, Default)]
+pub struct FakeScopes {
+    pub units: Arc<Mutex<BTreeMap<String, Vec<u32>>>>,
+    pub stopped: Arc<Mutex<Vec<String>>>,
+    pub cpu_weights: Arc<Mutex<Vec<(String, u64)>>>,
+    /// When set, stopping a scope ends its processes through this.
+    pub processes: Option<FakeProcesses>,
+    real: Arc<Mutex<BTreeMap<String, Vec<OwnedFd>>>>,
+    kill_real: bool,
+}
+
+impl FakeScopes {
+    /// Scopes whose processes are real: their pidfds are taken when they join, and stopping
+    /// the scope SIGKILLs them (tests run side by side; a PID may be reused meanwhile).
+    pub fn with_pidfds() -> Self {
+        Self { kill_real: true, ..Self::default() }
+    }
+
+    /// Scopes of fake processes: stopping one makes them exit.
+    pub fn of(processes: &FakeProcesses) -> Self {
+        Self { processes: Some(processes.clone()), ..Self::default() }
+    }
+
+    fn joined(&self, unit: &str, pids: &[u32]) {
+        lock(&self.units).entry(unit.to_owned()).or_default().extend(pids);
+        if self.kill_real {
+            let fds = pids.iter().filter_map(|p| crate::process::adopt(*p).ok());
+            lock(&self.real).entry(unit.to_owned()).or_default().extend(fds);
+        }
+    }
+
+    /// The names of the scopes that exist now.
+    pub fn names(&self) -> Vec<String> {
+        lock(&self.units).keys().cloned().collect()
+    }
+}
+
+impl Scopes for FakeScopes {
+    async fn start(&self, spec: &ScopeSpec) -> Result<(), ScopeError> {
+        self.joined(&spec.unit, &spec.pids);
+        Ok(())
+    }
+    async fn stop(&self, unit: &str) -> Result<(), ScopeError> {
+        lock(&self.stopped).push(unit.to_owned());
+        let pids = lock(&self.units).remove(unit).unwrap_or_default();
+        for fd in lock(&self.real).remove(unit).unwrap_or_default() {
+            let _ = crate::process::signal(&fd, libc::SIGKILL);
+        }
+        if let Some(p) = &self.processes {
+            for pid in pids {
+                p.exit(pid, Exit::Signal(libc::SIGKILL));
+            }
+        }
+        Ok(())
+    }
+    async fn list(&self) -> Result<Vec<String>, ScopeError> {
+        Ok(self.names())
+    }
+    async fn processes(&self, unit: &str) -> Result<Vec<u32>, ScopeError> {
+        Ok(lock(&self.units).get(unit).cloned().unwrap_or_default())
+    }
+    async fn attach(&self, unit: &str, pids: &[u32]) -> Result<(), ScopeError> {
+        self.joined(unit, pids);
+        Ok(())
+    }
+    async fn set_cpu_weight(&self, unit: &str, weight: u64) -> Result<(), ScopeError> {
+        lock(&self.cpu_weights).push((unit.to_owned(), weight));
+        Ok(())
+    }
+}
+
+/// Records every set of routes applied; [`Router::current`] answers with the last one, as the
+/// kernel would.
+#[derive(Debug, Clone, Default)]
+pub struct FakeRouter {
+    pub applied: Arc<Mutex<Vec<Vec<AppRoute>>>>,
+}
+
+impl FakeRouter {
+    /// The routes now in force.
+    pub fn last(&self) -> Vec<AppRoute> {
+        lock(&self.applied).last().cloned().unwrap_or_default()
+    }
+}
+
+impl Router for FakeRouter {
+    async fn apply(&self, routes: &[AppRoute]) -> Result<Applied, RouterError> {
+        let mut applied = lock(&self.applied);
+        if applied.last().map(Vec::as_slice).unwrap_or_default() == routes {
+            return Ok(Applied::Unchanged);
+        }
+        applied.push(routes.to_vec());
+        Ok(Applied::Changed)
+    }
+    async fn current(&self) -> Result<Existing, RouterError> {
+        let routes = self.last();
+        Ok(Existing {
+            chains: routes
+                .iter()
+                .map(|r| routing::app_chain(&r.app))
+                .chain([routing::TOP_CHAIN.to_owned()])
+                .collect(),
+            prerouting_jump: true,
+            output_jump: true,
+            rules: routing::desired_rules(&routes),
+        })
+    }
+}
+
+/// One fake process.
+#[derive(Debug)]
+pub struct FakeProc {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub parent: Option<u32>,
+    pub start_usec: u64,
+    pub nice: i32,
+    pub rss: u64,
+    pub connections: u32,
+    pub released: bool,
+    listening: watch::Sender<bool>,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl FakeProc {
+    fn new(argv: Vec<String>, env: Vec<(String, String)>, start_usec: u64) -> Self {
+        Self {
+            argv,
+            env,
+            parent: None,
+            start_usec,
+            nice: 0,
+            rss: 10 << 20,
+            connections: 0,
+            released: false,
+            listening: watch::channel(false).0,
+            exit: watch::channel(None).0,
+        }
+    }
+
+    /// The worker ports its environment names.
+    fn ports(&self) -> Vec<u16> {
+        let pairs =
+            self.env.iter().find(|(k, _)| k == "IPCLUSTER_PORTS").map(|(_, v)| v.as_str()).unwrap_or("");
+        pairs.split(',').filter_map(|p| p.split_once(':')?.1.parse().ok()).collect()
+    }
+
+    fn behaviour(&self) -> &str {
+        self.argv.first().map_or("", String::as_str)
+    }
+}
+
+#[derive(Debug)]
+struct World {
+    clock: Arc<dyn Clock>,
+    next_pid: u32,
+    procs: BTreeMap<u32, FakeProc>,
+    spawned: Vec<(u32, tokio::time::Instant)>,
+    signals: Vec<(u32, i32)>,
+    busy_ports: BTreeSet<u16>,
+}
+
+/// Processes that exist only in memory; see the module docs for how a command behaves.
+#[derive(Debug, Clone)]
+pub struct FakeProcesses {
+    world: Arc<Mutex<World>>,
+}
+
+impl FakeProcesses {
+    /// No processes yet; start times come from `clock`.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        let world = World {
+            clock,
+            next_pid: 1000,
+            procs: BTreeMap::new(),
+            spawned: Vec::new(),
+            signals: Vec::new(),
+            busy_ports: BTreeSet::new(),
+        };
+        Self { world: Arc::new(Mutex::new(world)) }
+    }
+
+    fn world(&self) -> MutexGuard<'_, World> {
+        lock(&self.world)
+    }
+
+    /// A process that was already running (a worker a previous daemon started), released.
+    pub fn existing(&self, argv: &[&str], env: &[(&str, String)]) -> u32 {
+        let mut w = self.world();
+        let pid = w.next_pid;
+        w.next_pid += 1;
+        let now = usec(w.clock.wall());
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+        let mut p = FakeProc::new(argv.iter().map(|a| (*a).to_owned()).collect(), env, now);
+        p.released = true;
+        p.listening.send_replace(true);
+        w.procs.insert(pid, p);
+        pid
+    }
+
+    /// Ends `pid` with `exit` (nothing happens if it already ended).
+    pub fn exit(&self, pid: u32, exit: Exit) {
+        if let Some(p) = self.world().procs.get(&pid) {
+            p.exit.send_if_modified(|e| e.is_none() && e.replace(exit).is_none());
+        }
+    }
+
+    /// Makes `pid` accept on its ports (a TCP probe succeeds).
+    pub fn listen(&self, pid: u32) {
+        if let Some(p) = self.world().procs.get(&pid) {
+            p.listening.send_replace(true);
+        }
+    }
+
+    /// Sets the resident memory `pid` samples as.
+    pub fn set_rss(&self, pid: u32, rss: u64) {
+        if let Some(p) = self.world().procs.get_mut(&pid) {
+            p.rss = rss;
+        }
+    }
+
+    /// Sets how many established connections `pid` has.
+    pub fn set_connections(&self, pid: u32, n: u32) {
+        if let Some(p) = self.world().procs.get_mut(&pid) {
+            p.connections = n;
+        }
+    }
+
+    /// Marks `port` as held by another program.
+    pub fn occupy(&self, port: u16) {
+        self.world().busy_ports.insert(port);
+    }
+
+    /// Every process ever spawned through the gate: pid and when.
+    pub fn spawned(&self) -> Vec<(u32, tokio::time::Instant)> {
+        self.world().spawned.clone()
+    }
+
+    /// Every signal sent: pid and signal number.
+    pub fn signals(&self) -> Vec<(u32, i32)> {
+        self.world().signals.clone()
+    }
+
+    /// The nice value of `pid`.
+    pub fn nice(&self, pid: u32) -> i32 {
+        self.world().procs.get(&pid).map_or(0, |p| p.nice)
+    }
+
+    /// The argv `pid` was started with.
+    pub fn argv(&self, pid: u32) -> Vec<String> {
+        self.world().procs.get(&pid).map(|p| p.argv.clone()).unwrap_or_default()
+    }
+
+    /// Whether `pid` is still running.
+    pub fn alive(&self, pid: u32) -> bool {
+        self.world().procs.get(&pid).is_some_and(|p| p.exit.borrow().is_none())
+    }
+
+    fn release(&self, pid: u32) -> io::Result<u32> {
+        let mut w = self.world();
+        let p = w.procs.get_mut(&pid).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+        p.released = true;
+        match p.behaviour() {
+            "serve" | "stubborn" => {
+                p.listening.send_replace(true);
+            }
+            "exit" => {
+                let code = p.argv.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
+                p.exit.send_replace(Some(Exit::Code(code)));
+            }
+            _ => {}
+        }
+        Ok(pid)
+    }
+}
+
+/// A fake launcher at its gate.
+#[derive(Debug)]
+pub struct FakeGated {
+    pid: u32,
+    processes: FakeProcesses,
+    released: bool,
+}
+
+impl Gated for FakeGated {
+    type Handle = u32;
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    fn release(mut self) -> io::Result<u32> {
+        self.released = true;
+        self.processes.release(self.pid)
+    }
+}
+
+impl Drop for FakeGated {
+    /// Never released: the launcher exits without running anything, as the real one does.
+    fn drop(&mut self) {
+        if !self.released {
+            self.processes.exit(self.pid, Exit::Code(127));
+        }
+    }
+}
+
+impl Processes for FakeProcesses {
+    type Handle = u32;
+    type Gated = FakeGated;
+
+    fn spawn(&self, spec: &SpawnSpec) -> io::Result<FakeGated> {
+        let mut w = self.world();
+        let pid = w.next_pid;
+        w.next_pid += 1;
+        let now = usec(w.clock.wall());
+        w.procs.insert(pid, FakeProc::new(spec.argv.clone(), spec.env.clone(), now));
+        w.spawned.push((pid, tokio::time::Instant::now()));
+        Ok(FakeGated { pid, processes: self.clone(), released: false })
+    }
+    fn adopt(&self, pid: u32) -> io::Result<u32> {
+        if self.alive(pid) { Ok(pid) } else { Err(io::Error::from_raw_os_error(libc::ESRCH)) }
+    }
+    fn wait(&self, process: &u32) -> impl std::future::Future<Output = Exit> + Send + 'static {
+        let rx = self.world().procs.get(process).map(|p| p.exit.subscribe());
+        async move {
+            let Some(mut rx) = rx else { return Exit::Unknown };
+            match rx.wait_for(Option::is_some).await {
+                Ok(e) => e.clone().unwrap_or(Exit::Unknown),
+                Err(_) => Exit::Unknown,
+            }
+        }
+    }
+    fn signal(&self, process: &u32, sig: i32) -> io::Result<()> {
+        let stubborn = {
+            let mut w = self.world();
+            w.signals.push((*process, sig));
+            w.procs.get(process).is_some_and(|p| p.behaviour() == "stubborn")
+        };
+        let ends = sig == libc::SIGKILL || (matches!(sig, libc::SIGTERM | libc::SIGINT) && !stubborn);
+        if ends {
+            self.exit(*process, Exit::Signal(sig));
+        }
+        Ok(())
+    }
+    fn renice_tree(&self, pid: u32, nice: i32) -> io::Result<()> {
+        let mut w = self.world();
+        let p = w.procs.get_mut(&pid).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+        p.nice = nice;
+        Ok(())
+    }
+    fn own_nice(&self) -> i32 {
+        0
+    }
+    fn nice_of(&self, pid: u32) -> Option<i32> {
+        self.world().procs.get(&pid).map(|p| p.nice)
+    }
+    fn start_time_usec(&self, pid: u32) -> Option<u64> {
+        self.world().procs.get(&pid).map(|p| p.start_usec)
+    }
+    fn parent(&self, pid: u32) -> Option<u32> {
+        self.world().procs.get(&pid).and_then(|p| p.parent)
+    }
+    fn environ(&self, pid: u32) -> Option<Vec<(String, String)>> {
+        self.world().procs.get(&pid).map(|p| p.env.clone())
+    }
+    fn tree(&self, pid: u32) -> Vec<u32> {
+        let w = self.world();
+        let mut out = vec![pid];
+        out.extend(w.procs.iter().filter(|(_, p)| p.parent == Some(pid)).map(|(c, _)| *c));
+        out
+    }
+    fn usage(&self, pid: u32) -> (u64, u64) {
+        self.world().procs.get(&pid).map_or((0, 0), |p| (p.rss, 0))
+    }
+    fn listeners(&self, _pid: u32, _ports: &[u16]) -> Vec<(u16, OwnedFd)> {
+        Vec::new()
+    }
+    fn user(&self, name: &str) -> Result<(u32, u32), String> {
+        if name == "app" { Ok((1000, 1000)) } else { Err(format!("user {name:?} does not exist")) }
+    }
+    fn port_is_free(&self, port: u16) -> bool {
+        !self.world().busy_ports.contains(&port)
+    }
+    fn probe(&self, ports: Vec<u16>) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let rx = {
+            let w = self.world();
+            w.procs
+                .values()
+                .find(|p| p.exit.borrow().is_none() && p.ports() == ports)
+                .map(|p| p.listening.subscribe())
+        };
+        async move {
+            match rx {
+                Some(mut rx) => {
+                    if rx.wait_for(|l| *l).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+    fn sample(&self, _scopes: &[(String, String)], workers: &[(u64, u32)]) -> Vec<(u64, Sample)> {
+        let w = self.world();
+        workers
+            .iter()
+            .map(|(id, pid)| (*id, Sample { rss: w.procs.get(pid).map_or(0, |p| p.rss), cpu_usec: 0 }))
+            .collect()
+    }
+    fn connections(&self, workers: &[(u64, u32)]) -> Vec<(u64, u32)> {
+        let w = self.world();
+        workers.iter().map(|(id, pid)| (*id, w.procs.get(pid).map_or(0, |p| p.connections))).collect()
+    }
+}
