@@ -206,13 +206,8 @@ mod tests {
 
     #[test]
     fn jumps_count_from_the_next_instruction() {
-        let insns = Asm::default()
-            .jmp_imm(JEQ, R0, 0, "end")
-            .mov_imm(R0, 1)
-            .ja("end")
-            .label("end")
-            .exit()
-            .finish();
+        let insns =
+            Asm::default().jmp_imm(JEQ, R0, 0, "end").mov_imm(R0, 1).ja("end").label("end").exit().finish();
         assert_eq!(insns[0].off, 2);
         assert_eq!(insns[2].off, 0);
     }

@@ -148,10 +148,12 @@ pub(crate) fn steering_program(active_map: BorrowedFd<'_>, outer_map: BorrowedFd
         .ja("try_mask");
     a.label("scan").mov_imm(R9, 1);
     a.label("scan_next").store32(R10, KEY, R9);
-    select_key(&mut a)
-        .jmp_imm(JEQ, R0, 0, "pass")
-        .alu_imm(ADD, R9, 1)
-        .jmp_imm(JLT, R9, MAX_BANDS as i32, "scan_next");
+    select_key(&mut a).jmp_imm(JEQ, R0, 0, "pass").alu_imm(ADD, R9, 1).jmp_imm(
+        JLT,
+        R9,
+        MAX_BANDS as i32,
+        "scan_next",
+    );
     a.label("drop").mov_imm(R0, SK_DROP).exit();
     a.label("pass").mov_imm(R0, SK_PASS).exit();
     a.finish()
@@ -159,7 +161,12 @@ pub(crate) fn steering_program(active_map: BorrowedFd<'_>, outer_map: BorrowedFd
 
 /// `bpf_sk_select_reuseport(ctx, sockarray, &key, 0)`.
 fn select_key(a: &mut Asm) -> &mut Asm {
-    a.mov(R1, R6).mov(R2, R7).mov(R3, R10).alu_imm(ADD, R3, KEY.into()).mov_imm(R4, 0).call(BPF_FUNC_SK_SELECT_REUSEPORT)
+    a.mov(R1, R6)
+        .mov(R2, R7)
+        .mov(R3, R10)
+        .alu_imm(ADD, R3, KEY.into())
+        .mov_imm(R4, 0)
+        .call(BPF_FUNC_SK_SELECT_REUSEPORT)
 }
 
 /// What the program selects for a client whose address word is `addr`
@@ -192,14 +199,18 @@ mod tests {
     fn root(test: &str) -> bool {
         let root = nix::unistd::Uid::effective().is_root();
         if !root {
-            eprintln!("SKIPPED: {test} needs root (loads eBPF programs)");
+            // Straight to fd 2: libtest captures eprintln! of passing tests.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {test} needs root (loads eBPF programs) ***");
         }
         root
     }
 
     fn maps() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
-        let inner = sys::map_create(sys::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, MAX_BANDS, None, "t_inner").unwrap();
-        let outer = sys::map_create(sys::BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 2, Some(inner.as_fd()), "t_outer").unwrap();
+        let inner =
+            sys::map_create(sys::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, MAX_BANDS, None, "t_inner").unwrap();
+        let outer = sys::map_create(sys::BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 2, Some(inner.as_fd()), "t_outer")
+            .unwrap();
         (sys::map_create(sys::BPF_MAP_TYPE_ARRAY, 4, 4, 1, None, "t_active").unwrap(), outer)
     }
 
@@ -219,6 +230,7 @@ mod tests {
             "ipc_steer",
         );
         let took = t.elapsed();
+        assert_eq!(insns.len(), 68, "the crate docs give the program's size");
         if let Err(e) = &loaded {
             panic!("{}: {}", e.error, e.log);
         }

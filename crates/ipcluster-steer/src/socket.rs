@@ -32,7 +32,11 @@ pub fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
 /// reuseport group of its own, and `listen` then refuses (`EADDRINUSE`) to join the existing
 /// group on the same address. So the first socket of a new group is hashed (it is the only
 /// one) until `attach` returns, microseconds later.
-pub(crate) fn bind_listener(addr: SocketAddr, backlog: i32, prog: Option<BorrowedFd<'_>>) -> io::Result<OwnedFd> {
+pub(crate) fn bind_listener(
+    addr: SocketAddr,
+    backlog: i32,
+    prog: Option<BorrowedFd<'_>>,
+) -> io::Result<OwnedFd> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;

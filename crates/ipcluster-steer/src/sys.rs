@@ -259,8 +259,13 @@ pub fn map_lookup<V: Copy + Default>(map: BorrowedFd<'_>, key: u32) -> io::Resul
 
 /// `BPF_MAP_DELETE_ELEM` with a `u32` key; `false` when the entry was already empty.
 pub fn map_delete(map: BorrowedFd<'_>, key: u32) -> io::Result<bool> {
-    let mut attr =
-        MapElemAttr { map_fd: map.as_raw_fd() as u32, _pad: 0, key: &key as *const u32 as u64, value: 0, flags: 0 };
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: &key as *const u32 as u64,
+        value: 0,
+        flags: 0,
+    };
     // SAFETY: the key pointer is valid for reads of 4 bytes during the call.
     match unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) } {
         Ok(_) => Ok(true),
@@ -374,7 +379,8 @@ pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
 /// `BPF_OBJ_GET_INFO_BY_FD` for a program, with the ids of the maps it uses.
 pub fn prog_info(prog: BorrowedFd<'_>) -> io::Result<ProgInfo> {
     let mut ids = [0u32; 8];
-    let mut raw = ProgInfoRaw { nr_map_ids: ids.len() as u32, map_ids: ids.as_mut_ptr() as u64, ..Default::default() };
+    let mut raw =
+        ProgInfoRaw { nr_map_ids: ids.len() as u32, map_ids: ids.as_mut_ptr() as u64, ..Default::default() };
     let mut attr = InfoAttr {
         bpf_fd: prog.as_raw_fd() as u32,
         info_len: size_of::<ProgInfoRaw>() as u32,

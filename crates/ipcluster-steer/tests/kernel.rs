@@ -4,7 +4,6 @@
 mod common;
 
 use std::{
-    collections::BTreeSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::OwnedFd,
@@ -107,7 +106,8 @@ fn a_switch_moves_new_connections_and_leaves_queued_ones() {
         wait_queued(&a_socks[2], 1);
         st.switch_to(&b).unwrap();
         assert_eq!(st.current().unwrap().unwrap().id(), b.id());
-        let (server, peer) = accept_within(&a_socks[2], Duration::from_secs(1)).expect("queued connection kept");
+        let (server, peer) =
+            accept_within(&a_socks[2], Duration::from_secs(1)).expect("queued connection kept");
         assert_eq!(peer, local(&waiting));
         talk(&waiting, &server);
 
@@ -198,16 +198,38 @@ fn host_migrate_req() -> String {
 }
 
 /// Test 4: connections queued on an old generation's socket are accepted from the new
-/// generation's socket of the same band once the old socket is closed: none refused or reset.
+/// generation's socket of their band once the old socket is closed: none refused or reset.
+/// The new generation has 8 bands where the old one had 4, so each connection's band is
+/// recomputed from its address (read from the migrating socket, not from a packet): IPv4
+/// clients, IPv6 clients, and IPv4 clients of a dual-stack socket (`::ffff:a.b.c.d`).
 #[test]
 fn queued_connections_migrate_to_the_new_generation() {
     let host = host_migrate_req();
     run("queued_connections_migrate_to_the_new_generation", |ns| {
         enable_migration().unwrap();
         assert!(migration_enabled().unwrap());
-        migrate_on_retire(ns, 7400);
+        let band1_v4: Vec<IpAddr> = (0..5).map(|k| v4(1 + 4 * k).into()).collect(); // .1 .5 .9 .13 .17
+        let band1_v6: Vec<IpAddr> = (0..5).map(|k| v6(1 + 4 * k).into()).collect();
+        let lo4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (any6, lo6) = (IpAddr::V6(Ipv6Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::LOCALHOST));
+        migrate_on_retire(ns, "m4", SocketAddr::new(lo4, 7400), lo4, &band1_v4, false);
+        migrate_on_retire(ns, "m6", SocketAddr::new(any6, 7401), lo6, &band1_v6, false);
+        migrate_on_retire(ns, "m46", SocketAddr::new(any6, 7402), lo4, &band1_v4, false);
     });
     assert_eq!(host_migrate_req(), host, "the host's sysctl was touched");
+}
+
+/// Test 4 for handshakes in progress: with `TCP_DEFER_ACCEPT` the old socket's connections are
+/// still request sockets (not queued) when it closes; the client's first data then migrates
+/// each to the new generation (the kernel passes the packet and the request socket).
+#[test]
+fn handshakes_in_progress_migrate_too() {
+    run("handshakes_in_progress_migrate_too", |ns| {
+        enable_migration().unwrap();
+        let band1: Vec<IpAddr> = (0..5).map(|k| v4(1 + 4 * k).into()).collect();
+        let lo4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        migrate_on_retire(ns, "m4", SocketAddr::new(lo4, 7410), lo4, &band1, true);
+    });
 }
 
 /// Test 4 without the sysctl: the kernel migrates for a `SELECT_OR_MIGRATE` program anyway.
@@ -215,35 +237,82 @@ fn queued_connections_migrate_to_the_new_generation() {
 fn migration_needs_no_sysctl_with_a_select_or_migrate_program() {
     run("migration_needs_no_sysctl_with_a_select_or_migrate_program", |ns| {
         assert!(!migration_enabled().unwrap(), "a fresh namespace has tcp_migrate_req = 0");
-        migrate_on_retire(ns, 7450);
+        let band1: Vec<IpAddr> = (0..5).map(|k| v4(1 + 4 * k).into()).collect();
+        let lo4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        migrate_on_retire(ns, "m4", SocketAddr::new(lo4, 7450), lo4, &band1, false);
     });
 }
 
-fn migrate_on_retire(ns: &Ns, port: u16) {
-    let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-    let st = Steering::load(&ns.bpffs, "migrate").unwrap();
-    let (a, mut a_socks) = generation(&st, addr, 4);
-    let (b, b_socks) = generation(&st, addr, 4);
+/// Generation A (4 bands) holds connections from `sources` (all of A's band 1) on its band-1
+/// socket; B (8 bands) becomes current; A's band-1 socket closes. Each connection must then be
+/// accepted from B's socket of its band, and carry data both ways.
+fn migrate_on_retire(
+    ns: &Ns,
+    name: &str,
+    listen: SocketAddr,
+    dst_ip: IpAddr,
+    sources: &[IpAddr],
+    defer: bool,
+) {
+    let addr = SocketAddr::new(dst_ip, listen.port());
+    let st = Steering::load(&ns.bpffs, name).unwrap();
+    let (a, mut a_socks) = generation(&st, listen, 4);
+    let (b, b_socks) = generation(&st, listen, 8);
+    if defer {
+        set_defer_accept(&a_socks[1]);
+    }
     st.switch_to(&a).unwrap();
-    // Band 1 of 4: 127.0.0.1, .5, .9, .13, .17
-    let clients: Vec<_> = (0..5).map(|k| connect(v4(1 + 4 * k).into(), addr).unwrap()).collect();
-    wait_queued(&a_socks[1], 5);
+    let clients: Vec<_> = sources.iter().map(|&src| connect(src, addr).unwrap()).collect();
+    if defer {
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(queued(&a_socks[1]), 0, "TCP_DEFER_ACCEPT keeps them as requests");
+    } else {
+        wait_queued(&a_socks[1], sources.len() as u32);
+    }
     st.switch_to(&b).unwrap();
     drop(a_socks.remove(1)); // the last reference: the old worker is gone
     drop(a);
-    wait_queued(&b_socks[1], 5);
-    let want: BTreeSet<SocketAddr> = clients.iter().map(local).collect();
-    let mut got = BTreeSet::new();
-    for _ in 0..5 {
-        let (server, peer) = accept_within(&b_socks[1], Duration::from_secs(1)).expect("migrated connection");
-        let client = clients.iter().find(|c| local(c) == peer).expect("a client of ours");
-        talk(client, &server);
-        got.insert(peer);
+    if defer {
+        for c in &clients {
+            std::io::Write::write_all(&mut &*c, b"ping").unwrap();
+        }
     }
-    assert_eq!(got, want);
+    let mut migrated = 0;
+    for (c, &src) in clients.iter().zip(sources) {
+        let band = band_of(src, 8) as usize;
+        let (server, peer) = accept_within(&b_socks[band], Duration::from_secs(2))
+            .unwrap_or_else(|| panic!("{name}: {src}'s connection is not on B's band {band}"));
+        let c = clients.iter().find(|c| local(c) == peer).unwrap_or(c);
+        if defer {
+            let mut buf = [0u8; 4];
+            server.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            std::io::Read::read_exact(&mut &server, &mut buf).unwrap();
+            assert_eq!(&buf, b"ping");
+        } else {
+            talk(c, &server);
+        }
+        migrated += 1;
+    }
+    assert_eq!(migrated, sources.len());
     for (band, s) in b_socks.iter().enumerate() {
-        assert_eq!(queued(s), 0, "band {band}");
+        assert_eq!(queued(s), 0, "{name}: band {band} holds a connection it should not");
     }
+}
+
+fn set_defer_accept(fd: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let secs: libc::c_int = 10;
+    // SAFETY: an open socket and a live c_int option value of the given size.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            &secs as *const libc::c_int as *const libc::c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(ret, 0, "TCP_DEFER_ACCEPT: {}", io::Error::last_os_error());
 }
 
 /// Test 4, `kill -9`: the live generation's socket of band 3 closes with connections queued;
@@ -301,7 +370,8 @@ fn a_restarted_daemon_adopts_the_pinned_steering() {
         assert!(!st.program_replaced(), "same code: the pinned program is kept");
         let cur = st.current().unwrap().expect("the pinned generation");
         assert_eq!(cur.id(), gen_id);
-        let cookies: Vec<(u32, u64)> = socks.iter().enumerate().map(|(b, s)| (b as u32, socket_cookie(s).unwrap())).collect();
+        let cookies: Vec<(u32, u64)> =
+            socks.iter().enumerate().map(|(b, s)| (b as u32, socket_cookie(s).unwrap())).collect();
         assert_eq!(cur.entries().unwrap(), cookies, "the adopted slots are the workers' sockets");
         st.attach(&socks[0]).unwrap(); // idempotent
         let all: Vec<&OwnedFd> = socks.iter().collect();
@@ -399,7 +469,8 @@ fn a_1024_band_generation_uses_the_low_ten_bits() {
         let (gen_, socks) = generation(&st, addr, 1024);
         st.switch_to(&gen_).unwrap();
         let all: Vec<&OwnedFd> = socks.iter().collect();
-        let sources: Vec<IpAddr> = [1u32, 0x105, 0x2ff, 0x3aa, 0x400 + 9].iter().map(|&k| v4(k).into()).collect();
+        let sources: Vec<IpAddr> =
+            [1u32, 0x105, 0x2ff, 0x3aa, 0x400 + 9].iter().map(|&k| v4(k).into()).collect();
         check(&all, addr, &sources, |src| band_of(src, 1024) as usize);
     });
 }
