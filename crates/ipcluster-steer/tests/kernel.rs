@@ -4,6 +4,7 @@
 mod common;
 
 use std::{
+    collections::BTreeSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::OwnedFd,
@@ -406,6 +407,51 @@ fn a_restarted_daemon_adopts_the_pinned_steering() {
         assert_ne!(st.outer_map_id(), outer_id);
         assert!(st.current().unwrap().is_none());
     });
+}
+
+/// A pinned program that is not this code with these maps (here: another group's program,
+/// hard-linked over the pin) is replaced by the freshly loaded one; the pin is swapped with a
+/// rename, and the next load keeps the new program.
+#[test]
+fn a_foreign_pinned_program_is_replaced() {
+    run("a_foreign_pinned_program_is_replaced", |ns| {
+        let other = Steering::load(&ns.bpffs, "other").unwrap();
+        let st = Steering::load(&ns.bpffs, "mine").unwrap();
+        let (first, outer) = (st.program_id(), st.outer_map_id());
+        drop(st);
+        let pin = ns.bpffs.join("mine").join("prog");
+        std::fs::remove_file(&pin).unwrap();
+        std::fs::hard_link(ns.bpffs.join("other").join("prog"), &pin).unwrap();
+        let st = Steering::load(&ns.bpffs, "mine").unwrap();
+        assert!(st.program_replaced());
+        assert_eq!(st.outer_map_id(), outer, "the maps are kept");
+        assert_ne!(st.program_id(), other.program_id());
+        assert_ne!(st.program_id(), first);
+        let id = st.program_id();
+        drop(st);
+        let st = Steering::load(&ns.bpffs, "mine").unwrap();
+        assert!(!st.program_replaced());
+        assert_eq!(st.program_id(), id);
+        let names: BTreeSet<String> = std::fs::read_dir(ns.bpffs.join("mine"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["active", "outer", "prog"].map(String::from).into(), "no leftover pins");
+    });
+}
+
+/// Bad arguments fail before anything is created (no root needed).
+#[test]
+fn load_wants_a_bpffs_and_a_plain_name() {
+    let tmp = std::env::temp_dir();
+    assert!(matches!(Steering::load(&tmp, "x"), Err(SteerError::NotBpffs(_))));
+    assert!(!tmp.join("x").exists());
+    assert!(matches!(Steering::load(&tmp, "a.b"), Err(SteerError::InvalidName(_))));
+    assert!(matches!(Steering::load(&tmp, "a/b"), Err(SteerError::InvalidName(_))));
+    assert!(matches!(Steering::load(&tmp, ""), Err(SteerError::InvalidName(_))));
+    let name = group_name("chat", "[::]:443".parse().unwrap());
+    assert_eq!(name, "chat-__-443");
+    assert_eq!(group_name("chat", "10.0.0.5:80".parse().unwrap()), "chat-10_0_0_5-80");
 }
 
 /// Test 7: the cutover is one update of the `active` map; at 256 bands it must take under 1 ms.
