@@ -186,8 +186,8 @@ pub enum SteerError {
     /// The base directory is not on a bpf filesystem.
     #[error("{0} is not on a bpf filesystem (mount one first, e.g. with mount_bpffs_if_absent)")]
     NotBpffs(PathBuf),
-    /// A group name that is not a single path component.
-    #[error("invalid steering name {0:?}: want a non-empty file name without '/'")]
+    /// A group name that is not a non-empty `[A-Za-z0-9_-]+` (bpffs refuses names with dots).
+    #[error("invalid steering name {0:?}: want [A-Za-z0-9_-]+ (bpffs refuses dots; see group_name)")]
     InvalidName(String),
     /// A band at or beyond [`MAX_BANDS`].
     #[error("band {0} is out of range (at most {MAX_BANDS} bands)")]
@@ -220,9 +220,9 @@ impl fmt::Debug for SockArray {
 }
 
 impl SockArray {
-    /// An empty sockarray. Dropping the value frees the map unless the outer map (a
-    /// [`Steering::switch_to`]) or another descriptor still holds it; freeing it clears its
-    /// sockets' slots.
+    /// An empty sockarray. Dropping the value frees the map unless an outer-map slot
+    /// ([`Steering::stage`], [`Steering::switch_to`]) or another descriptor still holds it;
+    /// the kernel frees it asynchronously, which clears its sockets' slots.
     pub fn new() -> Result<Self, SteerError> {
         let fd = create_sockarray("ipc_gen").map_err(sys("create the generation's sockarray"))?;
         Self::from_fd(fd)

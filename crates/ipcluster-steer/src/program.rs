@@ -60,7 +60,7 @@
 //!  drop:
 //!      r0 = SK_DROP ; exit                    ; nothing selectable: refuse, never the hash
 //!  pass:
-//!      r0 = SK_PASS ; exit                    ; the last successful select is used
+//!      r0 = SK_PASS ; exit                    ; the kernel uses the selected socket
 //! ```
 //!
 //! Both loops have constant bounds, so the verifier walks them out (11 and 1023 iterations).
