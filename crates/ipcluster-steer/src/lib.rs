@@ -101,16 +101,16 @@
 //!   generation as soon as its sockets are in its sockarray, even before its workers are
 //!   ready, when connections should queue rather than be refused.
 //! - A socket sits in at most one slot of all sockarrays ([`SteerError::SocketBusy`]). A
-//!   dropped [`SockArray`] that nothing references is freed asynchronously (about a
-//!   millisecond here); remove a socket explicitly before inserting it elsewhere.
+//!   dropped [`SockArray`] that nothing references is freed asynchronously (microseconds to
+//!   milliseconds here); remove a socket explicitly before inserting it elsewhere.
 //! - One [`Steering`] per group; switches of one group must not run concurrently.
 //! - Cleanup: [`Steering::unpin`] when an app is stopped; groups still open keep working
 //!   until their last socket closes, then the kernel frees everything.
 //!
 //! # Costs measured here (kernel 6.18, 2 shared cores)
 //! Loading and verifying the program: about 8 ms (the verifier walks the fallback loop out:
-//! ~11,500 instructions processed, limit 1,000,000). [`Steering::load`]: 12–15 ms. Cutover at
-//! 256 bands: ~5 µs median. Staging: 5–20 ms.
+//! ~11,500 instructions processed, limit 1,000,000). [`Steering::load`], which verifies it
+//! every time: 10–35 ms. Cutover at 256 bands: ~5 µs median. Staging: 5–20 ms.
 
 mod insn;
 mod program;
