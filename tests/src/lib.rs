@@ -94,3 +94,15 @@ pub fn environ(sb: &Sandbox, pid: u32) -> Vec<String> {
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect()
 }
+
+/// The cgroup of a process inside the sandbox (`/ipcluster.slice/…/ipcluster-web-1.scope/worker-42`),
+/// as the sandbox sees it (a cgroup path depends on the reader's cgroup namespace).
+pub fn cgroup_of(sb: &Sandbox, pid: u32) -> String {
+    let text = sb.check(["cat", &format!("/proc/{pid}/cgroup")]).unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_owned()
+}
+
+/// Where a worker of generation `g` of `app` lives: a cgroup of its own below its scope's.
+pub fn worker_cgroup(app: &str, g: u64, pid: u32) -> String {
+    format!("/ipcluster.slice/ipcluster-{app}.slice/ipcluster-{app}-{g}.scope/worker-{pid}")
+}

@@ -67,13 +67,12 @@ fn deploy_runs_one_worker_per_band_in_its_own_scope() {
 
     // The workers are exactly the processes of the generation's scope, in the app's slice.
     // Read inside: cgroup.procs shows PIDs of the reader's PID namespace.
-    let procs = sb
-        .check([
-            "cat",
-            "/sys/fs/cgroup/ipcluster.slice/ipcluster-web.slice/ipcluster-web-1.scope/cgroup.procs",
-        ])
-        .unwrap();
-    let in_scope: BTreeSet<u32> = procs.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    // Every worker is in the generation's scope, in a cgroup of its own (so stopping it stops
+    // whatever it forks).
+    let in_scope: BTreeSet<u32> = pids(&workers, 1)
+        .into_iter()
+        .filter(|p| ipcluster_e2e::cgroup_of(&sb, *p) == ipcluster_e2e::worker_cgroup("web", 1, *p))
+        .collect();
     assert_eq!(in_scope, pids(&workers, 1));
     let status = sb.check(["systemctl", "status", "--no-pager", "ipcluster-web-1.scope"]).unwrap();
     assert!(status.contains("active (running)"), "{status}");

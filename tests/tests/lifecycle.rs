@@ -80,14 +80,9 @@ fn a_worker_over_worker_memory_max_is_replaced_without_a_failed_request() {
     let retired = rows.iter().find(|w| w.pid == old.pid).expect("the old worker is still there, retired");
     assert_eq!((retired.state.as_str(), retired.nice), ("retired", 5));
     assert!(journal(&sb).contains("over worker_memory_max 40 MiB; replacing it"), "{}", journal(&sb));
-    let procs = sb
-        .check([
-            "cat",
-            "/sys/fs/cgroup/ipcluster.slice/ipcluster-web.slice/ipcluster-web-1.scope/cgroup.procs",
-        ])
-        .unwrap();
-    assert!(
-        procs.split_whitespace().any(|p| p == new.pid.to_string()),
+    assert_eq!(
+        ipcluster_e2e::cgroup_of(&sb, new.pid),
+        ipcluster_e2e::worker_cgroup("web", 1, new.pid),
         "replacement in the generation's scope"
     );
     no_failed_units(&sb);

@@ -143,15 +143,10 @@ fn adopted_workers_are_reaped_respawned_and_numbered_on() {
     assert_eq!(replacement.generation, 3, "respawned into the same generation");
     let answer = sb.in_netns(|| client::get(Ipv4Addr::new(127, 0, 0, 2), PUBLIC)).unwrap().unwrap();
     assert_eq!(answer.pid, replacement.pid, "band 2 is served by its replacement");
-    let procs = sb
-        .check([
-            "cat",
-            "/sys/fs/cgroup/ipcluster.slice/ipcluster-web.slice/ipcluster-web-3.scope/cgroup.procs",
-        ])
-        .unwrap();
-    assert!(
-        procs.split_whitespace().any(|p| p == replacement.pid.to_string()),
-        "replacement is in the scope: {procs}"
+    assert_eq!(
+        ipcluster_e2e::cgroup_of(&sb, replacement.pid),
+        ipcluster_e2e::worker_cgroup("web", 3, replacement.pid),
+        "replacement is in the scope"
     );
 }
 

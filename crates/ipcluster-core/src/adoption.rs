@@ -12,10 +12,95 @@
 //! `starting` that the rules do not route was never live: it is stopped. A generation saved as
 //! `live` that is not live any more was being retired when the daemon stopped: its retirement
 //! is finished (renice, retire signal).
+//!
+//! Before any of that, each process is taken for a worker only if what its environment claims
+//! ([`Claim`], which the worker controls: it can re-exec itself) agrees with what the daemon
+//! knows ([`Expected`]: the saved state, else the app file): [`check_claim`].
 
 use std::collections::BTreeMap;
 
-use crate::{model::GenState, saved::SavedGeneration};
+use crate::{
+    config::{MAX_LISTEN, MAX_WORKERS},
+    model::GenState,
+    saved::{SavedGeneration, SavedWorker},
+};
+
+/// What a process's environment says it is (`IPCLUSTER_BAND`, `IPCLUSTER_BANDS`,
+/// `IPCLUSTER_PORTS`): a hint, never the authority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub band: u32,
+    pub bands: u32,
+    /// (public port, worker port), in `listen` order.
+    pub ports: Vec<(u16, u16)>,
+}
+
+impl Claim {
+    /// Reads a claim from an environment; `None` when it does not make one.
+    pub fn from_env(env: &[(String, String)]) -> Option<Claim> {
+        let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let ports: Option<Vec<(u16, u16)>> = get("IPCLUSTER_PORTS")?
+            .split(',')
+            .take(MAX_LISTEN + 1)
+            .map(|pair| {
+                let (p, w) = pair.split_once(':')?;
+                Some((p.parse().ok()?, w.parse().ok()?))
+            })
+            .collect();
+        Some(Claim {
+            band: get("IPCLUSTER_BAND")?.parse().ok()?,
+            bands: get("IPCLUSTER_BANDS")?.parse().ok()?,
+            ports: ports?,
+        })
+    }
+}
+
+/// What the daemon knows about a generation, to check claims against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected<'a> {
+    pub bands: u32,
+    /// Public ports, in `listen` order.
+    pub listen_ports: Vec<u16>,
+    pub port_range: (u16, u16),
+    /// The saved record of this very process (same PID, same start time), if there is one.
+    pub worker: Option<&'a SavedWorker>,
+}
+
+/// Accepts a claim only where it agrees with what the daemon knows; returns the worker's band
+/// and worker ports, or why the claim is refused.
+pub fn check_claim(claim: &Claim, expected: &Expected<'_>) -> Result<(u32, Vec<u16>), String> {
+    let n = expected.bands;
+    if !(1..=MAX_WORKERS).contains(&n) || !n.is_power_of_two() {
+        return Err(format!("the generation's band count {n} is not a power of two up to {MAX_WORKERS}"));
+    }
+    if claim.bands != n {
+        return Err(format!("claims {} bands; the generation has {n}", claim.bands));
+    }
+    if claim.band >= n {
+        return Err(format!("claims band {} of {n}", claim.band));
+    }
+    let public: Vec<u16> = claim.ports.iter().map(|p| p.0).collect();
+    if public != expected.listen_ports {
+        return Err(format!(
+            "claims public ports {public:?}; the generation listens on {:?}",
+            expected.listen_ports
+        ));
+    }
+    let (lo, hi) = expected.port_range;
+    let ports: Vec<u16> = claim.ports.iter().map(|p| p.1).collect();
+    if let Some(p) = ports.iter().find(|p| !(lo..=hi).contains(*p)) {
+        return Err(format!("claims worker port {p}, outside port_range {lo}-{hi}"));
+    }
+    if let Some(w) = expected.worker
+        && (w.band != claim.band || w.ports != ports)
+    {
+        return Err(format!(
+            "claims band {} ports {ports:?}; the daemon started it as band {} ports {:?}",
+            claim.band, w.band, w.ports
+        ));
+    }
+    Ok((claim.band, ports))
+}
 
 /// A generation found running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +157,51 @@ pub fn decide(found: &[Found], saved: &BTreeMap<u64, SavedGeneration>) -> BTreeM
 mod tests {
     use super::*;
 
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn claims_are_checked_against_what_the_daemon_knows() {
+        let honest =
+            env(&[("IPCLUSTER_BAND", "1"), ("IPCLUSTER_BANDS", "4"), ("IPCLUSTER_PORTS", "80:20001")]);
+        let claim = Claim::from_env(&honest).unwrap();
+        let saved = SavedWorker { pid: 7, start_usec: 1, band: 1, ports: vec![20001] };
+        let expected =
+            Expected { bands: 4, listen_ports: vec![80], port_range: (20000, 32767), worker: Some(&saved) };
+        assert_eq!(check_claim(&claim, &expected), Ok((1, vec![20001])));
+        let refused = |pairs: &[(&str, &str)]| check_claim(&Claim::from_env(&env(pairs)).unwrap(), &expected);
+        let forged_bands = refused(&[
+            ("IPCLUSTER_BAND", "1"),
+            ("IPCLUSTER_BANDS", "4294967295"),
+            ("IPCLUSTER_PORTS", "80:20001"),
+        ]);
+        assert!(forged_bands.unwrap_err().contains("4294967295 bands"));
+        let extra_port = refused(&[
+            ("IPCLUSTER_BAND", "1"),
+            ("IPCLUSTER_BANDS", "4"),
+            ("IPCLUSTER_PORTS", "80:20001,22:20001"),
+        ]);
+        assert!(extra_port.unwrap_err().contains("public ports [80, 22]"));
+        let other_band =
+            refused(&[("IPCLUSTER_BAND", "2"), ("IPCLUSTER_BANDS", "4"), ("IPCLUSTER_PORTS", "80:20001")]);
+        assert!(other_band.unwrap_err().contains("started it as band 1"));
+        let outside =
+            refused(&[("IPCLUSTER_BAND", "1"), ("IPCLUSTER_BANDS", "4"), ("IPCLUSTER_PORTS", "80:22")]);
+        assert!(outside.unwrap_err().contains("outside port_range"));
+        let beyond =
+            refused(&[("IPCLUSTER_BAND", "9"), ("IPCLUSTER_BANDS", "4"), ("IPCLUSTER_PORTS", "80:20001")]);
+        assert!(beyond.is_err());
+        assert_eq!(Claim::from_env(&env(&[("IPCLUSTER_BAND", "x")])), None);
+        let many: String = (0..100).map(|i| format!("{i}:{i}")).collect::<Vec<_>>().join(",");
+        let long = Claim::from_env(&env(&[
+            ("IPCLUSTER_BAND", "0"),
+            ("IPCLUSTER_BANDS", "1"),
+            ("IPCLUSTER_PORTS", &many),
+        ]));
+        assert!(long.unwrap().ports.len() <= MAX_LISTEN + 1, "a forged list is not read past the limit");
+    }
+
     fn found(generation: u64, complete: bool, routed: bool) -> Found {
         Found { generation, complete, routed }
     }
@@ -82,13 +212,15 @@ mod tests {
             .map(|(g, state)| {
                 (
                     *g,
-                    SavedGeneration {
-                        state: *state,
-                        started_usec: 0,
-                        retired_usec: None,
-                        workers: 2,
-                        listen: vec![],
-                    },
+                    SavedGeneration::of(
+                        *state,
+                        0,
+                        &crate::config::AppConfig::fallback(
+                            crate::name::AppName::new("a").unwrap(),
+                            2,
+                            vec!["0.0.0.0:80".parse().unwrap()],
+                        ),
+                    ),
                 )
             })
             .collect()

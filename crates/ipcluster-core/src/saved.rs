@@ -1,16 +1,18 @@
 //! What the daemon remembers across its own restarts, typed: the last generation number of each
-//! app (numbers never repeat), the state of every running generation, the backoff of crashing
-//! bands, and which apps were stopped. The daemon writes it root-only and atomically
-//! (`ipclusterd::state`); this module only says what it holds.
+//! app (numbers never repeat), the state of every running generation with the effective config
+//! it runs with and who its workers are, the backoff of crashing bands, and which apps were
+//! stopped. The daemon writes it root-only and atomically (`ipclusterd::state`); it is the
+//! authority a restarted daemon trusts, where a worker's environment is only a hint that must
+//! agree with it. This module only says what it holds.
 //!
 //! On disk it is JSON: states are written as the bus names them (`"live"`), addresses as
 //! `"ip:port"`.
 
-use std::{collections::BTreeMap, net::SocketAddrV4};
+use std::{collections::BTreeMap, net::SocketAddrV4, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{model::GenState, name::AppName};
+use crate::{config::AppConfig, model::GenState, name::AppName};
 
 /// The whole saved state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +50,70 @@ pub struct SavedGeneration {
     pub workers: u32,
     /// Public addresses, in `listen` order.
     pub listen: Vec<SocketAddrV4>,
+    /// The effective config it runs with (the file's plus Deploy overrides), so what was
+    /// deployed keeps running after a restart, not what the file says now. Absent in state
+    /// files from before they were saved: the app file's then.
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub working_directory: Option<PathBuf>,
+    #[serde(default)]
+    pub port_range: Option<(u16, u16)>,
+    /// Its workers, as the daemon started them.
+    #[serde(default)]
+    pub processes: Vec<SavedWorker>,
+}
+
+/// One worker, as the daemon knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedWorker {
+    pub pid: u32,
+    /// The kernel's start time (µs since the epoch): with the PID, who it is.
+    pub start_usec: u64,
+    pub band: u32,
+    /// Worker ports, in `listen` order.
+    pub ports: Vec<u16>,
+}
+
+impl SavedGeneration {
+    /// The record of a generation running `config`.
+    pub fn of(state: GenState, started_usec: u64, config: &AppConfig) -> Self {
+        SavedGeneration {
+            state,
+            started_usec,
+            retired_usec: None,
+            workers: config.workers,
+            listen: config.listen.clone(),
+            command: config.command.clone(),
+            environment: config.environment.clone(),
+            user: config.user.clone(),
+            working_directory: Some(config.working_directory.clone()),
+            port_range: Some(config.port_range),
+            processes: Vec::new(),
+        }
+    }
+
+    /// `base` (the app file's config, or the fallback) with what this generation ran with.
+    pub fn effective(&self, mut base: AppConfig) -> AppConfig {
+        base.workers = self.workers;
+        base.listen = self.listen.clone();
+        if !self.command.is_empty() {
+            base.command = self.command.clone();
+            base.environment = self.environment.clone();
+            base.user = self.user.clone();
+        }
+        if let Some(d) = &self.working_directory {
+            base.working_directory = d.clone();
+        }
+        if let Some(r) = self.port_range {
+            base.port_range = r;
+        }
+        base
+    }
 }
 
 impl SavedState {

@@ -1,13 +1,20 @@
 //! Who may change things: every mutating method is authorized per call, failing closed.
 //!
 //! Allowed: a caller with the daemon's own uid (root, on the system bus), or one polkit
-//! authorizes for `org.ipcluster1.manage` (dbus/org.ipcluster1.policy; `auth_admin_keep` by
-//! default). The polkit subject is the caller's unique bus name, so polkit itself resolves the
-//! process and cannot be fooled by a PID that exits and is reused; the call's
+//! authorizes for the call's [`Action`] (dbus/org.ipcluster1.policy): `org.ipcluster1.manage`
+//! to deploy what the app file says, retire, reap, reload and stop (`auth_admin_keep` by
+//! default); `org.ipcluster1.override` for a Deploy with options, which run code of the caller's
+//! choosing as the app's user (`auth_admin`, never kept). polkit gets the app's name and the
+//! override keys as details (`app`, `overrides`), so a rule can grant one app to one group.
+//!
+//! The polkit subject is the caller's unique bus name, so polkit itself resolves the process and
+//! cannot be fooled by a PID that exits and is reused; the call's
 //! ALLOW_INTERACTIVE_AUTHORIZATION flag is passed on. Any error while finding out who the caller
-//! is, or while asking polkit, means "denied" (the lesson of polkit's CVE-2021-3560).
+//! is, or while asking polkit, means "denied" (the lesson of polkit's CVE-2021-3560). At most
+//! [`MAX_PENDING`] questions to polkit are in flight at once: a flood of unauthorized calls waits
+//! its turn instead of piling work onto polkit and the daemon.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::LazyLock};
 
 use zbus::{
     Connection,
@@ -16,8 +23,30 @@ use zbus::{
     wire::OwnedVariant,
 };
 
-/// The polkit action guarding every mutating method.
-pub const ACTION: &str = "org.ipcluster1.manage";
+/// What a call asks to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Deploy the app file's config, retire, reap, reload, stop.
+    Manage,
+    /// Deploy with overrides (command, environment, working directory, workers).
+    Override,
+}
+
+impl Action {
+    /// The polkit action id.
+    pub const fn id(self) -> &'static str {
+        match self {
+            Action::Manage => "org.ipcluster1.manage",
+            Action::Override => "org.ipcluster1.override",
+        }
+    }
+}
+
+/// Most polkit questions in flight at once.
+pub const MAX_PENDING: usize = 16;
+static PENDING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| tokio::sync::Semaphore::new(MAX_PENDING));
+/// Longest detail value passed to polkit (caller strings are cut, never interpreted).
+const MAX_DETAIL: usize = 128;
 
 /// Why a call was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,9 +74,15 @@ trait Authority {
     ) -> zbus::Result<(bool, bool, HashMap<String, String>)>;
 }
 
-/// Authorizes the call behind `hdr` on `conn`; a refusal is logged with its reason.
-pub async fn authorize(conn: &Connection, hdr: &Header<'_>) -> Result<(), Denied> {
-    let result = check(conn, hdr).await;
+/// Authorizes the call behind `hdr` on `conn` for `action`, with `details` for polkit rules; a
+/// refusal is logged with its reason.
+pub async fn authorize(
+    conn: &Connection,
+    hdr: &Header<'_>,
+    action: Action,
+    details: &[(&str, &str)],
+) -> Result<(), Denied> {
+    let result = check(conn, hdr, action, details).await;
     if let Err(Denied::AccessDenied(why) | Denied::InteractionRequired(why)) = &result {
         let method = hdr.member().map(|m| m.to_string()).unwrap_or_default();
         let sender = hdr.sender().map(|s| s.to_string()).unwrap_or_default();
@@ -56,8 +91,14 @@ pub async fn authorize(conn: &Connection, hdr: &Header<'_>) -> Result<(), Denied
     result
 }
 
-async fn check(conn: &Connection, hdr: &Header<'_>) -> Result<(), Denied> {
-    let denied = |why: String| Denied::AccessDenied(format!("not authorized for {ACTION}: {why}"));
+async fn check(
+    conn: &Connection,
+    hdr: &Header<'_>,
+    action: Action,
+    details: &[(&str, &str)],
+) -> Result<(), Denied> {
+    let id = action.id();
+    let denied = |why: String| Denied::AccessDenied(format!("not authorized for {id}: {why}"));
     let sender = hdr.sender().ok_or_else(|| denied("the call has no sender".into()))?.to_owned();
     let dbus = zbus::fdo::DBusProxy::new(conn).await.map_err(|e| denied(e.to_string()))?;
     let uid = dbus
@@ -68,15 +109,19 @@ async fn check(conn: &Connection, hdr: &Header<'_>) -> Result<(), Denied> {
         return Ok(());
     }
     let interactive = hdr.primary().flags().contains(Flags::ALLOW_INTERACTIVE_AUTH);
+    let _permit = PENDING.acquire().await.map_err(|e| denied(e.to_string()))?;
     let authority = AuthorityProxy::new(conn).await.map_err(|e| denied(e.to_string()))?;
     let name = OwnedVariant::from(zbus::wire::Str::from(sender.as_str().to_owned()));
     let subject = ("system-bus-name", HashMap::from([("name", name)]));
     // Flag 1: AllowUserInteraction.
     let flags = u32::from(interactive);
-    match authority.check_authorization(&subject, ACTION, HashMap::new(), flags, "").await {
+    let cut: Vec<(&str, String)> =
+        details.iter().map(|(k, v)| (*k, v.chars().take(MAX_DETAIL).collect())).collect();
+    let details: HashMap<&str, &str> = cut.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    match authority.check_authorization(&subject, id, details, flags, "").await {
         Ok((true, _, _)) => Ok(()),
         Ok((false, true, _)) if !interactive => Err(Denied::InteractionRequired(format!(
-            "{ACTION} needs authentication; call with interactive authorization allowed (e.g. busctl --allow-interactive-authorization=yes, pkexec)"
+            "{id} needs authentication; call with interactive authorization allowed (e.g. busctl --allow-interactive-authorization=yes, pkexec)"
         ))),
         Ok((false, _, _)) => Err(denied(format!("uid {uid} is not allowed"))),
         Err(e) => Err(denied(format!("cannot ask polkit: {e}"))),

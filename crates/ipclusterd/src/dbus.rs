@@ -9,7 +9,10 @@ use ipcluster_bus::{ErrorName, GenerationRow, WorkerRow, option};
 use ipcluster_core::config::Overrides;
 use zbus::{object_server::SignalEmitter, wire::OwnedVariant};
 
-use crate::supervisor::{self, Command, Handle};
+use crate::{
+    auth::{Action, authorize},
+    supervisor::{self, Command, Handle},
+};
 
 /// An error as it crosses the bus: a name and a message. Never a bare `Failed`. Every mapping
 /// happens here, in [`From`] impls.
@@ -132,7 +135,18 @@ impl Manager {
         app: String,
         options: HashMap<String, OwnedVariant>,
     ) -> Result<u64, BusError> {
-        crate::auth::authorize(conn, &hdr).await?;
+        // Overrides run code of the caller's choosing: a second, stronger action.
+        let keys: Vec<&str> = {
+            let mut k: Vec<&str> = options.keys().map(String::as_str).collect();
+            k.sort_unstable();
+            k
+        };
+        let (action, overrides) = if keys.is_empty() {
+            (Action::Manage, String::new())
+        } else {
+            (Action::Override, keys.join(","))
+        };
+        authorize(conn, &hdr, action, &[("app", &app), ("overrides", &overrides)]).await?;
         let overrides = parse_options(&options)?;
         Ok(self.handle.call(|reply| Command::Deploy { app, overrides, reply }).await?)
     }
@@ -145,7 +159,7 @@ impl Manager {
         app: String,
         generation: u64,
     ) -> Result<(), BusError> {
-        crate::auth::authorize(conn, &hdr).await?;
+        authorize(conn, &hdr, Action::Manage, &[("app", &app)]).await?;
         Ok(self.handle.call(|reply| Command::Retire { app, generation, reply }).await?)
     }
 
@@ -156,13 +170,13 @@ impl Manager {
         #[zbus(header)] hdr: zbus::message::Header<'_>,
         app: String,
     ) -> Result<u32, BusError> {
-        crate::auth::authorize(conn, &hdr).await?;
+        authorize(conn, &hdr, Action::Manage, &[("app", &app)]).await?;
         Ok(self.handle.call(|reply| Command::KillRetired { app, reply }).await?)
     }
 
     /// One entry per worker of `app` ("" = all apps).
-    async fn list_workers(&self, app: String) -> Result<Vec<WorkerRow>, BusError> {
-        let rows = self.handle.call(|reply| Command::ListWorkers { app, reply }).await?;
+    fn list_workers(&self, app: String) -> Result<Vec<WorkerRow>, BusError> {
+        let rows = self.handle.snapshot().workers_of(&app)?;
         Ok(rows
             .into_iter()
             .map(|w| WorkerRow {
@@ -182,8 +196,8 @@ impl Manager {
     }
 
     /// One entry per generation of `app` ("" = all apps).
-    async fn list_generations(&self, app: String) -> Result<Vec<GenerationRow>, BusError> {
-        let rows = self.handle.call(|reply| Command::ListGenerations { app, reply }).await?;
+    fn list_generations(&self, app: String) -> Result<Vec<GenerationRow>, BusError> {
+        let rows = self.handle.snapshot().generations_of(&app)?;
         Ok(rows
             .into_iter()
             .map(|g| GenerationRow {
@@ -204,7 +218,7 @@ impl Manager {
         #[zbus(header)] hdr: zbus::message::Header<'_>,
         app: String,
     ) -> Result<(), BusError> {
-        crate::auth::authorize(conn, &hdr).await?;
+        authorize(conn, &hdr, Action::Manage, &[("app", &app)]).await?;
         Ok(self.handle.call(|reply| Command::StopApp { app, reply }).await?)
     }
 
@@ -214,7 +228,7 @@ impl Manager {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(header)] hdr: zbus::message::Header<'_>,
     ) -> Result<(), BusError> {
-        crate::auth::authorize(conn, &hdr).await?;
+        authorize(conn, &hdr, Action::Manage, &[]).await?;
         Ok(self.handle.call(|reply| Command::Reload { reply }).await?)
     }
 
@@ -226,8 +240,8 @@ impl Manager {
 
     /// The configured (valid) apps.
     #[zbus(property(emits_changed_signal = "false"))]
-    async fn apps(&self) -> Vec<String> {
-        self.handle.ask(Command::Apps).await.unwrap_or_default()
+    fn apps(&self) -> Vec<String> {
+        self.handle.snapshot().valid.clone()
     }
 
     /// A generation changed state.
@@ -345,11 +359,15 @@ mod tests {
 
     /// The interface served over a peer-to-peer connection, with a fake supervisor behind the
     /// handle: what a client sees on the wire (rows, error names, properties, signals).
-    async fn served(answer: impl FnMut(Command) + Send + 'static) -> (zbus::Connection, zbus::Connection) {
-        let (handle, mut commands) = supervisor::channel();
+    async fn served(
+        snapshot: supervisor::Snapshot,
+        answer: impl FnMut(Command) + Send + 'static,
+    ) -> (zbus::Connection, zbus::Connection) {
+        let (handle, mut mailbox) = supervisor::channel();
+        mailbox.publish(snapshot);
         let mut answer = answer;
         tokio::spawn(async move {
-            while let Some(c) = commands.recv().await {
+            while let Some(c) = mailbox.recv().await {
                 answer(c);
             }
         });
@@ -383,19 +401,17 @@ mod tests {
 
     #[tokio::test]
     async fn the_wire_carries_named_rows_error_names_properties_and_signals() {
-        let (server, client) = served(|c| match c {
-            Command::ListWorkers { app, reply } if app == "web" => {
-                let _ = reply.send(Ok(vec![row("web")]));
-            }
-            Command::ListWorkers { app, reply } => {
-                let _ = reply.send(Err(supervisor::Error::NoSuchApp(format!("no app {app:?}"))));
-            }
-            Command::Apps(reply) => {
-                let _ = reply.send(vec!["web".into()]);
-            }
-            _ => {}
-        })
-        .await;
+        let snapshot = supervisor::Snapshot {
+            workers: vec![row("web"), row("api")],
+            known: ["web", "api"]
+                .into_iter()
+                .map(|a| ipcluster_core::name::AppName::new(a).unwrap())
+                .collect(),
+            valid: vec!["web".into()],
+            config_dir: "/etc/ipcluster/apps".into(),
+            ..Default::default()
+        };
+        let (server, client) = served(snapshot, |_| {}).await;
         let proxy = ipcluster_bus::ManagerProxy::new(&client).await.unwrap();
         let rows = proxy.list_workers("web").await.unwrap();
         assert_eq!(rows.len(), 1);
@@ -411,7 +427,10 @@ mod tests {
         match proxy.list_workers("nope").await.unwrap_err() {
             zbus::Error::MethodError(name, message, _) => {
                 assert_eq!(name.as_str(), ErrorName::NoSuchApp.as_str());
-                assert_eq!(message.as_deref(), Some("no app \"nope\""));
+                assert_eq!(
+                    message.as_deref(),
+                    Some("no app \"nope\" (no file /etc/ipcluster/apps/nope.toml)")
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -438,10 +457,8 @@ mod tests {
         // supervisor never hears of it.
         let heard = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = heard.clone();
-        let (_server, client) = served(move |c| {
-            if !matches!(c, Command::Apps(_)) {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
+        let (_server, client) = served(supervisor::Snapshot::default(), move |_| {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
         })
         .await;
         let proxy = ipcluster_bus::ManagerProxy::new(&client).await.unwrap();

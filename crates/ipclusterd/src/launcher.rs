@@ -7,7 +7,12 @@
 //!
 //! Released, the launcher connects stdout and stderr to journald (from inside the scope, so the
 //! lines belong to the scope's unit) and execs the worker's command. If the gate closes without
-//! a byte, the daemon gave up: exit 127 without running anything.
+//! a release, the daemon gave up: exit 127 without running anything.
+//!
+//! The release carries the worker's environment: `G`, then `KEY=VALUE` entries each ended by a
+//! NUL byte. The launcher itself runs with `PATH` alone (and already as the worker's user), so
+//! nothing in the worker's environment — `LD_PRELOAD` included — acts before the worker's own
+//! `execve`.
 
 use std::{
     ffi::OsString,
@@ -20,6 +25,37 @@ use std::{
 pub const ARG: &str = "__launch";
 /// The fd the gate's read end is passed on.
 pub const GATE_FD: i32 = 3;
+/// Most bytes a release may carry (the environment is bounded by the config's limits).
+const MAX_RELEASE: u64 = 4 << 20;
+
+/// The bytes that release a launcher with the worker's environment `env`.
+pub fn encode_release(env: &[(String, String)]) -> Vec<u8> {
+    let mut out = vec![b'G'];
+    for (k, v) in env {
+        out.extend_from_slice(k.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// The environment a release carries; `None` when the gate closed without one.
+pub fn decode_release(bytes: &[u8]) -> Option<Vec<(OsString, OsString)>> {
+    use std::os::unix::ffi::OsStrExt;
+    let rest = bytes.strip_prefix(b"G")?;
+    Some(
+        rest.split(|b| *b == 0)
+            .filter(|kv| !kv.is_empty())
+            .filter_map(|kv| {
+                let eq = kv.iter().position(|b| *b == b'=')?;
+                let k = std::ffi::OsStr::from_bytes(&kv[..eq]).to_owned();
+                let v = std::ffi::OsStr::from_bytes(&kv[eq + 1..]).to_owned();
+                Some((k, v))
+            })
+            .collect(),
+    )
+}
 
 /// Runs the launcher: `__launch <identifier> <unit> -- <argv…>`. Never returns on success.
 pub fn main(args: Vec<OsString>) -> i32 {
@@ -34,13 +70,12 @@ pub fn main(args: Vec<OsString>) -> i32 {
         return 2;
     }
     // SAFETY: fd 3 is the gate's read end, set up by the daemon for this process alone; we own it.
-    let mut gate = unsafe { std::fs::File::from_raw_fd(GATE_FD) };
-    let mut byte = [0u8; 1];
-    match gate.read(&mut byte) {
-        Ok(1) => {}
-        _ => return 127,
+    let gate = unsafe { std::fs::File::from_raw_fd(GATE_FD) };
+    let mut release = Vec::new();
+    if gate.take(MAX_RELEASE).read_to_end(&mut release).is_err() {
+        return 127;
     }
-    drop(gate);
+    let Some(env) = decode_release(&release) else { return 127 };
 
     let identifier = identifier.to_string_lossy();
     let unit = unit.to_string_lossy();
@@ -51,12 +86,30 @@ pub fn main(args: Vec<OsString>) -> i32 {
         let _ = rustix::stdio::dup2_stderr(&stream);
     }
     let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env("PATH", crate::process::WORKER_PATH)
+        .envs(env.iter().map(|(k, v)| (k, v)));
     // sd_watchdog_enabled(3): the watchdog is meant for this very process.
-    if std::env::var_os("WATCHDOG_USEC").is_some() {
+    if env.iter().any(|(k, _)| k == "WATCHDOG_USEC") {
         cmd.env("WATCHDOG_PID", std::process::id().to_string());
     }
     let err = cmd.exec();
     eprintln!("ipclusterd: cannot execute {:?}: {err}", argv[0]);
     127
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_release_carries_the_environment_and_nothing_else_releases() {
+        let env = vec![("A".to_owned(), "1=2".to_owned()), ("LD_PRELOAD".to_owned(), "/x.so".to_owned())];
+        let decoded = decode_release(&encode_release(&env)).unwrap();
+        assert_eq!(decoded, [("A".into(), "1=2".into()), ("LD_PRELOAD".into(), "/x.so".into())]);
+        assert_eq!(decode_release(b""), None, "the gate closed: the daemon gave up");
+        assert_eq!(decode_release(b"1"), None);
+        assert_eq!(decode_release(b"G").unwrap(), []);
+    }
 }

@@ -91,7 +91,7 @@ pub fn notify_socket_path() -> PathBuf {
 /// Fails if the bus name is already owned: a second daemon must never steal the name (and with it
 /// the cluster) from a running one. Stopping the daemon never stops workers or removes rules.
 pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let (handle, commands) = supervisor::channel();
+    let (handle, mailbox) = supervisor::channel();
     let builder = match options.bus {
         BusKind::System => zbus::connection::Builder::system(),
         BusKind::Session => zbus::connection::Builder::session(),
@@ -139,7 +139,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         notify_socket,
         signals: signals_tx,
     };
-    let supervisor = supervisor::Supervisor::new(commands, deps);
+    let supervisor = supervisor::Supervisor::new(mailbox, deps);
     let supervisor_task = tokio::spawn(supervisor.run());
     tokio::spawn(unix_signals(handle.clone()));
 

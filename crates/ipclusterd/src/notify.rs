@@ -4,6 +4,11 @@
 //! by `RuntimeDirectoryPreserve=yes`). `SO_PASSCRED` makes the kernel attach the sender's PID to
 //! every datagram, so a worker cannot speak for another: the PID is the kernel's, not the
 //! message's. See sd_notify(3) for the protocol: newline-separated `KEY=VALUE` assignments.
+//!
+//! The socket is writable by every local user (workers may run as any user), so [`forward`]
+//! drops a datagram whose sender is in no ipcluster scope after one cheap lookup (its cgroup),
+//! logging at most one line per [`DROP_LOG_EVERY`], and passes the others on with the sender's
+//! cgroup, by which the supervisor finds the worker.
 
 use std::{
     io,
@@ -16,6 +21,22 @@ use tokio::net::UnixDatagram;
 
 /// Largest datagram accepted (systemd uses the same bound for its own notify socket).
 const MAX_DATAGRAM: usize = 4096;
+/// At most one line about dropped datagrams this often.
+pub const DROP_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Notifications waiting for the supervisor; beyond this a flood from a worker is dropped.
+const QUEUE: usize = 1024;
+/// Where every scope of ours lives in the cgroup hierarchy.
+const OUR_SLICE: &str = "/ipcluster.slice/";
+
+/// A notification from a process in one of our scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// The sender, as the kernel says.
+    pub pid: u32,
+    /// The sender's cgroup (below `ipcluster.slice`).
+    pub cgroup: String,
+    pub message: Message,
+}
 
 /// What a worker said that the daemon acts on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -95,25 +116,56 @@ impl Receiver {
     }
 }
 
-/// Reads `receiver` in a task of its own and forwards each datagram with its sender's PID.
-pub fn forward(receiver: Receiver) -> tokio::sync::mpsc::UnboundedReceiver<(u32, Message)> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+/// Reads `receiver` in a task of its own and forwards each datagram from a process in one of
+/// our scopes (see the module docs); the rest are dropped.
+pub fn forward(receiver: Receiver) -> tokio::sync::mpsc::Receiver<Notification> {
+    let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
     tokio::spawn(async move {
+        let mut dropped = DropLog::default();
         loop {
-            match receiver.recv().await {
-                Ok(m) => {
-                    if tx.send(m).is_err() {
-                        return;
-                    }
-                }
+            let (pid, message) = match receiver.recv().await {
+                Ok(m) => m,
                 Err(e) => {
                     tracing::warn!("notify socket: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
                 }
+            };
+            match crate::process::cgroup_of(pid).filter(|c| c.starts_with(OUR_SLICE)) {
+                Some(cgroup) => match tx.try_send(Notification { pid, cgroup, message }) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                        dropped.note(pid, "the queue is full")
+                    }
+                },
+                None => dropped.note(pid, "not in an ipcluster scope"),
             }
         }
     });
     rx
+}
+
+/// Counts dropped datagrams and says so at most once per [`DROP_LOG_EVERY`].
+#[derive(Debug, Default)]
+struct DropLog {
+    count: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl DropLog {
+    fn note(&mut self, pid: u32, why: &str) {
+        self.count += 1;
+        if self.last_log.is_none_or(|t| t.elapsed() >= DROP_LOG_EVERY) {
+            tracing::warn!(
+                pid,
+                "notify socket: dropped {} datagrams (the last from pid {pid}: {why})",
+                self.count
+            );
+            self.count = 0;
+            self.last_log = Some(std::time::Instant::now());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::{
         fd::{AsFd, AsRawFd, OwnedFd},
         unix::process::CommandExt,
     },
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -44,10 +44,16 @@ pub struct Gated {
     /// `None` once released.
     pidfd: Option<OwnedFd>,
     gate: Option<OwnedFd>,
+    /// The worker's environment, sent through the gate (the launcher itself runs without it).
+    env: Vec<(String, String)>,
 }
 
 /// Forks the launcher for `spec`, held at its gate. Closing the [`Gated`] without
 /// [`Gated::release`] makes the launcher exit without running anything.
+///
+/// The launcher runs with a bare environment (`PATH` only) and as the worker's user: the
+/// worker's environment (which a Deploy override may set, `LD_PRELOAD` included) reaches only
+/// the worker's own `execve`, through the gate.
 pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
     let (gate_r, gate_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let mut cmd = Command::new(&spec.launcher);
@@ -59,7 +65,6 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
         .args(spec.argv.iter().map(OsString::from))
         .env_clear()
         .env("PATH", WORKER_PATH)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -96,14 +101,14 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
     // The child cannot have been reaped (only we wait for it), so the PID is still ours.
     let pidfd = rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty())?;
     drop(child);
-    Ok(Gated { pid, pidfd: Some(pidfd), gate: Some(gate_w) })
+    Ok(Gated { pid, pidfd: Some(pidfd), gate: Some(gate_w), env: spec.env.clone() })
 }
 
 impl Gated {
-    /// Lets the launcher go on to run the worker's command.
+    /// Lets the launcher go on to run the worker's command, with its environment.
     pub fn release(mut self) -> io::Result<OwnedFd> {
         let gate = self.gate.take().ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
-        fs::File::from(gate).write_all(b"1")?;
+        fs::File::from(gate).write_all(&crate::launcher::encode_release(&self.env))?;
         self.pidfd.take().ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
     }
 }
@@ -203,6 +208,12 @@ pub fn signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
         Err(e) if e == rustix::io::Errno::SRCH => Ok(()),
         other => Ok(other?),
     }
+}
+
+/// Whether the process behind `pidfd` still runs (a pidfd becomes readable when it exits).
+pub fn alive(pidfd: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)];
+    matches!(rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0))
 }
 
 /// PIDs of `pid` and all its descendants (from /proc/<pid>/task/*/children).
@@ -331,6 +342,90 @@ pub fn usage_of_pids(pids: &[u32]) -> (u64, u64) {
     (rss, cpu)
 }
 
+/// Where the cgroup2 hierarchy is mounted: `/sys/fs/cgroup` on a unified host (and in the
+/// sandbox), `/sys/fs/cgroup/unified` on a hybrid one; read once from /proc/self/mountinfo.
+pub fn cgroup_fs() -> &'static Path {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| cgroup2_mount(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()))
+}
+
+/// The cgroup2 mount point in `mountinfo`: among mounts of the hierarchy's root as this process
+/// sees it (a mount of an ancestor, root `/..`, belongs to another cgroup namespace), the one at
+/// `/sys/fs/cgroup` if there is one, else the last.
+fn cgroup2_mount(mountinfo: &str) -> PathBuf {
+    let mounts: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (before, after) = l.split_once(" - ")?;
+            let f: Vec<&str> = before.split_whitespace().collect();
+            (after.starts_with("cgroup2 ") && f.get(3) == Some(&"/")).then_some(*f.get(4)?)
+        })
+        .collect();
+    let best = mounts.iter().find(|m| **m == "/sys/fs/cgroup").or(mounts.last());
+    PathBuf::from(best.copied().unwrap_or("/sys/fs/cgroup"))
+}
+
+/// The cgroup2 path of `pid` (`/ipcluster.slice/…/ipcluster-web-1.scope`), from /proc.
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
+}
+
+/// The directory of a cgroup2 path.
+pub fn cgroup_dir(cgroup: &str) -> PathBuf {
+    cgroup_fs().join(cgroup.trim_start_matches('/'))
+}
+
+/// The name of a worker's own cgroup inside its scope: `worker-<pid>`.
+pub fn worker_cgroup_name(pid: u32) -> String {
+    format!("worker-{pid}")
+}
+
+/// Moves `pid` (a launcher held at its gate, already in its scope) into a cgroup of its own
+/// below the scope's (the scope is delegated to us): the worker and everything it forks stay
+/// together, so stopping the worker can stop its whole tree. Returns the new cgroup's path.
+pub fn isolate(pid: u32) -> io::Result<String> {
+    let scope = cgroup_of(pid).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // Only ever below a scope of ours: never a cgroup anywhere else on the host.
+    let ours = scope.starts_with("/ipcluster.slice/")
+        && scope.rsplit('/').next().is_some_and(|s| s.starts_with("ipcluster-") && s.ends_with(".scope"));
+    if !ours {
+        return Err(io::Error::other(format!("pid {pid} is in {scope}, not in an ipcluster scope")));
+    }
+    let cgroup = format!("{}/{}", scope.trim_end_matches('/'), worker_cgroup_name(pid));
+    let dir = cgroup_dir(&cgroup);
+    match fs::create_dir(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+    Ok(cgroup)
+}
+
+/// PIDs in `cgroup` (not its children).
+pub fn cgroup_procs(cgroup: &str) -> Vec<u32> {
+    fs::read_to_string(cgroup_dir(cgroup).join("cgroup.procs"))
+        .map(|t| t.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Sends `sig` to every process in `cgroup`, each through a pidfd opened just before.
+pub fn signal_cgroup(cgroup: &str, sig: i32) {
+    for pid in cgroup_procs(cgroup) {
+        if let Ok(fd) = adopt(pid) {
+            let _ = signal(&fd, sig);
+        }
+    }
+}
+
+/// SIGKILLs everything in `cgroup` at once (`cgroup.kill`, Linux 5.14), then removes it once
+/// empty (a cgroup whose processes are still dying stays; the scope's stop removes it).
+pub fn kill_cgroup(cgroup: &str) {
+    let dir = cgroup_dir(cgroup);
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    let _ = fs::remove_dir(&dir);
+}
+
 /// Looks up a user's uid and primary gid.
 pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
     match nix::unistd::User::from_name(name) {
@@ -340,14 +435,14 @@ pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
     }
 }
 
-/// Duplicates into this process the listening sockets of `pid`'s tree on `ports` (pidfd_getfd,
+/// Duplicates into this process the listening sockets on `ports` held by `pids` (pidfd_getfd,
 /// Linux 5.6). Held by the daemon, a listening socket outlives a crashed worker: connections
 /// that arrive before the rules move its band queue there instead of being refused.
-pub fn grab_listeners(pid: u32, ports: &[u16]) -> Vec<(u16, OwnedFd)> {
+pub fn grab_listeners(pids: &[u32], ports: &[u16]) -> Vec<(u16, OwnedFd)> {
     // Each socket is duplicated and asked directly (SO_ACCEPTCONN, getsockname): cheaper than
     // /proc/net/tcp, which walks the kernel's whole TCP hash table.
     let mut out: Vec<(u16, OwnedFd)> = Vec::new();
-    for p in process_tree(pid) {
+    for &p in pids {
         let Ok(fds) = fs::read_dir(format!("/proc/{p}/fd")) else { continue };
         let Ok(pidfd) = adopt(p) else { continue };
         for fd in fds.flatten() {
@@ -389,7 +484,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _client = std::net::TcpStream::connect(other.local_addr().unwrap()).unwrap();
-        let grabbed = grab_listeners(std::process::id(), &[port]);
+        let grabbed = grab_listeners(&[std::process::id()], &[port]);
         assert_eq!(grabbed.len(), 1, "{grabbed:?}");
         assert_eq!(grabbed[0].0, port);
         // The duplicate is the same listening socket: it accepts what was queued for the original.
@@ -398,6 +493,29 @@ mod tests {
             std::net::TcpStream::connect(("127.0.0.1", port)).expect("still listening through the duplicate");
         let dup = std::net::TcpListener::from(grabbed.into_iter().next().unwrap().1);
         assert!(dup.accept().is_ok());
+    }
+
+    #[test]
+    fn a_pidfd_tells_whether_its_process_still_runs() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let fd = adopt(child.id()).unwrap();
+        assert!(alive(&fd));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!alive(&fd), "a reaped process is not alive");
+        let me = adopt(std::process::id()).unwrap();
+        assert!(alive(&me));
+    }
+
+    #[test]
+    fn the_cgroup2_mount_is_the_one_this_namespace_sees() {
+        let sandbox = "57 47 0:38 /.. /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
+                       76 47 0:38 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount(sandbox), Path::new("/sys/fs/cgroup"));
+        let hybrid = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
+                      42 31 0:39 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        assert_eq!(cgroup2_mount(hybrid), Path::new("/sys/fs/cgroup/unified"));
+        assert_eq!(cgroup2_mount(""), Path::new("/sys/fs/cgroup"));
     }
 
     #[test]

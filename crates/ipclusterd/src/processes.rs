@@ -45,22 +45,34 @@ pub trait Processes: Clone + Send + Sync + std::fmt::Debug + 'static {
     fn nice_of(&self, pid: u32) -> Option<i32>;
     /// When `pid` started, µs since the epoch (the kernel's answer: the same after a restart).
     fn start_time_usec(&self, pid: u32) -> Option<u64>;
-    /// The parent of `pid`.
-    fn parent(&self, pid: u32) -> Option<u32>;
-    /// The environment `pid` was started with.
-    fn environ(&self, pid: u32) -> Option<Vec<(String, String)>>;
-    /// `pid` and all its descendants.
-    fn tree(&self, pid: u32) -> Vec<u32>;
+    /// Takes hold of `pid` and reads what it says about itself, in an order that cannot mix two
+    /// processes: the handle first, then /proc, then a check that the start time did not change
+    /// (so a PID recycled meanwhile is never taken for the process it replaced).
+    fn inspect(&self, pid: u32) -> Option<(Self::Handle, Inspected)>;
+    /// Moves a gated launcher into a cgroup of its own below its scope; returns its path.
+    fn isolate(&self, pid: u32) -> io::Result<String>;
+    /// Sends `sig` to every process of a worker: its cgroup's, or (a worker adopted from a daemon
+    /// that did not isolate workers) its main process alone.
+    fn signal_all(&self, process: &Self::Handle, cgroup: Option<&str>, sig: i32);
+    /// SIGKILLs every process left in a worker's cgroup and removes it.
+    fn kill_cgroup(&self, cgroup: &str);
     /// RSS (bytes) and CPU time (µs) of `pid`'s tree, read now.
     fn usage(&self, pid: u32) -> (u64, u64);
-    /// Duplicates of the listening sockets of `pid`'s tree on `ports`.
-    fn listeners(&self, pid: u32, ports: &[u16]) -> Vec<(u16, OwnedFd)>;
+    /// Duplicates of the listening sockets on `ports` held by the worker's processes (its
+    /// cgroup's, else `pid`'s tree).
+    fn listeners(&self, pid: u32, cgroup: Option<&str>, ports: &[u16]) -> Vec<(u16, OwnedFd)>;
     /// uid and primary gid of a user.
     fn user(&self, name: &str) -> Result<(u32, u32), String>;
     /// Whether nothing holds `port` (a worker must be able to bind it).
     fn port_is_free(&self, port: u16) -> bool;
-    /// Resolves once `127.0.0.1:<port>` accepts for every port (TCP readiness).
-    fn probe(&self, ports: Vec<u16>) -> impl Future<Output = ()> + Send + 'static;
+    /// Resolves once the worker's own processes listen on every one of `ports` (TCP readiness).
+    /// A listener of anyone else on those ports never makes a worker ready.
+    fn probe(
+        &self,
+        pid: u32,
+        cgroup: Option<String>,
+        ports: Vec<u16>,
+    ) -> impl Future<Output = ()> + Send + 'static;
     /// One sampling round (blocking: it reads many small files): RSS and CPU of each `(id, pid)`
     /// tree; `scopes` are the (slice, scope) units whose processes to read.
     fn sample(&self, scopes: &[(String, String)], workers: &[(u64, u32)]) -> Vec<(u64, Sample)>;
@@ -68,12 +80,19 @@ pub trait Processes: Clone + Send + Sync + std::fmt::Debug + 'static {
     fn connections(&self, workers: &[(u64, u32)]) -> Vec<(u64, u32)>;
 }
 
+/// What a process says about itself (adoption reads it, and checks it against the saved state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    pub env: Vec<(String, String)>,
+    /// Its cgroup2 path.
+    pub cgroup: String,
+    pub parent: Option<u32>,
+    pub start_usec: u64,
+}
+
 /// The real host: fork, pidfds, /proc, TCP.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Host;
-
-/// Where systemd puts `ipcluster-<app>.slice` (a child of `ipcluster.slice`) in cgroup2.
-const SLICE_CGROUP: &str = "/sys/fs/cgroup/ipcluster.slice";
 
 impl Gated for process::Gated {
     type Handle = Arc<OwnedFd>;
@@ -113,20 +132,44 @@ impl Processes for Host {
     fn start_time_usec(&self, pid: u32) -> Option<u64> {
         process::start_time_usec(pid)
     }
-    fn parent(&self, pid: u32) -> Option<u32> {
-        process::parent(pid)
+    fn inspect(&self, pid: u32) -> Option<(Arc<OwnedFd>, Inspected)> {
+        let handle = process::adopt(pid).ok()?;
+        let start_usec = process::start_time_usec(pid)?;
+        let inspected = Inspected {
+            env: process::environ(pid)?,
+            cgroup: process::cgroup_of(pid)?,
+            parent: process::parent(pid),
+            start_usec,
+        };
+        // Still the same process: alive (the handle says) and started when it did.
+        if !process::alive(&handle) {
+            return None;
+        }
+        (process::start_time_usec(pid)? == start_usec).then(|| (Arc::new(handle), inspected))
     }
-    fn environ(&self, pid: u32) -> Option<Vec<(String, String)>> {
-        process::environ(pid)
+    fn isolate(&self, pid: u32) -> io::Result<String> {
+        process::isolate(pid)
     }
-    fn tree(&self, pid: u32) -> Vec<u32> {
-        process::process_tree(pid)
+    fn signal_all(&self, process: &Arc<OwnedFd>, cgroup: Option<&str>, sig: i32) {
+        match cgroup {
+            Some(c) => process::signal_cgroup(c, sig),
+            None => {
+                let _ = process::signal(process, sig);
+            }
+        }
+    }
+    fn kill_cgroup(&self, cgroup: &str) {
+        process::kill_cgroup(cgroup);
     }
     fn usage(&self, pid: u32) -> (u64, u64) {
         process::usage_of_tree(pid)
     }
-    fn listeners(&self, pid: u32, ports: &[u16]) -> Vec<(u16, OwnedFd)> {
-        process::grab_listeners(pid, ports)
+    fn listeners(&self, pid: u32, cgroup: Option<&str>, ports: &[u16]) -> Vec<(u16, OwnedFd)> {
+        let pids = match cgroup {
+            Some(c) => process::cgroup_procs(c),
+            None => process::process_tree(pid),
+        };
+        process::grab_listeners(&pids, ports)
     }
     fn user(&self, name: &str) -> Result<(u32, u32), String> {
         process::lookup_user(name)
@@ -138,20 +181,16 @@ impl Processes for Host {
         clippy::manual_async_fn,
         reason = "the future must not borrow self: it runs in a task of its own"
     )]
-    fn probe(&self, ports: Vec<u16>) -> impl Future<Output = ()> + Send + 'static {
+    fn probe(
+        &self,
+        pid: u32,
+        cgroup: Option<String>,
+        ports: Vec<u16>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        // Ownership, not a connection: a program that bound the port first would accept a
+        // connection too, and a connect can reach itself (simultaneous open) on a free port.
         async move {
-            let mut pending = ports;
-            loop {
-                let mut still = Vec::new();
-                for p in pending {
-                    if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, p)).await.is_err() {
-                        still.push(p);
-                    }
-                }
-                if still.is_empty() {
-                    return;
-                }
-                pending = still;
+            while Host.listeners(pid, cgroup.as_deref(), &ports).len() < ports.len() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -159,7 +198,8 @@ impl Processes for Host {
     fn sample(&self, scopes: &[(String, String)], workers: &[(u64, u32)]) -> Vec<(u64, Sample)> {
         let dirs: Vec<std::path::PathBuf> = scopes
             .iter()
-            .map(|(slice, scope)| std::path::Path::new(SLICE_CGROUP).join(slice).join(scope))
+            // systemd puts ipcluster-<app>.slice below ipcluster.slice.
+            .map(|(slice, scope)| process::cgroup_dir(&format!("/ipcluster.slice/{slice}/{scope}")))
             .collect();
         sampler::sample(&dirs, workers)
     }

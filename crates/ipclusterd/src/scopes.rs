@@ -42,8 +42,8 @@ pub trait Scopes: Send + Sync {
     fn stop(&self, unit: &str) -> impl Future<Output = Result<(), ScopeError>> + Send;
     /// Names of loaded `ipcluster-*.scope` units.
     fn list(&self) -> impl Future<Output = Result<Vec<String>, ScopeError>> + Send;
-    /// PIDs of every process in the scope.
-    fn processes(&self, unit: &str) -> impl Future<Output = Result<Vec<u32>, ScopeError>> + Send;
+    /// Every process in the scope (its cgroup and those below): PID and cgroup path.
+    fn processes(&self, unit: &str) -> impl Future<Output = Result<Vec<(u32, String)>, ScopeError>> + Send;
     /// Moves `pids` into the existing scope `unit` (a respawned worker joins its generation).
     fn attach(&self, unit: &str, pids: &[u32]) -> impl Future<Output = Result<(), ScopeError>> + Send;
     /// Sets the scope's `CPUWeight=` (retired generations get a low one). Accepted, if not
@@ -140,13 +140,13 @@ impl Scopes for Systemd {
         Ok(units.into_iter().filter(|u| u.3 == "active").map(|u| u.0).collect())
     }
 
-    async fn processes(&self, unit: &str) -> Result<Vec<u32>, ScopeError> {
+    async fn processes(&self, unit: &str) -> Result<Vec<(u32, String)>, ScopeError> {
         let procs = self
             .manager
             .get_unit_processes(unit.to_owned())
             .await
             .map_err(|source| ScopeError::Bus { what: format!("GetUnitProcesses {unit}"), source })?;
-        Ok(procs.into_iter().map(|p| p.1).collect())
+        Ok(procs.into_iter().map(|p| (p.1, p.0)).collect())
     }
 
     async fn set_cpu_weight(&self, unit: &str, weight: u64) -> Result<(), ScopeError> {

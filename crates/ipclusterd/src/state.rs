@@ -54,13 +54,15 @@ mod tests {
         s.last_generation.insert(chat.clone(), 7);
         s.apps.entry(chat).or_default().generations.insert(
             7,
-            SavedGeneration {
-                state: GenState::Live,
-                started_usec: 1,
-                retired_usec: None,
-                workers: 4,
-                listen: vec!["0.0.0.0:80".parse().unwrap()],
-            },
+            SavedGeneration::of(
+                GenState::Live,
+                1,
+                &ipcluster_core::config::AppConfig::fallback(
+                    AppName::new("chat").unwrap(),
+                    4,
+                    vec!["0.0.0.0:80".parse().unwrap()],
+                ),
+            ),
         );
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), s);

@@ -5,7 +5,7 @@
 //! without root and without real processes, under tokio's paused time.
 //!
 //! [`FakeProcesses`] reads a worker's behaviour from its command (`argv[0]`):
-//! - `serve`: listens as soon as it is released (a TCP probe succeeds);
+//! - `serve`: listens as soon as it is released (its readiness probe succeeds);
 //! - `hang`: never listens;
 //! - `exit N`: exits with status N as soon as it is released;
 //! - `stubborn`: like `serve`, but ignores SIGTERM (SIGKILL still ends it);
@@ -25,7 +25,7 @@ use crate::{
     clock::{Clock, usec},
     netfilter::{Applied, Router, RouterError},
     process::{Exit, SpawnSpec},
-    processes::{Gated, Processes},
+    processes::{Gated, Inspected, Processes},
     sampler::Sample,
     scopes::{ScopeError, ScopeSpec, Scopes},
 };
@@ -61,6 +61,11 @@ impl FakeScopes {
 
     fn joined(&self, unit: &str, pids: &[u32]) {
         lock(&self.units).entry(unit.to_owned()).or_default().extend(pids);
+        if let Some(p) = &self.processes {
+            for pid in pids {
+                p.set_cgroup(*pid, &format!("/ipcluster.slice/{unit}"));
+            }
+        }
         if self.kill_real {
             let fds = pids.iter().filter_map(|p| crate::process::adopt(*p).ok());
             lock(&self.real).entry(unit.to_owned()).or_default().extend(fds);
@@ -94,8 +99,12 @@ impl Scopes for FakeScopes {
     async fn list(&self) -> Result<Vec<String>, ScopeError> {
         Ok(self.names())
     }
-    async fn processes(&self, unit: &str) -> Result<Vec<u32>, ScopeError> {
-        Ok(lock(&self.units).get(unit).cloned().unwrap_or_default())
+    async fn processes(&self, unit: &str) -> Result<Vec<(u32, String)>, ScopeError> {
+        let pids = lock(&self.units).get(unit).cloned().unwrap_or_default();
+        Ok(pids
+            .into_iter()
+            .map(|pid| (pid, self.processes.as_ref().map_or_else(|| "/fake.scope".into(), |p| p.cgroup(pid))))
+            .collect())
     }
     async fn attach(&self, unit: &str, pids: &[u32]) -> Result<(), ScopeError> {
         self.joined(unit, pids);
@@ -151,6 +160,8 @@ pub struct FakeProc {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub parent: Option<u32>,
+    /// Its cgroup: the scope's until it is isolated.
+    pub cgroup: String,
     pub start_usec: u64,
     pub nice: i32,
     pub rss: u64,
@@ -166,6 +177,7 @@ impl FakeProc {
             argv,
             env,
             parent: None,
+            cgroup: "/fake.scope".into(),
             start_usec,
             nice: 0,
             rss: 10 << 20,
@@ -174,13 +186,6 @@ impl FakeProc {
             listening: watch::channel(false).0,
             exit: watch::channel(None).0,
         }
-    }
-
-    /// The worker ports its environment names.
-    fn ports(&self) -> Vec<u16> {
-        let pairs =
-            self.env.iter().find(|(k, _)| k == "IPCLUSTER_PORTS").map(|(_, v)| v.as_str()).unwrap_or("");
-        pairs.split(',').filter_map(|p| p.split_once(':')?.1.parse().ok()).collect()
     }
 
     fn behaviour(&self) -> &str {
@@ -243,7 +248,49 @@ impl FakeProcesses {
         }
     }
 
-    /// Makes `pid` accept on its ports (a TCP probe succeeds).
+    /// A child of `pid` in the same cgroup (a worker's helper process), running, ignoring SIGTERM.
+    pub fn fork(&self, pid: u32) -> u32 {
+        let mut w = self.world();
+        let child = w.next_pid;
+        w.next_pid += 1;
+        let Some(parent) = w.procs.get(&pid) else { return child };
+        // It ignores SIGTERM: only stopping its worker's whole cgroup ends it.
+        let mut p = FakeProc::new(vec!["stubborn".into()], parent.env.clone(), parent.start_usec);
+        (p.parent, p.cgroup, p.released) = (Some(pid), parent.cgroup.clone(), true);
+        w.procs.insert(child, p);
+        child
+    }
+
+    /// Rewrites what `pid` says about itself (a worker that re-execs with a forged environment).
+    pub fn set_env(&self, pid: u32, env: &[(&str, String)]) {
+        if let Some(p) = self.world().procs.get_mut(&pid) {
+            p.env = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+        }
+    }
+
+    /// Puts an existing process in `cgroup` (a worker a previous daemon isolated).
+    pub fn set_cgroup(&self, pid: u32, cgroup: &str) {
+        if let Some(p) = self.world().procs.get_mut(&pid) {
+            p.cgroup = cgroup.to_owned();
+        }
+    }
+
+    /// The running processes of `cgroup`.
+    fn in_cgroup(&self, cgroup: &str) -> Vec<u32> {
+        let w = self.world();
+        w.procs
+            .iter()
+            .filter(|(_, p)| p.cgroup == cgroup && p.exit.borrow().is_none())
+            .map(|(pid, _)| *pid)
+            .collect()
+    }
+
+    /// The cgroup of `pid`.
+    pub fn cgroup(&self, pid: u32) -> String {
+        self.world().procs.get(&pid).map(|p| p.cgroup.clone()).unwrap_or_default()
+    }
+
+    /// Makes `pid` listen on its ports (its readiness probe succeeds).
     pub fn listen(&self, pid: u32) {
         if let Some(p) = self.world().procs.get(&pid) {
             p.listening.send_replace(true);
@@ -393,22 +440,41 @@ impl Processes for FakeProcesses {
     fn start_time_usec(&self, pid: u32) -> Option<u64> {
         self.world().procs.get(&pid).map(|p| p.start_usec)
     }
-    fn parent(&self, pid: u32) -> Option<u32> {
-        self.world().procs.get(&pid).and_then(|p| p.parent)
-    }
-    fn environ(&self, pid: u32) -> Option<Vec<(String, String)>> {
-        self.world().procs.get(&pid).map(|p| p.env.clone())
-    }
-    fn tree(&self, pid: u32) -> Vec<u32> {
+    fn inspect(&self, pid: u32) -> Option<(u32, Inspected)> {
         let w = self.world();
-        let mut out = vec![pid];
-        out.extend(w.procs.iter().filter(|(_, p)| p.parent == Some(pid)).map(|(c, _)| *c));
-        out
+        let p = w.procs.get(&pid).filter(|p| p.exit.borrow().is_none())?;
+        let inspected = Inspected {
+            env: p.env.clone(),
+            cgroup: p.cgroup.clone(),
+            parent: p.parent,
+            start_usec: p.start_usec,
+        };
+        Some((pid, inspected))
+    }
+    fn isolate(&self, pid: u32) -> io::Result<String> {
+        let mut w = self.world();
+        let p = w.procs.get_mut(&pid).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+        p.cgroup = format!("{}/worker-{pid}", p.cgroup);
+        Ok(p.cgroup.clone())
+    }
+    fn signal_all(&self, process: &u32, cgroup: Option<&str>, sig: i32) {
+        let pids: Vec<u32> = match cgroup {
+            Some(c) => self.in_cgroup(c),
+            None => vec![*process],
+        };
+        for pid in pids {
+            let _ = self.signal(&pid, sig);
+        }
+    }
+    fn kill_cgroup(&self, cgroup: &str) {
+        for pid in self.in_cgroup(cgroup) {
+            let _ = self.signal(&pid, libc::SIGKILL);
+        }
     }
     fn usage(&self, pid: u32) -> (u64, u64) {
         self.world().procs.get(&pid).map_or((0, 0), |p| (p.rss, 0))
     }
-    fn listeners(&self, _pid: u32, _ports: &[u16]) -> Vec<(u16, OwnedFd)> {
+    fn listeners(&self, _pid: u32, _cgroup: Option<&str>, _ports: &[u16]) -> Vec<(u16, OwnedFd)> {
         Vec::new()
     }
     fn user(&self, name: &str) -> Result<(u32, u32), String> {
@@ -417,14 +483,13 @@ impl Processes for FakeProcesses {
     fn port_is_free(&self, port: u16) -> bool {
         !self.world().busy_ports.contains(&port)
     }
-    fn probe(&self, ports: Vec<u16>) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let rx = {
-            let w = self.world();
-            w.procs
-                .values()
-                .find(|p| p.exit.borrow().is_none() && p.ports() == ports)
-                .map(|p| p.listening.subscribe())
-        };
+    fn probe(
+        &self,
+        pid: u32,
+        _cgroup: Option<String>,
+        _ports: Vec<u16>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let rx = self.world().procs.get(&pid).map(|p| p.listening.subscribe());
         async move {
             match rx {
                 Some(mut rx) => {

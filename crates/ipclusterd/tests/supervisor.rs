@@ -36,7 +36,7 @@ fn start(name: &str, apps: &[(&str, String)]) -> Harness {
     for (app, text) in apps {
         std::fs::write(dir.join("apps").join(format!("{app}.toml")), text).unwrap();
     }
-    let (handle, commands) = supervisor::channel();
+    let (handle, mailbox) = supervisor::channel();
     let (signals_tx, signals) = tokio::sync::mpsc::unbounded_channel();
     let scopes = FakeScopes::with_pidfds();
     let router = FakeRouter::default();
@@ -53,7 +53,7 @@ fn start(name: &str, apps: &[(&str, String)]) -> Harness {
         sample_interval: Duration::from_secs(1),
         launcher: PathBuf::from(env!("CARGO_BIN_EXE_ipclusterd")),
     };
-    tokio::spawn(Supervisor::new(commands, deps).run());
+    tokio::spawn(Supervisor::new(mailbox, deps).run());
     Harness { handle, scopes, router, signals, dir }
 }
 
@@ -62,7 +62,7 @@ async fn deploy(h: &Handle, app: &str, overrides: Overrides) -> Result<u64, Erro
 }
 
 async fn workers(h: &Handle, app: &str) -> Vec<supervisor::WorkerInfo> {
-    h.call(|reply| Command::ListWorkers { app: app.into(), reply }).await.unwrap()
+    h.snapshot().workers_of(app).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,66 +1,82 @@
 //! Adoption: a daemon that starts (after a restart, a crash or an upgrade) takes over the
 //! generations that are still running, without touching a serving worker.
 //!
-//! Reality first: the `ipcluster-*.scope` units systemd has, the processes in them and their
-//! `IPCLUSTER_*` environment (app, generation, band, ports), and which worker ports the kernel's
-//! rules route to. The saved state adds what reality cannot tell. What becomes of each generation
-//! is [`ipcluster_core::adoption::decide`]'s pure decision; this module gathers the witnesses and
-//! carries the verdicts out. The rules are then reconciled with the adopted live workers.
+//! Reality first, checked against the daemon's own word:
+//! - which processes are workers: systemd lists each scope's processes with their cgroups; a
+//!   worker is the process its own cgroup (`<scope>/worker-<pid>`) is named after, so what it
+//!   forked is never taken for a worker (a scope from a daemon that did not isolate workers:
+//!   the top of each tree);
+//! - who each worker is: the saved state (root-only) is the authority; the worker's
+//!   `IPCLUSTER_*` environment, which it controls, is a hint that must agree with it
+//!   ([`ipcluster_core::adoption::check_claim`]). A process whose claim disagrees is reported and
+//!   not adopted: nothing routes to it, and its band is respawned;
+//! - which generation is live: [`ipcluster_core::adoption::decide`], from the rules, the saved
+//!   state and completeness.
+//!
+//! Each process is held by pidfd before its /proc files are read, and its start time is checked
+//! after, so a recycled PID is never adopted for the process it replaced. The rules are then
+//! reconciled with the adopted live workers.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     sync::Arc,
     time::Duration,
 };
 
 use ipcluster_core::{
-    adoption::{self, Found, Verdict},
+    adoption::{self, Claim, Expected, Found, Verdict},
     config::AppConfig,
     model::{GenState, WorkerState, parse_scope_name},
     name::AppName,
     policy::Backoff,
-    saved::SavedApp,
+    saved::{SavedApp, SavedGeneration},
 };
 use tracing::{info, warn};
 
 use super::{Supervisor, model::Generation};
-use crate::{clock::from_usec, netfilter::Router, processes::Processes, scopes::Scopes};
+use crate::{
+    clock::from_usec,
+    netfilter::Router,
+    process::worker_cgroup_name,
+    processes::{Inspected, Processes},
+    scopes::Scopes,
+};
 
-/// One worker found in a scope.
+/// One worker found in a scope, its claim accepted.
 #[derive(Debug)]
-struct FoundWorker {
+struct FoundWorker<H> {
     band: u32,
     pid: u32,
-    /// (public port, worker port) in `listen` order.
-    ports: Vec<(u16, u16)>,
+    /// Worker ports, in `listen` order.
+    ports: Vec<u16>,
+    handle: H,
+    cgroup: Option<String>,
 }
 
 /// One generation found in systemd.
 #[derive(Debug)]
-struct FoundGen {
+struct FoundGen<H> {
     unit: String,
     bands: u32,
-    workers: Vec<FoundWorker>,
+    listen: Vec<SocketAddrV4>,
+    workers: Vec<FoundWorker<H>>,
 }
 
-fn env_get<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-}
-
-fn parse_ports(s: &str) -> Option<Vec<(u16, u16)>> {
-    s.split(',')
-        .map(|pair| {
-            let (p, w) = pair.split_once(':')?;
-            Some((p.parse().ok()?, w.parse().ok()?))
-        })
-        .collect()
+/// Why a process in a scope is not a worker, or not one to adopt.
+enum Refused {
+    /// Not a worker's main process (what a worker forked, a launcher at its gate): no report.
+    NotAWorker,
+    /// It claims to be one, but the claim disagrees with what the daemon knows: reported.
+    Claim(String),
 }
 
 impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
     /// Takes over every running generation (see the module docs).
     pub(super) async fn adopt(&mut self) {
-        let found = self.find_running().await;
+        // What the previous daemon saved, as it was: saving as we go rewrites `self.saved`.
+        let saved_apps = self.saved.apps.clone();
+        let found = self.find_running(&saved_apps).await;
         let routed = match self.deps.router.current().await {
             Ok(existing) => existing.routed_ports(),
             Err(e) => {
@@ -68,22 +84,19 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 BTreeSet::new()
             }
         };
-        // What the previous daemon saved, as it was: saving as we go rewrites `self.saved`.
-        let saved_apps = self.saved.apps.clone();
         let (mut generations, mut workers) = (0, 0);
         for (app, gens) in found {
             let saved_app = saved_apps.get(&app).cloned().unwrap_or_default();
-            let saved = &saved_app.generations;
             let witnesses: Vec<Found> = gens
                 .iter()
                 .map(|(g, fg)| Found {
                     generation: *g,
                     complete: fg.workers.iter().map(|w| w.band).collect::<BTreeSet<_>>().len() as u32
                         == fg.bands,
-                    routed: fg.workers.iter().any(|w| w.ports.iter().any(|p| routed.contains(&p.1))),
+                    routed: fg.workers.iter().any(|w| w.ports.iter().any(|p| routed.contains(p))),
                 })
                 .collect();
-            let verdicts = adoption::decide(&witnesses, saved);
+            let verdicts = adoption::decide(&witnesses, &saved_app.generations);
             for (g, fg) in gens {
                 match verdicts[&g] {
                     Verdict::Stop => {
@@ -106,10 +119,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         self.reconcile().await;
     }
 
-    /// Every generation systemd runs for us: its scope's top-level processes whose environment
-    /// names the scope's app and generation. Generation numbers stay above every one seen.
-    async fn find_running(&mut self) -> BTreeMap<AppName, BTreeMap<u64, FoundGen>> {
-        let mut found: BTreeMap<AppName, BTreeMap<u64, FoundGen>> = BTreeMap::new();
+    /// Every generation systemd runs for us, with the workers whose claims agree with what the
+    /// daemon knows. Generation numbers stay above every one seen.
+    async fn find_running(
+        &mut self,
+        saved: &BTreeMap<AppName, SavedApp>,
+    ) -> BTreeMap<AppName, BTreeMap<u64, FoundGen<P::Handle>>> {
+        let mut found: BTreeMap<AppName, BTreeMap<u64, FoundGen<P::Handle>>> = BTreeMap::new();
         let units = match self.deps.scopes.list().await {
             Ok(u) => u,
             Err(e) => {
@@ -120,33 +136,48 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         for unit in units {
             let Some((app, g)) = parse_scope_name(&unit) else { continue };
             self.saved.saw_generation(&app, g);
-            let pids = match self.deps.scopes.processes(&unit).await {
+            let procs = match self.deps.scopes.processes(&unit).await {
                 Ok(p) => p,
                 Err(e) => {
                     warn!("cannot list the processes of {unit}: {e}");
                     continue;
                 }
             };
-            let in_scope: BTreeSet<u32> = pids.iter().copied().collect();
-            let mut fg = FoundGen { unit: unit.clone(), bands: 0, workers: Vec::new() };
-            let p = &self.deps.processes;
-            for pid in pids {
-                // A worker's own children inherit its environment: only the top of each tree is
-                // the worker.
-                if p.parent(pid).is_some_and(|pp| in_scope.contains(&pp)) {
-                    continue;
+            let record = saved.get(&app).and_then(|a| a.generations.get(&g));
+            let file = self.m.apps.get(&app).and_then(|a| a.config.clone()).and_then(Result::ok);
+            // The generation's shape: saved, else the app file's; neither, nothing to check against.
+            let shape = record
+                .map(|r| (r.workers, r.listen.clone(), r.port_range))
+                .or_else(|| file.as_ref().map(|c| (c.workers, c.listen.clone(), Some(c.port_range))));
+            let Some((bands, listen, port_range)) = shape else {
+                warn!(app = %app, "{unit}: no saved state and no app file to check its workers against; left alone");
+                continue;
+            };
+            let port_range = port_range
+                .or(file.as_ref().map(|c| c.port_range))
+                .unwrap_or(ipcluster_core::config::defaults::PORT_RANGE);
+            let in_scope: BTreeSet<u32> = procs.iter().map(|(p, _)| *p).collect();
+            let mut fg = FoundGen { unit: unit.clone(), bands, listen: listen.clone(), workers: Vec::new() };
+            for (pid, cgroup) in procs {
+                let listen_ports: Vec<u16> = listen.iter().map(SocketAddrV4::port).collect();
+                match self.identify(
+                    &unit,
+                    &app,
+                    g,
+                    pid,
+                    &cgroup,
+                    &in_scope,
+                    record,
+                    bands,
+                    listen_ports,
+                    port_range,
+                ) {
+                    Ok(w) => fg.workers.push(w),
+                    Err(Refused::NotAWorker) => {}
+                    Err(Refused::Claim(why)) => {
+                        warn!(app = %app, generation = g, pid, "{app}: pid {pid} in {unit} is not adopted: it {why}");
+                    }
                 }
-                let Some(env) = p.environ(pid) else { continue };
-                let g_env = env_get(&env, "IPCLUSTER_GENERATION").and_then(|v| v.parse::<u64>().ok());
-                if env_get(&env, "IPCLUSTER_APP") != Some(app.as_str()) || g_env != Some(g) {
-                    continue;
-                }
-                let band = env_get(&env, "IPCLUSTER_BAND").and_then(|v| v.parse().ok());
-                let bands = env_get(&env, "IPCLUSTER_BANDS").and_then(|v| v.parse().ok());
-                let ports = env_get(&env, "IPCLUSTER_PORTS").and_then(parse_ports);
-                let (Some(band), Some(bands), Some(ports)) = (band, bands, ports) else { continue };
-                fg.bands = bands;
-                fg.workers.push(FoundWorker { band, pid, ports });
             }
             if fg.workers.is_empty() {
                 warn!("{unit} has no worker of ours; left alone");
@@ -155,6 +186,57 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             found.entry(app).or_default().insert(g, fg);
         }
         found
+    }
+
+    /// Decides whether `pid` (in `cgroup`, in the scope `unit`) is a worker of generation `g`,
+    /// and which one.
+    #[allow(clippy::too_many_arguments, reason = "the witnesses of one decision")]
+    fn identify(
+        &self,
+        unit: &str,
+        app: &AppName,
+        g: u64,
+        pid: u32,
+        cgroup: &str,
+        in_scope: &BTreeSet<u32>,
+        record: Option<&SavedGeneration>,
+        bands: u32,
+        listen_ports: Vec<u16>,
+        port_range: (u16, u16),
+    ) -> Result<FoundWorker<P::Handle>, Refused> {
+        let own = cgroup.strip_suffix(&format!("/{}", worker_cgroup_name(pid)));
+        let isolated = own.is_some_and(|scope| scope.ends_with(&format!("/{unit}")));
+        let in_scope_root = cgroup.ends_with(&format!("/{unit}"));
+        if !isolated && !in_scope_root {
+            return Err(Refused::NotAWorker);
+        }
+        let (handle, Inspected { env, cgroup: now_in, parent, start_usec }) =
+            self.deps.processes.inspect(pid).ok_or(Refused::NotAWorker)?;
+        if now_in != cgroup {
+            return Err(Refused::NotAWorker);
+        }
+        // A scope of a daemon that did not isolate workers: only the top of each tree.
+        if in_scope_root && parent.is_some_and(|pp| in_scope.contains(&pp)) {
+            return Err(Refused::NotAWorker);
+        }
+        let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        if get("IPCLUSTER_APP") != Some(app.as_str()) || get("IPCLUSTER_GENERATION") != Some(&g.to_string()) {
+            // A launcher still at its gate has no worker environment yet; anything else here
+            // claiming nothing is not a worker.
+            return Err(if isolated {
+                Refused::Claim("does not say it is one".into())
+            } else {
+                Refused::NotAWorker
+            });
+        }
+        let claim = Claim::from_env(&env).ok_or_else(|| Refused::Claim("makes no readable claim".into()))?;
+        // Within 10 ms: the kernel's start time has clock-tick resolution.
+        let worker = record.and_then(|r| {
+            r.processes.iter().find(|w| w.pid == pid && w.start_usec.abs_diff(start_usec) < 10_000)
+        });
+        let expected = Expected { bands, listen_ports, port_range, worker };
+        let (band, ports) = adoption::check_claim(&claim, &expected).map_err(Refused::Claim)?;
+        Ok(FoundWorker { band, pid, ports, handle, cgroup: isolated.then(|| cgroup.to_owned()) })
     }
 
     fn stop_unit_in_background(&self, unit: String) {
@@ -191,32 +273,23 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         &mut self,
         app: &AppName,
         g: u64,
-        fg: FoundGen,
+        fg: FoundGen<P::Handle>,
         verdict: Verdict,
         saved_app: &SavedApp,
     ) {
         let saved = saved_app.generations.get(&g);
         let from_file = self.m.apps.get(app).and_then(|a| a.config.clone()).and_then(Result::ok);
-        // Public addresses: remembered, else the app file's entries for the same ports.
-        let public_ports: Vec<u16> = fg.workers[0].ports.iter().map(|p| p.0).collect();
-        let listen: Vec<SocketAddrV4> =
-            saved.map(|s| s.listen.clone()).filter(|l| l.len() == public_ports.len()).unwrap_or_else(|| {
-                public_ports
-                    .iter()
-                    .map(|p| {
-                        from_file
-                            .as_ref()
-                            .and_then(|c| c.listen.iter().find(|l| l.port() == *p).copied())
-                            .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, *p))
-                    })
-                    .collect()
-            });
-        let mut config = match &from_file {
+        let base = match &from_file {
             Some(c) => (**c).clone(),
-            None => AppConfig::fallback(app.clone(), fg.bands, listen.clone()),
+            None => AppConfig::fallback(app.clone(), fg.bands, fg.listen.clone()),
+        };
+        // What the generation ran with (a Deploy override stays), else the file's.
+        let mut config = match saved {
+            Some(s) => s.effective(base),
+            None => base,
         };
         config.workers = fg.bands;
-        config.listen = listen.clone();
+        config.listen = fg.listen.clone();
         let config = Arc::new(config);
         let p = self.deps.processes.clone();
         let first_start = fg.workers.iter().filter_map(|w| p.start_time_usec(w.pid)).min();
@@ -241,24 +314,21 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 held: Default::default(),
             },
         );
+        let retired_nice = self.base_nice + config.retire_nice;
         for w in fg.workers {
-            let handle = match p.adopt(w.pid) {
-                Ok(h) => h,
-                Err(e) => {
-                    warn!(app = %app, pid = w.pid, "cannot adopt pid {}: {e}", w.pid);
-                    continue;
-                }
-            };
-            let ports = listen.iter().copied().zip(w.ports.iter().map(|p| p.1)).collect();
-            let id = self.add_worker(app, g, w.band, w.pid, ports, handle, started);
+            let ports = fg.listen.iter().copied().zip(w.ports.iter().copied()).collect();
+            let id = self.add_worker(app, g, w.band, w.pid, ports, w.handle, w.cgroup, started);
             let worker_ports = self.m.workers[&id].worker_ports();
-            let listeners = p.listeners(w.pid, &worker_ports);
+            let listeners = p.listeners(w.pid, self.m.workers[&id].cgroup.as_deref(), &worker_ports);
+            let nice = p.nice_of(w.pid).unwrap_or(self.base_nice);
             let worker = self.m.workers.get_mut(&id).expect("just added");
             worker.state = if state == GenState::Live { WorkerState::Live } else { WorkerState::Retired };
             worker.ready = true;
             worker.listeners = listeners;
+            worker.nice = nice;
             if finish_retirement {
-                if let Err(e) = p.renice_tree(w.pid, self.base_nice + config.retire_nice) {
+                worker.nice = retired_nice;
+                if let Err(e) = p.renice_tree(w.pid, retired_nice) {
                     warn!(app = %app, pid = w.pid, "cannot renice: {e}");
                 }
                 if let Some(sig) = config.retire_signal {
@@ -275,7 +345,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         for (band, ms) in &saved_app.backoff_ms {
             self.backoff.insert((app.clone(), *band), Backoff::resumed(min, max, Duration::from_millis(*ms)));
         }
-        // Bands whose worker died while no daemon watched: respawn.
+        // Bands whose worker died while no daemon watched, or whose process was refused: respawn.
         for band in 0..config.workers {
             if !self.m.workers_of(app, g).any(|(_, w)| w.band == band) {
                 self.schedule_respawn(app, g, band, Duration::ZERO);

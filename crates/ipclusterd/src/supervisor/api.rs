@@ -1,12 +1,20 @@
 //! The supervisor's interface to the rest of the daemon: the [`Command`]s it answers (each with
-//! its reply channel), the [`Error`]s it answers with, the rows it lists, the [`BusSignal`]s it
-//! emits, and the [`Handle`] the adapters hold.
+//! its reply channel), the [`Error`]s it answers with, the [`Snapshot`] it publishes for readers,
+//! the [`BusSignal`]s it emits, and the [`Handle`] the adapters hold.
+//!
+//! Reads never reach the supervisor: it publishes a [`Snapshot`] at the end of every turn of its
+//! loop, before the answers of that turn leave, and readers (ListWorkers, ListGenerations, the
+//! Apps property) read the latest one. A flood of reads costs the supervisor nothing, and a
+//! caller who reads right after an answer sees what the answer did.
+
+use std::{collections::BTreeSet, sync::Arc};
 
 use ipcluster_core::{
     config::Overrides,
     model::{GenState, WorkerState},
+    name::AppName,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Errors the supervisor answers with; the D-Bus adapter maps each to a bus error name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,42 +44,16 @@ pub type Reply<T> = oneshot::Sender<Result<T, Error>>;
 /// every one itself, at once or when the event that completes it arrives.
 #[derive(Debug)]
 pub enum Command {
-    /// The names of the apps with a valid file.
-    Apps(oneshot::Sender<Vec<String>>),
     /// A new generation of `app`; answered with its number once it is live.
-    Deploy {
-        app: String,
-        overrides: Overrides,
-        reply: Reply<u64>,
-    },
+    Deploy { app: String, overrides: Overrides, reply: Reply<u64> },
     /// Retire a generation; a live one is replaced first (answered once the replacement is live).
-    Retire {
-        app: String,
-        generation: u64,
-        reply: Reply<()>,
-    },
+    Retire { app: String, generation: u64, reply: Reply<()> },
     /// Stop the retired workers of `app` ("" = every app); answered with how many.
-    KillRetired {
-        app: String,
-        reply: Reply<u32>,
-    },
-    ListWorkers {
-        app: String,
-        reply: Reply<Vec<WorkerInfo>>,
-    },
-    ListGenerations {
-        app: String,
-        reply: Reply<Vec<GenerationInfo>>,
-    },
+    KillRetired { app: String, reply: Reply<u32> },
     /// Re-read the app files.
-    Reload {
-        reply: Reply<()>,
-    },
+    Reload { reply: Reply<()> },
     /// Stop every generation of `app` and remove its rules; answered once every scope is gone.
-    StopApp {
-        app: String,
-        reply: Reply<()>,
-    },
+    StopApp { app: String, reply: Reply<()> },
 }
 
 /// One row of ListWorkers.
@@ -134,10 +116,64 @@ pub enum BusSignal {
     },
 }
 
-/// A cheap, clonable handle for sending commands to the supervisor.
+/// What readers see: the state as of the supervisor's last turn.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub workers: Vec<WorkerInfo>,
+    pub generations: Vec<GenerationInfo>,
+    /// Every app the supervisor knows (with a file, valid or not, or with running generations).
+    pub known: BTreeSet<AppName>,
+    /// The apps with a valid file.
+    pub valid: Vec<String>,
+    /// Where app files live (for "no such app" messages).
+    pub config_dir: String,
+}
+
+impl Snapshot {
+    /// Resolves a caller's app filter: "" is every app; malformed → InvalidArgs, unknown →
+    /// NoSuchApp.
+    pub fn matching(&self, app: &str) -> Result<Option<AppName>, Error> {
+        if app.is_empty() {
+            return Ok(None);
+        }
+        let name = AppName::new(app).map_err(|e| Error::InvalidArgs(e.to_string()))?;
+        if !self.known.contains(&name) {
+            return Err(Error::NoSuchApp(format!(
+                "no app \"{name}\" (no file {}/{name}.toml)",
+                self.config_dir
+            )));
+        }
+        Ok(Some(name))
+    }
+
+    /// ListWorkers.
+    pub fn workers_of(&self, app: &str) -> Result<Vec<WorkerInfo>, Error> {
+        let filter = self.matching(app)?;
+        Ok(self
+            .workers
+            .iter()
+            .filter(|w| filter.as_ref().is_none_or(|a| a.as_str() == w.app))
+            .cloned()
+            .collect())
+    }
+
+    /// ListGenerations.
+    pub fn generations_of(&self, app: &str) -> Result<Vec<GenerationInfo>, Error> {
+        let filter = self.matching(app)?;
+        Ok(self
+            .generations
+            .iter()
+            .filter(|g| filter.as_ref().is_none_or(|a| a.as_str() == g.app))
+            .cloned()
+            .collect())
+    }
+}
+
+/// A cheap, clonable handle for sending commands to the supervisor and reading its snapshot.
 #[derive(Debug, Clone)]
 pub struct Handle {
     tx: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
 }
 
 impl Handle {
@@ -152,10 +188,35 @@ impl Handle {
     pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
         self.ask(make).await?
     }
+
+    /// The supervisor's latest snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
 }
 
-/// Creates the command channel: the handle for the adapters, the receiver for the supervisor.
-pub fn channel() -> (Handle, mpsc::Receiver<Command>) {
-    let (tx, rx) = mpsc::channel(256);
-    (Handle { tx }, rx)
+/// What the supervisor receives: commands, and where it publishes its snapshot.
+#[derive(Debug)]
+pub struct Mailbox {
+    pub(super) commands: mpsc::Receiver<Command>,
+    pub(super) snapshot: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Mailbox {
+    /// The next command (`None` once every handle is gone).
+    pub async fn recv(&mut self) -> Option<Command> {
+        self.commands.recv().await
+    }
+
+    /// Publishes what readers see.
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.snapshot.send_replace(Arc::new(snapshot));
+    }
+}
+
+/// Creates the channels: the handle for the adapters, the mailbox for the supervisor.
+pub fn channel() -> (Handle, Mailbox) {
+    let (tx, commands) = mpsc::channel(256);
+    let (snapshot, rx) = watch::channel(Arc::new(Snapshot::default()));
+    (Handle { tx, snapshot: rx }, Mailbox { commands, snapshot })
 }

@@ -57,7 +57,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                     gen_.waiting.push(waiter);
                 }
             }
-            Err(e) => waiter.answer(Err(e)),
+            Err(e) => self.answer(waiter, Err(e)),
         }
     }
 
@@ -79,16 +79,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         // restart and stops it. A number that could not be saved is never used.
         let g = self.saved.next_generation(&name);
         let now = self.now();
-        self.saved.apps.entry(name.clone()).or_default().generations.insert(
-            g,
-            SavedGeneration {
-                state: GenState::Starting,
-                started_usec: usec(now),
-                retired_usec: None,
-                workers: config.workers,
-                listen: config.listen.clone(),
-            },
-        );
+        self.saved
+            .apps
+            .entry(name.clone())
+            .or_default()
+            .generations
+            .insert(g, SavedGeneration::of(GenState::Starting, usec(now), &config));
         if let Err(e) = state::save(&self.deps.state_file, &self.saved) {
             self.forget_start(&name, g);
             return Err(Error::DeployFailed(format!("cannot save the generation counter: {e}")));
@@ -233,7 +229,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         })
     }
 
-    /// Lets a held launcher run and starts following it (and probing it, for `ready = "tcp"`).
+    /// Lets a held launcher (already in its scope) run, in a cgroup of its own, and starts
+    /// following it (and probing it, for `ready = "tcp"`).
     pub(super) fn release(
         &mut self,
         app: &AppName,
@@ -244,8 +241,15 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         config: &AppConfig,
     ) -> Result<WorkerId, String> {
         let pid = gated.pid();
+        let cgroup = match self.deps.processes.isolate(pid) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(app = %app, generation = g, band, pid, "cannot give the worker a cgroup of its own ({e}); stopping it will not reach what it forks");
+                None
+            }
+        };
         let handle = gated.release().map_err(|e| format!("band {band}: cannot start: {e}"))?;
-        let id = self.add_worker(app, g, band, pid, ports, handle, self.now());
+        let id = self.add_worker(app, g, band, pid, ports, handle, cgroup, self.now());
         if config.ready == Ready::Tcp {
             self.start_probe(id);
         }
@@ -330,10 +334,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         for p in previous {
             self.retire_generation(app, p);
         }
-        if let Some(gen_) = self.m.generation_mut(app, g) {
-            for w in gen_.waiting.drain(..) {
-                w.answer(Ok(g));
-            }
+        let waiting: Vec<Waiter> =
+            self.m.generation_mut(app, g).map(|x| x.waiting.drain(..).collect()).unwrap_or_default();
+        for w in waiting {
+            self.answer(w, Ok(g));
         }
     }
 
@@ -392,7 +396,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             self.forget_worker(id, "stopped (deploy failed)".into());
         }
         for w in waiting {
-            w.answer(Err(Error::DeployFailed(msg.clone())));
+            self.answer(w, Err(Error::DeployFailed(msg.clone())));
         }
         self.trim_history(app);
     }

@@ -177,8 +177,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 warn!(app = %app, pid = w.pid, "{app}: cluster RSS {} MiB over 95 % of {} MiB; SIGKILL to retired pid {}", total >> 20, budget >> 20, w.pid);
                 w.state = WorkerState::Stopping;
                 w.stop_reason = Some("memory");
-                let _ = self.deps.processes.signal(&w.handle, libc::SIGKILL);
             }
+            self.kill_worker(*id);
         }
         for id in &verdict.stop {
             if let Some(w) = self.m.workers.get(id) {

@@ -50,13 +50,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-pub use api::{BusSignal, Command, Error, GenerationInfo, Handle, Reply, WorkerInfo, channel};
+pub use api::{
+    BusSignal, Command, Error, GenerationInfo, Handle, Mailbox, Reply, Snapshot, WorkerInfo, channel,
+};
 use ipcluster_core::{
     model::GenState,
     name::AppName,
     policy::Backoff,
     ports::PortAllocator,
-    saved::{SavedGeneration, SavedState},
+    saved::{SavedGeneration, SavedState, SavedWorker},
 };
 use model::{Model, WorkerId};
 use timers::{TimerKey, Timers};
@@ -83,8 +85,8 @@ pub struct Deps<S, R, P> {
     pub clock: Arc<dyn Clock>,
     pub config_dir: PathBuf,
     pub state_file: PathBuf,
-    /// Datagrams of the workers' notify socket: (sender PID from the kernel, message).
-    pub notify: Option<mpsc::UnboundedReceiver<(u32, notify::Message)>>,
+    /// Datagrams of the workers' notify socket, from processes in our scopes.
+    pub notify: Option<mpsc::Receiver<notify::Notification>>,
     /// The notify socket's path, for workers' `NOTIFY_SOCKET` (`None`: not available).
     pub notify_socket: Option<PathBuf>,
     pub signals: mpsc::UnboundedSender<BusSignal>,
@@ -110,7 +112,7 @@ pub enum Event {
     /// A worker's TCP probe succeeded.
     Ready { id: WorkerId },
     /// A datagram on the notify socket.
-    Notify { pid: u32, message: notify::Message },
+    Notify(notify::Notification),
     /// A timer fired (see [`timers`]).
     Timer { key: TimerKey, token: u64 },
     /// A background scope call finished.
@@ -144,11 +146,26 @@ pub struct Supervisor<S, R, P: Processes> {
     backoff: BTreeMap<(AppName, u32), Backoff>,
     /// Origin of the rate limiters' clock.
     started: tokio::time::Instant,
+    /// Where the snapshot for readers is published.
+    snapshot: tokio::sync::watch::Sender<Arc<api::Snapshot>>,
+    /// Answers of this turn: they leave after the snapshot that shows their effect.
+    outbox: Outbox,
+}
+
+/// Answers waiting for the end of the supervisor's turn.
+#[derive(Default)]
+struct Outbox(Vec<Box<dyn FnOnce() + Send>>);
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Outbox({} answers)", self.0.len())
+    }
 }
 
 impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
-    /// A supervisor serving `commands` with `deps`.
-    pub fn new(commands: mpsc::Receiver<Command>, deps: Deps<S, R, P>) -> Self {
+    /// A supervisor serving `mailbox` with `deps`.
+    pub fn new(mailbox: api::Mailbox, deps: Deps<S, R, P>) -> Self {
+        let api::Mailbox { commands, snapshot } = mailbox;
         let (events_tx, events) = mpsc::unbounded_channel();
         let saved = state::load(&deps.state_file).unwrap_or_else(|e| {
             warn!("state file {}: {e}; rebuilding from reality", deps.state_file.display());
@@ -168,7 +185,30 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             base_nice,
             backoff: BTreeMap::new(),
             started: tokio::time::Instant::now(),
+            snapshot,
+            outbox: Outbox::default(),
         }
+    }
+
+    /// Sends an answer at the end of this turn.
+    fn reply<T: Send + 'static>(&mut self, tx: tokio::sync::oneshot::Sender<T>, value: T) {
+        self.outbox.0.push(Box::new(move || {
+            let _ = tx.send(value);
+        }));
+    }
+
+    /// Answers a waiter at the end of this turn.
+    fn answer(&mut self, waiter: model::Waiter, result: Result<u64, Error>) {
+        self.outbox.0.push(Box::new(move || waiter.answer(result)));
+    }
+
+    /// Ends a turn: the snapshot for readers, then the answers, then the status line.
+    fn end_turn(&mut self) {
+        self.snapshot.send_replace(Arc::new(self.build_snapshot()));
+        for send in self.outbox.0.drain(..) {
+            send();
+        }
+        self.update_status();
     }
 
     /// Loads the apps, adopts what a previous daemon left running, starts the autostart apps,
@@ -180,14 +220,15 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         if let Some(mut rx) = self.deps.notify.take() {
             let tx = self.events_tx.clone();
             tokio::spawn(async move {
-                while let Some((pid, message)) = rx.recv().await {
-                    if tx.send(Event::Notify { pid, message }).is_err() {
+                while let Some(n) = rx.recv().await {
+                    if tx.send(Event::Notify(n)).is_err() {
                         return;
                     }
                 }
             });
         }
         let pending = self.autostart().await;
+        self.end_turn();
         tokio::spawn(async move {
             for rx in pending {
                 let _ = rx.await;
@@ -220,27 +261,19 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 _ = tick.tick() => crate::notify_systemd(&[sd_notify::NotifyState::Watchdog]),
                 _ = reconcile.tick() => self.reconcile().await,
             }
-            self.update_status();
+            self.end_turn();
         }
     }
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Apps(reply) => {
-                let _ = reply.send(self.valid_apps());
-            }
             Command::Deploy { app, overrides, reply } => {
                 self.deploy(&app, &overrides, model::Waiter::Deploy(reply)).await;
             }
             Command::Retire { app, generation, reply } => self.retire(&app, generation, reply).await,
             Command::KillRetired { app, reply } => {
-                let _ = reply.send(self.kill_retired(&app));
-            }
-            Command::ListWorkers { app, reply } => {
-                let _ = reply.send(self.list_workers(&app));
-            }
-            Command::ListGenerations { app, reply } => {
-                let _ = reply.send(self.list_generations(&app));
+                let n = self.kill_retired(&app);
+                self.reply(reply, n);
             }
             Command::StopApp { app, reply } => self.stop_app(&app, reply).await,
             Command::Reload { reply } => {
@@ -248,7 +281,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 self.reconcile().await;
                 let _ = self.autostart().await;
                 info!("configuration reloaded");
-                let _ = reply.send(Ok(()));
+                self.reply(reply, Ok(()));
             }
         }
     }
@@ -256,7 +289,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
     async fn event(&mut self, ev: Event) {
         match ev {
             Event::Ready { id } => self.worker_ready(id).await,
-            Event::Notify { pid, message } => self.notified(pid, message).await,
+            Event::Notify(n) => self.notified(n).await,
             Event::Exited { id, exit } => self.worker_exited(id, exit).await,
             Event::Timer { key, token } => {
                 if self.timers.take(&key, token) {
@@ -324,6 +357,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         }
         self.persist();
         self.signal(BusSignal::GenerationStateChanged { app: app.to_string(), generation: g, state });
+        if state == GenState::Stopped {
+            // Its workers are gone; whatever they left behind goes with the scope.
+            self.scope_job(app, g, ScopeJob::Stop);
+        }
         if !state.is_running() {
             self.trim_history(app);
         }
@@ -345,16 +382,19 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 self.saved.apps.entry(name.clone()).or_default().stopped = true;
             }
             for (g, x) in app.generations.iter().filter(|(_, x)| x.state.is_running()) {
-                self.saved.apps.entry(name.clone()).or_default().generations.insert(
-                    *g,
-                    SavedGeneration {
-                        state: x.state,
-                        started_usec: usec(x.started),
-                        retired_usec: x.retired_at.map(usec),
-                        workers: x.config.workers,
-                        listen: x.config.listen.clone(),
-                    },
-                );
+                let mut record = SavedGeneration::of(x.state, usec(x.started), &x.config);
+                record.retired_usec = x.retired_at.map(usec);
+                record.processes = self
+                    .m
+                    .workers_of(name, *g)
+                    .map(|(_, w)| SavedWorker {
+                        pid: w.pid,
+                        start_usec: usec(w.started),
+                        band: w.band,
+                        ports: w.worker_ports(),
+                    })
+                    .collect();
+                self.saved.apps.entry(name.clone()).or_default().generations.insert(*g, record);
             }
         }
         if let Err(e) = state::save(&self.deps.state_file, &self.saved) {

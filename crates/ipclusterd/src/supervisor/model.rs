@@ -37,6 +37,11 @@ pub struct Worker<H> {
     pub started: SystemTime,
     /// How the supervisor holds it (a pidfd).
     pub handle: H,
+    /// Its own cgroup below its scope's (`…/worker-<pid>`): it and everything it forks. `None`
+    /// for a worker adopted from a daemon that did not isolate workers.
+    pub cgroup: Option<String>,
+    /// Its nice value, as the daemon set it.
+    pub nice: i32,
     pub ready: bool,
     /// The readiness probe, while it runs.
     pub probe: Option<AbortHandle>,

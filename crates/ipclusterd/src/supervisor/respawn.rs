@@ -87,6 +87,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             w.replaces = replaces;
         }
         self.timers.set(TimerKey::RespawnTimeout(id), config.ready_timeout);
+        // Who it is is the daemon's word after a restart.
+        self.persist();
         Ok(())
     }
 
@@ -94,7 +96,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
     pub(super) fn respawn_timeout(&mut self, id: WorkerId) {
         let Some(w) = self.m.workers.get(&id) else { return };
         warn!(app = %w.app, band = w.band, pid = w.pid, "{}: respawned worker of band {} not ready in time; killing it", w.app, w.band);
-        let _ = self.deps.processes.signal(&w.handle, libc::SIGKILL);
+        self.kill_worker(id);
     }
 
     /// A respawned worker is ready: its band switches to it; the worker it replaces (if any)
@@ -118,12 +120,17 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             return;
         };
         info!(app = %app, band, pid, "{app}: band {band} moved from pid {} to pid {pid}; pid {} retired ({})", old.pid, old.pid, old.stop_reason.unwrap_or("replaced"));
+        let (old_id, old_pid) = (replaces.unwrap_or_default(), old.pid);
         if let Some(config) = self.m.config(&app, g) {
-            if let Err(e) = self.deps.processes.renice_tree(old.pid, self.base_nice + config.retire_nice) {
-                warn!(app = %app, pid = old.pid, "cannot renice: {e}");
+            let nice = self.base_nice + config.retire_nice;
+            if let Err(e) = self.deps.processes.renice_tree(old_pid, nice) {
+                warn!(app = %app, pid = old_pid, "cannot renice: {e}");
             }
             if let Some(sig) = config.retire_signal {
                 let _ = self.deps.processes.signal(&old.handle, sig.number());
+            }
+            if let Some(w) = self.m.workers.get_mut(&old_id) {
+                w.nice = nice;
             }
         }
     }

@@ -24,7 +24,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         let name = match self.app_name(app) {
             Ok(n) => n,
             Err(e) => {
-                let _ = reply.send(Err(e));
+                self.reply(reply, Err(e));
                 return;
             }
         };
@@ -38,7 +38,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                     .send(Err(Error::Busy(format!("{name} generation {generation} is still deploying"))));
             }
             Some(GenState::Retired | GenState::Stopped | GenState::Failed) => {
-                let _ = reply.send(Ok(()));
+                self.reply(reply, Ok(()));
             }
             Some(GenState::Live) => {
                 self.deploy(name.as_str(), &Overrides::default(), Waiter::Retire(reply)).await;
@@ -56,6 +56,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             };
             w.state = WorkerState::Retired;
             let (pid, nice) = (w.pid, self.base_nice + config.retire_nice);
+            w.nice = nice;
             if let Err(e) = self.deps.processes.renice_tree(pid, nice) {
                 warn!(app = %app, generation = g, pid, "cannot renice: {e}");
             }
@@ -132,17 +133,27 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         let w = self.m.workers.get_mut(&id).expect("checked above");
         w.stop_reason = w.stop_reason.or(Some(reason));
         w.state = WorkerState::Stopping;
-        if let Err(e) = self.deps.processes.signal(&w.handle, config.stop_signal.number()) {
-            warn!(app = %w.app, pid = w.pid, "cannot send {}: {e}", config.stop_signal);
-        }
+        // Every process of the worker gets the stop signal (as systemd's KillMode=control-group).
+        self.deps.processes.signal_all(&w.handle, w.cgroup.as_deref(), config.stop_signal.number());
         self.timers.set(TimerKey::StopTimeout(id), config.stop_timeout);
+    }
+
+    /// SIGKILLs a worker and everything it forked.
+    pub(super) fn kill_worker(&self, id: WorkerId) {
+        let Some(w) = self.m.workers.get(&id) else { return };
+        match &w.cgroup {
+            Some(c) => self.deps.processes.kill_cgroup(c),
+            None => {
+                let _ = self.deps.processes.signal(&w.handle, libc::SIGKILL);
+            }
+        }
     }
 
     /// `stop_timeout` passed and the worker is still there.
     pub(super) fn stop_timeout(&mut self, id: WorkerId) {
         let Some(w) = self.m.workers.get(&id) else { return };
         warn!(app = %w.app, generation = w.generation, band = w.band, pid = w.pid, "{}: pid {} still running after stop_timeout; sending SIGKILL", w.app, w.pid);
-        let _ = self.deps.processes.signal(&w.handle, libc::SIGKILL);
+        self.kill_worker(id);
     }
 
     /// StopApp: the rules first (nothing new reaches the app), then every scope; the call is
@@ -152,12 +163,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         let name = match self.app_name(app) {
             Ok(n) => n,
             Err(e) => {
-                let _ = reply.send(Err(e));
+                self.reply(reply, Err(e));
                 return;
             }
         };
         if let Some(g) = self.m.apps[&name].deploying() {
-            let _ = reply.send(Err(Error::Busy(format!("{name} is deploying generation {g}"))));
+            self.reply(reply, Err(Error::Busy(format!("{name} is deploying generation {g}"))));
             return;
         }
         self.m.apps.get_mut(&name).expect("checked").stopped = true;
@@ -180,7 +191,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             .collect();
         info!(app = %name, "{name}: stopping the app ({} generations)", running.len());
         if running.is_empty() {
-            let _ = reply.send(Ok(()));
+            self.reply(reply, Ok(()));
             return;
         }
         let a = self.m.apps.get_mut(&name).expect("checked");
@@ -213,7 +224,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         let result =
             if done.errors.is_empty() { Ok(()) } else { Err(Error::StopFailed(done.errors.join("; "))) };
         for r in done.replies {
-            let _ = r.send(result.clone());
+            self.reply(r, result.clone());
         }
     }
 }

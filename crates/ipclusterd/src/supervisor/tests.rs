@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::{BusSignal, Command, Deps, Error, Handle, Supervisor, WorkerInfo, channel};
 use crate::{
     clock::PausedClock,
-    notify::Message,
+    notify::{Message, Notification},
     process::Exit,
     testing::{FakeProcesses, FakeRouter, FakeScopes},
 };
@@ -27,7 +27,7 @@ struct Harness {
     router: FakeRouter,
     procs: FakeProcesses,
     signals: mpsc::UnboundedReceiver<BusSignal>,
-    notify: mpsc::UnboundedSender<(u32, Message)>,
+    notify: mpsc::Sender<Notification>,
     dir: PathBuf,
 }
 
@@ -58,9 +58,9 @@ async fn start_with(
     let scopes = FakeScopes::of(&procs);
     let router = FakeRouter::default();
     world(&procs, &scopes, &router);
-    let (handle, commands) = channel();
+    let (handle, mailbox) = channel();
     let (signals_tx, signals) = mpsc::unbounded_channel();
-    let (notify, notify_rx) = mpsc::unbounded_channel();
+    let (notify, notify_rx) = mpsc::channel(64);
     let deps = Deps {
         scopes: scopes.clone(),
         router: router.clone(),
@@ -74,8 +74,13 @@ async fn start_with(
         sample_interval: Duration::from_millis(200),
         launcher: PathBuf::from("/proc/self/exe"),
     };
-    tokio::spawn(Supervisor::new(commands, deps).run());
-    Harness { handle, scopes, router, procs, signals, notify, dir }
+    tokio::spawn(Supervisor::new(mailbox, deps).run());
+    let h = Harness { handle, scopes, router, procs, signals, notify, dir };
+    h.until("the supervisor's first snapshot", Duration::from_secs(1), async |h| {
+        !h.handle.snapshot().config_dir.is_empty()
+    })
+    .await;
+    h
 }
 
 async fn start(name: &str, apps: &[(&str, String)]) -> Harness {
@@ -92,7 +97,7 @@ impl Harness {
     }
 
     async fn workers(&self, app: &str) -> Vec<WorkerInfo> {
-        self.handle.call(|reply| Command::ListWorkers { app: app.into(), reply }).await.unwrap()
+        self.handle.snapshot().workers_of(app).unwrap()
     }
 
     async fn worker(&self, app: &str, generation: u64, band: u32) -> WorkerInfo {
@@ -114,6 +119,12 @@ impl Harness {
             assert!(tokio::time::Instant::now() < deadline, "{what}: not within {limit:?}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A notification from `pid`, from its own cgroup, as the notify socket passes it on.
+    async fn notify(&self, pid: u32, message: Message) {
+        let cgroup = self.procs.cgroup(pid);
+        self.notify.send(Notification { pid, cgroup, message }).await.unwrap();
     }
 
     fn generation_states(&mut self) -> Vec<(u64, GenState)> {
@@ -250,6 +261,13 @@ async fn bad_requests_get_their_own_errors_and_change_nothing() {
     assert!(first.await.unwrap().is_err(), "the hanging deploy fails at ready_timeout");
 }
 
+/// Puts a process that was already running in generation `g`'s scope, in a cgroup of its own.
+fn in_scope(procs: &FakeProcesses, scopes: &FakeScopes, g: u64, pid: u32) {
+    let unit = format!("ipcluster-web-{g}.scope");
+    procs.set_cgroup(pid, &format!("/ipcluster.slice/ipcluster-web.slice/{unit}/worker-{pid}"));
+    scopes.units.lock().unwrap().entry(unit).or_default().push(pid);
+}
+
 fn worker_env(app: &str, g: u64, band: u32, bands: u32, port: u16) -> Vec<(&'static str, String)> {
     vec![
         ("IPCLUSTER_APP", app.into()),
@@ -261,13 +279,12 @@ fn worker_env(app: &str, g: u64, band: u32, bands: u32, port: u16) -> Vec<(&'sta
 }
 
 fn saved_gen(state: GenState) -> SavedGeneration {
-    SavedGeneration {
-        state,
-        started_usec: 1,
-        retired_usec: None,
-        workers: 2,
-        listen: vec!["0.0.0.0:80".parse().unwrap()],
-    }
+    let config = ipcluster_core::config::AppConfig::fallback(
+        AppName::new("web").unwrap(),
+        2,
+        vec!["0.0.0.0:80".parse().unwrap()],
+    );
+    SavedGeneration { started_usec: 1, ..SavedGeneration::of(state, 1, &config) }
 }
 
 #[tokio::test(start_paused = true)]
@@ -288,7 +305,7 @@ async fn adoption_takes_the_rules_as_the_live_generation_and_resumes_backoff_at_
         |procs, scopes, router| {
             let add = |g: u64, band: u32, port: u16| {
                 let pid = procs.existing(&["serve"], &worker_env("web", g, band, 2, port));
-                scopes.units.lock().unwrap().entry(format!("ipcluster-web-{g}.scope")).or_default().push(pid);
+                in_scope(procs, scopes, g, pid);
             };
             add(1, 0, 30000);
             add(1, 1, 30001);
@@ -309,7 +326,7 @@ async fn adoption_takes_the_rules_as_the_live_generation_and_resumes_backoff_at_
         },
     )
     .await;
-    let gens = h.handle.call(|reply| Command::ListGenerations { app: "web".into(), reply }).await.unwrap();
+    let gens = h.handle.snapshot().generations_of("web").unwrap();
     let states: Vec<(u64, GenState)> = gens.iter().map(|g| (g.generation, g.state)).collect();
     assert_eq!(states, [(1, GenState::Retired), (2, GenState::Live)], "generation 3 never went live");
     h.sleep(Duration::from_millis(1)).await;
@@ -412,7 +429,7 @@ async fn a_worker_that_stops_sending_watchdog_is_replaced_and_then_stopped() {
     let pids: Vec<u32> = h.procs.spawned().iter().map(|(p, _)| *p).collect();
     let ready = Message { ready: true, watchdog: false };
     for pid in &pids {
-        h.notify.send((*pid, ready.clone())).unwrap();
+        h.notify(*pid, ready.clone()).await;
     }
     assert_eq!(deploy.await.unwrap(), Ok(1));
     let (band0, band1) = (h.worker("web", 1, 0).await, h.worker("web", 1, 1).await);
@@ -420,11 +437,11 @@ async fn a_worker_that_stops_sending_watchdog_is_replaced_and_then_stopped() {
     let ping = Message { ready: false, watchdog: true };
     for _ in 0..8 {
         h.sleep(Duration::from_millis(250)).await;
-        h.notify.send((band1.pid, ping.clone())).unwrap();
+        h.notify(band1.pid, ping.clone()).await;
     }
     let spawned = h.procs.spawned();
     assert_eq!(spawned.len(), 3, "one replacement, for band 0 only");
-    h.notify.send((spawned[2].0, ready)).unwrap();
+    h.notify(spawned[2].0, ready).await;
     h.until("band 0's replacement to take over", Duration::from_secs(1), async |h| {
         h.worker("web", 1, 0).await.pid == spawned[2].0
     })
@@ -508,4 +525,95 @@ async fn stop_app_answers_once_every_scope_is_gone_and_stays_stopped_until_the_n
     assert!(saved.apps[&AppName::new("web").unwrap()].stopped);
     assert_eq!(h.deploy("web").await, Ok(3));
     assert_eq!(h.routed("web").len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn adoption_believes_the_saved_state_not_a_forged_environment_nor_a_workers_child() {
+    const ORIGIN_USEC: u64 = 1_800_000_000 * 1_000_000;
+    // The fake numbers processes from 1000: the honest worker, the forger, the honest one's child.
+    let (honest, forger) = (1000, 1001);
+    let web = AppName::new("web").unwrap();
+    let mut saved = SavedState::default();
+    saved.last_generation.insert(web.clone(), 1);
+    let mut live = saved_gen(GenState::Live);
+    live.processes = vec![
+        ipcluster_core::saved::SavedWorker {
+            pid: honest,
+            start_usec: ORIGIN_USEC,
+            band: 0,
+            ports: vec![30000],
+        },
+        ipcluster_core::saved::SavedWorker {
+            pid: forger,
+            start_usec: ORIGIN_USEC,
+            band: 1,
+            ports: vec![30001],
+        },
+    ];
+    saved.apps.entry(web).or_default().generations.insert(1, live);
+    let child = std::sync::Mutex::new(0);
+    let h = start_with("forged", &[("web", app("\"serve\"", ""))], Some(saved), |procs, scopes, router| {
+        let a = procs.existing(&["serve"], &worker_env("web", 1, 0, 2, 30000));
+        in_scope(procs, scopes, 1, a);
+        // The worker of band 1 re-exec'd itself claiming 2^32-1 bands and a route for port 22.
+        let b = procs.existing(&["serve"], &worker_env("web", 1, 1, 2, 30001));
+        let mut forged = worker_env("web", 1, 1, 2, 30001);
+        forged[3].1 = "4294967295".into();
+        forged[4].1 = "80:30001,22:30001".into();
+        procs.set_env(b, &forged);
+        in_scope(procs, scopes, 1, b);
+        let c = procs.fork(a);
+        scopes.units.lock().unwrap().get_mut("ipcluster-web-1.scope").unwrap().push(c);
+        *child.lock().unwrap() = c;
+        let route = ipcluster_core::routing::AppRoute {
+            app: AppName::new("web").unwrap(),
+            listen: vec!["0.0.0.0:80".parse().unwrap()],
+            bands: vec![vec![30000], vec![30001]],
+        };
+        futures_util::FutureExt::now_or_never(crate::netfilter::Router::apply(router, &[route]))
+            .unwrap()
+            .unwrap();
+    })
+    .await;
+    let child = *child.lock().unwrap();
+    assert_eq!((honest, forger, child), (1000, 1001, 1002));
+    let rows = h.workers("web").await;
+    let pids: Vec<u32> = rows.iter().map(|w| w.pid).collect();
+    assert_eq!(pids, [honest], "neither the forger nor the child is a worker");
+    // The refused band is respawned; no route ever names another public port.
+    h.until("band 1 to be respawned", Duration::from_secs(1), async |h| {
+        h.workers("web").await.iter().any(|w| w.band == 1 && w.state == WorkerState::Live)
+    })
+    .await;
+    for routes in h.router.applied.lock().unwrap().iter() {
+        assert!(routes.iter().all(|r| r.listen.iter().all(|l| l.port() == 80)), "{routes:?}");
+        assert!(routes.iter().all(|r| r.bands.len() == 2));
+    }
+    assert_ne!(h.routed("web")[1], 30001, "nothing routes to the forger");
+
+    // Stopping the honest worker stops what it forked (which ignores SIGTERM) with it, and a
+    // generation that reaches stopped has its scope stopped.
+    assert_eq!(h.deploy("web").await, Ok(2));
+    let n = h.handle.call(|reply| Command::KillRetired { app: "web".into(), reply }).await;
+    assert_eq!(n, Ok(2));
+    h.until("the honest worker and its child to be gone", Duration::from_secs(1), async |h| {
+        !h.procs.alive(honest) && !h.procs.alive(child)
+    })
+    .await;
+    h.until("generation 1's scope to be stopped", Duration::from_secs(1), async |h| {
+        h.scopes.stopped.lock().unwrap().contains(&"ipcluster-web-1.scope".to_owned())
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deploy_override_survives_a_restart_of_the_daemon() {
+    let h = start("override", &[("web", app("\"serve\"", ""))]).await;
+    let hang =
+        Overrides { command: Some(vec!["serve".into(), "--overridden".into()]), ..Overrides::default() };
+    assert_eq!(h.deploy_with("web", hang).await, Ok(1));
+    let saved = crate::state::load(&h.dir.join("state.json")).unwrap();
+    let g = &saved.apps[&AppName::new("web").unwrap()].generations[&1];
+    assert_eq!(g.command, ["serve", "--overridden"], "the effective command is saved");
+    assert_eq!(g.processes.len(), 2, "and who its workers are");
 }

@@ -16,7 +16,7 @@ use ipcluster_core::{
 use tracing::{info, warn};
 
 use super::{
-    BusSignal, Error, Event, GenerationInfo, Supervisor, WorkerInfo,
+    BusSignal, Event, GenerationInfo, Supervisor, WorkerInfo,
     model::{Worker, WorkerId},
     timers::TimerKey,
 };
@@ -33,6 +33,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         pid: u32,
         ports: Vec<(SocketAddrV4, u16)>,
         handle: P::Handle,
+        cgroup: Option<String>,
         started: SystemTime,
     ) -> WorkerId {
         let id = self.m.new_worker_id();
@@ -55,6 +56,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 state: WorkerState::Starting,
                 started,
                 handle,
+                cgroup,
+                nice: self.base_nice,
                 ready: false,
                 probe: None,
                 sample: Default::default(),
@@ -69,10 +72,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         id
     }
 
-    /// TCP readiness: the worker is ready once each of its ports accepts.
+    /// TCP readiness: the worker is ready once its own processes listen on each of its ports.
     pub(super) fn start_probe(&mut self, id: WorkerId) {
         let Some(w) = self.m.workers.get_mut(&id) else { return };
-        let probe = self.deps.processes.probe(w.worker_ports());
+        let probe = self.deps.processes.probe(w.pid, w.cgroup.clone(), w.worker_ports());
         let tx = self.events_tx.clone();
         let task = tokio::spawn(async move {
             probe.await;
@@ -81,22 +84,28 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         w.probe = Some(task.abort_handle());
     }
 
-    /// A notify datagram: `WATCHDOG=1` and `READY=1` of a worker (or of a process in its tree).
-    pub(super) async fn notified(&mut self, pid: u32, message: notify::Message) {
+    /// A notify datagram: `WATCHDOG=1` and `READY=1` of a worker, or of a process it forked
+    /// (found by the sender's cgroup: a worker's own, or one below it).
+    pub(super) async fn notified(&mut self, n: notify::Notification) {
+        let notify::Notification { pid, cgroup, message } = n;
         if !message.watchdog && !message.ready {
             return;
         }
-        let id = self.m.workers.iter().find(|(_, w)| w.pid == pid).map(|(id, _)| *id).or_else(|| {
-            // A helper process of the worker may speak for it: the worker whose tree holds it.
-            self.m
-                .workers
-                .iter()
-                .find(|(_, w)| self.deps.processes.tree(w.pid).contains(&pid))
-                .map(|(id, _)| *id)
-        });
+        let id = self
+            .m
+            .workers
+            .iter()
+            .find(|(_, w)| match &w.cgroup {
+                Some(c) => {
+                    cgroup == *c || cgroup.strip_prefix(c.as_str()).is_some_and(|r| r.starts_with('/'))
+                }
+                // A worker adopted from a daemon that did not isolate workers.
+                None => w.pid == pid,
+            })
+            .map(|(id, _)| *id);
         let Some(id) = id else {
             if message.ready {
-                warn!(pid, "READY=1 from a process that is not a worker; ignored");
+                warn!(pid, "READY=1 from a process that is not a worker ({cgroup}); ignored");
             }
             return;
         };
@@ -120,9 +129,14 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         w.probe = None;
         w.last_ping = tokio::time::Instant::now();
         let (pid, ports, app, g) = (w.pid, w.worker_ports(), w.app.clone(), w.generation);
-        let listeners = self.deps.processes.listeners(pid, &ports);
+        let listeners = self.deps.processes.listeners(pid, w.cgroup.as_deref(), &ports);
+        // A first sample now: the lists show a ready worker's memory at once.
+        let (rss, cpu_usec) = self.deps.processes.usage(pid);
         if let Some(w) = self.m.workers.get_mut(&id) {
             w.listeners = listeners;
+            if w.sample.rss == 0 {
+                w.sample = crate::sampler::Sample { rss, cpu_usec };
+            }
         }
         self.announce_ready(id);
         match self.m.gen_state(&app, g) {
@@ -162,6 +176,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         };
         info!(app = %w.app, generation = w.generation, band = w.band, pid = w.pid, "{}: generation {} band {} pid {} ({}): {reason}", w.app, w.generation, w.band, w.pid, w.state);
         let Some(w) = self.forget_worker(id, reason) else { return };
+        // Whatever it left behind (children it forked) goes with it.
+        if let Some(c) = &w.cgroup {
+            self.deps.processes.kill_cgroup(c);
+        }
         let gen_state = self.m.gen_state(&w.app, w.generation);
         let remaining = self.m.workers_of(&w.app, w.generation).next().is_some();
         match gen_state {
@@ -248,50 +266,47 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         out
     }
 
-    pub(super) fn list_workers(&self, app: &str) -> Result<Vec<WorkerInfo>, Error> {
-        let apps = self.apps_matching(app)?;
-        let p = &self.deps.processes;
-        Ok(self
+    /// What readers see now (see [`super::api::Snapshot`]): built from memory alone, no /proc.
+    pub(super) fn build_snapshot(&self) -> super::Snapshot {
+        let workers = self
             .m
             .workers
             .values()
-            .filter(|w| apps.contains(&w.app))
-            .map(|w| {
-                // The last sample; a worker younger than one round is read now.
-                let (rss, cpu_usec) =
-                    if w.sample.rss > 0 { (w.sample.rss, w.sample.cpu_usec) } else { p.usage(w.pid) };
-                WorkerInfo {
-                    app: w.app.to_string(),
-                    generation: w.generation,
-                    band: w.band,
-                    pid: w.pid,
-                    state: w.state,
-                    ports: w.ports.iter().map(|(public, port)| (public.port(), *port)).collect(),
-                    rss,
-                    cpu_usec,
-                    start_usec: usec(w.started),
-                    nice: p.nice_of(w.pid).unwrap_or(0),
-                    scope: scope_name(&w.app, w.generation),
-                }
+            .map(|w| WorkerInfo {
+                app: w.app.to_string(),
+                generation: w.generation,
+                band: w.band,
+                pid: w.pid,
+                state: w.state,
+                ports: w.ports.iter().map(|(public, port)| (public.port(), *port)).collect(),
+                rss: w.sample.rss,
+                cpu_usec: w.sample.cpu_usec,
+                start_usec: usec(w.started),
+                nice: w.nice,
+                scope: scope_name(&w.app, w.generation),
             })
-            .collect())
-    }
-
-    pub(super) fn list_generations(&self, app: &str) -> Result<Vec<GenerationInfo>, Error> {
-        let apps = self.apps_matching(app)?;
-        let mut out = Vec::new();
-        for name in apps {
-            for (n, g) in &self.m.apps[&name].generations {
-                out.push(GenerationInfo {
+            .collect();
+        let generations = self
+            .m
+            .apps
+            .iter()
+            .flat_map(|(name, a)| {
+                a.generations.iter().map(move |(n, g)| GenerationInfo {
                     app: name.to_string(),
                     generation: *n,
                     state: g.state,
-                    workers: self.m.workers_of(&name, *n).count() as u32,
+                    workers: self.m.workers_of(name, *n).count() as u32,
                     start_usec: usec(g.started),
                     scope: g.scope.clone(),
-                });
-            }
+                })
+            })
+            .collect();
+        super::Snapshot {
+            workers,
+            generations,
+            known: self.m.apps.keys().cloned().collect(),
+            valid: self.valid_apps(),
+            config_dir: self.deps.config_dir.display().to_string(),
         }
-        Ok(out)
     }
 }
