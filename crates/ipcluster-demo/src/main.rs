@@ -9,7 +9,10 @@
 //! misbehave on purpose, for tests: `--exit-at-start CODE`, `--never-ready`, `--ignore-sigterm`,
 //! `--delay-ready MS`, `--exit-after MS` (exit 1 that long after becoming ready; with
 //! `--armed-by PATH`, only once PATH exists, so a test decides when a crash loop begins),
-//! `--stop-watchdog-after MS`; `--log-requests` prints a line per request (to the journal).
+//! `--stop-watchdog-after MS`, `--fork-child` (starts a child process that outlives it and
+//! ignores SIGTERM), `--forge-identity` (re-execs itself claiming 2^32-1 bands and a route for
+//! port 22, as a hostile worker would); `--log-requests` prints a line per request (to the
+//! journal).
 //! `GET /alloc/N` makes the worker allocate (and touch) N more MiB, for memory tests.
 
 use std::{
@@ -30,6 +33,8 @@ struct Flags {
     log_requests: bool,
     exit_after_ms: Option<u64>,
     armed_by: Option<std::path::PathBuf>,
+    fork_child: bool,
+    forge_identity: bool,
     stop_watchdog_after_ms: Option<u64>,
 }
 
@@ -49,6 +54,8 @@ fn parse_flags() -> Result<Flags, String> {
                 f.exit_after_ms = Some(value("--exit-after")?.parse().map_err(|e| format!("{e}"))?)
             }
             "--armed-by" => f.armed_by = Some(value("--armed-by")?.into()),
+            "--fork-child" => f.fork_child = true,
+            "--forge-identity" => f.forge_identity = true,
             "--stop-watchdog-after" => {
                 f.stop_watchdog_after_ms =
                     Some(value("--stop-watchdog-after")?.parse().map_err(|e| format!("{e}"))?)
@@ -77,6 +84,26 @@ fn main() -> ExitCode {
         "ipcluster-demo pid={} app={app} generation={generation} band={band} starting",
         std::process::id()
     );
+    if flags.forge_identity && env::var_os("IPCLUSTER_FORGED").is_none() {
+        use std::os::unix::process::CommandExt;
+        let ports = env::var("IPCLUSTER_PORTS").unwrap_or_default();
+        let first = ports.split(',').next().and_then(|p| p.split_once(':')).map_or("1", |p| p.1).to_owned();
+        let err = std::process::Command::new("/proc/self/exe")
+            .args(env::args_os().skip(1))
+            .env("IPCLUSTER_FORGED", "1")
+            .env("IPCLUSTER_BANDS", "4294967295")
+            .env("IPCLUSTER_PORTS", format!("{ports},22:{first}"))
+            .exec();
+        eprintln!("ipcluster-demo: cannot re-exec: {err}");
+        return ExitCode::from(1);
+    }
+    if flags.fork_child {
+        // A helper that outlives the worker unless its whole cgroup is stopped.
+        match std::process::Command::new("/bin/sh").args(["-c", "trap '' TERM; exec sleep 100000"]).spawn() {
+            Ok(c) => println!("ipcluster-demo: forked child pid {}", c.id()),
+            Err(e) => eprintln!("ipcluster-demo: cannot fork a child: {e}"),
+        }
+    }
     if let Some(code) = flags.exit_at_start {
         eprintln!("ipcluster-demo: exiting with {code} as asked (--exit-at-start)");
         return ExitCode::from(code);
@@ -94,12 +121,13 @@ fn main() -> ExitCode {
     }
     thread::sleep(Duration::from_millis(flags.delay_ready_ms));
 
-    let ports: Vec<u16> = match env::var("IPCLUSTER_PORTS") {
+    let mut ports: Vec<u16> = match env::var("IPCLUSTER_PORTS") {
         Ok(pairs) if !pairs.is_empty() => {
             pairs.split(',').filter_map(|p| p.split_once(':')?.1.parse().ok()).collect()
         }
         _ => env::var("PORT").ok().and_then(|p| p.parse().ok()).into_iter().collect(),
     };
+    ports.dedup();
     if ports.is_empty() {
         eprintln!("ipcluster-demo: no port (set PORT or IPCLUSTER_PORTS)");
         return ExitCode::from(2);

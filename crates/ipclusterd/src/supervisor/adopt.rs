@@ -175,11 +175,15 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                     Ok(w) => fg.workers.push(w),
                     Err(Refused::NotAWorker) => {}
                     Err(Refused::Claim(why)) => {
-                        warn!(app = %app, generation = g, pid, "{app}: pid {pid} in {unit} is not adopted: it {why}");
+                        // It sits in a cgroup of ours but will not be managed: it goes.
+                        warn!(app = %app, generation = g, pid, "{app}: pid {pid} in {unit} is not adopted: it {why}; stopping it");
+                        self.deps.processes.kill_cgroup(&cgroup);
                     }
                 }
             }
-            if fg.workers.is_empty() {
+            // A saved generation is adopted even when none of its processes is (their bands are
+            // respawned); one the daemon never recorded, with nothing of ours in it, is left alone.
+            if fg.workers.is_empty() && record.is_none() {
                 warn!("{unit} has no worker of ours; left alone");
                 continue;
             }

@@ -345,9 +345,23 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
     pub(super) fn ready_timeout(&mut self, app: &AppName, g: u64) {
         let Some(gen_) = self.m.generation(app, g) else { return };
         let timeout = gen_.config.ready_timeout;
-        let band = self.m.workers_of(app, g).filter(|(_, w)| !w.ready).map(|(_, w)| w.band).min();
-        let reason = match band {
-            Some(b) => format!("band {b}: not ready after {timeout:?}"),
+        let late =
+            self.m.workers_of(app, g).filter(|(_, w)| !w.ready).min_by_key(|(_, w)| w.band).map(|(_, w)| w);
+        let reason = match late {
+            Some(w) => {
+                let own: Vec<u16> = self
+                    .deps
+                    .processes
+                    .listeners(w.pid, w.cgroup.as_deref(), &w.worker_ports())
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .collect();
+                format!(
+                    "band {}: not ready after {timeout:?}{}",
+                    w.band,
+                    self.ports_taken(&w.worker_ports(), &own)
+                )
+            }
             None => format!("not ready after {timeout:?}"),
         };
         self.fail(app, g, reason);

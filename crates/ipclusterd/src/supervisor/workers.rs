@@ -195,6 +195,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                     }
                     Exit::Unknown => format!("band {}: exited before it was ready", w.band),
                 };
+                let why = why + &self.ports_taken(&w.worker_ports(), &[]);
                 self.fail(&w.app, w.generation, why);
             }
             Some(GenState::Live) if matches!(w.state, WorkerState::Live | WorkerState::Starting) => {
@@ -215,6 +216,21 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 self.enter(&w.app, w.generation, GenState::Stopped);
             }
             _ => {}
+        }
+    }
+
+    /// Why a worker may not have become ready: its ports that something else holds (another
+    /// program that bound them first), or "".
+    pub(super) fn ports_taken(&self, ports: &[u16], own: &[u16]) -> String {
+        let taken: Vec<String> = ports
+            .iter()
+            .filter(|p| !own.contains(p) && !self.deps.processes.port_is_free(**p))
+            .map(u16::to_string)
+            .collect();
+        match taken.len() {
+            0 => String::new(),
+            1 => format!(" (its port {} is held by another program)", taken[0]),
+            _ => format!(" (its ports {} are held by another program)", taken.join(", ")),
         }
     }
 
