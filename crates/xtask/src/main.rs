@@ -12,6 +12,7 @@ mod demo;
 #[cfg(test)]
 mod docs_check;
 mod install;
+mod packages;
 mod test;
 
 use std::{path::PathBuf, process::ExitCode};

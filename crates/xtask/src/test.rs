@@ -16,10 +16,6 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-/// Debian packages the tests need, with a file that shows each is installed.
-const PACKAGES: [(&str, &str); 2] =
-    [("iptables", "/usr/sbin/iptables-restore"), ("iproute2", "/usr/sbin/ip")];
-
 pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
     let root = nix::unistd::Uid::effective().is_root();
     let e2e_skip = if unit_only {
@@ -28,7 +24,7 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
         ipcluster_sandbox::unavailable_reason()
     };
     if root {
-        install_packages()?;
+        crate::packages::ensure(&[crate::packages::SANDBOX, crate::packages::TESTS, crate::packages::DEB])?;
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     crate::sh(Command::new(&cargo).args(["fmt", "--all", "--check"]))?;
@@ -75,22 +71,6 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
         eprintln!("\n*** unit tests passed; END-TO-END TESTS WERE SKIPPED: {why} ***");
     }
     Ok(())
-}
-
-fn install_packages() -> Result<()> {
-    let missing: Vec<&str> =
-        PACKAGES.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("installing missing packages: {}", missing.join(" "));
-    crate::sh(Command::new("apt-get").args(["update", "-q"]))?;
-    crate::sh(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }
 
 /// What the tests must leave exactly as they found it on the host.

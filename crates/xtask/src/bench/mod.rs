@@ -68,7 +68,7 @@ pub fn run(quick: bool) -> Result<()> {
     }
     let plan = Plan::new(quick);
     let started = std::time::Instant::now();
-    install_packages()?;
+    crate::packages::ensure(&[crate::packages::SANDBOX, crate::packages::BENCH])?;
     let pm2 = ensure_pm2()?;
     crate::demo::build()?;
     eprintln!("== data path");
@@ -79,25 +79,6 @@ pub fn run(quick: bool) -> Result<()> {
     let fp = footprint::run(&plan)?;
     report::write(&plan, &dp, &dl, &fp, started.elapsed())?;
     Ok(())
-}
-
-fn install_packages() -> Result<()> {
-    let missing: Vec<&str> =
-        [("haproxy", "/usr/sbin/haproxy"), ("nodejs", "/usr/bin/node"), ("npm", "/usr/bin/npm")]
-            .iter()
-            .filter(|(_, f)| !std::path::Path::new(f).exists())
-            .map(|(p, _)| *p)
-            .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    crate::sh(Command::new("apt-get").args(["update", "-q"]))?;
-    crate::sh(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }
 
 /// PM2 from the npm registry, installed under target/bench (the sandboxes see it there).
