@@ -2,7 +2,8 @@
 //!
 //! 1. installs the system packages the tests need when missing (as root, with apt-get);
 //! 2. `cargo fmt --check` and `cargo clippy -D warnings`;
-//! 3. builds the release binaries that sandboxes install;
+//! 3. builds the release binaries that sandboxes install, and checks that a sandbox boots and
+//!    installs them from a checkout under /tmp whose path has a space ([`checkout_under_tmp`]);
 //! 4. runs every test with cargo-nextest: unit, adapter and end-to-end. End-to-end tests need
 //!    root; without it they are skipped, and the output says so and why;
 //! 5. checks that the host's netfilter rules, /etc and a marker in /tmp are as they were.
@@ -39,6 +40,7 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
     ]))?;
     if e2e_skip.is_none() {
         crate::demo::build()?;
+        checkout_under_tmp()?;
     }
 
     let before = HostState::capture()?;
@@ -70,6 +72,46 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
     if let Some(why) = &e2e_skip {
         eprintln!("\n*** unit tests passed; END-TO-END TESTS WERE SKIPPED: {why} ***");
     }
+    Ok(())
+}
+
+/// A sandbox works from a checkout anywhere: boots one whose work directory and build are under
+/// `/tmp/ipcluster self-check <pid>/` (covered by the sandbox's own /tmp, and with a space),
+/// installs that build in it and starts the daemon. The directory is removed afterwards.
+fn checkout_under_tmp() -> Result<()> {
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Remove(PathBuf::from(format!("/tmp/ipcluster self-check {}", std::process::id())));
+    let bin = dir.0.join("bin");
+    fs::create_dir_all(&bin)?;
+    let release = crate::root().join("target/release");
+    let xtask = std::env::current_exe()?;
+    let files = crate::install::BINARIES.iter().map(|b| (release.join(b), bin.join(b)));
+    for (from, to) in files.chain([(xtask, bin.join("xtask"))]) {
+        // A hard link where /tmp is on the same file system; a copy where it is not.
+        if fs::hard_link(&from, &to).is_err() {
+            fs::copy(&from, &to).with_context(|| format!("cannot copy {}", from.display()))?;
+        }
+    }
+    let build = ipcluster_sandbox::Build { xtask: bin.join("xtask"), bin_dir: bin.clone() };
+    let sandbox = ipcluster_sandbox::Sandbox::boot_with(ipcluster_sandbox::Options {
+        base_dir: Some(dir.0.join("sandboxes")),
+        build: Some(build),
+        share: Vec::new(),
+    })
+    .context("booting a sandbox from a checkout under /tmp")?;
+    sandbox.install().context("installing from a checkout under /tmp")?;
+    sandbox.check(["systemctl", "start", "ipclusterd"])?;
+    let version = sandbox.check(["ipclusterctl", "version"])?;
+    if version.trim() != env!("CARGO_PKG_VERSION") {
+        bail!("ipclusterctl version in the sandbox from /tmp said {version:?}");
+    }
+    sandbox.teardown()?;
+    eprintln!("self-check: a sandbox boots and installs from {:?}: ok", dir.0);
     Ok(())
 }
 

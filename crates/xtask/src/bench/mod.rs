@@ -97,6 +97,10 @@ fn ensure_pm2() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Where the sandboxes get the Node.js worker: in the sandbox's overlaid /var (its /srv is the
+/// host's own directory).
+pub const WORKER_JS: &str = "/var/lib/ipcluster-bench/worker.js";
+
 /// The Node.js worker used for the PM2 comparison (same answer as ipcluster-demo).
 pub const NODE_WORKER: &str = r#"const http = require('http');
 const port = +(process.env.PORT || 3000);
@@ -109,9 +113,11 @@ http.createServer((req, res) => {
 
 /// A sandbox with the build installed and, optionally, ipclusterd running `app` (a TOML body).
 pub fn sandbox(app: Option<&str>) -> Result<Sandbox> {
-    let sb = Sandbox::boot()?;
+    // PM2 (under target/bench) is run from the host's build, like ipclusterd itself.
+    let share = vec![crate::root().join("target/bench")];
+    let sb = Sandbox::boot_with(ipcluster_sandbox::Options { share, ..Default::default() })?;
     sb.install()?;
-    sb.write_file("/srv/bench/worker.js", NODE_WORKER, 0o644)?;
+    sb.write_file(WORKER_JS, NODE_WORKER, 0o644)?;
     if let Some(app) = app {
         sb.write_file("/etc/ipcluster/apps/bench.toml", app, 0o644)?;
         sb.check(["systemctl", "start", "ipclusterd"])?;
