@@ -112,7 +112,10 @@ impl Progress {
 
     fn band(&mut self, band: u32, pid: u32) -> Option<Line> {
         let generation = self.generation?;
-        self.shown.insert(band).then(|| Line::BandReady { generation, band, pid, ready: self.shown.len() })
+        if !self.shown.insert(band) {
+            return None;
+        }
+        Some(Line::BandReady { generation, band, pid, ready: self.shown.len() })
     }
 }
 
@@ -223,7 +226,7 @@ mod tests {
             }
             for i in 0..k {
                 heap(k - 1, a, out);
-                let j = if k % 2 == 0 { i } else { 0 };
+                let j = if k.is_multiple_of(2) { i } else { 0 };
                 a.swap(j, k - 1);
             }
         }
@@ -288,13 +291,13 @@ mod tests {
     #[test]
     fn other_generations_repeated_bands_and_other_states_are_not_shown() {
         let events = [
-            Event::Ready(2, 0, 50),      // a respawn in the live generation, before ours is known
-            Event::State(2, "retired"),  // not a start
+            Event::Ready(2, 0, 50),     // a respawn in the live generation, before ours is known
+            Event::State(2, "retired"), // not a start
             Event::Ready(3, 1, 61),
             Event::State(3, "starting"), // ours: band 1 was ready already
             Event::Ready(2, 1, 51),      // the old generation again
             Event::Ready(3, 0, 60),
-            Event::Ready(3, 0, 70),      // band 0 again (replaced): shown once
+            Event::Ready(3, 0, 70), // band 0 again (replaced): shown once
             Event::State(3, "live"),
             Event::Reply(3),
             Event::Ready(3, 0, 80), // after the reply
