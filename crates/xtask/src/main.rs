@@ -4,10 +4,12 @@
 //!   policy and `/etc/ipcluster/apps/`; reload systemd and the bus when installing into a running
 //!   system. Sandboxes install themselves with this same command (`--no-build`).
 //! - `demo`: a throwaway systemd host running ipclusterd.
+//! - `deb`: the Debian package, `target/debian/ipclusterd_<version>_<arch>.deb`, checked by lintian.
 //! - `test`: everything CI checks: packages, formatting, lints, unit and end-to-end tests.
 
 mod bench;
 mod dbus_xml;
+mod deb;
 mod demo;
 #[cfg(test)]
 mod docs_check;
@@ -32,6 +34,8 @@ enum Cmd {
     Install(install::InstallArgs),
     /// Boot a sandboxed systemd host, install ipclusterd, show it working, tear down.
     Demo,
+    /// Build the Debian package target/debian/ipclusterd_<version>_<arch>.deb and run lintian.
+    Deb(deb::DebArgs),
     /// Benchmarks against the alternatives (needs root); writes docs/bench/REPORT.md.
     Bench {
         /// A reduced run (< 3 min) for iteration; writes docs/bench/quick/.
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Cmd::Install(a) => install::run(&a),
         Cmd::Demo => demo::run(),
+        Cmd::Deb(a) => deb::run(&a),
         Cmd::DbusXml => dbus_xml::run(),
         Cmd::Bench { quick } => bench::run(quick),
         Cmd::Test { unit_only, nextest_args } => test::run(unit_only, &nextest_args),
