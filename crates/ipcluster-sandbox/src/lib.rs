@@ -162,7 +162,8 @@ impl Sandbox {
             None => Build::locate().ok(),
         };
         let mut shared = Vec::new();
-        let build_dirs = build.iter().flat_map(|b| [b.xtask.parent().map(Path::to_path_buf), Some(b.bin_dir.clone())]);
+        let build_dirs =
+            build.iter().flat_map(|b| [b.xtask.parent().map(Path::to_path_buf), Some(b.bin_dir.clone())]);
         for dir in build_dirs.flatten().chain(options.share) {
             let dir = dir.canonicalize().with_context(|| format!("cannot share {}", dir.display()))?;
             if !shared.iter().any(|s: &PathBuf| dir.starts_with(s)) {

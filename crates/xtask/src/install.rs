@@ -146,7 +146,8 @@ pub fn build_release() -> Result<()> {
 /// `/etc/ipcluster/apps/` with the example app (not enabled: its name does not end in `.toml`).
 pub fn stage(root: &Path, layout: &Layout, bin_dir: &Path) -> Result<()> {
     for b in BINARIES {
-        let dest = if b == "ipclusterd" { root.join(layout.daemon) } else { root.join(layout.bin_dir).join(b) };
+        let dest =
+            if b == "ipclusterd" { root.join(layout.daemon) } else { root.join(layout.bin_dir).join(b) };
         install_file(&bin_dir.join(b), &dest, 0o755)?;
     }
     let units = root.join(layout.units);

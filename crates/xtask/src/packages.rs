@@ -26,8 +26,11 @@ pub const SANDBOX: &[Need] = &[
 pub const TESTS: &[Need] = &[("polkitd", "/usr/lib/polkit-1/polkitd"), ("procps", "/bin/kill")];
 
 /// What `cargo xtask deb` runs: dpkg-shlibdeps, strip, lintian.
-pub const DEB: &[Need] =
-    &[("dpkg-dev", "/usr/bin/dpkg-shlibdeps"), ("binutils", "/usr/bin/strip"), ("lintian", "/usr/bin/lintian")];
+pub const DEB: &[Need] = &[
+    ("dpkg-dev", "/usr/bin/dpkg-shlibdeps"),
+    ("binutils", "/usr/bin/strip"),
+    ("lintian", "/usr/bin/lintian"),
+];
 
 /// What the benchmarks compare ipclusterd with.
 pub const BENCH: &[Need] =
