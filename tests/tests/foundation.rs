@@ -12,6 +12,9 @@ use ipcluster_e2e::{Sandbox, installed_sandbox, text, wait_for};
 #[test]
 fn daemon_starts_under_systemd_owns_its_name_and_stops_cleanly() {
     let sb = installed_sandbox();
+    // The units as installed from source are clean (the package's: tests/tests/package.rs).
+    let verify = sb.run(["systemd-analyze", "verify", "ipclusterd.service", "ipcluster.slice"]).unwrap();
+    assert!(verify.status.success() && text(&verify).trim().is_empty(), "{}", text(&verify));
     sb.check(["systemctl", "start", "ipclusterd"]).unwrap();
     assert_eq!(sb.check(["systemctl", "is-active", "ipclusterd"]).unwrap().trim(), "active");
 
