@@ -80,10 +80,16 @@ fn root() -> PathBuf {
 }
 
 /// Runs a command from the workspace root, echoing it; fails unless it succeeds.
+///
+/// Inside a sandbox (`xtask install` there) the workspace may not exist: a checkout under /tmp
+/// is covered by the sandbox's own /tmp. Commands then run from the current directory.
 fn sh(cmd: &mut std::process::Command) -> anyhow::Result<()> {
     eprintln!("+ {}", show(cmd));
-    let status =
-        cmd.current_dir(root()).status().map_err(|e| anyhow::anyhow!("cannot run {}: {e}", show(cmd)))?;
+    let root = root();
+    if root.is_dir() {
+        cmd.current_dir(root);
+    }
+    let status = cmd.status().map_err(|e| anyhow::anyhow!("cannot run {}: {e}", show(cmd)))?;
     if !status.success() {
         anyhow::bail!("{} failed ({status})", show(cmd));
     }

@@ -10,6 +10,7 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsStr,
     fs,
     path::{Path, PathBuf},
     process::Command,
@@ -77,7 +78,8 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
 
 /// A sandbox works from a checkout anywhere: boots one whose work directory and build are under
 /// `/tmp/ipcluster self-check <pid>/` (covered by the sandbox's own /tmp, and with a space),
-/// installs that build in it and starts the daemon. The directory is removed afterwards.
+/// hides this workspace inside it as a checkout under /tmp would be, installs that build and
+/// starts the daemon. The directory is removed afterwards.
 fn checkout_under_tmp() -> Result<()> {
     struct Remove(PathBuf);
     impl Drop for Remove {
@@ -104,6 +106,18 @@ fn checkout_under_tmp() -> Result<()> {
         share: Vec::new(),
     })
     .context("booting a sandbox from a checkout under /tmp")?;
+    // xtask knows the workspace by its path at build time; a checkout under /tmp is not there
+    // inside. A tmpfs over it, in the sandbox's (private) mount namespace, makes it so here.
+    let workspace = crate::root();
+    if sandbox.host_path(&workspace).is_dir() {
+        sandbox.check([
+            OsStr::new("mount"),
+            OsStr::new("-t"),
+            OsStr::new("tmpfs"),
+            OsStr::new("tmpfs"),
+            workspace.as_os_str(),
+        ])?;
+    }
     sandbox.install().context("installing from a checkout under /tmp")?;
     sandbox.check(["systemctl", "start", "ipclusterd"])?;
     let version = sandbox.check(["ipclusterctl", "version"])?;
