@@ -171,8 +171,15 @@ pub fn build(bin_dir: &Path, version: &str, out: &Path) -> Result<PathBuf> {
 
 /// Runs lintian on `deb`, printing what it says; fails on an error (`E:`).
 pub fn lintian(deb: &Path) -> Result<()> {
-    let out =
-        Command::new("lintian").arg("--display-info").arg(deb).output().context("cannot run lintian")?;
+    // lintian leaves temporary files (mldbm-elf-*) behind in $TMPDIR: give it one of its own.
+    let tmp = RemoveOnDrop(deb.with_extension(format!("lintian-tmp-{}", std::process::id())));
+    fs::create_dir_all(&tmp.0)?;
+    let out = Command::new("lintian")
+        .arg("--display-info")
+        .arg(deb)
+        .env("TMPDIR", &tmp.0)
+        .output()
+        .context("cannot run lintian")?;
     let text = String::from_utf8_lossy(&out.stdout);
     eprint!("lintian:\n{text}{}", String::from_utf8_lossy(&out.stderr));
     let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("E:")).collect();
