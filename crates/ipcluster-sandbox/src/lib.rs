@@ -1,7 +1,7 @@
 //! A throwaway systemd host for end-to-end tests, the demo and benchmarks.
 //!
 //! [`Sandbox::boot`] starts a real systemd as PID 1 of fresh mount, PID, UTS, network and cgroup
-//! namespaces (shared/DESIGN.md §6):
+//! namespaces:
 //!
 //! 1. a cgroup of its own under the host's cgroup2 hierarchy, which becomes the sandbox's root;
 //! 2. `unshare --fork` into new namespaces, running `stage2.sh` as PID 1: private mounts, overlays on
@@ -161,16 +161,17 @@ impl Sandbox {
             Some(b) => Some(b),
             None => Build::locate().ok(),
         };
-        let mut shared = Vec::new();
         let build_dirs =
             build.iter().flat_map(|b| [b.xtask.parent().map(Path::to_path_buf), Some(b.bin_dir.clone())]);
+        let mut canonical = Vec::new();
         for dir in build_dirs.flatten().chain(options.share) {
             let dir = dir.canonicalize().with_context(|| format!("cannot share {}", dir.display()))?;
-            if !shared.iter().any(|s: &PathBuf| dir.starts_with(s)) {
-                shared.retain(|s: &PathBuf| !s.starts_with(&dir));
-                shared.push(dir);
+            if dir.starts_with("/run") {
+                bail!("cannot share {}: the sandbox's own /run covers it", dir.display());
             }
+            canonical.push(dir);
         }
+        let shared = outermost(canonical);
         let name = format!("{PREFIX}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let work = options.base_dir.unwrap_or_else(base_dir).join(&name);
         fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
@@ -490,6 +491,20 @@ impl Drop for Sandbox {
     }
 }
 
+/// The directories of `dirs` that are not inside another one of them (each bound once).
+fn outermost(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
+    dirs.sort();
+    dirs.dedup();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        // Sorted: a directory comes right after the ones it is inside.
+        if !out.last().is_some_and(|outer| dir.starts_with(outer)) {
+            out.push(dir);
+        }
+    }
+    out
+}
+
 /// `HOST_VIEW` + `host` (an absolute path).
 fn host_view(host: &Path) -> PathBuf {
     Path::new(HOST_VIEW).join(host.strip_prefix("/").unwrap_or(host))
@@ -578,4 +593,21 @@ pub fn bin_dir() -> Result<PathBuf> {
         bail!("{}/ipclusterd not found: run `cargo build --release` first", dir.display());
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_directories_are_bound_once_each_outermost_first() {
+        let dirs =
+            ["/w/target/release", "/w/target", "/w/target/debug", "/x y/bin", "/w/target", "/w/targets"];
+        let out = outermost(dirs.iter().map(PathBuf::from).collect());
+        assert_eq!(out, ["/w/target", "/w/targets", "/x y/bin"].map(PathBuf::from));
+        assert_eq!(
+            host_view(Path::new("/x y/bin/xtask")),
+            Path::new("/run/ipcluster-sandbox/host/x y/bin/xtask")
+        );
+    }
 }
