@@ -27,7 +27,7 @@ stop_timeout = "2s"
 const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
 
 pub fn run() -> Result<()> {
-    crate::packages::ensure(&[crate::packages::SANDBOX])?;
+    crate::packages::ensure(&[crate::packages::RUNTIME, crate::packages::SANDBOX])?;
     if let Some(why) = ipcluster_sandbox::unavailable_reason() {
         bail!("the demo boots a sandboxed systemd host: {why}");
     }

@@ -111,6 +111,10 @@ pub fn run(args: &InstallArgs) -> Result<()> {
         build_release()?;
     }
     let root = &args.root;
+    if root == Path::new("/") {
+        // What the daemon runs, as the package's dependencies would bring it.
+        crate::packages::ensure(&[crate::packages::RUNTIME])?;
+    }
     stage(root, &Layout::LOCAL, &bin_dir)?;
     eprintln!("installed into {}", root.display());
 

@@ -1,6 +1,6 @@
 //! The Debian packages each project command needs on the host, and the one function that installs
-//! the missing ones ([`ensure`]), so `cargo xtask demo`, `bench`, `deb` and `test` each work first,
-//! on their own, on a fresh Debian 12 machine.
+//! the missing ones ([`ensure`]), so `cargo xtask demo`, `bench`, `deb`, `test` and `install`
+//! (into `/`) each work first, on their own, on a fresh Debian 12 machine.
 //!
 //! A sandbox's /etc, /usr and /var are overlays of the host's, so whatever a sandbox runs (iptables,
 //! the system bus, polkit) must be installed on the host: the sandbox has no network.
@@ -12,18 +12,20 @@ use anyhow::{Result, bail};
 /// A Debian package and a file that shows it is installed.
 pub type Need = (&'static str, &'static str);
 
-/// What a sandbox boots and what the daemon and the tests run inside it.
-pub const SANDBOX: &[Need] = &[
+/// What the daemon needs on a host (the package's dependencies): systemd, the system bus,
+/// iptables, and polkit, which authorizes callers other than root.
+pub const RUNTIME: &[Need] = &[
     ("systemd", "/lib/systemd/systemd"),
     ("dbus", "/usr/bin/dbus-daemon"),
     ("iptables", "/usr/sbin/iptables-restore"),
-    ("iproute2", "/usr/sbin/ip"),
-    ("util-linux", "/usr/bin/nsenter"),
+    ("polkitd", "/usr/lib/polkit-1/polkitd"),
 ];
 
-/// What the end-to-end tests use inside sandboxes beyond [`SANDBOX`]: polkit (access control and
-/// the package's dependency), `kill`.
-pub const TESTS: &[Need] = &[("polkitd", "/usr/lib/polkit-1/polkitd"), ("procps", "/bin/kill")];
+/// What a sandbox needs besides [`RUNTIME`] (the daemon runs inside): unshare, nsenter, ip.
+pub const SANDBOX: &[Need] = &[("iproute2", "/usr/sbin/ip"), ("util-linux", "/usr/bin/nsenter")];
+
+/// What the end-to-end tests run inside sandboxes besides: `kill`.
+pub const TESTS: &[Need] = &[("procps", "/bin/kill")];
 
 /// What `cargo xtask deb` runs: dpkg-shlibdeps, strip, lintian.
 pub const DEB: &[Need] = &[

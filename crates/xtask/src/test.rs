@@ -26,7 +26,12 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
         ipcluster_sandbox::unavailable_reason()
     };
     if root {
-        crate::packages::ensure(&[crate::packages::SANDBOX, crate::packages::TESTS, crate::packages::DEB])?;
+        crate::packages::ensure(&[
+            crate::packages::RUNTIME,
+            crate::packages::SANDBOX,
+            crate::packages::TESTS,
+            crate::packages::DEB,
+        ])?;
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     crate::sh(Command::new(&cargo).args(["fmt", "--all", "--check"]))?;

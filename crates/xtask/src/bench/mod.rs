@@ -68,7 +68,7 @@ pub fn run(quick: bool) -> Result<()> {
     }
     let plan = Plan::new(quick);
     let started = std::time::Instant::now();
-    crate::packages::ensure(&[crate::packages::SANDBOX, crate::packages::BENCH])?;
+    crate::packages::ensure(&[crate::packages::RUNTIME, crate::packages::SANDBOX, crate::packages::BENCH])?;
     let pm2 = ensure_pm2()?;
     crate::demo::build()?;
     eprintln!("== data path");
