@@ -31,11 +31,18 @@ fn every_command_works_against_the_daemon() {
     let out = ctl(&["deploy", "web"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "web: generation 1 is live");
+    // Progress is complete and in order: starting, then each band once, counting up.
     let progress = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        progress.contains("generation 1 starting") && progress.matches("ready (pid").count() == 4,
-        "{progress}"
-    );
+    let lines: Vec<&str> = progress.lines().collect();
+    assert_eq!(lines.first(), Some(&"web: generation 1 starting"), "{progress}");
+    let mut bands: Vec<&str> = Vec::new();
+    for (i, line) in lines[1..].iter().enumerate() {
+        let band = line.strip_prefix("web: generation 1: band ").and_then(|r| r.split(' ').next());
+        assert!(line.ends_with(&format!(", {} ready", i + 1)), "{progress}");
+        bands.push(band.unwrap_or_else(|| panic!("not a band line: {progress}")));
+    }
+    bands.sort_unstable();
+    assert_eq!(bands, ["0", "1", "2", "3"], "{progress}");
 
     // --json output matches ListWorkers.
     let out = ctl(&["--json", "workers", "web"]);

@@ -12,6 +12,9 @@ use ipcluster_e2e::{Sandbox, installed_sandbox, text, wait_for};
 #[test]
 fn daemon_starts_under_systemd_owns_its_name_and_stops_cleanly() {
     let sb = installed_sandbox();
+    // The units as installed from source are clean (the package's: tests/tests/package.rs).
+    let verify = sb.run(["systemd-analyze", "verify", "ipclusterd.service", "ipcluster.slice"]).unwrap();
+    assert!(verify.status.success() && text(&verify).trim().is_empty(), "{}", text(&verify));
     sb.check(["systemctl", "start", "ipclusterd"]).unwrap();
     assert_eq!(sb.check(["systemctl", "is-active", "ipclusterd"]).unwrap().trim(), "active");
 
@@ -21,6 +24,17 @@ fn daemon_starts_under_systemd_owns_its_name_and_stops_cleanly() {
 
     let introspect = sb.check(["busctl", "introspect", "org.ipcluster1", "/org/ipcluster1"]).unwrap();
     assert!(introspect.contains("org.ipcluster1.Manager"), "{introspect}");
+    // busctl reads every object's introspection without a warning (it used to print
+    // "Unexpected signal <arg> direction value 'in'." 34 times for `busctl tree`).
+    let tree = sb.run(["busctl", "tree", "org.ipcluster1"]).unwrap();
+    assert!(tree.status.success() && tree.stderr.is_empty(), "busctl tree: {}", text(&tree));
+    let paths = sb.check(["busctl", "tree", "--list", "org.ipcluster1"]).unwrap();
+    assert_eq!(paths.lines().collect::<Vec<_>>(), ["/", "/org", "/org/ipcluster1"]);
+    for path in paths.lines() {
+        let out = sb.run(["busctl", "introspect", "org.ipcluster1", path]).unwrap();
+        assert!(out.status.success() && out.stderr.is_empty(), "busctl introspect {path}: {}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("org.freedesktop.DBus.Properties"));
+    }
     let version = ipcluster_e2e::manager_property(&sb, "Version");
     assert_eq!(version, format!("s \"{}\"", env!("CARGO_PKG_VERSION")));
     assert_eq!(sb.check(["ipclusterctl", "version"]).unwrap().trim(), env!("CARGO_PKG_VERSION"));

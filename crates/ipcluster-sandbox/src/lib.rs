@@ -9,6 +9,11 @@
 //!    /proc and cgroup2 remounted, loopback up; then `exec systemd`;
 //! 3. wait until `systemctl is-system-running` says `running`.
 //!
+//! The sandbox works from a checkout anywhere (home, /srv, /tmp, a path with spaces): stage2 names
+//! the work directory only relatively once its path may be covered, and the build to install
+//! ([`Build`]) is bound read-only into the sandbox at [`HOST_VIEW`]`/<host path>` before /tmp is
+//! covered ([`Sandbox::inside`] maps a host path to it).
+//!
 //! Commands run inside with `nsenter --all`. Dropping the [`Sandbox`] (also while a test panics)
 //! kills its PID 1, which takes the whole PID namespace with it, removes its cgroups and its work
 //! directory. If the owning process dies without unwinding (a test runner's SIGKILL),
@@ -38,17 +43,28 @@ const CGROUP_ROOTS: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
 const PREFIX: &str = "ipcsb-";
 /// PATH inside the sandbox.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Where the sandbox sees the host directories it shares (read-only): host path `P` is
+/// `HOST_VIEW` + `P` inside. In the sandbox's own /run: never under its /tmp, which
+/// systemd-tmpfiles empties at boot.
+pub const HOST_VIEW: &str = "/run/ipcluster-sandbox/host";
+/// Base of work directories when the workspace is under a directory the sandbox overlays.
+const FALLBACK_BASE: &str = "/run/ipcluster-sandboxes";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Where sandbox work directories live: `$IPCLUSTER_SANDBOX_DIR`, else `<workspace>/target/sandbox`.
-///
-/// Not under /tmp or /var: those are the overlay's lower layers (and /tmp is the host's).
+/// Where sandbox work directories live: `$IPCLUSTER_SANDBOX_DIR`, else `<workspace>/target/sandbox`,
+/// unless the workspace is under /etc, /usr or /var: an overlay's upper layer inside its own lower
+/// layer would show itself inside the sandbox (and /var/tmp is cleaned there), so such a
+/// workspace's sandboxes live in /run/ipcluster-sandboxes.
 pub fn base_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("IPCLUSTER_SANDBOX_DIR") {
         return PathBuf::from(dir);
     }
-    workspace_dir().join("target").join("sandbox")
+    let workspace = workspace_dir();
+    if ["/etc", "/usr", "/var"].iter().any(|d| workspace.starts_with(d)) {
+        return PathBuf::from(FALLBACK_BASE);
+    }
+    workspace.join("target").join("sandbox")
 }
 
 /// The workspace root (this crate lives in `<root>/crates/ipcluster-sandbox`).
@@ -82,6 +98,35 @@ fn cgroup2_root() -> Option<&'static Path> {
         .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
 }
 
+/// The build a sandbox installs: the xtask binary (`xtask install` is the one install path) and the
+/// directory of the release binaries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    /// The `xtask` binary.
+    pub xtask: PathBuf,
+    /// The directory of `ipclusterd`, `ipclusterctl` and `ipcluster-demo`.
+    pub bin_dir: PathBuf,
+}
+
+impl Build {
+    /// `$IPCLUSTER_XTASK` and `$IPCLUSTER_BIN_DIR`, else the workspace's `target/debug/xtask` and
+    /// `target/release`; fails unless both exist.
+    pub fn locate() -> Result<Self> {
+        Ok(Build { xtask: artifact("IPCLUSTER_XTASK", "debug/xtask")?, bin_dir: bin_dir()? })
+    }
+}
+
+/// How to boot a sandbox; [`Options::default`] is what [`Sandbox::boot`] uses.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Where its work directory goes; default [`base_dir`].
+    pub base_dir: Option<PathBuf>,
+    /// The build [`Sandbox::install`] installs; default [`Build::locate`], if it is built.
+    pub build: Option<Build>,
+    /// More host directories to show inside, read-only (see [`Sandbox::inside`]).
+    pub share: Vec<PathBuf>,
+}
+
 /// A booted systemd host in its own namespaces. Dropping it tears it down.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -90,20 +135,45 @@ pub struct Sandbox {
     cgroup: PathBuf,
     unshare: Child,
     init_pid: u32,
+    build: Option<Build>,
+    /// Canonical host directories bound under [`HOST_VIEW`].
+    shared: Vec<PathBuf>,
 }
 
 /// Output of a command run inside, with its status.
 pub type Outcome = Output;
 
 impl Sandbox {
-    /// Boots a sandbox and returns once `systemctl is-system-running` says `running`.
+    /// Boots a sandbox with the build found by [`Build::locate`] (if built) and returns once
+    /// `systemctl is-system-running` says `running`.
     pub fn boot() -> Result<Self> {
+        Self::boot_with(Options::default())
+    }
+
+    /// Boots a sandbox as `options` say and returns once `systemctl is-system-running` says
+    /// `running`.
+    pub fn boot_with(options: Options) -> Result<Self> {
         if let Some(why) = unavailable_reason() {
             bail!("cannot boot a sandbox: {why}");
         }
         collect_stale();
+        let build = match options.build {
+            Some(b) => Some(b),
+            None => Build::locate().ok(),
+        };
+        let build_dirs =
+            build.iter().flat_map(|b| [b.xtask.parent().map(Path::to_path_buf), Some(b.bin_dir.clone())]);
+        let mut canonical = Vec::new();
+        for dir in build_dirs.flatten().chain(options.share) {
+            let dir = dir.canonicalize().with_context(|| format!("cannot share {}", dir.display()))?;
+            if dir.starts_with("/run") {
+                bail!("cannot share {}: the sandbox's own /run covers it", dir.display());
+            }
+            canonical.push(dir);
+        }
+        let shared = outermost(canonical);
         let name = format!("{PREFIX}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        let work = base_dir().join(&name);
+        let work = options.base_dir.unwrap_or_else(base_dir).join(&name);
         fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
         let work = work.canonicalize()?;
         let stage2 = work.join("stage2.sh");
@@ -118,6 +188,7 @@ impl Sandbox {
             .arg("/bin/sh")
             .arg(&stage2)
             .arg(&work)
+            .args(&shared)
             .env_clear()
             .env("PATH", PATH)
             .stdin(Stdio::null())
@@ -142,7 +213,7 @@ impl Sandbox {
             });
         }
         let unshare = cmd.spawn().context("cannot start unshare")?;
-        let mut sandbox = Sandbox { name, work, cgroup, init_pid: 0, unshare };
+        let mut sandbox = Sandbox { name, work, cgroup, init_pid: 0, unshare, build, shared };
         sandbox.init_pid = sandbox.find_init()?;
         sandbox.wait_running(Duration::from_secs(60))?;
         Ok(sandbox)
@@ -353,8 +424,9 @@ impl Sandbox {
     /// Installs the build inside with the same command a user runs: `xtask install --no-build
     /// --root /` (binaries must be built on the host first: the sandbox has no network).
     pub fn install(&self) -> Result<()> {
-        let xtask = artifact("IPCLUSTER_XTASK", "debug/xtask")?;
-        let bin_dir = bin_dir()?;
+        let build = self.build()?;
+        let xtask = self.inside(&build.xtask)?;
+        let bin_dir = self.inside(&build.bin_dir)?;
         self.check([
             xtask.as_os_str(),
             OsStr::new("install"),
@@ -365,6 +437,25 @@ impl Sandbox {
             OsStr::new("/"),
         ])?;
         Ok(())
+    }
+
+    /// The build this sandbox installs.
+    pub fn build(&self) -> Result<&Build> {
+        self.build.as_ref().context(
+            "no build to install: run `cargo build --release --bins && cargo build -p xtask` first, \
+             or set IPCLUSTER_XTASK and IPCLUSTER_BIN_DIR",
+        )
+    }
+
+    /// Where the sandbox sees host path `host` (in a shared directory: the build, or one of
+    /// [`Options::share`]), under [`HOST_VIEW`].
+    pub fn inside(&self, host: impl AsRef<Path>) -> Result<PathBuf> {
+        let host = host.as_ref();
+        let canonical = host.canonicalize().with_context(|| format!("{} not found", host.display()))?;
+        if !self.shared.iter().any(|dir| canonical.starts_with(dir)) {
+            bail!("{} is not in a directory shared with sandbox {}", host.display(), self.name);
+        }
+        Ok(host_view(&canonical))
     }
 
     /// Tears the sandbox down now (also done on drop).
@@ -398,6 +489,25 @@ impl Drop for Sandbox {
             eprintln!("ipcluster-sandbox: teardown of {} incomplete: {e:#}", self.name);
         }
     }
+}
+
+/// The directories of `dirs` that are not inside another one of them (each bound once).
+fn outermost(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
+    dirs.sort();
+    dirs.dedup();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        // Sorted: a directory comes right after the ones it is inside.
+        if !out.last().is_some_and(|outer| dir.starts_with(outer)) {
+            out.push(dir);
+        }
+    }
+    out
+}
+
+/// `HOST_VIEW` + `host` (an absolute path).
+fn host_view(host: &Path) -> PathBuf {
+    Path::new(HOST_VIEW).join(host.strip_prefix("/").unwrap_or(host))
 }
 
 /// Removes a cgroup tree once its processes are gone (children first).
@@ -483,4 +593,21 @@ pub fn bin_dir() -> Result<PathBuf> {
         bail!("{}/ipclusterd not found: run `cargo build --release` first", dir.display());
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_directories_are_bound_once_each_outermost_first() {
+        let dirs =
+            ["/w/target/release", "/w/target", "/w/target/debug", "/x y/bin", "/w/target", "/w/targets"];
+        let out = outermost(dirs.iter().map(PathBuf::from).collect());
+        assert_eq!(out, ["/w/target", "/w/targets", "/x y/bin"].map(PathBuf::from));
+        assert_eq!(
+            host_view(Path::new("/x y/bin/xtask")),
+            Path::new("/run/ipcluster-sandbox/host/x y/bin/xtask")
+        );
+    }
 }

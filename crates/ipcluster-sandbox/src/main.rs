@@ -1,8 +1,9 @@
 //! `ipcluster-sandbox`: boot a throwaway systemd host by hand.
 //!
-//! `ipcluster-sandbox run [--install] -- CMD...` boots, optionally installs the build, runs CMD
-//! inside (default: an interactive shell), then tears down. `ipcluster-sandbox gc` removes
-//! sandboxes left by killed processes.
+//! `ipcluster-sandbox run [--install] [--share DIR]... -- CMD...` boots, optionally installs the
+//! build, runs CMD inside (default: an interactive shell), then tears down. Shared host
+//! directories appear read-only under /run/ipcluster-sandbox/host/<host path>.
+//! `ipcluster-sandbox gc` removes sandboxes left by killed processes.
 
 use std::process::ExitCode;
 
@@ -24,6 +25,9 @@ enum Cmd {
         /// Install the build (`xtask install --no-build`) before running the command.
         #[arg(long)]
         install: bool,
+        /// Show this host directory inside, read-only, at /run/ipcluster-sandbox/host/<its path>.
+        #[arg(long, value_name = "DIR")]
+        share: Vec<std::path::PathBuf>,
         /// The command (default: /bin/bash).
         #[arg(last = true)]
         argv: Vec<String>,
@@ -48,11 +52,11 @@ fn real_main() -> anyhow::Result<ExitCode> {
             ipcluster_sandbox::collect_stale();
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { install, mut argv } => {
+        Cmd::Run { install, share, mut argv } => {
             if argv.is_empty() {
                 argv.push("/bin/bash".into());
             }
-            let sandbox = Sandbox::boot()?;
+            let sandbox = Sandbox::boot_with(ipcluster_sandbox::Options { share, ..Default::default() })?;
             eprintln!("sandbox {} booted (PID 1 = host pid {})", sandbox.name(), sandbox.init_pid());
             if install {
                 sandbox.install()?;

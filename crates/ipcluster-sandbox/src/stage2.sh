@@ -1,19 +1,31 @@
 #!/bin/sh
 # Runs as PID 1 of fresh mount/pid/uts/net/cgroup namespaces (started by `unshare --fork`) and
-# turns them into a throwaway systemd host. $1 is the sandbox's work directory (on the host).
-# Every path below is fixed; the only argument is used quoted, never evaluated.
+# turns them into a throwaway systemd host. $1 is the sandbox's work directory (on the host); the
+# other arguments are host directories to show inside, read-only, under /run/ipcluster-sandbox/host
+# (the build to install). Every other path below is fixed; the arguments are used quoted, never
+# evaluated.
 set -eu
 work=$1
+shift
+# The work directory is the current directory from here on, and is only ever named relatively:
+# the mounts below may cover the path it has on the host (a checkout under /tmp, or /run).
+cd "$work"
 # Nothing mounted below may propagate back to the host.
 mount --make-rprivate /
+mount -t tmpfs -o mode=755 tmpfs /run
+# The build, bound before /tmp is covered (a checkout under /tmp stays reachable), and never inside
+# the sandbox's /tmp: systemd-tmpfiles empties that at boot.
+for dir in "$@"; do
+    mkdir -p "/run/ipcluster-sandbox/host$dir"
+    mount --bind -o ro "$dir" "/run/ipcluster-sandbox/host$dir"
+done
 # Writable copies of /etc /usr /var whose changes land in the work directory, not on the host.
 for d in etc usr var; do
-    mkdir -p "$work/$d.upper" "$work/$d.work"
-    mount -t overlay overlay -o "lowerdir=/$d,upperdir=$work/$d.upper,workdir=$work/$d.work" "/$d"
+    mkdir -p "$d.upper" "$d.work"
+    mount -t overlay overlay -o "lowerdir=/$d,upperdir=$d.upper,workdir=$d.work" "/$d"
 done
 # A private /tmp is vital: systemd-tmpfiles would otherwise clean the host's /tmp.
 mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /var/log/journal
 mount -t tmpfs -o mode=2755 tmpfs /var/log/journal
 mount -t proc proc /proc
@@ -40,4 +52,4 @@ After=basic.target dbus.socket
 AllowIsolate=yes
 UNIT
 export container=other
-exec /lib/systemd/systemd --unit=ipcluster-sandbox.target </dev/null >"$work/console.log" 2>&1
+exec /lib/systemd/systemd --unit=ipcluster-sandbox.target </dev/null >console.log 2>&1

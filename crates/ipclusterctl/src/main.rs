@@ -5,11 +5,11 @@
 //! invalid (the message says why); 2 usage error; 3 the daemon is not reachable.
 
 mod output;
+mod progress;
 
 use std::{collections::HashMap, process::ExitCode};
 
 use clap::{CommandFactory, Parser, Subcommand};
-use futures_util::StreamExt;
 use ipcluster_bus::{ErrorName, ManagerProxy, option};
 use zbus::wire::{OwnedVariant, Variant};
 
@@ -202,7 +202,7 @@ async fn run(args: Args) -> zbus::Result<()> {
             if let Some(d) = workdir {
                 options.insert(option::WORKING_DIRECTORY, opt(d)?);
             }
-            deploy(&manager, &app, options, no_block, json).await?;
+            progress::deploy(&manager, &app, options, no_block, json).await?;
         }
         Cmd::Retire { app, generation } => {
             manager.retire_generation(&app, generation).await?;
@@ -225,57 +225,4 @@ async fn run(args: Args) -> zbus::Result<()> {
         Cmd::Man | Cmd::Completions { .. } | Cmd::CheckConfig { .. } | Cmd::Logs { .. } => {}
     }
     Ok(())
-}
-
-/// Calls Deploy; meanwhile reports progress from GenerationStateChanged and WorkerReady.
-async fn deploy(
-    manager: &ManagerProxy<'_>,
-    app: &str,
-    options: HashMap<&str, OwnedVariant>,
-    no_block: bool,
-    json: bool,
-) -> zbus::Result<()> {
-    // Subscribed before the call, so no signal of this deploy is missed.
-    let mut states = manager.receive_generation_state_changed_with_args(&[(0, app)]).await?;
-    let mut ready = manager.receive_worker_ready_with_args(&[(0, app)]).await?;
-    let call = manager.deploy(app, options);
-    tokio::pin!(call);
-    let mut generation = None;
-    let mut bands_ready = std::collections::BTreeSet::new();
-    loop {
-        tokio::select! {
-            result = &mut call => {
-                let g = result?;
-                if json {
-                    println!("{}", serde_json::json!({"app": app, "generation": g, "state": "live"}));
-                } else {
-                    println!("{app}: generation {g} is live");
-                }
-                return Ok(());
-            }
-            Some(signal) = states.next() => {
-                let Ok(a) = signal.args() else { continue };
-                if a.state == "starting" && generation.is_none() {
-                    generation = Some(a.generation);
-                    if no_block {
-                        if json {
-                            println!("{}", serde_json::json!({"app": app, "generation": a.generation, "state": "starting"}));
-                        } else {
-                            println!("{app}: generation {} is starting", a.generation);
-                        }
-                        return Ok(());
-                    }
-                    if !json {
-                        eprintln!("{app}: generation {} starting", a.generation);
-                    }
-                }
-            }
-            Some(signal) = ready.next() => {
-                let Ok(a) = signal.args() else { continue };
-                if Some(a.generation) == generation && bands_ready.insert(a.band) && !json {
-                    eprintln!("{app}: generation {}: band {} ready (pid {}), {} ready", a.generation, a.band, a.pid, bands_ready.len());
-                }
-            }
-        }
-    }
 }

@@ -127,6 +127,53 @@ impl Manager {
 
 #[zbus::interface(name = "org.ipcluster1.Manager")]
 impl Manager {
+    // Signals come first: zbus writes members in this order, and busctl (systemd 252 at least)
+    // misreads a nested <node> (zbus puts each child object's interfaces inside its parent's
+    // introspection) where a method's direction="in" argument precedes a signal: it warns
+    // "Unexpected signal <arg> direction value 'in'" for every signal argument after it.
+
+    /// A generation changed state.
+    #[zbus(signal)]
+    pub async fn generation_state_changed(
+        emitter: &SignalEmitter<'_>,
+        app: &str,
+        generation: u64,
+        state: &str,
+    ) -> zbus::Result<()>;
+
+    /// A worker became ready (accepts on its ports, or sent READY=1).
+    #[zbus(signal)]
+    pub async fn worker_ready(
+        emitter: &SignalEmitter<'_>,
+        app: &str,
+        generation: u64,
+        band: u32,
+        pid: u32,
+    ) -> zbus::Result<()>;
+
+    /// A memory or health policy could not act: a retirement held back by `retire_rate`, or live
+    /// workers alone over `cluster_memory_max` (band and pid are 0 then).
+    #[zbus(signal)]
+    pub async fn policy_held_back(
+        emitter: &SignalEmitter<'_>,
+        app: &str,
+        generation: u64,
+        band: u32,
+        pid: u32,
+        reason: &str,
+    ) -> zbus::Result<()>;
+
+    /// A worker exited: `reason` is `exited N`, `killed by signal S`, or `reaped (...)`.
+    #[zbus(signal)]
+    pub async fn worker_exited(
+        emitter: &SignalEmitter<'_>,
+        app: &str,
+        generation: u64,
+        band: u32,
+        pid: u32,
+        reason: &str,
+    ) -> zbus::Result<()>;
+
     /// Starts a new generation of `app` and returns its number after cutover.
     async fn deploy(
         &self,
@@ -243,48 +290,6 @@ impl Manager {
     fn apps(&self) -> Vec<String> {
         self.handle.snapshot().valid.clone()
     }
-
-    /// A generation changed state.
-    #[zbus(signal)]
-    pub async fn generation_state_changed(
-        emitter: &SignalEmitter<'_>,
-        app: &str,
-        generation: u64,
-        state: &str,
-    ) -> zbus::Result<()>;
-
-    /// A worker became ready (accepts on its ports, or sent READY=1).
-    #[zbus(signal)]
-    pub async fn worker_ready(
-        emitter: &SignalEmitter<'_>,
-        app: &str,
-        generation: u64,
-        band: u32,
-        pid: u32,
-    ) -> zbus::Result<()>;
-
-    /// A memory or health policy could not act: a retirement held back by `retire_rate`, or live
-    /// workers alone over `cluster_memory_max` (band and pid are 0 then).
-    #[zbus(signal)]
-    pub async fn policy_held_back(
-        emitter: &SignalEmitter<'_>,
-        app: &str,
-        generation: u64,
-        band: u32,
-        pid: u32,
-        reason: &str,
-    ) -> zbus::Result<()>;
-
-    /// A worker exited: `reason` is `exited N`, `killed by signal S`, or `reaped (...)`.
-    #[zbus(signal)]
-    pub async fn worker_exited(
-        emitter: &SignalEmitter<'_>,
-        app: &str,
-        generation: u64,
-        band: u32,
-        pid: u32,
-        reason: &str,
-    ) -> zbus::Result<()>;
 }
 
 /// Emits the supervisor's signals on the bus until the supervisor goes away.

@@ -6,6 +6,7 @@
 
 use std::{
     collections::BTreeMap,
+    io::Read,
     net::{Ipv4Addr, SocketAddrV4},
     process::Command,
     time::Duration,
@@ -26,6 +27,7 @@ stop_timeout = "2s"
 const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
 
 pub fn run() -> Result<()> {
+    crate::packages::ensure(&[crate::packages::RUNTIME, crate::packages::SANDBOX])?;
     if let Some(why) = ipcluster_sandbox::unavailable_reason() {
         bail!("the demo boots a sandboxed systemd host: {why}");
     }
@@ -111,13 +113,23 @@ pub fn build() -> Result<()> {
     crate::sh(Command::new(&cargo).args(["build", "--locked", "-p", "xtask"]))
 }
 
+/// Runs `argv` in the sandbox and shows its output as a terminal would: stdout and stderr share
+/// one pipe, so lines appear in the order the command wrote them (ipclusterctl deploy's progress
+/// on stderr, then its result on stdout).
 fn step(sandbox: &Sandbox, argv: &[&str]) -> Result<()> {
     println!("\n$ {}", argv.join(" "));
-    let out = sandbox.run(argv)?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() {
-        bail!("{} failed ({})", argv.join(" "), out.status);
+    let (read, write) = nix::unistd::pipe()?;
+    let mut cmd = sandbox.command(argv);
+    cmd.stdout(std::process::Stdio::from(write.try_clone()?)).stderr(std::process::Stdio::from(write));
+    let mut child = cmd.spawn()?;
+    // The command holds the pipe's write ends: without this drop, the read never sees EOF.
+    drop(cmd);
+    let mut output = String::new();
+    std::fs::File::from(read).read_to_string(&mut output)?;
+    let status = child.wait()?;
+    print!("{output}");
+    if !status.success() {
+        bail!("{} failed ({status})", argv.join(" "));
     }
     Ok(())
 }

@@ -4,14 +4,17 @@
 //!   policy and `/etc/ipcluster/apps/`; reload systemd and the bus when installing into a running
 //!   system. Sandboxes install themselves with this same command (`--no-build`).
 //! - `demo`: a throwaway systemd host running ipclusterd.
+//! - `deb`: the Debian package, `target/debian/ipclusterd_<version>_<arch>.deb`, checked by lintian.
 //! - `test`: everything CI checks: packages, formatting, lints, unit and end-to-end tests.
 
 mod bench;
 mod dbus_xml;
+mod deb;
 mod demo;
 #[cfg(test)]
 mod docs_check;
 mod install;
+mod packages;
 mod test;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -31,6 +34,8 @@ enum Cmd {
     Install(install::InstallArgs),
     /// Boot a sandboxed systemd host, install ipclusterd, show it working, tear down.
     Demo,
+    /// Build the Debian package target/debian/ipclusterd_<version>_<arch>.deb and run lintian.
+    Deb(deb::DebArgs),
     /// Benchmarks against the alternatives (needs root); writes docs/bench/REPORT.md.
     Bench {
         /// A reduced run (< 3 min) for iteration; writes docs/bench/quick/.
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Cmd::Install(a) => install::run(&a),
         Cmd::Demo => demo::run(),
+        Cmd::Deb(a) => deb::run(&a),
         Cmd::DbusXml => dbus_xml::run(),
         Cmd::Bench { quick } => bench::run(quick),
         Cmd::Test { unit_only, nextest_args } => test::run(unit_only, &nextest_args),
@@ -74,10 +80,16 @@ fn root() -> PathBuf {
 }
 
 /// Runs a command from the workspace root, echoing it; fails unless it succeeds.
+///
+/// Inside a sandbox (`xtask install` there) the workspace may not exist: a checkout under /tmp
+/// is covered by the sandbox's own /tmp. Commands then run from the current directory.
 fn sh(cmd: &mut std::process::Command) -> anyhow::Result<()> {
     eprintln!("+ {}", show(cmd));
-    let status =
-        cmd.current_dir(root()).status().map_err(|e| anyhow::anyhow!("cannot run {}: {e}", show(cmd)))?;
+    let root = root();
+    if root.is_dir() {
+        cmd.current_dir(root);
+    }
+    let status = cmd.status().map_err(|e| anyhow::anyhow!("cannot run {}: {e}", show(cmd)))?;
     if !status.success() {
         anyhow::bail!("{} failed ({status})", show(cmd));
     }

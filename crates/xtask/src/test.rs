@@ -2,23 +2,21 @@
 //!
 //! 1. installs the system packages the tests need when missing (as root, with apt-get);
 //! 2. `cargo fmt --check` and `cargo clippy -D warnings`;
-//! 3. builds the release binaries that sandboxes install;
+//! 3. builds the release binaries that sandboxes install, and checks that a sandbox boots and
+//!    installs them from a checkout under /tmp whose path has a space ([`checkout_under_tmp`]);
 //! 4. runs every test with cargo-nextest: unit, adapter and end-to-end. End-to-end tests need
 //!    root; without it they are skipped, and the output says so and why;
 //! 5. checks that the host's netfilter rules, /etc and a marker in /tmp are as they were.
 
 use std::{
     collections::BTreeMap,
+    ffi::OsStr,
     fs,
     path::{Path, PathBuf},
     process::Command,
 };
 
 use anyhow::{Context, Result, bail};
-
-/// Debian packages the tests need, with a file that shows each is installed.
-const PACKAGES: [(&str, &str); 2] =
-    [("iptables", "/usr/sbin/iptables-restore"), ("iproute2", "/usr/sbin/ip")];
 
 pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
     let root = nix::unistd::Uid::effective().is_root();
@@ -28,7 +26,12 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
         ipcluster_sandbox::unavailable_reason()
     };
     if root {
-        install_packages()?;
+        crate::packages::ensure(&[
+            crate::packages::RUNTIME,
+            crate::packages::SANDBOX,
+            crate::packages::TESTS,
+            crate::packages::DEB,
+        ])?;
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     crate::sh(Command::new(&cargo).args(["fmt", "--all", "--check"]))?;
@@ -43,6 +46,7 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
     ]))?;
     if e2e_skip.is_none() {
         crate::demo::build()?;
+        checkout_under_tmp()?;
     }
 
     let before = HostState::capture()?;
@@ -77,20 +81,57 @@ pub fn run(unit_only: bool, nextest_args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn install_packages() -> Result<()> {
-    let missing: Vec<&str> =
-        PACKAGES.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
-    if missing.is_empty() {
-        return Ok(());
+/// A sandbox works from a checkout anywhere: boots one whose work directory and build are under
+/// `/tmp/ipcluster self-check <pid>/` (covered by the sandbox's own /tmp, and with a space),
+/// hides this workspace inside it as a checkout under /tmp would be, installs that build and
+/// starts the daemon. The directory is removed afterwards.
+fn checkout_under_tmp() -> Result<()> {
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
     }
-    eprintln!("installing missing packages: {}", missing.join(" "));
-    crate::sh(Command::new("apt-get").args(["update", "-q"]))?;
-    crate::sh(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    let dir = Remove(PathBuf::from(format!("/tmp/ipcluster self-check {}", std::process::id())));
+    let bin = dir.0.join("bin");
+    fs::create_dir_all(&bin)?;
+    let release = crate::root().join("target/release");
+    let xtask = std::env::current_exe()?;
+    let files = crate::install::BINARIES.iter().map(|b| (release.join(b), bin.join(b)));
+    for (from, to) in files.chain([(xtask, bin.join("xtask"))]) {
+        // A hard link where /tmp is on the same file system; a copy where it is not.
+        if fs::hard_link(&from, &to).is_err() {
+            fs::copy(&from, &to).with_context(|| format!("cannot copy {}", from.display()))?;
+        }
+    }
+    let build = ipcluster_sandbox::Build { xtask: bin.join("xtask"), bin_dir: bin.clone() };
+    let sandbox = ipcluster_sandbox::Sandbox::boot_with(ipcluster_sandbox::Options {
+        base_dir: Some(dir.0.join("sandboxes")),
+        build: Some(build),
+        share: Vec::new(),
+    })
+    .context("booting a sandbox from a checkout under /tmp")?;
+    // xtask knows the workspace by its path at build time; a checkout under /tmp is not there
+    // inside. A tmpfs over it, in the sandbox's (private) mount namespace, makes it so here.
+    let workspace = crate::root();
+    if sandbox.host_path(&workspace).is_dir() {
+        sandbox.check([
+            OsStr::new("mount"),
+            OsStr::new("-t"),
+            OsStr::new("tmpfs"),
+            OsStr::new("tmpfs"),
+            workspace.as_os_str(),
+        ])?;
+    }
+    sandbox.install().context("installing from a checkout under /tmp")?;
+    sandbox.check(["systemctl", "start", "ipclusterd"])?;
+    let version = sandbox.check(["ipclusterctl", "version"])?;
+    if version.trim() != env!("CARGO_PKG_VERSION") {
+        bail!("ipclusterctl version in the sandbox from /tmp said {version:?}");
+    }
+    sandbox.teardown()?;
+    eprintln!("self-check: a sandbox boots and installs from {:?}: ok", dir.0);
+    Ok(())
 }
 
 /// What the tests must leave exactly as they found it on the host.

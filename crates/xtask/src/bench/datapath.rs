@@ -37,7 +37,7 @@ fn app(command: &str, workers: u32) -> String {
 }
 
 const DEMO: &str = "[\"/usr/local/bin/ipcluster-demo\"]";
-const NODE: &str = "[\"/usr/bin/node\", \"/srv/bench/worker.js\"]";
+const NODE: &str = "[\"/usr/bin/node\", \"/var/lib/ipcluster-bench/worker.js\"]";
 
 fn measure(
     plan: &Plan,
@@ -144,15 +144,15 @@ pub fn run(plan: &Plan, pm2: &Path) -> Result<DataPath> {
         let cfg = format!(
             "global\n  maxconn 8000\n  nbthread 2\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend f\n  bind 0.0.0.0:80\n  default_backend b\nbackend b\n  balance source\n{servers}"
         );
-        sb.write_file("/srv/bench/haproxy.cfg", cfg, 0o644)?;
-        background(&sb, &["/usr/sbin/haproxy", "-f", "/srv/bench/haproxy.cfg"], &[])?;
+        sb.write_file("/var/lib/ipcluster-bench/haproxy.cfg", cfg, 0o644)?;
+        background(&sb, &["/usr/sbin/haproxy", "-f", "/var/lib/ipcluster-bench/haproxy.cfg"], &[])?;
         wait_port(&sb, 80)?;
         modes.push(measure(plan, &sb, "haproxy 8 workers", "direct", public, &many));
     }
     // Node.js: direct, under ipclusterd, and PM2 cluster mode.
     {
         let sb = sandbox(None)?;
-        background(&sb, &["/usr/bin/node", "/srv/bench/worker.js"], &[("PORT", "20000")])?;
+        background(&sb, &["/usr/bin/node", super::WORKER_JS], &[("PORT", "20000")])?;
         wait_port(&sb, 20000)?;
         modes.push(measure(plan, &sb, "node direct", "node direct", worker, &many));
     }
@@ -171,9 +171,9 @@ pub fn run(plan: &Plan, pm2: &Path) -> Result<DataPath> {
 
 /// PM2 cluster mode with 8 instances of the Node worker on port 80.
 pub fn start_pm2(sb: &Sandbox, pm2: &Path) -> Result<()> {
-    let pm2 = pm2.to_string_lossy().into_owned();
+    let pm2 = sb.inside(pm2)?.to_string_lossy().into_owned();
     let out = sb
-        .command(["/usr/bin/node", &pm2, "start", "/srv/bench/worker.js", "-i", "8", "--name", "bench"])
+        .command(["/usr/bin/node", &pm2, "start", super::WORKER_JS, "-i", "8", "--name", "bench"])
         .env("PM2_HOME", "/tmp/pm2")
         .env("HOME", "/tmp")
         .env("PORT", "80")

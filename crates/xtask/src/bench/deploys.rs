@@ -218,7 +218,7 @@ pub fn run(plan: &Plan, pm2: &Path) -> Result<Deploys> {
 
     let sb = sandbox(None)?;
     start_pm2(&sb, pm2)?;
-    let pm2_bin = pm2.to_string_lossy().into_owned();
+    let pm2_bin = sb.inside(pm2)?.to_string_lossy().into_owned();
     let duration = Duration::from_secs_f64(3.0 + f64::from(plan.deploys) * 3.0);
     let pm2_run = under_load(plan, &sb, "pm2", duration, |start| {
         let mut events = Vec::new();

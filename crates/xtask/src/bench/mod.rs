@@ -68,7 +68,7 @@ pub fn run(quick: bool) -> Result<()> {
     }
     let plan = Plan::new(quick);
     let started = std::time::Instant::now();
-    install_packages()?;
+    crate::packages::ensure(&[crate::packages::RUNTIME, crate::packages::SANDBOX, crate::packages::BENCH])?;
     let pm2 = ensure_pm2()?;
     crate::demo::build()?;
     eprintln!("== data path");
@@ -79,25 +79,6 @@ pub fn run(quick: bool) -> Result<()> {
     let fp = footprint::run(&plan)?;
     report::write(&plan, &dp, &dl, &fp, started.elapsed())?;
     Ok(())
-}
-
-fn install_packages() -> Result<()> {
-    let missing: Vec<&str> =
-        [("haproxy", "/usr/sbin/haproxy"), ("nodejs", "/usr/bin/node"), ("npm", "/usr/bin/npm")]
-            .iter()
-            .filter(|(_, f)| !std::path::Path::new(f).exists())
-            .map(|(p, _)| *p)
-            .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    crate::sh(Command::new("apt-get").args(["update", "-q"]))?;
-    crate::sh(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }
 
 /// PM2 from the npm registry, installed under target/bench (the sandboxes see it there).
@@ -116,6 +97,10 @@ fn ensure_pm2() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Where the sandboxes get the Node.js worker: in the sandbox's overlaid /var (its /srv is the
+/// host's own directory).
+pub const WORKER_JS: &str = "/var/lib/ipcluster-bench/worker.js";
+
 /// The Node.js worker used for the PM2 comparison (same answer as ipcluster-demo).
 pub const NODE_WORKER: &str = r#"const http = require('http');
 const port = +(process.env.PORT || 3000);
@@ -128,9 +113,11 @@ http.createServer((req, res) => {
 
 /// A sandbox with the build installed and, optionally, ipclusterd running `app` (a TOML body).
 pub fn sandbox(app: Option<&str>) -> Result<Sandbox> {
-    let sb = Sandbox::boot()?;
+    // PM2 (under target/bench) is run from the host's build, like ipclusterd itself.
+    let share = vec![crate::root().join("target/bench")];
+    let sb = Sandbox::boot_with(ipcluster_sandbox::Options { share, ..Default::default() })?;
     sb.install()?;
-    sb.write_file("/srv/bench/worker.js", NODE_WORKER, 0o644)?;
+    sb.write_file(WORKER_JS, NODE_WORKER, 0o644)?;
     if let Some(app) = app {
         sb.write_file("/etc/ipcluster/apps/bench.toml", app, 0o644)?;
         sb.check(["systemctl", "start", "ipclusterd"])?;
