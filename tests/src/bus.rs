@@ -27,10 +27,14 @@ pub struct Bus {
 impl Bus {
     /// Connects to `sb`'s system bus.
     pub fn connect(sb: &Sandbox) -> Self {
+        Self::connect_to(&sb.system_bus_address())
+    }
+
+    /// Connects to the bus at `address` (a second client, e.g. from another thread).
+    pub fn connect_to(address: &str) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let address = sb.system_bus_address();
         let conn = rt
-            .block_on(async { zbus::connection::Builder::address(address.as_str()).build().await })
+            .block_on(async { zbus::connection::Builder::address(address).build().await })
             .expect("connect to the sandbox's system bus");
         Self { rt, conn }
     }

@@ -278,7 +278,11 @@ fn a_call_to_the_bus_name_starts_the_stopped_daemon() {
         .unwrap();
     assert!(call.status.success(), "{}", text(&call));
     assert_eq!(String::from_utf8_lossy(&call.stdout).trim(), "a(stsuts) 0");
-    assert_eq!(unit_property(&sb, "ipclusterd", "ActiveState"), "active");
+    // The daemon answers once it owns the name and knows what runs; systemd calls it active
+    // once it has said READY=1 (right after, with no app to start).
+    ipcluster_e2e::wait_for("the activated daemon to be active", std::time::Duration::from_secs(15), || {
+        (unit_property(&sb, "ipclusterd", "ActiveState") == "active").then_some(())
+    });
     // Masked, it stays stopped.
     sb.check(["systemctl", "stop", "ipclusterd"]).unwrap();
     sb.check(["systemctl", "mask", "ipclusterd"]).unwrap();

@@ -222,8 +222,8 @@ impl Manager {
     }
 
     /// One entry per worker of `app` ("" = all apps).
-    fn list_workers(&self, app: String) -> Result<Vec<WorkerRow>, BusError> {
-        let rows = self.handle.snapshot().workers_of(&app)?;
+    async fn list_workers(&self, app: String) -> Result<Vec<WorkerRow>, BusError> {
+        let rows = self.handle.snapshot().await?.workers_of(&app)?;
         Ok(rows
             .into_iter()
             .map(|w| WorkerRow {
@@ -243,8 +243,8 @@ impl Manager {
     }
 
     /// One entry per generation of `app` ("" = all apps).
-    fn list_generations(&self, app: String) -> Result<Vec<GenerationRow>, BusError> {
-        let rows = self.handle.snapshot().generations_of(&app)?;
+    async fn list_generations(&self, app: String) -> Result<Vec<GenerationRow>, BusError> {
+        let rows = self.handle.snapshot().await?.generations_of(&app)?;
         Ok(rows
             .into_iter()
             .map(|g| GenerationRow {
@@ -287,8 +287,8 @@ impl Manager {
 
     /// The configured (valid) apps.
     #[zbus(property(emits_changed_signal = "false"))]
-    fn apps(&self) -> Vec<String> {
-        self.handle.snapshot().valid.clone()
+    async fn apps(&self) -> Vec<String> {
+        self.handle.snapshot().await.map(|s| s.valid.clone()).unwrap_or_default()
     }
 }
 

@@ -17,7 +17,6 @@ use std::{
 };
 
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt::PassCred};
-use tokio::net::UnixDatagram;
 
 /// Largest datagram accepted (systemd uses the same bound for its own notify socket).
 const MAX_DATAGRAM: usize = 4096;
@@ -61,23 +60,23 @@ pub fn parse(datagram: &[u8]) -> Message {
     m
 }
 
-/// The bound receiving socket.
+/// The bound receiving socket (blocking: [`forward`] reads it on a thread of its own).
 #[derive(Debug)]
 pub struct Receiver {
-    socket: UnixDatagram,
+    socket: std::os::unix::net::UnixDatagram,
     path: PathBuf,
 }
 
 impl Receiver {
-    /// Binds `path` (replacing a stale socket file), readable by workers of any user.
+    /// Binds `path` (replacing a stale socket file), writable by workers of any user.
     pub fn bind(path: &Path) -> io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         let _ = std::fs::remove_file(path);
-        let socket = UnixDatagram::bind(path)?;
+        let socket = std::os::unix::net::UnixDatagram::bind(path)?;
         setsockopt(&socket, PassCred, &true).map_err(io::Error::from)?;
-        // Workers may run as other users; the PID check, not the file mode, decides who counts.
+        // Workers may run as other users; the sender's cgroup, not the file mode, decides who counts.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
         Ok(Self { socket, path: path.to_owned() })
     }
@@ -87,47 +86,42 @@ impl Receiver {
         &self.path
     }
 
-    /// Receives the next datagram with its sender's PID (datagrams without credentials are dropped).
-    pub async fn recv(&self) -> io::Result<(u32, Message)> {
+    /// Waits for the next datagram and returns it with its sender's PID (datagrams without
+    /// credentials are dropped).
+    pub fn recv(&self) -> io::Result<(u32, Message)> {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
-            self.socket.readable().await?;
-            let mut buf = vec![0u8; MAX_DATAGRAM];
-            let res = self.socket.try_io(tokio::io::Interest::READABLE, || {
-                let mut iov = [io::IoSliceMut::new(&mut buf)];
-                let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
-                let msg =
-                    recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)
-                        .map_err(io::Error::from)?;
-                let mut pid = None;
-                for c in msg.cmsgs().map_err(io::Error::from)? {
-                    if let ControlMessageOwned::ScmCredentials(cred) = c {
-                        pid = u32::try_from(cred.pid()).ok();
-                    }
+            let mut iov = [io::IoSliceMut::new(&mut buf)];
+            let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+            let msg = recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                .map_err(io::Error::from)?;
+            let n = msg.bytes;
+            let mut pid = None;
+            for c in msg.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::ScmCredentials(cred) = c {
+                    pid = u32::try_from(cred.pid()).ok();
                 }
-                Ok((pid, msg.bytes))
-            });
-            match res {
-                Ok((Some(pid), n)) => return Ok((pid, parse(&buf[..n]))),
-                Ok((None, _)) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+            }
+            if let Some(pid) = pid {
+                return Ok((pid, parse(&buf[..n])));
             }
         }
     }
 }
 
-/// Reads `receiver` in a task of its own and forwards each datagram from a process in one of
-/// our scopes (see the module docs); the rest are dropped.
+/// Reads `receiver` on a thread of its own (so a flood costs that thread, not the daemon's
+/// runtime) and forwards each datagram from a process in one of our scopes (see the module
+/// docs); the rest are dropped.
 pub fn forward(receiver: Receiver) -> tokio::sync::mpsc::Receiver<Notification> {
     let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-    tokio::spawn(async move {
+    let spawned = std::thread::Builder::new().name("notify".into()).spawn(move || {
         let mut dropped = DropLog::default();
         loop {
-            let (pid, message) = match receiver.recv().await {
+            let (pid, message) = match receiver.recv() {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!("notify socket: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
                 }
             };
@@ -143,6 +137,9 @@ pub fn forward(receiver: Receiver) -> tokio::sync::mpsc::Receiver<Notification> 
             }
         }
     });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the notify thread: {e}; ready = \"notify\" workers will not be seen");
+    }
     rx
 }
 
@@ -181,14 +178,14 @@ mod tests {
         assert_eq!(parse(b"\xff\xfe garbage"), Message::default());
     }
 
-    #[tokio::test]
-    async fn kernel_supplies_the_sender_pid() {
+    #[test]
+    fn kernel_supplies_the_sender_pid() {
         let dir = crate::test_dir("notify");
         let path = dir.join("notify");
         let rx = Receiver::bind(&path).unwrap();
         let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
         tx.send_to(b"READY=1\n", &path).unwrap();
-        let (pid, msg) = rx.recv().await.unwrap();
+        let (pid, msg) = rx.recv().unwrap();
         assert_eq!(pid, std::process::id());
         assert!(msg.ready);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -62,7 +62,7 @@ async fn deploy(h: &Handle, app: &str, overrides: Overrides) -> Result<u64, Erro
 }
 
 async fn workers(h: &Handle, app: &str) -> Vec<supervisor::WorkerInfo> {
-    h.snapshot().workers_of(app).unwrap()
+    h.snapshot().await.unwrap().workers_of(app).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

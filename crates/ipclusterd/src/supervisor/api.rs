@@ -173,7 +173,8 @@ impl Snapshot {
 #[derive(Debug, Clone)]
 pub struct Handle {
     tx: mpsc::Sender<Command>,
-    snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// `None` until the supervisor has adopted what it found and published its first one.
+    snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
 }
 
 impl Handle {
@@ -189,9 +190,12 @@ impl Handle {
         self.ask(make).await?
     }
 
-    /// The supervisor's latest snapshot.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.borrow().clone()
+    /// The supervisor's latest snapshot; waits for the first (a daemon that just started
+    /// answers reads only once it knows what runs). `Gone` if the supervisor stopped first.
+    pub async fn snapshot(&self) -> Result<Arc<Snapshot>, Error> {
+        let mut rx = self.snapshot.clone();
+        let s = rx.wait_for(Option::is_some).await.map_err(|_| Error::Gone)?;
+        s.clone().ok_or(Error::Gone)
     }
 }
 
@@ -199,7 +203,7 @@ impl Handle {
 #[derive(Debug)]
 pub struct Mailbox {
     pub(super) commands: mpsc::Receiver<Command>,
-    pub(super) snapshot: watch::Sender<Arc<Snapshot>>,
+    pub(super) snapshot: watch::Sender<Option<Arc<Snapshot>>>,
 }
 
 impl Mailbox {
@@ -210,13 +214,13 @@ impl Mailbox {
 
     /// Publishes what readers see.
     pub fn publish(&self, snapshot: Snapshot) {
-        self.snapshot.send_replace(Arc::new(snapshot));
+        self.snapshot.send_replace(Some(Arc::new(snapshot)));
     }
 }
 
 /// Creates the channels: the handle for the adapters, the mailbox for the supervisor.
 pub fn channel() -> (Handle, Mailbox) {
     let (tx, commands) = mpsc::channel(256);
-    let (snapshot, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (snapshot, rx) = watch::channel(None);
     (Handle { tx, snapshot: rx }, Mailbox { commands, snapshot })
 }

@@ -147,7 +147,7 @@ pub struct Supervisor<S, R, P: Processes> {
     /// Origin of the rate limiters' clock.
     started: tokio::time::Instant,
     /// Where the snapshot for readers is published.
-    snapshot: tokio::sync::watch::Sender<Arc<api::Snapshot>>,
+    snapshot: tokio::sync::watch::Sender<Option<Arc<api::Snapshot>>>,
     /// Answers of this turn: they leave after the snapshot that shows their effect.
     outbox: Outbox,
 }
@@ -204,7 +204,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
 
     /// Ends a turn: the snapshot for readers, then the answers, then the status line.
     fn end_turn(&mut self) {
-        self.snapshot.send_replace(Arc::new(self.build_snapshot()));
+        self.snapshot.send_replace(Some(Arc::new(self.build_snapshot())));
         for send in self.outbox.0.drain(..) {
             send();
         }

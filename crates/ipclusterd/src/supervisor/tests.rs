@@ -77,7 +77,7 @@ async fn start_with(
     tokio::spawn(Supervisor::new(mailbox, deps).run());
     let h = Harness { handle, scopes, router, procs, signals, notify, dir };
     h.until("the supervisor's first snapshot", Duration::from_secs(1), async |h| {
-        !h.handle.snapshot().config_dir.is_empty()
+        h.handle.snapshot().await.is_ok()
     })
     .await;
     h
@@ -97,7 +97,7 @@ impl Harness {
     }
 
     async fn workers(&self, app: &str) -> Vec<WorkerInfo> {
-        self.handle.snapshot().workers_of(app).unwrap()
+        self.handle.snapshot().await.unwrap().workers_of(app).unwrap()
     }
 
     async fn worker(&self, app: &str, generation: u64, band: u32) -> WorkerInfo {
@@ -326,7 +326,7 @@ async fn adoption_takes_the_rules_as_the_live_generation_and_resumes_backoff_at_
         },
     )
     .await;
-    let gens = h.handle.snapshot().generations_of("web").unwrap();
+    let gens = h.handle.snapshot().await.unwrap().generations_of("web").unwrap();
     let states: Vec<(u64, GenState)> = gens.iter().map(|g| (g.generation, g.state)).collect();
     assert_eq!(states, [(1, GenState::Retired), (2, GenState::Live)], "generation 3 never went live");
     h.sleep(Duration::from_millis(1)).await;
