@@ -302,6 +302,7 @@ async fn adoption_takes_the_rules_as_the_live_generation_and_resumes_backoff_at_
                 app: AppName::new("web").unwrap(),
                 listen: vec!["0.0.0.0:80".parse().unwrap()],
                 bands: vec![vec![30002], vec![30002]],
+                guarded: Vec::new(),
             };
             futures_util::FutureExt::now_or_never(crate::netfilter::Router::apply(router, &[route]))
                 .unwrap()

@@ -242,7 +242,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 }
             }
             if let Some(bands) = with_failover(&by_band) {
-                out.push(AppRoute { app: name.clone(), listen: gen_.config.listen.clone(), bands });
+                out.push(AppRoute {
+                    app: name.clone(),
+                    listen: gen_.config.listen.clone(),
+                    bands,
+                    guarded: Vec::new(),
+                });
             }
         }
         out
