@@ -187,10 +187,10 @@ pub fn parse_existing(save: &str) -> Existing {
             t.chains.insert(TOP_CHAIN.to_owned());
             if sub_chains {
                 for r in raw.rules.get(TOP_CHAIN).into_iter().flatten() {
-                    if let Some(to) = r.jumps_to().filter(|c| c.starts_with(APP_CHAIN_PREFIX)) {
-                        if raw.declared.contains(to) {
-                            t.chains.insert(to.to_owned());
-                        }
+                    if let Some(to) =
+                        r.jumps_to().filter(|c| c.starts_with(APP_CHAIN_PREFIX) && raw.declared.contains(*c))
+                    {
+                        t.chains.insert(to.to_owned());
                     }
                 }
             }
