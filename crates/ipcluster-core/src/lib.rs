@@ -7,6 +7,7 @@ pub mod adoption;
 pub mod config;
 pub mod model;
 pub mod name;
+pub mod ownership;
 pub mod policy;
 pub mod ports;
 pub mod routing;
