@@ -215,11 +215,11 @@ fn huge_values_are_refused_and_the_largest_accepted_ones_cannot_overflow() {
         assert_eq!(e.key.as_deref(), Some(*key), "{extra}: {e}");
         assert!(e.message.contains(bound), "{extra}: {e}");
     }
-    let c = parse(&format!(
+    let c = parse(
         "command = [\"/x\"]\nlisten = [\"0.0.0.0:80\"]\nworkers = 1024\nready = \"notify\"\n\
          ready_timeout = \"365d\"\nspawn_interval = \"365d\"\nstop_timeout = \"365d\"\nwatchdog = \"365d\"\n\
-         restart_backoff = \"365d-365d\"\nretire_rate = \"1000000/365d\"\nworker_memory_max = \"1024T\"\n"
-    ))
+         restart_backoff = \"365d-365d\"\nretire_rate = \"1000000/365d\"\nworker_memory_max = \"1024T\"\n",
+    )
     .unwrap();
     // What the supervisor computes from them.
     let all_bands = c.ready_timeout + c.spawn_interval * c.workers.saturating_sub(1);
