@@ -10,6 +10,8 @@ pub mod name;
 pub mod ownership;
 pub mod policy;
 pub mod ports;
+#[cfg(test)]
+mod props;
 pub mod routing;
 pub mod saved;
 pub mod units;
