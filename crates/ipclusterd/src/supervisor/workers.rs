@@ -246,7 +246,14 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                     app: name.clone(),
                     listen: gen_.config.listen.clone(),
                     bands,
-                    guarded: Vec::new(),
+                    // Every port a worker of the app holds: live, retired, starting.
+                    guarded: self
+                        .m
+                        .workers
+                        .values()
+                        .filter(|w| w.app == *name)
+                        .flat_map(|w| w.worker_ports())
+                        .collect(),
                 });
             }
         }
