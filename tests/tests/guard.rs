@@ -31,7 +31,9 @@ fn client_namespace(sb: &Sandbox) {
         vec!["ip", "netns", "exec", "cli", "ip", "link", "set", "lo", "up"],
         vec!["ip", "netns", "exec", "cli", "ip", "link", "set", "veth1", "up"],
     ];
-    for c in CLIENTS {
+    // With the prefix length, so the client has a route to the link.
+    let prefixed: Vec<String> = CLIENTS.iter().map(|c| format!("{c}/24")).collect();
+    for c in &prefixed {
         steps.push(vec!["ip", "netns", "exec", "cli", "ip", "addr", "add", c, "dev", "veth1"]);
     }
     for step in steps {
@@ -51,6 +53,18 @@ fn get(sb: &Sandbox, netns: bool, src: &str, url: &str) -> Result<String, (Strin
     } else {
         Err((text(&out), started.elapsed()))
     }
+}
+
+/// What a failure message shows: the rules with their counters, the listening sockets and the
+/// link.
+fn diagnose(sb: &Sandbox) -> String {
+    let show = |argv: &[&str]| sb.run(argv).map(|o| text(&o)).unwrap_or_default();
+    format!(
+        "{}\n{}\n{}",
+        show(&["iptables-save", "-c"]),
+        show(&["ss", "-ltn"]),
+        show(&["ip", "netns", "exec", "cli", "ip", "addr"])
+    )
 }
 
 fn field<'a>(body: &'a str, key: &str) -> &'a str {
@@ -73,8 +87,8 @@ fn other_hosts_reach_the_public_port_but_no_worker_port() {
 
     // The public port: each client its band's live worker, which sees the client's address.
     for (i, src) in CLIENTS.iter().enumerate() {
-        let body =
-            get(&sb, true, src, &format!("http://{SERVER}/")).unwrap_or_else(|e| panic!("{src}: {e:?}"));
+        let body = get(&sb, true, src, &format!("http://{SERVER}/"))
+            .unwrap_or_else(|e| panic!("{src}: {e:?}\n{}", diagnose(&sb)));
         assert_eq!(field(&body, "peer"), *src, "{body}");
         assert_eq!(field(&body, "generation"), "2", "{body}");
         assert_eq!(field(&body, "band"), i.to_string(), "10.9.0.{} is in band {i}: {body}", 4 + i);
