@@ -7,8 +7,11 @@ pub mod adoption;
 pub mod config;
 pub mod model;
 pub mod name;
+pub mod ownership;
 pub mod policy;
 pub mod ports;
+#[cfg(test)]
+mod props;
 pub mod routing;
 pub mod saved;
 pub mod units;

@@ -1,12 +1,44 @@
 //! Values written by people in app files: durations (`30s`, `2min`, `1min 30s`), signal names
-//! (`SIGTERM`, `TERM`) and port ranges (`20000-39999`).
+//! (`SIGTERM`, `TERM`), port ranges (`20000-29999`), sizes and rates.
+//!
+//! Every value is bounded here, at parse time, so that no arithmetic on a parsed value can
+//! overflow later (`ready_timeout + spawn_interval × (workers − 1)`, `Instant + Duration`,
+//! `backoff × 2`, `budget × 95`). Error messages quote at most [`SHOWN`] characters of the input,
+//! with control characters escaped: input never reaches a log line raw or unbounded.
 
 use std::{fmt, time::Duration};
 
+/// The longest duration accepted anywhere: 365 days. Even multiplied by the largest worker
+/// count (1024 × 365 d ≈ 1000 years) it stays far from overflowing a `Duration` or an `Instant`.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
+/// The largest size accepted: 1 PiB (`1024T`). Even × 100 it fits in a u64.
+pub const MAX_SIZE: u64 = 1 << 50;
+/// The most events a rate may allow per window.
+pub const MAX_RATE: u32 = 1_000_000;
+/// How many characters of a bad value an error message quotes.
+pub const SHOWN: usize = 64;
+
+/// `s` as an error message quotes it: Rust string syntax (quotes, control characters escaped),
+/// cut after [`SHOWN`] characters.
+pub fn shown(s: &str) -> String {
+    let mut chars = s.chars();
+    let head: String = chars.by_ref().take(SHOWN).collect();
+    if chars.next().is_some() { format!("{head:?}…") } else { format!("{head:?}") }
+}
+
 /// Parses a systemd-style duration: one or more `<integer><unit>` parts, optionally separated by
-/// spaces. Units: `us`, `ms`, `s`/`sec`, `m`/`min`, `h`/`hr`, `d`. A bare `0` is zero.
+/// spaces. Units: `us`, `ms`, `s`/`sec`, `m`/`min`, `h`/`hr`, `d`. A bare `0` is zero. At most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("{s:?} is not a duration (examples: 500ms, 30s, 2min, 1h, 1min 30s)");
+    let d = parse_any_duration(s)?;
+    if d > MAX_DURATION {
+        return Err(format!("{} is longer than 365d, the longest duration accepted", shown(s)));
+    }
+    Ok(d)
+}
+
+fn parse_any_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{} is not a duration (examples: 500ms, 30s, 2min, 1h, 1min 30s)", shown(s));
     let t = s.trim();
     if t == "0" {
         return Ok(Duration::ZERO);
@@ -30,12 +62,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "us" => Duration::from_micros(n),
             "ms" => Duration::from_millis(n),
             "s" | "sec" => Duration::from_secs(n),
-            "m" | "min" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
-            "h" | "hr" => Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
-            "d" => Duration::from_secs(n.checked_mul(86400).ok_or_else(err)?),
+            // Saturating: anything that large is refused as too long by the caller.
+            "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+            "h" | "hr" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86400)),
             _ => return Err(err()),
         };
-        total = total.checked_add(part).ok_or_else(err)?;
+        total = total.saturating_add(part);
     }
     Ok(total)
 }
@@ -74,7 +107,7 @@ impl Signal {
         let full = if s.starts_with("SIG") { s.to_owned() } else { format!("SIG{s}") };
         Self::ALL.iter().find(|(_, name, _)| *name == full).map(|(sig, _, _)| *sig).ok_or_else(|| {
             let names: Vec<&str> = Self::ALL.iter().map(|(_, n, _)| *n).collect();
-            format!("{s:?} is not a supported signal (one of {})", names.join(", "))
+            format!("{} is not a supported signal (one of {})", shown(s), names.join(", "))
         })
     }
 
@@ -105,7 +138,7 @@ impl fmt::Display for Signal {
 
 /// Parses `lo-hi` with `1024 <= lo <= hi <= 65535`.
 pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let err = || format!("{s:?} is not a port range (\"lo-hi\" with 1024 <= lo <= hi <= 65535)");
+    let err = || format!("{} is not a port range (\"lo-hi\" with 1024 <= lo <= hi <= 65535)", shown(s));
     let (lo, hi) = s.split_once('-').ok_or_else(err)?;
     let lo: u16 = lo.trim().parse().map_err(|_| err())?;
     let hi: u16 = hi.trim().parse().map_err(|_| err())?;
@@ -144,7 +177,7 @@ mod tests {
 
     #[test]
     fn port_ranges() {
-        assert_eq!(parse_port_range("20000-39999").unwrap(), (20000, 39999));
+        assert_eq!(parse_port_range("20000-29999").unwrap(), (20000, 29999));
         for bad in ["", "1-2", "3000-2000", "a-b", "20000", "20000-70000"] {
             assert!(parse_port_range(bad).is_err(), "{bad:?} accepted");
         }
@@ -152,9 +185,10 @@ mod tests {
 }
 
 /// Parses a size in binary units: `448M` = 448 MiB, `4G`, `512K`, `1T`, or plain bytes (`1048576`).
-/// `M` means MiB, as in systemd's `MemoryMax=` (the `bytesize` crate would read it as 10⁶).
+/// `M` means MiB, as in systemd's `MemoryMax=` (the `bytesize` crate would read it as 10⁶). At
+/// most [`MAX_SIZE`].
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let err = || format!("{s:?} is not a size (examples: 512K, 448M, 4G; binary units: M = MiB)");
+    let err = || format!("{} is not a size (examples: 512K, 448M, 4G; binary units: M = MiB)", shown(s));
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     if digits == 0 {
@@ -170,24 +204,38 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "T" | "TiB" => 40,
         _ => return Err(err()),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(err)
+    match n.checked_mul(1u64 << shift) {
+        Some(size) if size <= MAX_SIZE => Ok(size),
+        _ => Err(format!("{} is more than 1024T (1 PiB), the largest size accepted", shown(s))),
+    }
 }
 
-/// Parses `N/duration` (e.g. `10/2min`): at most N events per window.
+/// Parses `N/duration` (e.g. `10/2min`): at most N events per window; `1 <= N <=`
+/// [`MAX_RATE`], the window at most [`MAX_DURATION`].
 pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
-    let err = || format!("{s:?} is not a rate (\"N/duration\", e.g. \"10/2min\")");
+    let err = || {
+        format!(
+            "{} is not a rate (\"N/duration\" with 1 <= N <= {MAX_RATE} and 0 < duration <= 365d, e.g. \"10/2min\")",
+            shown(s)
+        )
+    };
     let (n, d) = s.split_once('/').ok_or_else(err)?;
     let n: u32 = n.trim().parse().map_err(|_| err())?;
     let d = parse_duration(d).map_err(|_| err())?;
-    if n == 0 || d.is_zero() {
+    if n == 0 || n > MAX_RATE || d.is_zero() {
         return Err(err());
     }
     Ok((n, d))
 }
 
-/// Parses `min-max` durations (e.g. `100ms-30s`) with `0 < min <= max`.
+/// Parses `min-max` durations (e.g. `100ms-30s`) with `0 < min <= max <= 365d`.
 pub fn parse_duration_range(s: &str) -> Result<(Duration, Duration), String> {
-    let err = || format!("{s:?} is not a range of durations (\"min-max\", e.g. \"100ms-30s\")");
+    let err = || {
+        format!(
+            "{} is not a range of durations (\"min-max\" with 0 < min <= max <= 365d, e.g. \"100ms-30s\")",
+            shown(s)
+        )
+    };
     let (lo, hi) = s.split_once('-').ok_or_else(err)?;
     let lo = parse_duration(lo).map_err(|_| err())?;
     let hi = parse_duration(hi).map_err(|_| err())?;
@@ -211,6 +259,59 @@ mod more_tests {
         for bad in ["", "M", "1.5G", "4X", "-1M", "99999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// Item 13 of issue 12: huge values are refused at parse time, with the bound named.
+    #[test]
+    fn huge_values_are_refused_with_the_bound_named() {
+        assert_eq!(parse_duration("365d").unwrap(), MAX_DURATION);
+        assert_eq!(parse_duration("8760h").unwrap(), MAX_DURATION);
+        for huge in [
+            "366d",
+            "365d 1us",
+            "525601min",
+            "99999999999d",
+            "18446744073709551615s",
+            "18446744073709551615d",
+            "18446744073709551615s 18446744073709551615s",
+            "31536000001ms",
+        ] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(e.contains("365d"), "{huge}: {e}");
+        }
+        assert_eq!(parse_size("1024T").unwrap(), MAX_SIZE);
+        for huge in ["1025T", "1125899906842625", "18446744073709551615", "17179869184G"] {
+            assert!(parse_size(huge).unwrap_err().contains("1 PiB"), "{huge}");
+        }
+        assert_eq!(parse_rate("1000000/1s").unwrap().0, MAX_RATE);
+        for huge in ["1000001/1s", "4294967295/1s", "1/366d"] {
+            assert!(parse_rate(huge).unwrap_err().contains("365d"), "{huge}");
+        }
+        assert!(parse_duration_range("1s-366d").unwrap_err().contains("365d"));
+        // The largest values make the largest sums the daemon computes without overflow.
+        let (d, workers) = (MAX_DURATION, 1024u32);
+        let total = d + d * (workers - 1);
+        let _ = std::time::Instant::now() + total;
+        assert!(total.as_micros() < u128::from(u64::MAX));
+        assert!(MAX_SIZE.checked_mul(100).is_some());
+    }
+
+    #[test]
+    fn messages_quote_a_bounded_escaped_value() {
+        let long = "x".repeat(100_000);
+        for e in [
+            parse_duration(&long).unwrap_err(),
+            parse_size(&long).unwrap_err(),
+            parse_rate(&long).unwrap_err(),
+            parse_port_range(&long).unwrap_err(),
+            parse_duration_range(&long).unwrap_err(),
+            Signal::parse(&long).unwrap_err(),
+        ] {
+            assert!(e.len() < 300, "{} bytes: {e}", e.len());
+        }
+        let e = parse_duration("1s\u{7}\n\u{1b}[31m").unwrap_err();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert_eq!(shown("a\tb"), "\"a\\tb\"");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Exit status: 0 success; 1 the daemon refused or failed the request, or a config file is
 //! invalid (the message says why); 2 usage error; 3 the daemon is not reachable.
 
+mod check;
 mod output;
 mod progress;
 

@@ -174,44 +174,35 @@ pub fn status(json: bool, gens: &[GenerationRow], rows: &[WorkerRow]) {
     workers(false, rows);
 }
 
-/// Validates app files offline; exit status 1 if any is invalid.
+/// Validates app files offline (their contents, and who may change them); exit status 1 if
+/// any is invalid. Warnings (see [`crate::check`]) do not change the exit status.
 pub fn check_config(files: &[PathBuf], json: bool) -> ExitCode {
-    let files: Vec<PathBuf> = if files.is_empty() {
-        let dir = std::path::Path::new("/etc/ipcluster/apps");
-        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map(|d| {
-                d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    } else {
-        files.to_vec()
-    };
-    let mut results = Vec::new();
-    for f in &files {
-        let shown = f.display().to_string();
-        let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-        let result = match std::fs::read_to_string(f) {
-            Ok(text) => ipcluster_core::config::AppConfig::parse(&shown, stem, &text)
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(format!("{shown}: {e}")),
-        };
-        results.push((shown, result));
-    }
-    let failed = results.iter().any(|(_, r)| r.is_err());
+    let apps_dir = std::path::Path::new(crate::check::APPS_DIR);
+    let files: Vec<PathBuf> =
+        if files.is_empty() { crate::check::app_files(apps_dir) } else { files.to_vec() };
+    let ephemeral = crate::check::ephemeral();
+    let reports: Vec<crate::check::Report> =
+        files.iter().map(|f| crate::check::file(f, apps_dir, ephemeral)).collect();
+    let failed = reports.iter().any(|r| !r.errors.is_empty());
     if json {
-        let v: Vec<_> = results
+        let v: Vec<_> = reports
             .iter()
-            .map(|(f, r)| serde_json::json!({"file": f, "ok": r.is_ok(), "error": r.as_ref().err()}))
+            .map(|r| {
+                let error = (!r.errors.is_empty()).then(|| r.errors.join("\n"));
+                serde_json::json!({"file": r.file, "ok": r.errors.is_empty(), "error": error, "warnings": r.warnings})
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
-        for (f, r) in &results {
-            match r {
-                Ok(()) => println!("{f}: ok"),
-                Err(e) => eprintln!("{e}"),
+        for r in &reports {
+            for w in &r.warnings {
+                eprintln!("{w}");
+            }
+            if r.errors.is_empty() {
+                println!("{}: ok", r.file);
+            }
+            for e in &r.errors {
+                eprintln!("{e}");
             }
         }
     }

@@ -498,4 +498,99 @@ mod tests {
         let denied = BusError::from(crate::auth::Denied::AccessDenied("no".into()));
         assert_eq!(denied.name, ErrorName::AccessDenied);
     }
+
+    mod props {
+        use proptest::{prelude::*, test_runner::Config};
+
+        use super::*;
+
+        /// An option value of one of the types a caller can send.
+        #[derive(Debug, Clone)]
+        enum Value {
+            U32(u32),
+            I32(i32),
+            U64(u64),
+            Bool(bool),
+            Str(String),
+            Strs(Vec<String>),
+            U32s(Vec<u32>),
+        }
+
+        impl Value {
+            fn variant(&self) -> OwnedVariant {
+                match self.clone() {
+                    Value::U32(x) => v(x),
+                    Value::I32(x) => v(x),
+                    Value::U64(x) => v(x),
+                    Value::Bool(x) => v(x),
+                    Value::Str(x) => v(Str::from(x)),
+                    Value::Strs(x) => v(x),
+                    Value::U32s(x) => v(x),
+                }
+            }
+        }
+
+        fn value() -> impl Strategy<Value = Value> {
+            let text = "[^\\x00]{0,40}";
+            prop_oneof![
+                any::<u32>().prop_map(Value::U32),
+                any::<i32>().prop_map(Value::I32),
+                any::<u64>().prop_map(Value::U64),
+                any::<bool>().prop_map(Value::Bool),
+                text.prop_map(Value::Str),
+                prop::collection::vec(text, 0..5).prop_map(Value::Strs),
+                prop::collection::vec(any::<u32>(), 0..5).prop_map(Value::U32s),
+            ]
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => prop::sample::select(option::ALL.to_vec()).prop_map(str::to_owned),
+                1 => "[^\\x00]{0,300}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(Config { cases: 512, failure_persistence: None, ..Config::default() })]
+
+            /// Any options of any types: no panic; accepted ones are taken as given; refused
+            /// ones are InvalidArgs with a short, printable message.
+            #[test]
+            fn any_options_are_parsed_or_refused_briefly(
+                entries in prop::collection::vec((key(), value()), 0..(option::MAX + 4)),
+            ) {
+                let options: HashMap<String, OwnedVariant> =
+                    entries.iter().map(|(k, val)| (k.clone(), val.variant())).collect();
+                let given: HashMap<&String, &Value> = entries.iter().map(|(k, val)| (k, val)).collect();
+                match parse_options(&options) {
+                    Ok(o) => {
+                        prop_assert!(options.len() <= option::MAX);
+                        match given.get(&option::WORKERS.to_owned()) {
+                            Some(Value::U32(w)) => prop_assert_eq!(o.workers, Some(*w)),
+                            other => prop_assert!(other.is_none() && o.workers.is_none()),
+                        }
+                        match given.get(&option::COMMAND.to_owned()) {
+                            Some(Value::Strs(c)) => prop_assert_eq!(o.command.as_ref(), Some(c)),
+                            // zvariant does not check the element type of an empty array: an
+                            // empty `au` is taken as an empty `as` (then refused by the config
+                            // check: a command must name a program).
+                            Some(Value::U32s(c)) if c.is_empty() => prop_assert_eq!(o.command, Some(vec![])),
+                            other => prop_assert!(other.is_none() && o.command.is_none()),
+                        }
+                        match given.get(&option::WORKING_DIRECTORY.to_owned()) {
+                            Some(Value::Str(d)) => prop_assert_eq!(o.working_directory.as_ref(), Some(d)),
+                            other => prop_assert!(other.is_none() && o.working_directory.is_none()),
+                        }
+                    }
+                    Err(e) => {
+                        prop_assert_eq!(e.name, ErrorName::InvalidArgs);
+                        // At most 64 characters of a key are quoted, each at most 10 when
+                        // escaped (`\u{10ffff}`), in a sentence of about 100.
+                        prop_assert!(e.message.chars().count() < 800, "{}", e.message);
+                        prop_assert!(!e.message.chars().any(char::is_control), "{:?}", e.message);
+                    }
+                }
+            }
+        }
+    }
 }

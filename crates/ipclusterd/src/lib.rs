@@ -130,7 +130,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         sample_interval: daemon_config.sample_interval,
         launcher: PathBuf::from("/proc/self/exe"),
         scopes,
-        router: netfilter::Iptables,
+        router: netfilter::Iptables::new(),
         processes: processes::Host,
         clock: std::sync::Arc::new(clock::SystemClock),
         config_dir: options.config_dir.clone(),

@@ -178,6 +178,32 @@ mod tests {
         assert_eq!(parse(b"\xff\xfe garbage"), Message::default());
     }
 
+    mod props {
+        use proptest::{prelude::*, test_runner::Config};
+
+        use super::super::{MAX_DATAGRAM, parse};
+
+        const LINES: [&[u8]; 7] =
+            [b"READY=1", b"WATCHDOG=1", b"READY=0", b"READY=1 ", b"\n", b"\xff", b"STATUS=x"];
+
+        proptest! {
+            #![proptest_config(Config { cases: 1024, failure_persistence: None, ..Config::default() })]
+
+            /// Any datagram (at most MAX_DATAGRAM bytes, as recv reads them): no panic, and
+            /// exactly the lines `READY=1` and `WATCHDOG=1` count.
+            #[test]
+            fn any_datagram_is_parsed_without_panicking(bytes in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..MAX_DATAGRAM),
+                prop::collection::vec(prop::sample::select(LINES.to_vec()), 0..20).prop_map(|p| p.concat()),
+            ]) {
+                let m = parse(&bytes);
+                let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+                prop_assert_eq!(m.ready, lines.contains(&&b"READY=1"[..]));
+                prop_assert_eq!(m.watchdog, lines.contains(&&b"WATCHDOG=1"[..]));
+            }
+        }
+    }
+
     #[test]
     fn kernel_supplies_the_sender_pid() {
         let dir = crate::test_dir("notify");

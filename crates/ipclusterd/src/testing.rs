@@ -18,7 +18,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use ipcluster_core::routing::{self, AppRoute, Existing};
+use ipcluster_core::routing::{AppRoute, Existing};
 use tokio::sync::watch;
 
 use crate::{
@@ -117,10 +117,12 @@ impl Scopes for FakeScopes {
 }
 
 /// Records every set of routes applied; [`Router::current`] answers with the last one, as the
-/// kernel would.
+/// kernel would. [`FakeRouter::unusable`] plays a host where netfilter cannot be used: `check`
+/// and every call fail with that reason.
 #[derive(Debug, Clone, Default)]
 pub struct FakeRouter {
     pub applied: Arc<Mutex<Vec<Vec<AppRoute>>>>,
+    pub unusable: Arc<Mutex<Option<String>>>,
 }
 
 impl FakeRouter {
@@ -132,6 +134,7 @@ impl FakeRouter {
 
 impl Router for FakeRouter {
     async fn apply(&self, routes: &[AppRoute]) -> Result<Applied, RouterError> {
+        self.check()?;
         let mut applied = lock(&self.applied);
         if applied.last().map(Vec::as_slice).unwrap_or_default() == routes {
             return Ok(Applied::Unchanged);
@@ -140,17 +143,11 @@ impl Router for FakeRouter {
         Ok(Applied::Changed)
     }
     async fn current(&self) -> Result<Existing, RouterError> {
-        let routes = self.last();
-        Ok(Existing {
-            chains: routes
-                .iter()
-                .map(|r| routing::app_chain(&r.app))
-                .chain([routing::TOP_CHAIN.to_owned()])
-                .collect(),
-            prerouting_jump: true,
-            output_jump: true,
-            rules: routing::desired_rules(&routes),
-        })
+        self.check()?;
+        Ok(Existing::after(&self.last()))
+    }
+    fn check(&self) -> Result<(), RouterError> {
+        lock(&self.unusable).clone().map_or(Ok(()), |why| Err(RouterError(why)))
     }
 }
 

@@ -8,6 +8,7 @@ use std::{
 };
 
 use super::{MAX_ARG_LEN, MAX_ARGS, MAX_ENV, MAX_LISTEN, MAX_WORKERS};
+use crate::units::shown;
 
 pub(super) fn check_workers(w: i64) -> Result<u32, String> {
     match u32::try_from(w) {
@@ -25,8 +26,8 @@ pub(super) fn check_command(cmd: &[String]) -> Result<Vec<String>, String> {
     }
     if let Some(a) = cmd.iter().find(|a| a.len() > MAX_ARG_LEN || a.contains('\0')) {
         return Err(format!(
-            "argument {:?}…: arguments must be at most {MAX_ARG_LEN} bytes, without NUL",
-            a.chars().take(32).collect::<String>()
+            "argument {}: arguments must be at most {MAX_ARG_LEN} bytes, without NUL",
+            shown(a)
         ));
     }
     Ok(cmd.to_vec())
@@ -38,17 +39,17 @@ pub(super) fn check_listen(list: &[String]) -> Result<Vec<SocketAddrV4>, String>
     }
     let mut out: Vec<SocketAddrV4> = Vec::new();
     for l in list {
-        let a: SocketAddrV4 = l
-            .parse()
-            .map_err(|_| format!("{l:?} is not \"ipv4:port\" (e.g. \"0.0.0.0:80\", \"192.0.2.1:443\")"))?;
+        let a: SocketAddrV4 = l.parse().map_err(|_| {
+            format!("{} is not \"ipv4:port\" (e.g. \"0.0.0.0:80\", \"192.0.2.1:443\")", shown(l))
+        })?;
         if a.port() == 0 {
-            return Err(format!("{l:?}: port must be 1..=65535"));
+            return Err(format!("{}: port must be 1..=65535", shown(l)));
         }
         if let Some(prev) = out.iter().find(|p| {
             p.port() == a.port()
                 && (p.ip() == a.ip() || *p.ip() == Ipv4Addr::UNSPECIFIED || *a.ip() == Ipv4Addr::UNSPECIFIED)
         }) {
-            return Err(format!("{l:?} overlaps {prev}"));
+            return Err(format!("{} overlaps {prev}", shown(l)));
         }
         out.push(a);
     }
@@ -57,7 +58,7 @@ pub(super) fn check_listen(list: &[String]) -> Result<Vec<SocketAddrV4>, String>
 
 pub(super) fn check_workdir(d: &str) -> Result<PathBuf, String> {
     if !d.starts_with('/') || d.contains('\0') || d.len() > MAX_ARG_LEN {
-        return Err(format!("{:?}: must be an absolute path", d.chars().take(64).collect::<String>()));
+        return Err(format!("{}: must be an absolute path", shown(d)));
     }
     Ok(PathBuf::from(d))
 }
@@ -67,7 +68,11 @@ pub(super) fn check_user(u: &str) -> Result<String, String> {
         && u.len() <= 32
         && u.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && u.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-    if ok { Ok(u.to_owned()) } else { Err(format!("{u:?} is not a user name ([a-z_][a-z0-9_-]*, ≤ 32)")) }
+    if ok {
+        Ok(u.to_owned())
+    } else {
+        Err(format!("{} is not a user name ([a-z_][a-z0-9_-]*, ≤ 32)", shown(u)))
+    }
 }
 
 /// Variables ipclusterd sets itself; an app may not override them.
@@ -88,10 +93,7 @@ pub(super) fn check_environment(env: &BTreeMap<String, String>) -> Result<(), St
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             && k.len() <= 128;
         if !valid {
-            return Err(format!(
-                "{:?} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)",
-                k.chars().take(64).collect::<String>()
-            ));
+            return Err(format!("{} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)", shown(k)));
         }
         if reserved(k) {
             return Err(format!("{k} is set by ipclusterd and cannot be overridden"));

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{ConfigError, Ctx, line_col};
+use super::{ConfigError, Ctx, MAX_MESSAGE, clean, line_col};
 use crate::units::parse_duration;
 
 /// The daemon's own settings: `/etc/ipcluster/ipclusterd.toml` (optional).
@@ -39,7 +39,7 @@ impl DaemonConfig {
             file: file.to_owned(),
             location: e.span().map(|s| line_col(text, s.start)),
             key: None,
-            message: e.message().trim().to_owned(),
+            message: clean(e.message().trim(), MAX_MESSAGE),
         })?;
         let cx = Ctx { file, text };
         let mut c = DaemonConfig::default();

@@ -7,8 +7,11 @@ use crate::units::Signal;
 
 /// `workers`.
 pub const WORKERS: u32 = 4;
-/// `port_range`: the workers' own ports.
-pub const PORT_RANGE: (u16, u16) = (20000, 39999);
+/// `port_range`: the workers' own ports. Below Linux's ephemeral range (32768-60999), so an
+/// outgoing connection never takes a port a worker is about to listen on (and a probe never
+/// connects to itself); below the Kubernetes NodePort range (30000-32767) too. 10000 ports hold
+/// two generations of 1024 workers with four listen entries each.
+pub const PORT_RANGE: (u16, u16) = (20000, 29999);
 /// `ready_timeout`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// `working_directory`.

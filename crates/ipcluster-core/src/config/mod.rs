@@ -168,10 +168,27 @@ impl Ctx<'_> {
         ConfigError {
             file: self.file.to_owned(),
             location: span.map(|s| line_col(self.text, s.start)),
-            key: Some(key.to_owned()),
-            message: message.into(),
+            key: Some(clean(key, 64)),
+            message: clean(&message.into(), MAX_MESSAGE),
         }
     }
+}
+
+/// Longest message of a [`ConfigError`], in characters.
+pub const MAX_MESSAGE: usize = 400;
+
+/// `text` safe to print: control characters escaped (`\u{7}`), cut after `max` characters. The
+/// TOML parser's messages quote keys and values of the file as they are.
+fn clean(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() { out.extend(c.escape_debug()) } else { out.push(c) }
+    }
+    out
 }
 
 /// 1-based line and column of byte `offset` in `text`.
@@ -239,9 +256,14 @@ impl AppConfig {
             let key = location
                 .and_then(|(line, _)| text.lines().nth(line - 1))
                 .and_then(|l| l.split_once('='))
-                .map(|(k, _)| k.trim().to_owned())
+                .map(|(k, _)| clean(k.trim(), 64))
                 .filter(|k| !k.is_empty() && !k.contains(char::is_whitespace));
-            ConfigError { file: file.to_owned(), location, key, message: e.message().trim().to_owned() }
+            ConfigError {
+                file: file.to_owned(),
+                location,
+                key,
+                message: clean(e.message().trim(), MAX_MESSAGE),
+            }
         })?;
         let cx = Ctx { file, text };
         let span = |s: &Option<Spanned<_>>| s.as_ref().map(|s: &Spanned<_>| s.span());
@@ -267,7 +289,7 @@ impl AppConfig {
                 return Err(cx.err(
                     "ready",
                     span(&raw.ready),
-                    format!("{other:?}: must be \"tcp\" or \"notify\""),
+                    format!("{}: must be \"tcp\" or \"notify\"", crate::units::shown(other)),
                 ));
             }
         };

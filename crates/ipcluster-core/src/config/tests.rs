@@ -13,7 +13,7 @@ fn defaults() {
     let c = parse(MIN).unwrap();
     assert_eq!(c.name.as_str(), "chat");
     assert_eq!(c.workers, 4);
-    assert_eq!(c.port_range, (20000, 39999));
+    assert_eq!(c.port_range, (20000, 29999));
     assert_eq!(c.ready, Ready::Tcp);
     assert_eq!(c.ready_timeout, Duration::from_secs(30));
     assert_eq!(c.working_directory, PathBuf::from("/"));
@@ -190,5 +190,71 @@ fn overrides() {
     ] {
         let e = c.with_overrides(&bad).unwrap_err();
         assert_eq!(e.file, "Deploy options", "{e}");
+    }
+}
+
+/// Item 13 of issue 12: every duration, size and rate is bounded at parse time, so the largest
+/// values a file can hold make no sum the daemon computes overflow.
+#[test]
+fn huge_values_are_refused_and_the_largest_accepted_ones_cannot_overflow() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("ready_timeout = \"366d\"\n", "ready_timeout", "365d"),
+        ("stop_timeout = \"99999999999999999999d\"\n", "stop_timeout", "not a duration"),
+        ("stop_timeout = \"18446744073709551615s\"\n", "stop_timeout", "365d"),
+        ("spawn_interval = \"8761h\"\n", "spawn_interval", "365d"),
+        ("reap_interval = \"365d 1s\"\n", "reap_interval", "365d"),
+        ("retire_timeout = \"1000d\"\n", "retire_timeout", "365d"),
+        ("restart_backoff = \"1s-400d\"\n", "restart_backoff", "365d"),
+        ("retire_rate = \"10/500d\"\n", "retire_rate", "365d"),
+        ("retire_rate = \"4294967295/1s\"\n", "retire_rate", "1000000"),
+        ("worker_memory_max = \"2048T\"\n", "worker_memory_max", "1 PiB"),
+        ("cluster_memory_max = \"18446744073709551615\"\n", "cluster_memory_max", "1 PiB"),
+    ];
+    for (extra, key, bound) in cases {
+        let e = parse(&format!("{MIN}{extra}")).expect_err(extra);
+        assert_eq!(e.key.as_deref(), Some(*key), "{extra}: {e}");
+        assert!(e.message.contains(bound), "{extra}: {e}");
+    }
+    let c = parse(
+        "command = [\"/x\"]\nlisten = [\"0.0.0.0:80\"]\nworkers = 1024\nready = \"notify\"\n\
+         ready_timeout = \"365d\"\nspawn_interval = \"365d\"\nstop_timeout = \"365d\"\nwatchdog = \"365d\"\n\
+         restart_backoff = \"365d-365d\"\nretire_rate = \"1000000/365d\"\nworker_memory_max = \"1024T\"\n",
+    )
+    .unwrap();
+    // What the supervisor computes from them.
+    let all_bands = c.ready_timeout + c.spawn_interval * c.workers.saturating_sub(1);
+    let _ = std::time::Instant::now() + all_bands + c.stop_timeout + c.restart_backoff.1 * 2;
+    assert!(u64::try_from(c.watchdog.unwrap().as_micros()).is_ok(), "WATCHDOG_USEC fits");
+    assert!(c.worker_memory_max.unwrap().checked_mul(100).is_some());
+    let e = DaemonConfig::parse("d", "sample_interval = \"400d\"\n").unwrap_err();
+    assert!(e.message.contains("365d"), "{e}");
+}
+
+/// The default port range holds two generations of the default app, and of 1024 workers with
+/// four listen entries; a fifth needs a wider range, and the message says so.
+#[test]
+fn the_default_port_range_holds_two_generations() {
+    assert!(parse(MIN).is_ok());
+    let listen = |n: u16| (0..n).map(|i| format!("\"0.0.0.0:{}\"", 80 + i)).collect::<Vec<_>>().join(", ");
+    let big = |n| format!("command = [\"/x\"]\nworkers = 1024\nlisten = [{}]\n", listen(n));
+    assert!(parse(&big(4)).is_ok());
+    let e = parse(&big(5)).unwrap_err();
+    assert!(e.message.contains("10000 ports") && e.message.contains("10240"), "{e}");
+}
+
+/// Errors never carry the file's text raw: control characters escaped, length bounded.
+#[test]
+fn errors_are_bounded_and_escaped() {
+    let long_key = "k".repeat(10_000);
+    for text in [
+        format!("{MIN}\"\\u0007bell\\u001b[31m\" = 1\n"),
+        format!("{MIN}{long_key} = 1\n"),
+        format!("{MIN}ready = \"{}\\u0000\"\n", "x".repeat(10_000)),
+        format!("command = [\"/x\"]\nlisten = [\"{}\\u0007\"]\n", "1".repeat(10_000)),
+    ] {
+        let e = parse(&text).unwrap_err();
+        let shown = e.to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.chars().count() < 600, "{} chars: {shown}", shown.chars().count());
     }
 }

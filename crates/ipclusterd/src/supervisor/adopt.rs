@@ -153,9 +153,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 warn!(app = %app, "{unit}: no saved state and no app file to check its workers against; left alone");
                 continue;
             };
-            let port_range = port_range
-                .or(file.as_ref().map(|c| c.port_range))
-                .unwrap_or(ipcluster_core::config::defaults::PORT_RANGE);
+            // A record from a daemon that did not save its range (an upgrade): any unprivileged
+            // port, since the file's range may have changed after those workers started.
+            let port_range = port_range.unwrap_or((1024, u16::MAX));
             let in_scope: BTreeSet<u32> = procs.iter().map(|(p, _)| *p).collect();
             let mut fg = FoundGen { unit: unit.clone(), bands, listen: listen.clone(), workers: Vec::new() };
             for (pid, cgroup) in procs {

@@ -284,7 +284,11 @@ fn saved_gen(state: GenState) -> SavedGeneration {
         2,
         vec!["0.0.0.0:80".parse().unwrap()],
     );
-    SavedGeneration { started_usec: 1, ..SavedGeneration::of(state, 1, &config) }
+    SavedGeneration {
+        started_usec: 1,
+        port_range: Some((30000, 30099)),
+        ..SavedGeneration::of(state, 1, &config)
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -319,6 +323,7 @@ async fn adoption_takes_the_rules_as_the_live_generation_and_resumes_backoff_at_
                 app: AppName::new("web").unwrap(),
                 listen: vec!["0.0.0.0:80".parse().unwrap()],
                 bands: vec![vec![30002], vec![30002]],
+                guarded: Vec::new(),
             };
             futures_util::FutureExt::now_or_never(crate::netfilter::Router::apply(router, &[route]))
                 .unwrap()
@@ -569,6 +574,7 @@ async fn adoption_believes_the_saved_state_not_a_forged_environment_nor_a_worker
             app: AppName::new("web").unwrap(),
             listen: vec!["0.0.0.0:80".parse().unwrap()],
             bands: vec![vec![30000], vec![30001]],
+            guarded: vec![30000, 30001],
         };
         futures_util::FutureExt::now_or_never(crate::netfilter::Router::apply(router, &[route]))
             .unwrap()
@@ -589,7 +595,9 @@ async fn adoption_believes_the_saved_state_not_a_forged_environment_nor_a_worker
         assert!(routes.iter().all(|r| r.listen.iter().all(|l| l.port() == 80)), "{routes:?}");
         assert!(routes.iter().all(|r| r.bands.len() == 2));
     }
-    assert_ne!(h.routed("web")[1], 30001, "nothing routes to the forger");
+    let band1 = h.worker("web", 1, 1).await;
+    assert!(band1.pid != forger && !h.procs.alive(forger), "the forger was stopped, not adopted");
+    assert_eq!(h.routed("web")[1], band1.ports[0].1, "band 1 routes to its respawned worker");
 
     // Stopping the honest worker stops what it forked (which ignores SIGTERM) with it, and a
     // generation that reaches stopped has its scope stopped.

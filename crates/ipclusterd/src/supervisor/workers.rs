@@ -276,7 +276,19 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 }
             }
             if let Some(bands) = with_failover(&by_band) {
-                out.push(AppRoute { app: name.clone(), listen: gen_.config.listen.clone(), bands });
+                out.push(AppRoute {
+                    app: name.clone(),
+                    listen: gen_.config.listen.clone(),
+                    bands,
+                    // Every port a worker of the app holds: live, retired, starting.
+                    guarded: self
+                        .m
+                        .workers
+                        .values()
+                        .filter(|w| w.app == *name)
+                        .flat_map(|w| w.worker_ports())
+                        .collect(),
+                });
             }
         }
         out

@@ -1,0 +1,399 @@
+//! Netfilter rules: which worker port each (public address, band) goes to, and which worker
+//! ports other hosts may not reach directly, rendered as one `iptables-restore --noflush` input
+//! that rewrites only ipclusterd's own chains.
+//!
+//! Layout:
+//!
+//! ```text
+//! nat    PREROUTING -m addrtype --dst-type LOCAL -j IPCLUSTER   (traffic from other hosts)
+//! nat    OUTPUT     -m addrtype --dst-type LOCAL -j IPCLUSTER   (locally generated, locally destined only)
+//! nat    IPCLUSTER  -j IPC-<app>                                (one jump per app)
+//! nat    IPC-<app>  -p tcp [-d ip] --dport P -s b/mask -j REDIRECT --to-ports W   (one per listen × band)
+//! filter INPUT      -p tcp -m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT
+//!                   -m addrtype ! --src-type LOCAL -j IPCLUSTER  (new, not redirected, from elsewhere)
+//! filter IPCLUSTER  -p tcp -m multiport --dports W1:W2,W5,… -j DROP  (every worker port, ≤ 15 slots a rule)
+//! ```
+//!
+//! A client with IPv4 source `s` is in band `s & (bands - 1)`; `-s b/(bands-1)` matches exactly
+//! those addresses. Declaring a chain in a `--noflush` restore flushes and refills it.
+//!
+//! **The guard.** Workers listen on the wildcard address, so without it any host could connect
+//! to a worker port directly, retired generations included. A connection our REDIRECT rules
+//! sent has conntrack state `DNAT` and never enters the filter chain; neither does a connection
+//! from a local address (readiness probes, local clients) nor a packet of an established
+//! connection. What is left, a new connection from another host straight to a worker port, is
+//! dropped. The kernel refuses packets from outside that claim a local source address (martian
+//! source), so `! --src-type LOCAL` cannot be forged from another host.
+//!
+//! **Transactions.** `iptables-restore` commits each table at its `COMMIT` (verified with
+//! iptables-nft 1.8.9: a failing filter section leaves a committed nat section in place). Each
+//! table therefore changes atomically on its own, and the two tables are independent by design:
+//! the filter decides nothing about routing (redirected connections bypass it), and its content
+//! is the set of ports workers hold, not which of them is live. The filter section comes first:
+//! if it fails, nothing changed; if the nat section fails after it, routing is as it was and the
+//! guard already describes the ports the workers hold.
+//!
+//! **Ownership.** Rules of other software are never named, so never touched. A chain is ours
+//! when it is the top chain `IPCLUSTER`, or an `IPC-*` chain the nat top chain jumps to (every
+//! change is one transaction per table, so an app chain is always reached from the top chain).
+//! A chain that only looks like ours (`IPC-backup`, made by another tool) is never flushed or
+//! deleted; an app whose chain name is taken by such a chain with rules in it is refused
+//! ([`Conflict`]).
+
+mod rule;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+pub use rule::Rule;
+
+use crate::name::AppName;
+
+/// The top chain, in both tables: jumped to from nat PREROUTING and OUTPUT and filter INPUT.
+pub const TOP_CHAIN: &str = "IPCLUSTER";
+/// Prefix of per-app chains (nat).
+pub const APP_CHAIN_PREFIX: &str = "IPC-";
+/// The nat jump rule (without `-A CHAIN`) placed in PREROUTING and OUTPUT.
+pub const JUMP: &str = "-m addrtype --dst-type LOCAL -j IPCLUSTER";
+/// The filter jump rule placed in INPUT: new TCP connections that our rules did not redirect,
+/// from addresses that are not local.
+pub const GUARD_JUMP: &str = "-p tcp -m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m addrtype ! --src-type LOCAL -j IPCLUSTER";
+/// Built-in chains holding our nat jump.
+const NAT_HOOKS: [&str; 2] = ["PREROUTING", "OUTPUT"];
+/// Built-in chain holding our filter jump.
+const FILTER_HOOK: &str = "INPUT";
+/// `-m multiport` takes at most 15 ports per rule; a range `a:b` counts as two.
+const MULTIPORT_SLOTS: usize = 15;
+
+/// The band of a client address among `bands` (a power of two).
+pub fn band_of(addr: Ipv4Addr, bands: u32) -> u32 {
+    u32::from(addr) & bands.wrapping_sub(1)
+}
+
+/// Where one app's traffic goes, and which ports its workers hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppRoute {
+    pub app: AppName,
+    /// Public addresses, in `listen` order.
+    pub listen: Vec<SocketAddrV4>,
+    /// For each band, the worker port for each `listen` entry (same order). Its length is the
+    /// number of bands, a power of two.
+    pub bands: Vec<Vec<u16>>,
+    /// Every port the app's workers hold (live, retired, starting): other hosts may reach them
+    /// only through the public addresses.
+    pub guarded: Vec<u16>,
+}
+
+/// Band failover: each band's worker ports are those of its own live worker, or, when it has
+/// none (crashed, not yet replaced), those of the next band (cyclically) that has one:
+/// stickiness yields to availability. `None` when no band has a live worker.
+pub fn with_failover(by_band: &[Option<Vec<u16>>]) -> Option<Vec<Vec<u16>>> {
+    let n = by_band.len();
+    if by_band.iter().all(Option::is_none) {
+        return None;
+    }
+    Some((0..n).map(|b| (0..n).find_map(|k| by_band[(b + k) % n].clone()).unwrap_or_default()).collect())
+}
+
+/// The name of an app's chain.
+pub fn app_chain(app: &AppName) -> String {
+    format!("{APP_CHAIN_PREFIX}{app}")
+}
+
+/// What of ours is in one table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Table {
+    /// Our chains: the top chain, and (nat) the `IPC-*` chains it jumps to.
+    pub chains: BTreeSet<String>,
+    /// Chains named like ours that the top chain does not reach: another tool's, never
+    /// touched. Name → number of rules.
+    pub foreign: BTreeMap<String, usize>,
+    /// Built-in chains that hold our jump.
+    pub hooks: BTreeSet<String>,
+    /// The rules of our chains, in order, canonical.
+    pub rules: BTreeMap<String, Vec<Rule>>,
+}
+
+impl Table {
+    fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.hooks.is_empty()
+    }
+}
+
+/// What of ours is in the kernel now, parsed from `iptables-save`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Existing {
+    pub nat: Table,
+    pub filter: Table,
+}
+
+impl Existing {
+    /// Worker ports our rules currently redirect to (what the kernel says is live).
+    pub fn routed_ports(&self) -> BTreeSet<u16> {
+        self.nat.rules.values().flatten().filter_map(Rule::redirect_port).collect()
+    }
+
+    /// What the kernel holds after `routes` were applied to a kernel with nothing of ours (for
+    /// fakes and tests).
+    pub fn after(routes: &[AppRoute]) -> Existing {
+        parse_existing(&render(&Existing::default(), routes).unwrap_or_default())
+    }
+}
+
+/// Parses `iptables-save` output (the nat and filter tables; others are ignored). Also reads a
+/// rendered transaction (`-I CHAIN 1 spec` lines), so that what [`render`] wrote can be read
+/// back. Never fails: lines it does not understand are skipped.
+pub fn parse_existing(save: &str) -> Existing {
+    #[derive(Default)]
+    struct Raw {
+        declared: BTreeSet<String>,
+        rules: BTreeMap<String, Vec<Rule>>,
+    }
+    let (mut nat, mut filter) = (Raw::default(), Raw::default());
+    let mut table: Option<&mut Raw> = None;
+    for line in save.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('*') {
+            table = match name.trim() {
+                "nat" => Some(&mut nat),
+                "filter" => Some(&mut filter),
+                _ => None,
+            };
+            continue;
+        }
+        let Some(t) = table.as_deref_mut() else { continue };
+        if let Some(decl) = line.strip_prefix(':') {
+            if let Some(chain) = decl.split_whitespace().next() {
+                t.declared.insert(chain.to_owned());
+            }
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
+            t.rules.entry(chain.to_owned()).or_default().push(Rule::parse(spec));
+        } else if let Some(rest) = line.strip_prefix("-I ") {
+            let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
+            let spec = spec.strip_prefix("1 ").unwrap_or(spec);
+            t.rules.entry(chain.to_owned()).or_default().insert(0, Rule::parse(spec));
+        }
+    }
+    let finish = |raw: Raw, hooks: &[&str], jump: &str, sub_chains: bool| {
+        let jump = Rule::parse(jump);
+        let mut t = Table::default();
+        if raw.declared.contains(TOP_CHAIN) {
+            t.chains.insert(TOP_CHAIN.to_owned());
+            if sub_chains {
+                for r in raw.rules.get(TOP_CHAIN).into_iter().flatten() {
+                    if let Some(to) =
+                        r.jumps_to().filter(|c| c.starts_with(APP_CHAIN_PREFIX) && raw.declared.contains(*c))
+                    {
+                        t.chains.insert(to.to_owned());
+                    }
+                }
+            }
+        }
+        for c in raw.declared.iter().filter(|c| c.starts_with(APP_CHAIN_PREFIX) && !t.chains.contains(*c)) {
+            t.foreign.insert(c.clone(), raw.rules.get(c).map_or(0, Vec::len));
+        }
+        for h in hooks {
+            if raw.rules.get(*h).is_some_and(|rs| rs.contains(&jump)) {
+                t.hooks.insert((*h).to_owned());
+            }
+        }
+        for c in &t.chains {
+            t.rules.insert(c.clone(), raw.rules.get(c).cloned().unwrap_or_default());
+        }
+        t
+    };
+    Existing {
+        nat: finish(nat, &NAT_HOOKS, JUMP, true),
+        filter: finish(filter, &[FILTER_HOOK], GUARD_JUMP, false),
+    }
+}
+
+/// The nat rules of `routes` as `-A CHAIN spec` lines, in order.
+fn nat_rules(routes: &[AppRoute]) -> Vec<(String, String)> {
+    let mut rules = Vec::new();
+    for r in routes {
+        rules.push((TOP_CHAIN.to_owned(), format!("-j {}", app_chain(&r.app))));
+    }
+    for r in routes {
+        let chain = app_chain(&r.app);
+        // A band count that is not a power of two (never produced by a valid config) still
+        // renders without panicking; the mask is then what the low bits make of it.
+        let n = u32::try_from(r.bands.len()).unwrap_or(u32::MAX);
+        for (i, public) in r.listen.iter().enumerate() {
+            for (band, ports) in r.bands.iter().enumerate() {
+                // A band without a port for this entry gets no rule (its clients are refused)
+                // rather than a panic.
+                let Some(port) = ports.get(i) else { continue };
+                let mut rule = String::new();
+                if !public.ip().is_unspecified() {
+                    let _ = write!(rule, "-d {}/32 ", public.ip());
+                }
+                if n > 1 {
+                    let band = u32::try_from(band).unwrap_or(u32::MAX);
+                    let _ = write!(rule, "-s {}/{} ", Ipv4Addr::from(band), Ipv4Addr::from(n - 1));
+                }
+                let _ = write!(rule, "-p tcp -m tcp --dport {} -j REDIRECT --to-ports {port}", public.port());
+                rules.push((chain.clone(), rule));
+            }
+        }
+    }
+    rules
+}
+
+/// The filter rules: one DROP per at most 15 multiport slots of the guarded ports (sorted,
+/// consecutive ports as ranges).
+fn filter_rules(routes: &[AppRoute]) -> Vec<(String, String)> {
+    let ports: BTreeSet<u16> = routes.iter().flat_map(|r| r.guarded.iter().copied()).collect();
+    let mut ranges: Vec<(u16, u16)> = Vec::new();
+    for p in ports {
+        match ranges.last_mut() {
+            Some((_, hi)) if hi.checked_add(1) == Some(p) => *hi = p,
+            _ => ranges.push((p, p)),
+        }
+    }
+    let mut rules = Vec::new();
+    let (mut items, mut slots) = (Vec::new(), 0);
+    let mut flush = |items: &mut Vec<String>| {
+        if !items.is_empty() {
+            rules.push((
+                TOP_CHAIN.to_owned(),
+                format!("-p tcp -m multiport --dports {} -j DROP", items.join(",")),
+            ));
+            items.clear();
+        }
+    };
+    for (lo, hi) in ranges {
+        let (item, cost) = if lo == hi { (lo.to_string(), 1) } else { (format!("{lo}:{hi}"), 2) };
+        if slots + cost > MULTIPORT_SLOTS {
+            flush(&mut items);
+            slots = 0;
+        }
+        items.push(item);
+        slots += cost;
+    }
+    flush(&mut items);
+    rules
+}
+
+/// Rules grouped by chain, canonical, keeping their order within each chain (iptables-save
+/// prints chains in its own order, not ours).
+fn canonical(rules: &[(String, String)]) -> BTreeMap<String, Vec<Rule>> {
+    let mut map: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
+    for (chain, spec) in rules {
+        map.entry(chain.clone()).or_default().push(Rule::parse(spec));
+    }
+    map
+}
+
+fn nat_wanted(routes: &[AppRoute]) -> BTreeSet<String> {
+    std::iter::once(TOP_CHAIN.to_owned()).chain(routes.iter().map(|r| app_chain(&r.app))).collect()
+}
+
+/// Whether one table holds exactly what is wanted: our chains, their rules (canonical, in
+/// order) and our jumps. Nothing to route and nothing of ours there: left alone, up to date.
+fn table_up_to_date(
+    t: &Table,
+    routes: &[AppRoute],
+    wanted: &BTreeSet<String>,
+    rules: &[(String, String)],
+    hooks: &[&str],
+) -> bool {
+    if routes.is_empty() && t.is_empty() {
+        return true;
+    }
+    let mut have = t.rules.clone();
+    have.retain(|_, v| !v.is_empty());
+    hooks.iter().all(|h| t.hooks.contains(*h)) && t.chains == *wanted && have == canonical(rules)
+}
+
+fn nat_up_to_date(existing: &Existing, routes: &[AppRoute]) -> bool {
+    table_up_to_date(&existing.nat, routes, &nat_wanted(routes), &nat_rules(routes), &NAT_HOOKS)
+}
+
+fn filter_up_to_date(existing: &Existing, routes: &[AppRoute]) -> bool {
+    let wanted = BTreeSet::from([TOP_CHAIN.to_owned()]);
+    table_up_to_date(&existing.filter, routes, &wanted, &filter_rules(routes), &[FILTER_HOOK])
+}
+
+/// Whether the kernel already has exactly the desired rules and jumps, in both tables.
+pub fn up_to_date(existing: &Existing, routes: &[AppRoute]) -> bool {
+    nat_up_to_date(existing, routes) && filter_up_to_date(existing, routes)
+}
+
+/// An app's chain name is taken by another tool's chain that has rules in it: flushing it
+/// would destroy them, so the routes are not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub chain: String,
+    pub rules: usize,
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "nat chain {} exists with {} rules but is not ipclusterd's ({TOP_CHAIN} does not jump to it): another tool made it; rename or delete that chain, or rename the app",
+            self.chain, self.rules
+        )
+    }
+}
+
+impl std::error::Error for Conflict {}
+
+/// The `iptables-restore --noflush` input that makes the kernel match `routes`: for each table
+/// that is not up to date (filter first, see the module docs), our chains declared (so
+/// flushed) and refilled, chains of removed apps deleted, and missing jumps inserted. Empty
+/// when both tables are up to date.
+pub fn render(existing: &Existing, routes: &[AppRoute]) -> Result<String, Conflict> {
+    let mut out = String::new();
+    if !filter_up_to_date(existing, routes) {
+        out.push_str("*filter\n");
+        let _ = writeln!(out, ":{TOP_CHAIN} - [0:0]");
+        for (chain, spec) in filter_rules(routes) {
+            let _ = writeln!(out, "-A {chain} {spec}");
+        }
+        if !existing.filter.hooks.contains(FILTER_HOOK) {
+            let _ = writeln!(out, "-I {FILTER_HOOK} 1 {GUARD_JUMP}");
+        }
+        out.push_str("COMMIT\n");
+    }
+    if !nat_up_to_date(existing, routes) {
+        let wanted = nat_wanted(routes);
+        // An empty chain of another tool that has an app's name is taken over (flushing it
+        // destroys nothing); one with rules is not ours to flush.
+        if let Some((chain, rules)) =
+            existing.nat.foreign.iter().find(|(c, n)| wanted.contains(*c) && **n > 0)
+        {
+            return Err(Conflict { chain: chain.clone(), rules: *rules });
+        }
+        let stale: Vec<&String> = existing.nat.chains.iter().filter(|c| !wanted.contains(*c)).collect();
+        out.push_str("*nat\n");
+        for chain in
+            wanted.iter().filter(|c| *c == TOP_CHAIN).chain(wanted.iter().filter(|c| *c != TOP_CHAIN))
+        {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        for chain in &stale {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        for (chain, spec) in nat_rules(routes) {
+            let _ = writeln!(out, "-A {chain} {spec}");
+        }
+        for chain in &stale {
+            let _ = writeln!(out, "-X {chain}");
+        }
+        for hook in NAT_HOOKS {
+            if !existing.nat.hooks.contains(hook) {
+                let _ = writeln!(out, "-I {hook} 1 {JUMP}");
+            }
+        }
+        out.push_str("COMMIT\n");
+    }
+    Ok(out)
+}
