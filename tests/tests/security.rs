@@ -282,3 +282,47 @@ fn a_deploy_override_survives_a_daemon_restart_and_a_respawn() {
     let state = sb.check(["stat", "-c", "%a %U", "/var/lib/ipcluster/state.json"]).unwrap();
     assert_eq!(state.trim(), "600 root", "the saved state is root's alone");
 }
+
+/// Item 9: an app file anyone but root could have written is refused, and said so.
+#[test]
+fn an_app_file_or_directory_writable_by_others_is_refused_with_the_fix() {
+    let (sb, bus) = cluster(&[("web", WEB)]);
+    sb.check(["chmod", "666", "/etc/ipcluster/apps/web.toml"]).unwrap();
+    sb.check(["systemctl", "reload", "ipclusterd"]).unwrap();
+    let e = bus.deploy_plain("web").unwrap_err();
+    assert_eq!(e.name, "org.ipcluster1.Error.InvalidConfig", "{e:?}");
+    assert!(e.message.contains("writable by its group and by others") && e.message.contains("chmod go-w"), "{e:?}");
+    let check = sb.run(["ipclusterctl", "check-config"]).unwrap();
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(text(&check).contains("chmod go-w /etc/ipcluster/apps/web.toml"), "{}", text(&check));
+    sb.check(["chmod", "644", "/etc/ipcluster/apps/web.toml"]).unwrap();
+    sb.check(["chmod", "777", "/etc/ipcluster/apps"]).unwrap();
+    sb.check(["systemctl", "reload", "ipclusterd"]).unwrap();
+    let e = bus.deploy_plain("web").unwrap_err();
+    assert!(e.message.contains("apps directory"), "{e:?}");
+    sb.check(["chmod", "755", "/etc/ipcluster/apps"]).unwrap();
+    sb.check(["systemctl", "reload", "ipclusterd"]).unwrap();
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+}
+
+/// Items 11 and 12: no iptables, and a port range inside the ephemeral range, are reported.
+#[test]
+fn a_host_without_iptables_is_reported_at_start_and_by_every_deploy() {
+    let overlapping = WEB.replace("autostart = false", "autostart = false\nport_range = \"30000-39999\"");
+    let sb = ipcluster_e2e::installed_sandbox();
+    sb.write_file("/etc/ipcluster/apps/web.toml", &overlapping, 0o644).unwrap();
+    for tool in ["iptables-save", "iptables-restore"] {
+        sb.check(["mv", &format!("/usr/sbin/{tool}"), &format!("/usr/sbin/{tool}.hidden")]).unwrap();
+    }
+    sb.check(["systemctl", "start", "ipclusterd"]).unwrap();
+    let bus = Bus::connect(&sb);
+    let status = sb.check(["systemctl", "show", "-p", "StatusText", "--value", "ipclusterd"]).unwrap();
+    assert!(status.contains("cannot route") && status.contains("iptables"), "{status}");
+    let j = journal(&sb);
+    assert!(j.contains("cannot route") && j.contains("apt-get install iptables"), "{j}");
+    assert!(j.contains("overlaps the kernel's ephemeral ports"), "{j}");
+    let e = bus.deploy_plain("web").unwrap_err();
+    assert_eq!(e.name, "org.ipcluster1.Error.DeployFailed", "{e:?}");
+    assert!(e.message.contains("iptables"), "{e:?}");
+    assert!(bus.list_generations("web").is_empty(), "nothing was started");
+}

@@ -116,7 +116,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             info!("adopted {generations} generations with {workers} workers");
         }
         self.persist();
-        self.reconcile().await;
+        self.sync_rules().await;
     }
 
     /// Every generation systemd runs for us, with the workers whose claims agree with what the

@@ -6,6 +6,8 @@ use std::{collections::BTreeSet, sync::Arc};
 use ipcluster_core::{
     config::{AppConfig, ConfigError, Overrides},
     name::AppName,
+    ownership::{self, Kind},
+    ports,
 };
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
@@ -13,12 +15,32 @@ use tracing::{error, info, warn};
 use super::{Error, Supervisor, model::Waiter};
 use crate::{netfilter::Router, processes::Processes, scopes::Scopes};
 
+/// Whether `path` is root's alone ([`ownership::check`]); a path that cannot be read is left to
+/// the read that follows to report. The daemon's own user counts as root (it is root in
+/// production; a test runs it as the user who owns its files): the daemon trusts what it could
+/// have written itself, nobody else.
+fn unsafe_path(path: &std::path::Path, kind: Kind) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let owner = if m.uid() == rustix::process::geteuid().as_raw() { 0 } else { m.uid() };
+            ownership::check(&path.display().to_string(), kind, owner, m.mode())
+        }
+        Err(_) => Ok(()),
+    }
+}
+
 impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
     /// (Re)reads every app file. Invalid files are logged and kept as errors (Deploy answers
     /// InvalidConfig); the others are unaffected.
     pub(super) fn load_configs(&mut self) {
         let dir = &self.deps.config_dir;
         let mut seen = BTreeSet::new();
+        // Files anyone but root could have written are not taken as root's word (StrictModes).
+        let dir_unsafe = unsafe_path(dir, Kind::AppsDirectory).err();
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|t| ports::parse_ephemeral(&t).ok());
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e.flatten().collect::<Vec<_>>(),
             Err(e) => {
@@ -40,12 +62,20 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                     continue;
                 }
             };
-            let parsed = match std::fs::read_to_string(&path) {
-                Ok(text) => AppConfig::parse(&file, stem, &text).map(Arc::new),
-                Err(e) => {
-                    Err(ConfigError { file: file.clone(), location: None, key: None, message: e.to_string() })
-                }
+            let refused =
+                |message: String| ConfigError { file: file.clone(), location: None, key: None, message };
+            let parsed = match dir_unsafe.clone().map_or_else(|| unsafe_path(&path, Kind::AppFile), Err) {
+                Err(why) => Err(refused(why)),
+                Ok(()) => match std::fs::read_to_string(&path) {
+                    Ok(text) => AppConfig::parse(&file, stem, &text).map(Arc::new),
+                    Err(e) => Err(refused(e.to_string())),
+                },
             };
+            if let (Ok(c), Some(eph)) = (&parsed, ephemeral)
+                && let Some((lo, hi)) = ports::ephemeral_overlap(c.port_range, eph)
+            {
+                warn!(app = %name, "{file}: port_range {}-{} overlaps the kernel's ephemeral ports ({lo}-{hi}, net.ipv4.ip_local_port_range): an outgoing connection may take a worker's port", c.port_range.0, c.port_range.1);
+            }
             if let Err(e) = &parsed {
                 error!(app = %name, "invalid app file, skipped: {e}");
             }

@@ -73,6 +73,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         let config =
             Arc::new(config.with_overrides(overrides).map_err(|e| Error::InvalidArgs(e.to_string()))?);
         let launch = self.launch_context(&config)?;
+        // A generation that could never be routed is not started.
+        self.deps.router.check().map_err(|e| Error::DeployFailed(format!("cannot route {name}: {e}")))?;
         let mut ports = self.allocate_ports(&config, config.workers as usize)?.into_iter();
 
         // Saved as starting before any process exists: a daemon killed from here on finds it on
@@ -250,6 +252,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         };
         let handle = gated.release().map_err(|e| format!("band {band}: cannot start: {e}"))?;
         let id = self.add_worker(app, g, band, pid, ports, handle, cgroup, self.now());
+        self.ports_changed();
         if config.ready == Ready::Tcp {
             self.start_probe(id);
         }

@@ -215,6 +215,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
     /// then serves until every handle is dropped. Sends `READY=1` once the autostart deploys
     /// have finished (or failed).
     pub async fn run(mut self) {
+        if let Err(e) = self.deps.router.check() {
+            error!("cannot route: {e}; deploys will fail until it is fixed");
+        }
         self.load_configs();
         self.adopt().await;
         if let Some(mut rx) = self.deps.notify.take() {
@@ -278,7 +281,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             Command::StopApp { app, reply } => self.stop_app(&app, reply).await,
             Command::Reload { reply } => {
                 self.load_configs();
-                self.reconcile().await;
+                self.sync_rules().await;
                 let _ = self.autostart().await;
                 info!("configuration reloaded");
                 self.reply(reply, Ok(()));
@@ -311,6 +314,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             TimerKey::Respawn { app, generation, band } => self.respawn(app, generation, band).await,
             TimerKey::RespawnTimeout(id) => self.respawn_timeout(id),
             TimerKey::ReapNext(app) => self.reap_next(&app),
+            TimerKey::SyncRules => self.sync_rules().await,
         }
     }
 
@@ -319,7 +323,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         let apps = self.valid_apps().len();
         let live = self.m.workers.values().filter(|w| w.state == W::Live).count();
         let retired = self.m.workers.values().filter(|w| matches!(w.state, W::Retired | W::Stopping)).count();
-        let line = format!("{apps} apps, {live} live workers, {retired} retired workers");
+        let mut line = format!("{apps} apps, {live} live workers, {retired} retired workers");
+        if let Err(e) = self.deps.router.check() {
+            line.push_str(&format!("; cannot route: {e}"));
+        }
         if line != self.last_status {
             crate::notify_systemd(&[sd_notify::NotifyState::Status(&line)]);
             self.last_status = line;
@@ -402,7 +409,26 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         }
     }
 
-    /// Makes the kernel's rules match the live workers; says so when it had to change them.
+    /// The ports workers hold changed (a worker started or left): the rules that guard them are
+    /// refreshed shortly, once for however many changes happen meanwhile.
+    fn ports_changed(&mut self) {
+        if !self.timers.is_set(&TimerKey::SyncRules) {
+            self.timers.set(TimerKey::SyncRules, Duration::from_millis(100));
+        }
+    }
+
+    /// Brings the kernel's rules up to date after a change the supervisor made itself (a
+    /// worker started or left, a band moved, an app stopped).
+    async fn sync_rules(&mut self) {
+        match self.deps.router.apply(&self.routes(None)).await {
+            Ok(Applied::Changed) => tracing::debug!("rules updated"),
+            Ok(Applied::Unchanged) => {}
+            Err(e) => error!("cannot change the NAT rules: {e}"),
+        }
+    }
+
+    /// The periodic check: makes the kernel's rules match the live workers, and says so when
+    /// something else had changed them.
     async fn reconcile(&mut self) {
         match self.deps.router.apply(&self.routes(None)).await {
             Ok(Applied::Changed) => warn!(

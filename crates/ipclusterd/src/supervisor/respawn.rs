@@ -114,7 +114,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             old.state = WorkerState::Retired;
             old.retired_at = Some(now);
         }
-        self.reconcile().await;
+        self.sync_rules().await;
         let Some(old) = replaces.and_then(|o| self.m.workers.get(&o)) else {
             info!(app = %app, band, pid, "{app}: band {band} is served by its own worker again (pid {pid})");
             return;

@@ -173,7 +173,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         }
         self.m.apps.get_mut(&name).expect("checked").stopped = true;
         self.persist();
-        self.reconcile().await;
+        self.sync_rules().await;
         let ids: Vec<WorkerId> = self.m.workers_of_app(&name).map(|(id, _)| id).collect();
         for id in ids {
             if let Some(w) = self.m.workers.get_mut(&id) {

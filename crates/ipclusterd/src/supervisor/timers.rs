@@ -28,6 +28,8 @@ pub enum TimerKey {
     RespawnTimeout(WorkerId),
     /// The next retired worker in the app's reap queue is stopped (`reap_interval`).
     ReapNext(AppName),
+    /// The rules are brought up to date with the workers' ports (changes coalesce).
+    SyncRules,
 }
 
 /// The running timers.

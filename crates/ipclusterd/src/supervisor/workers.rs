@@ -176,6 +176,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         };
         info!(app = %w.app, generation = w.generation, band = w.band, pid = w.pid, "{}: generation {} band {} pid {} ({}): {reason}", w.app, w.generation, w.band, w.pid, w.state);
         let Some(w) = self.forget_worker(id, reason) else { return };
+        self.ports_changed();
         // Whatever it left behind (children it forked) goes with it.
         if let Some(c) = &w.cgroup {
             self.deps.processes.kill_cgroup(c);
@@ -202,7 +203,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 // Until a replacement is ready, the band's new connections go to a neighbour.
                 if w.state == WorkerState::Live {
                     warn!(app = %w.app, generation = w.generation, band = w.band, "{}: live worker of band {} gone; the band falls back to a neighbour", w.app, w.band);
-                    self.reconcile().await;
+                    self.sync_rules().await;
                 }
                 self.drain_orphans(&w);
                 let up_for = if w.state == WorkerState::Live {
