@@ -154,6 +154,9 @@ fn adopted_workers_are_reaped_respawned_and_numbered_on() {
 fn rules_flushed_by_another_tool_are_restored() {
     let (sb, bus) = cluster(&[("web", WEB)]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
+    // Let the deploy's own rule refreshes (coalesced, 100 ms) pass: the flush below is then a
+    // change nobody expected, which the periodic check finds and says so.
+    std::thread::sleep(Duration::from_millis(500));
     sb.check(["iptables", "-t", "nat", "-F"]).unwrap();
     let broken = sb.in_netns(|| client::get(Ipv4Addr::new(127, 0, 0, 2), PUBLIC)).unwrap();
     assert_eq!(broken.err(), Some(client::Failure::Refused), "the flush really broke routing");
