@@ -291,7 +291,10 @@ fn an_app_file_or_directory_writable_by_others_is_refused_with_the_fix() {
     sb.check(["systemctl", "reload", "ipclusterd"]).unwrap();
     let e = bus.deploy_plain("web").unwrap_err();
     assert_eq!(e.name, "org.ipcluster1.Error.InvalidConfig", "{e:?}");
-    assert!(e.message.contains("writable by its group and by others") && e.message.contains("chmod go-w"), "{e:?}");
+    assert!(
+        e.message.contains("writable by its group and by others") && e.message.contains("chmod go-w"),
+        "{e:?}"
+    );
     let check = sb.run(["ipclusterctl", "check-config"]).unwrap();
     assert_eq!(check.status.code(), Some(1), "{}", text(&check));
     assert!(text(&check).contains("chmod go-w /etc/ipcluster/apps/web.toml"), "{}", text(&check));

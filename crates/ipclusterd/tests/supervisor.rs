@@ -121,3 +121,56 @@ async fn failed_deploys_stop_their_scope_and_route_nothing() {
     assert!(workers(&h.handle, "").await.is_empty());
     let _ = std::fs::remove_dir_all(&h.dir);
 }
+
+/// The launcher never runs with the worker's environment (an override's `LD_PRELOAD` would act
+/// before privileges are dropped); the worker's own `execve` gets all of it.
+#[test]
+fn a_gated_launcher_runs_with_path_alone_and_the_worker_gets_its_environment() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("launcher-env-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("env");
+    let spec = ipclusterd::process::SpawnSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), format!("env > {}", out.display())],
+        env: vec![("LD_PRELOAD".into(), "/nonexistent/evil.so".into()), ("APP_MODE".into(), "x".into())],
+        cwd: dir.clone(),
+        user: None,
+        identifier: "t".into(),
+        unit: "t.scope".into(),
+        launcher: PathBuf::from(env!("CARGO_BIN_EXE_ipclusterd")),
+    };
+    let gated = ipclusterd::process::spawn_gated(&spec).unwrap();
+    // Held at its gate: exec'd (no longer the fork of this test), and without the worker's env.
+    let environ = std::path::Path::new("/proc").join(gated.pid.to_string()).join("environ");
+    let mut launcher_env = String::new();
+    for _ in 0..200 {
+        launcher_env = std::fs::read(&environ)
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
+            .unwrap_or_default();
+        if std::fs::read_link(format!("/proc/{}/exe", gated.pid)).is_ok_and(|e| e.ends_with("ipclusterd")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        launcher_env.trim(),
+        format!("PATH={}", ipclusterd::process::WORKER_PATH),
+        "the launcher's environment"
+    );
+    let pidfd = gated.release().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ipclusterd::process::alive(&pidfd) || !out.exists() {
+        if !ipclusterd::process::alive(&pidfd) && out.exists() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the worker did not run");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let worker_env = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        worker_env.contains("APP_MODE=x") && worker_env.contains("LD_PRELOAD=/nonexistent/evil.so"),
+        "{worker_env}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
