@@ -7,7 +7,10 @@
 //! Apps property) read the latest one. A flood of reads costs the supervisor nothing, and a
 //! caller who reads right after an answer sees what the answer did.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use ipcluster_core::{
     config::Overrides,
@@ -116,11 +119,80 @@ pub enum BusSignal {
     },
 }
 
+/// Buckets (upper bounds, seconds) of the cutover duration histogram.
+pub const CUTOVER_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// A histogram with fixed buckets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    /// Observations at most each of [`CUTOVER_BUCKETS`] (cumulative, as Prometheus counts).
+    pub cumulative: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        if self.cumulative.len() != CUTOVER_BUCKETS.len() {
+            self.cumulative = vec![0; CUTOVER_BUCKETS.len()];
+        }
+        for (bound, n) in CUTOVER_BUCKETS.iter().zip(&mut self.cumulative) {
+            if seconds <= *bound {
+                *n += 1;
+            }
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// What the memory and health policies did, by name (`ipcluster_policy_actions_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PolicyAction {
+    /// A live worker over `worker_memory_max` replaced.
+    MemoryReplacement,
+    /// A retired worker stopped over 80 % of `cluster_memory_max`.
+    WatermarkStop,
+    /// A retired worker killed over 95 % of `cluster_memory_max`.
+    WatermarkKill,
+    /// A hung worker replaced or stopped.
+    Watchdog,
+    /// An action held back by `retire_rate`, or live workers alone over budget.
+    HeldBack,
+}
+
+impl PolicyAction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PolicyAction::MemoryReplacement => "memory_replacement",
+            PolicyAction::WatermarkStop => "watermark_stop",
+            PolicyAction::WatermarkKill => "watermark_kill",
+            PolicyAction::Watchdog => "watchdog",
+            PolicyAction::HeldBack => "held_back",
+        }
+    }
+}
+
+/// Counters since the daemon started, for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metrics {
+    /// Per app: deploys that went live, deploys that failed.
+    pub deploys: BTreeMap<String, (u64, u64)>,
+    /// Respawns of crashed workers, per (app, band).
+    pub restarts: BTreeMap<(String, u32), u64>,
+    /// Policy actions, per (app, action).
+    pub policy_actions: BTreeMap<(String, PolicyAction), u64>,
+    /// Cutover durations, per app.
+    pub cutover: BTreeMap<String, Histogram>,
+}
+
 /// What readers see: the state as of the supervisor's last turn.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub workers: Vec<WorkerInfo>,
     pub generations: Vec<GenerationInfo>,
+    /// Counters since the daemon started.
+    pub metrics: Metrics,
     /// Every app the supervisor knows (with a file, valid or not, or with running generations).
     pub known: BTreeSet<AppName>,
     /// The apps with a valid file.

@@ -324,6 +324,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             return;
         }
         info!(app = %app, generation = g, "{app}: cutover to generation {g} in {} ms", started.elapsed().as_millis());
+        self.metrics.cutover.entry(app.to_string()).or_default().observe(started.elapsed().as_secs_f64());
+        self.metrics.deploys.entry(app.to_string()).or_default().0 += 1;
         self.timers.cancel(&TimerKey::ReadyTimeout { app: app.clone(), generation: g });
         for id in self.m.ids_of(app, g) {
             if let Some(w) = self.m.workers.get_mut(&id) {
@@ -377,6 +379,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             return;
         }
         warn!(app = %app, generation = g, "{app}: deploy of generation {g} failed: {reason}");
+        self.metrics.deploys.entry(app.to_string()).or_default().1 += 1;
         gen_.failure = Some(reason);
         gen_.held.clear();
         self.timers.cancel(&TimerKey::ReadyTimeout { app: app.clone(), generation: g });

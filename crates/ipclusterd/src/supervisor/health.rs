@@ -20,7 +20,7 @@ use ipcluster_core::{
 };
 use tracing::{info, warn};
 
-use super::{BusSignal, Event, Supervisor, model::WorkerId};
+use super::{BusSignal, Event, PolicyAction, Supervisor, model::WorkerId};
 use crate::{clock::usec, netfilter::Router, processes::Processes, sampler::Sample, scopes::Scopes};
 
 /// Which workers a policy may act on, by state.
@@ -95,7 +95,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         limit.try_take(now.into_std().duration_since(self.started.into_std()))
     }
 
+    /// Counts a policy action for /metrics.
+    fn count(&mut self, app: &AppName, action: PolicyAction) {
+        *self.metrics.policy_actions.entry((app.to_string(), action)).or_default() += 1;
+    }
+
     fn held_back(&mut self, app: &AppName, generation: u64, band: u32, pid: u32, reason: String) {
+        self.count(app, PolicyAction::HeldBack);
         warn!(app = %app, generation, band, pid, "{app}: band {band} pid {pid}: {reason}");
         self.signal(BusSignal::PolicyHeldBack { app: app.to_string(), generation, band, pid, reason });
     }
@@ -123,6 +129,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             let why = format!("RSS {} MiB over worker_memory_max {} MiB", rss >> 20, max >> 20);
             if self.retirement_allowed(app, config.retire_rate) {
                 info!(app = %app, generation = g, band, pid, "{app}: band {band} pid {pid}: {why}; replacing it");
+                self.count(app, PolicyAction::MemoryReplacement);
                 self.replace_band(app, g, band, id, "memory").await;
             } else {
                 self.held_back(app, g, band, pid, format!("{why}; retirement held back by retire_rate"));
@@ -178,12 +185,14 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 w.state = WorkerState::Stopping;
                 w.stop_reason = Some("memory");
             }
+            self.count(app, PolicyAction::WatermarkKill);
             self.kill_worker(*id);
         }
         for id in &verdict.stop {
             if let Some(w) = self.m.workers.get(id) {
                 info!(app = %app, pid = w.pid, "{app}: cluster RSS {} MiB over 80 % of {} MiB; stopping retired pid {}", total >> 20, budget >> 20, w.pid);
             }
+            self.count(app, PolicyAction::WatermarkStop);
             self.stop_worker(*id, "memory");
         }
         let over = verdict.live_over_budget;
@@ -221,9 +230,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             let why = format!("no WATCHDOG=1 for more than {:?}", config.watchdog.unwrap_or_default());
             if state == WorkerState::Retired {
                 warn!(app = %app, pid, "{app}: retired pid {pid} is hung ({why}); stopping it");
+                self.count(app, PolicyAction::Watchdog);
                 self.stop_worker(id, "watchdog");
             } else if self.retirement_allowed(app, config.retire_rate) {
                 warn!(app = %app, generation = g, band, pid, "{app}: band {band} pid {pid} is hung ({why}); replacing it");
+                self.count(app, PolicyAction::Watchdog);
                 self.replace_band(app, g, band, id, "watchdog").await;
             } else {
                 self.held_back(

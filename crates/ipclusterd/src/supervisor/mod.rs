@@ -51,7 +51,8 @@ use std::{
 };
 
 pub use api::{
-    BusSignal, Command, Error, GenerationInfo, Handle, Mailbox, Reply, Snapshot, WorkerInfo, channel,
+    BusSignal, CUTOVER_BUCKETS, Command, Error, GenerationInfo, Handle, Histogram, Mailbox, Metrics,
+    PolicyAction, Reply, Snapshot, WorkerInfo, channel,
 };
 use ipcluster_core::{
     model::GenState,
@@ -150,6 +151,8 @@ pub struct Supervisor<S, R, P: Processes> {
     snapshot: tokio::sync::watch::Sender<Option<Arc<api::Snapshot>>>,
     /// Answers of this turn: they leave after the snapshot that shows their effect.
     outbox: Outbox,
+    /// Counters for /metrics.
+    metrics: api::Metrics,
 }
 
 /// Answers waiting for the end of the supervisor's turn.
@@ -187,6 +190,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             started: tokio::time::Instant::now(),
             snapshot,
             outbox: Outbox::default(),
+            metrics: api::Metrics::default(),
         }
     }
 

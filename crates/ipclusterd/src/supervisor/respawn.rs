@@ -30,6 +30,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             .or_insert_with(|| Backoff::new(min, max))
             .on_crash(up_for);
         info!(app = %app, generation, band, "{app}: respawning band {band} in {delay:?}");
+        *self.metrics.restarts.entry((app.to_string(), band)).or_default() += 1;
         self.persist();
         self.timers.set(TimerKey::Respawn { app: app.clone(), generation, band }, delay);
     }

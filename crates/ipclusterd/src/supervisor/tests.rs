@@ -201,6 +201,9 @@ async fn a_deploy_cuts_over_retires_the_previous_generation_and_reaps_it() {
         states.contains(&(1, GenState::Retired)) && states.ends_with(&[(1, GenState::Stopped)]),
         "{states:?}"
     );
+    let metrics = h.handle.snapshot().await.unwrap().metrics.clone();
+    assert_eq!(metrics.deploys["web"], (2, 0), "two deploys went live");
+    assert_eq!(metrics.cutover["web"].count, 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -233,6 +236,11 @@ async fn a_failed_deploy_stops_its_scope_routes_nothing_and_leaves_no_record() {
     assert!(h.deploy_with("web", hang).await.is_err());
     assert_eq!(h.routed("web"), routed);
     assert_eq!(h.deploy("web").await, Ok(3));
+    let metrics = h.handle.snapshot().await.unwrap().metrics.clone();
+    assert_eq!(
+        (metrics.deploys["exits"], metrics.deploys["hangs"], metrics.deploys["web"]),
+        ((0, 1), (0, 1), (2, 1))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -389,6 +397,8 @@ async fn a_crashing_band_is_respawned_with_doubling_delays_and_served_by_a_neigh
         delays.push((at - crashed).as_millis());
     }
     assert_eq!(delays, [100, 200, 400, 800]);
+    let metrics = h.handle.snapshot().await.unwrap().metrics.clone();
+    assert_eq!(metrics.restarts[&("web".to_owned(), 1)], 4);
 }
 
 #[tokio::test(start_paused = true)]
@@ -417,6 +427,9 @@ async fn a_worker_over_worker_memory_max_is_replaced_then_retired_and_the_rate_l
     assert_eq!(h.worker("web", 1, 1).await.pid, band1.pid, "not replaced");
     let held = h.held_back();
     assert!(held.iter().any(|r| r.contains("held back by retire_rate")), "{held:?}");
+    let metrics = h.handle.snapshot().await.unwrap().metrics.clone();
+    assert_eq!(metrics.policy_actions[&("web".to_owned(), super::PolicyAction::MemoryReplacement)], 1);
+    assert!(metrics.policy_actions[&("web".to_owned(), super::PolicyAction::HeldBack)] >= 1);
 }
 
 #[tokio::test(start_paused = true)]

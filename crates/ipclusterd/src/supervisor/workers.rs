@@ -333,6 +333,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         super::Snapshot {
             workers,
             generations,
+            metrics: self.metrics.clone(),
             known: self.m.apps.keys().cloned().collect(),
             valid: self.valid_apps(),
             config_dir: self.deps.config_dir.display().to_string(),
