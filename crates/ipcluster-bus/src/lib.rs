@@ -159,6 +159,9 @@ pub trait Manager {
     fn deploy(&self, app: &str, options: HashMap<&str, OwnedVariant>) -> zbus::Result<u64>;
     /// Retires a generation (a live one after its replacement is live).
     fn retire_generation(&self, app: &str, generation: u64) -> zbus::Result<()>;
+    /// Goes back to an earlier generation (0: the newest that was live before the live one);
+    /// returns the generation now live (the same one, or a new one running its config).
+    fn rollback(&self, app: &str, generation: u64) -> zbus::Result<u64>;
     /// Stops retired workers of `app` ("" = every app); returns how many.
     fn kill_retired(&self, app: &str) -> zbus::Result<u32>;
     fn list_workers(&self, app: &str) -> zbus::Result<Vec<WorkerRow>>;

@@ -5,7 +5,8 @@ use std::{fmt, net::SocketAddrV4};
 
 use crate::{config::AppConfig, name::AppName};
 
-/// State of a generation: `starting → live → retired → stopped`, or `starting → failed`.
+/// State of a generation: `starting → live → retired → stopped`, or `starting → failed`; a
+/// rollback makes a retired generation live again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GenState {
@@ -33,7 +34,13 @@ impl GenState {
         use GenState::*;
         matches!(
             (self, next),
-            (Starting, Live) | (Starting, Failed) | (Live, Retired) | (Retired, Stopped) | (Live, Stopped)
+            (Starting, Live)
+                | (Starting, Failed)
+                | (Live, Retired)
+                | (Retired, Stopped)
+                | (Live, Stopped)
+                // A rollback makes a retired generation live again.
+                | (Retired, Live)
         )
     }
 
@@ -148,7 +155,8 @@ mod tests {
         assert!(Starting.can_become(Failed));
         assert!(Live.can_become(Retired));
         assert!(Retired.can_become(Stopped));
-        assert!(!Retired.can_become(Live));
+        assert!(Retired.can_become(Live), "a rollback");
+        assert!(!Stopped.can_become(Live));
         assert!(!Failed.can_become(Live));
         assert!(!Stopped.can_become(Starting));
     }

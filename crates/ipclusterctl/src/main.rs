@@ -56,6 +56,9 @@ enum Cmd {
         #[arg(long)]
         no_block: bool,
     },
+    /// Go back to an earlier generation (default: the one live before): the same workers at
+    /// once when they still run, else a new generation running what it ran.
+    Rollback { app: String, generation: Option<u64> },
     /// Retire a generation (a live one is replaced first).
     Retire { app: String, generation: u64 },
     /// Stop every retired worker of APP (of every app without APP).
@@ -204,6 +207,9 @@ async fn run(args: Args) -> zbus::Result<()> {
                 options.insert(option::WORKING_DIRECTORY, opt(d)?);
             }
             progress::deploy(&manager, &app, options, no_block, json).await?;
+        }
+        Cmd::Rollback { app, generation } => {
+            progress::rollback(&manager, &app, generation.unwrap_or(0), json).await?;
         }
         Cmd::Retire { app, generation } => {
             manager.retire_generation(&app, generation).await?;

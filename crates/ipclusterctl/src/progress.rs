@@ -1,6 +1,7 @@
-//! `ipclusterctl deploy`: the Deploy call and its progress, complete and in order — the
+//! `ipclusterctl deploy` and `rollback`: the call and its progress, complete and in order — the
 //! generation starting, each band ready, the generation live — whatever order the signals
-//! (GenerationStateChanged, WorkerReady) and the method reply arrive in.
+//! (GenerationStateChanged, WorkerReady) and the method reply arrive in. A rollback that needs
+//! no new generation (the same workers are live again) says so in one line.
 //!
 //! They race: the daemon emits signals from its own task, and zbus hands each signal stream and
 //! the reply to this client separately. [`Progress`] orders them: ready bands seen before the
@@ -24,6 +25,8 @@ pub enum Line {
     BandReady { generation: u64, band: u32, pid: u32, ready: usize },
     /// Every band is ready and the generation serves (Deploy returned).
     Live { generation: u64 },
+    /// A rollback made a retired generation live again, with the same workers.
+    LiveAgain { generation: u64 },
 }
 
 impl Line {
@@ -35,6 +38,9 @@ impl Line {
                 format!("{app}: generation {generation}: band {band} ready (pid {pid}), {ready} ready")
             }
             Line::Live { generation } => format!("{app}: generation {generation} is live"),
+            Line::LiveAgain { generation } => {
+                format!("{app}: generation {generation} is live again (rolled back: the same workers)")
+            }
         }
     }
 }
@@ -76,6 +82,11 @@ impl Progress {
             // Another generation's worker (a respawn in the live one, say).
             Some(_) => Vec::new(),
         }
+    }
+
+    /// Whether a new generation was seen starting.
+    pub fn started(&self) -> bool {
+        self.generation.is_some()
     }
 
     /// The reply: `generation` is live. `workers` are (band, pid) of its workers from ListWorkers,
@@ -128,19 +139,52 @@ pub async fn deploy(
     no_block: bool,
     json: bool,
 ) -> zbus::Result<()> {
+    follow(manager, app, Call::Deploy(options), no_block, json).await
+}
+
+/// Calls Rollback (generation 0: the newest that was live before) and reports it like a deploy.
+pub async fn rollback(
+    manager: &ManagerProxy<'_>,
+    app: &str,
+    generation: u64,
+    json: bool,
+) -> zbus::Result<()> {
+    follow(manager, app, Call::Rollback(generation), false, json).await
+}
+
+/// The call whose progress is followed.
+#[derive(Debug)]
+enum Call<'a> {
+    Deploy(HashMap<&'a str, OwnedVariant>),
+    Rollback(u64),
+}
+
+async fn follow(
+    manager: &ManagerProxy<'_>,
+    app: &str,
+    call: Call<'_>,
+    no_block: bool,
+    json: bool,
+) -> zbus::Result<()> {
     // Subscribed before the call, so no signal of this deploy is missed.
     let mut states = manager.receive_generation_state_changed_with_args(&[(0, app)]).await?;
     let mut ready = manager.receive_worker_ready_with_args(&[(0, app)]).await?;
-    let call = manager.deploy(app, options);
+    let rollback = matches!(call, Call::Rollback(_));
+    let call = async {
+        match call {
+            Call::Deploy(options) => manager.deploy(app, options).await,
+            Call::Rollback(g) => manager.rollback(app, g).await,
+        }
+    };
     tokio::pin!(call);
     let mut progress = Progress::default();
     let show = |lines: Vec<Line>| {
         for line in lines {
             match line {
-                Line::Live { generation } if json => {
+                Line::Live { generation } | Line::LiveAgain { generation } if json => {
                     println!("{}", serde_json::json!({"app": app, "generation": generation, "state": "live"}))
                 }
-                Line::Live { .. } => println!("{}", line.text(app)),
+                Line::Live { .. } | Line::LiveAgain { .. } => println!("{}", line.text(app)),
                 _ if json => {}
                 _ => eprintln!("{}", line.text(app)),
             }
@@ -160,6 +204,10 @@ pub async fn deploy(
                     if let Ok(a) = s.args() {
                         show(progress.on_ready(a.generation, a.band, a.pid));
                     }
+                }
+                if rollback && !progress.started() {
+                    show(vec![Line::LiveAgain { generation }]);
+                    return Ok(());
                 }
                 // The deploy succeeded whatever this says; without the list, fewer bands are shown.
                 let workers: Vec<(u32, u32)> = if json {

@@ -198,6 +198,20 @@ impl Manager {
         Ok(self.handle.call(|reply| Command::Deploy { app, overrides, reply }).await?)
     }
 
+    /// Goes back to an earlier generation (0: the newest that was live before the live one):
+    /// the same workers in one cutover when they still run, else a new generation running what
+    /// it ran. Returns the generation now live.
+    async fn rollback(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        app: String,
+        generation: u64,
+    ) -> Result<u64, BusError> {
+        authorize(conn, &hdr, Action::Manage, &[("app", &app)]).await?;
+        Ok(self.handle.call(|reply| Command::Rollback { app, generation, reply }).await?)
+    }
+
     /// Retires a generation (a live one only after its replacement is live).
     async fn retire_generation(
         &self,

@@ -111,6 +111,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 }
             }
         }
+        self.restore_history(&saved_apps);
         self.finish_stops(&saved_apps);
         if generations > 0 {
             info!("adopted {generations} generations with {workers} workers");
@@ -241,6 +242,41 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         let expected = Expected { bands, listen_ports, port_range, worker };
         let (band, ports) = adoption::check_claim(&claim, &expected).map_err(Refused::Claim)?;
         Ok(FoundWorker { band, pid, ports, handle, cgroup: isolated.then(|| cgroup.to_owned()) })
+    }
+
+    /// Generations the previous daemon knew that no longer run join the history as finished
+    /// (ListGenerations shows them; a rollback can redeploy what they ran).
+    fn restore_history(&mut self, saved: &BTreeMap<AppName, SavedApp>) {
+        for (app, record) in saved {
+            let base = self.m.apps.get(app).and_then(|a| a.config.clone()).and_then(Result::ok);
+            for (g, s) in &record.generations {
+                if self.m.generation(app, *g).is_some() {
+                    continue;
+                }
+                let config = match &base {
+                    Some(c) => s.effective((**c).clone()),
+                    None => s.effective(AppConfig::fallback(app.clone(), s.workers, s.listen.clone())),
+                };
+                let state = match s.state {
+                    GenState::Failed | GenState::Starting => GenState::Failed,
+                    _ => GenState::Stopped,
+                };
+                self.m.apps.entry(app.clone()).or_default().generations.insert(
+                    *g,
+                    Generation {
+                        state,
+                        config: Arc::new(config),
+                        started: from_usec(s.started_usec),
+                        retired_at: s.retired_usec.map(from_usec),
+                        scope: ipcluster_core::model::scope_name(app, *g),
+                        waiting: vec![],
+                        failure: None,
+                        held: Default::default(),
+                    },
+                );
+            }
+            self.trim_history(app);
+        }
     }
 
     fn stop_unit_in_background(&self, unit: String) {

@@ -51,6 +51,9 @@ pub enum Command {
     Deploy { app: String, overrides: Overrides, reply: Reply<u64> },
     /// Retire a generation; a live one is replaced first (answered once the replacement is live).
     Retire { app: String, generation: u64, reply: Reply<()> },
+    /// Go back to an earlier generation (0: the newest that was live before the live one):
+    /// answered with the generation now live (the same, or a new one running its config).
+    Rollback { app: String, generation: u64, reply: Reply<u64> },
     /// Stop the retired workers of `app` ("" = every app); answered with how many.
     KillRetired { app: String, reply: Reply<u32> },
     /// Re-read the app files.

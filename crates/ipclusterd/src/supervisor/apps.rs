@@ -133,7 +133,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         for name in names {
             let (tx, rx) = oneshot::channel();
             info!(app = %name, "{name}: autostart");
-            self.deploy(name.as_str(), &Overrides::default(), Waiter::Deploy(tx)).await;
+            self.deploy(
+                name.as_str(),
+                super::deploy::Source::File(&Overrides::default()),
+                Waiter::Deploy(tx),
+            )
+            .await;
             pending.push(rx);
         }
         pending

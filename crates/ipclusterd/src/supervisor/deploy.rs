@@ -28,6 +28,15 @@ use crate::{
     state,
 };
 
+/// What a new generation runs.
+#[derive(Debug)]
+pub(super) enum Source<'a> {
+    /// The app file, with a Deploy's overrides.
+    File(&'a Overrides),
+    /// A config as it is (a rollback redeploys what an earlier generation ran).
+    Config(Arc<AppConfig>),
+}
+
 /// Who a generation's workers run as and where they send notifications.
 #[derive(Debug, Clone)]
 pub(super) struct Launch {
@@ -50,8 +59,8 @@ pub(super) fn scope_spec(config: &AppConfig, g: u64, pids: Vec<u32>) -> ScopeSpe
 
 impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
     /// Starts a deploy; `waiter` is answered at the cutover or once a failure is cleaned up.
-    pub(super) async fn deploy(&mut self, app: &str, overrides: &Overrides, waiter: Waiter) {
-        match self.start_generation(app, overrides).await {
+    pub(super) async fn deploy(&mut self, app: &str, source: Source<'_>, waiter: Waiter) {
+        match self.start_generation(app, source).await {
             Ok((name, g)) => {
                 if let Some(gen_) = self.m.generation_mut(&name, g) {
                     gen_.waiting.push(waiter);
@@ -63,15 +72,20 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
 
     /// Steps 1–2 of a deploy. On error nothing is left behind: no generation, no process, no
     /// scope, no saved record.
-    async fn start_generation(&mut self, app: &str, overrides: &Overrides) -> Result<(AppName, u64), Error> {
+    async fn start_generation(&mut self, app: &str, source: Source<'_>) -> Result<(AppName, u64), Error> {
         let name = self.app_name(app)?;
         let a = &self.m.apps[&name];
-        let config = a.file_config(&name)?;
         if let Some(g) = a.deploying() {
             return Err(Error::Busy(format!("{name} is already deploying generation {g}")));
         }
-        let config =
-            Arc::new(config.with_overrides(overrides).map_err(|e| Error::InvalidArgs(e.to_string()))?);
+        let config = match source {
+            Source::File(overrides) => Arc::new(
+                a.file_config(&name)?
+                    .with_overrides(overrides)
+                    .map_err(|e| Error::InvalidArgs(e.to_string()))?,
+            ),
+            Source::Config(c) => c,
+        };
         let launch = self.launch_context(&config)?;
         // A generation that could never be routed is not started.
         self.deps.router.check().map_err(|e| Error::DeployFailed(format!("cannot route {name}: {e}")))?;

@@ -38,6 +38,7 @@ mod health;
 mod model;
 mod respawn;
 mod retire;
+mod rollback;
 #[cfg(test)]
 mod tests;
 mod timers;
@@ -102,7 +103,9 @@ pub struct Deps<S, R, P> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScopeJob {
     Stop,
-    CpuWeight,
+    /// Sets `CPUWeight=` (retired generations yield the CPU; a generation live again gets the
+    /// default back).
+    CpuWeight(u64),
 }
 
 /// Something that happened, reported by a helper task.
@@ -124,8 +127,10 @@ pub enum Event {
 
 /// Finished generations kept for ListGenerations, per app.
 const HISTORY: usize = 16;
-/// `CPUWeight=` of retired generations' scopes (the default is 100).
+/// `CPUWeight=` of retired generations' scopes.
 pub const RETIRED_CPU_WEIGHT: u64 = 10;
+/// systemd's default `CPUWeight=`, given back to a generation that is live again.
+pub const DEFAULT_CPU_WEIGHT: u64 = 100;
 /// How often the rules are compared with the live workers (and repaired).
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
@@ -275,9 +280,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
     async fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Deploy { app, overrides, reply } => {
-                self.deploy(&app, &overrides, model::Waiter::Deploy(reply)).await;
+                self.deploy(&app, deploy::Source::File(&overrides), model::Waiter::Deploy(reply)).await;
             }
             Command::Retire { app, generation, reply } => self.retire(&app, generation, reply).await,
+            Command::Rollback { app, generation, reply } => self.rollback(&app, generation, reply).await,
             Command::KillRetired { app, reply } => {
                 let n = self.kill_retired(&app);
                 self.reply(reply, n);
@@ -392,7 +398,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             if app.stopped {
                 self.saved.apps.entry(name.clone()).or_default().stopped = true;
             }
-            for (g, x) in app.generations.iter().filter(|(_, x)| x.state.is_running()) {
+            // Every generation in the history, finished ones too: a rollback after a restart still
+            // knows what they ran.
+            for (g, x) in &app.generations {
                 let mut record = SavedGeneration::of(x.state, usec(x.started), &x.config);
                 record.retired_usec = x.retired_at.map(usec);
                 record.processes = self
@@ -463,7 +471,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         tokio::spawn(async move {
             let result = match job {
                 ScopeJob::Stop => scopes.stop(&unit).await,
-                ScopeJob::CpuWeight => scopes.set_cpu_weight(&unit, RETIRED_CPU_WEIGHT).await,
+                ScopeJob::CpuWeight(w) => scopes.set_cpu_weight(&unit, w).await,
             };
             let _ =
                 tx.send(Event::ScopeJob { app, generation, job, result: result.map_err(|e| e.to_string()) });

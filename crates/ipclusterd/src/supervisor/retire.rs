@@ -41,7 +41,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 self.reply(reply, Ok(()));
             }
             Some(GenState::Live) => {
-                self.deploy(name.as_str(), &Overrides::default(), Waiter::Retire(reply)).await;
+                self.deploy(
+                    name.as_str(),
+                    super::deploy::Source::File(&Overrides::default()),
+                    Waiter::Retire(reply),
+                )
+                .await;
             }
         }
     }
@@ -68,7 +73,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         }
         self.enter(app, g, GenState::Retired);
         // Retired generations yield the CPU to the live one.
-        self.scope_job(app, g, ScopeJob::CpuWeight);
+        self.scope_job(app, g, ScopeJob::CpuWeight(super::RETIRED_CPU_WEIGHT));
         if self.m.workers_of(app, g).next().is_none() {
             self.enter(app, g, GenState::Stopped);
         }

@@ -227,7 +227,11 @@ async fn a_failed_deploy_stops_its_scope_routes_nothing_and_leaves_no_record() {
     assert!(h.router.last().is_empty(), "no route for a failed generation");
     assert!(h.workers("").await.is_empty(), "their workers left the list before DeployFailed");
     let saved = crate::state::load(&h.dir.join("state.json")).unwrap();
-    assert!(saved.apps.values().all(|a| a.generations.is_empty()), "{saved:?}");
+    // Only history: nothing saved as starting or running that a restart would look for.
+    assert!(
+        saved.apps.values().all(|a| a.generations.values().all(|g| g.state == GenState::Failed)),
+        "{saved:?}"
+    );
 
     // A failure leaves the live generation serving, and a retry gets a new number.
     assert_eq!(h.deploy("web").await, Ok(1));
@@ -341,7 +345,11 @@ async fn adoption_takes_the_rules_as_the_live_generation_and_resumes_backoff_at_
     .await;
     let gens = h.handle.snapshot().await.unwrap().generations_of("web").unwrap();
     let states: Vec<(u64, GenState)> = gens.iter().map(|g| (g.generation, g.state)).collect();
-    assert_eq!(states, [(1, GenState::Retired), (2, GenState::Live)], "generation 3 never went live");
+    assert_eq!(
+        states,
+        [(1, GenState::Retired), (2, GenState::Live), (3, GenState::Failed)],
+        "generation 3 never went live: it is stopped, and shows as failed"
+    );
     h.sleep(Duration::from_millis(1)).await;
     assert_eq!(*h.scopes.stopped.lock().unwrap(), ["ipcluster-web-3.scope"]);
     let old = h.workers("web").await;
@@ -637,4 +645,95 @@ async fn a_deploy_override_survives_a_restart_of_the_daemon() {
     let g = &saved.apps[&AppName::new("web").unwrap()].generations[&1];
     assert_eq!(g.command, ["serve", "--overridden"], "the effective command is saved");
     assert_eq!(g.processes.len(), 2, "and who its workers are");
+}
+
+impl Harness {
+    async fn rollback(&self, app: &str, generation: u64) -> Result<u64, Error> {
+        self.handle.call(|reply| Command::Rollback { app: app.into(), generation, reply }).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollback_to_a_retired_generation_is_one_transaction_with_the_same_workers() {
+    let mut h = start("rollback", &[("web", app("\"serve\"", ""))]).await;
+    assert_eq!(
+        h.rollback("web", 0).await,
+        Err(Error::NoSuchGeneration("web has no earlier generation to roll back to".into()))
+    );
+    assert_eq!(h.deploy("web").await, Ok(1));
+    let first: Vec<(u32, u16)> = h.workers("web").await.iter().map(|w| (w.pid, w.ports[0].1)).collect();
+    assert_eq!(h.deploy("web").await, Ok(2));
+    let applied = h.router.applied.lock().unwrap().len();
+    assert_eq!(h.rollback("web", 0).await, Ok(1), "the newest generation that was live before");
+    assert_eq!(h.router.applied.lock().unwrap().len(), applied + 1, "one transaction");
+    let rows = h.workers("web").await;
+    let live: Vec<(u32, u16)> =
+        rows.iter().filter(|w| w.state == WorkerState::Live).map(|w| (w.pid, w.ports[0].1)).collect();
+    assert_eq!(live, first, "the same workers serve again");
+    assert!(
+        rows.iter().filter(|w| w.generation == 1).all(|w| w.nice == 0 && h.procs.nice(w.pid) == 0),
+        "renice undone"
+    );
+    assert!(
+        rows.iter().filter(|w| w.generation == 2).all(|w| w.state == WorkerState::Retired && w.nice == 5)
+    );
+    assert_eq!(h.routed("web"), first.iter().map(|w| w.1).collect::<Vec<_>>());
+    h.sleep(Duration::from_millis(1)).await;
+    assert!(h.scopes.cpu_weights.lock().unwrap().contains(&("ipcluster-web-1.scope".into(), 100)));
+    let states = h.generation_states();
+    assert!(states.ends_with(&[(1, GenState::Live), (2, GenState::Retired)]), "{states:?}");
+    // Rolling back to the live one changes nothing; unknown and failed generations are refused.
+    assert_eq!(h.rollback("web", 1).await, Ok(1));
+    assert!(matches!(h.rollback("web", 9).await, Err(Error::NoSuchGeneration(_))));
+    assert!(matches!(h.rollback("nope", 0).await, Err(Error::NoSuchApp(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollback_to_a_reaped_generation_redeploys_what_it_ran() {
+    let h = start(
+        "rollback_reaped",
+        &[("web", app("\"serve\"", "")), ("signals", app("\"serve\"", "retire_signal = \"USR2\"\n"))],
+    )
+    .await;
+    let v1 = Overrides { command: Some(vec!["serve".into(), "--v1".into()]), ..Overrides::default() };
+    assert_eq!(h.deploy_with("web", v1).await, Ok(1));
+    assert_eq!(h.deploy("web").await, Ok(2));
+    assert_eq!(h.handle.call(|reply| Command::KillRetired { app: "web".into(), reply }).await, Ok(2));
+    h.until("generation 1 to stop", Duration::from_secs(1), async |h| {
+        h.workers("web").await.iter().all(|w| w.generation == 2)
+    })
+    .await;
+    assert_eq!(h.rollback("web", 0).await, Ok(3), "a new generation");
+    for w in h.workers("web").await.iter().filter(|w| w.generation == 3) {
+        assert_eq!(h.procs.argv(w.pid), ["serve", "--v1"], "generation 1's command, override included");
+    }
+    // A generation told to wind down (retire_signal) is not brought back: it is redeployed.
+    assert_eq!(h.deploy("signals").await, Ok(1));
+    assert_eq!(h.deploy("signals").await, Ok(2));
+    let old: Vec<u32> =
+        h.workers("signals").await.iter().filter(|w| w.generation == 1).map(|w| w.pid).collect();
+    assert_eq!(h.rollback("signals", 1).await, Ok(3));
+    assert!(
+        h.workers("signals")
+            .await
+            .iter()
+            .filter(|w| w.state == WorkerState::Live)
+            .all(|w| !old.contains(&w.pid))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollback_during_a_deploy_is_busy() {
+    let h = start("rollback_busy", &[("web", app("\"serve\"", ""))]).await;
+    assert_eq!(h.deploy("web").await, Ok(1));
+    let hang = Overrides { command: Some(vec!["hang".into()]), ..Overrides::default() };
+    let deploying = {
+        let handle = h.handle.clone();
+        tokio::spawn(async move {
+            handle.call(|reply| Command::Deploy { app: "web".into(), overrides: hang, reply }).await
+        })
+    };
+    h.sleep(Duration::from_millis(10)).await;
+    assert!(matches!(h.rollback("web", 0).await, Err(Error::Busy(_))));
+    assert!(deploying.await.unwrap().is_err());
 }

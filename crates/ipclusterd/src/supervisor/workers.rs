@@ -271,7 +271,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             let Some(gen_) = app.generations.get(&g) else { continue };
             let mut by_band: Vec<Option<Vec<u16>>> = vec![None; gen_.config.workers as usize];
             for (_, w) in self.m.workers_of(name, g) {
-                let live = w.state == WorkerState::Live || (candidate.is_some() && w.ready);
+                // A generation about to go live (deployed, or rolled back to) lends its ready workers
+                // that are neither stopping nor queued to be.
+                let lent = candidate.is_some()
+                    && w.ready
+                    && !w.reap_queued
+                    && matches!(w.state, WorkerState::Starting | WorkerState::Retired);
+                let live = w.state == WorkerState::Live || lent;
                 if let Some(slot) = by_band.get_mut(w.band as usize).filter(|_| live) {
                     *slot = Some(w.worker_ports());
                 }

@@ -28,6 +28,8 @@ pub struct DeployTime {
     pub deploy_ms: f64,
     /// The cutover transaction, ms (as the daemon logs it; median of 3).
     pub cutover_ms: f64,
+    /// An instant rollback's transaction (the same workers live again), ms (median of 3).
+    pub rollback_ms: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -132,13 +134,31 @@ pub fn run(plan: &Plan) -> Result<Footprint> {
             times.push(ms(t.elapsed()));
             busctl(&sb, &["KillRetired", "s", "bench"])?;
         }
+        // Instant rollbacks: each goes back to the generation the previous one retired.
+        busctl(&sb, &["Deploy", "sa{sv}", "bench", "0"])?;
+        for _ in 0..3 {
+            busctl(&sb, &["Rollback", "st", "bench", "0"])?;
+        }
         let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"])?;
         let cutovers: Vec<f64> = journal
             .lines()
             .filter_map(|l| l.split(" in ").last()?.strip_suffix(" ms")?.parse().ok())
             .collect();
-        let d = DeployTime { bands, deploy_ms: median(times), cutover_ms: median(cutovers) };
-        eprintln!("   deploy {bands:>4} bands: {:.0} ms, cutover {:.0} ms", d.deploy_ms, d.cutover_ms);
+        let rollbacks: Vec<f64> = journal
+            .lines()
+            .filter(|l| l.contains(": rolled back to generation "))
+            .filter_map(|l| l.split(" in ").last()?.split(" ms").next()?.parse().ok())
+            .collect();
+        let d = DeployTime {
+            bands,
+            deploy_ms: median(times),
+            cutover_ms: median(cutovers),
+            rollback_ms: median(rollbacks),
+        };
+        eprintln!(
+            "   deploy {bands:>4} bands: {:.0} ms, cutover {:.0} ms, rollback {:.0} ms",
+            d.deploy_ms, d.cutover_ms, d.rollback_ms
+        );
         deploys.push(d);
     }
     Ok(Footprint { idle, deploys })
