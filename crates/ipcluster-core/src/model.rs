@@ -1,9 +1,12 @@
 //! Generations and workers: their states, the legal transitions, and the names and environment
 //! that identify them outside the daemon (unit names, `IPCLUSTER_*` variables).
 
-use std::{fmt, net::SocketAddrV4};
+use std::{fmt, net::SocketAddr};
 
-use crate::{config::AppConfig, name::AppName};
+use crate::{
+    config::{AppConfig, Routing},
+    name::AppName,
+};
 
 /// State of a generation: `starting → live → retired → stopped`, or `starting → failed`; a
 /// rollback makes a retired generation live again.
@@ -106,6 +109,13 @@ pub fn parse_scope_name(unit: &str) -> Option<(AppName, u64)> {
     Some((AppName::new(app).ok()?, g))
 }
 
+/// The name of a `listen` entry's socket in `LISTEN_FDNAMES`: the entry with `:` written `_`,
+/// since names are `:`-separated and sd_listen_fds_with_names(3) refuses a name with `:`
+/// (`0.0.0.0:80` → `0.0.0.0_80`, `[::]:443` → `[__]_443`).
+pub fn fd_name(listen: &SocketAddr) -> String {
+    listen.to_string().replace(':', "_")
+}
+
 /// Identity of one worker, as given to it in its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerIdentity {
@@ -114,7 +124,7 @@ pub struct WorkerIdentity {
     pub band: u32,
     pub bands: u32,
     /// (public address, worker port) in `listen` order.
-    pub ports: Vec<(SocketAddrV4, u16)>,
+    pub ports: Vec<(SocketAddr, u16)>,
 }
 
 impl WorkerIdentity {
@@ -127,12 +137,23 @@ impl WorkerIdentity {
         env.push(("IPCLUSTER_GENERATION".into(), self.generation.to_string()));
         env.push(("IPCLUSTER_BAND".into(), self.band.to_string()));
         env.push(("IPCLUSTER_BANDS".into(), self.bands.to_string()));
-        if let Some((_, port)) = self.ports.first() {
-            env.push(("PORT".into(), port.to_string()));
+        match config.routing {
+            Routing::Nat => {
+                if let Some((_, port)) = self.ports.first() {
+                    env.push(("PORT".into(), port.to_string()));
+                }
+                let pairs: Vec<String> =
+                    self.ports.iter().map(|(public, w)| format!("{}:{w}", public.port())).collect();
+                env.push(("IPCLUSTER_PORTS".into(), pairs.join(",")));
+            }
+            // sd_listen_fds(3): one socket per listen entry from fd 3; LISTEN_PID is added by
+            // the launcher, which knows the worker's PID.
+            Routing::Socket => {
+                env.push(("LISTEN_FDS".into(), config.listen.len().to_string()));
+                let names: Vec<String> = config.listen.iter().map(fd_name).collect();
+                env.push(("LISTEN_FDNAMES".into(), names.join(":")));
+            }
         }
-        let pairs: Vec<String> =
-            self.ports.iter().map(|(public, w)| format!("{}:{w}", public.port())).collect();
-        env.push(("IPCLUSTER_PORTS".into(), pairs.join(",")));
         if let Some(sock) = notify_socket {
             env.push(("NOTIFY_SOCKET".into(), sock.to_owned()));
             // WATCHDOG_PID is added by the launcher, which knows the worker's PID.
@@ -189,6 +210,12 @@ mod tests {
             bands: 4,
             ports: vec![("0.0.0.0:80".parse().unwrap(), 20001), ("0.0.0.0:443".parse().unwrap(), 20002)],
         };
+        let socket = AppConfig { routing: Routing::Socket, ..config.clone() };
+        let env = id.environment(&socket, Some("/run/ipcluster/notify"));
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!((get("LISTEN_FDS"), get("LISTEN_FDNAMES")), (Some("2"), Some("0.0.0.0_80:0.0.0.0_443")));
+        assert_eq!((get("PORT"), get("IPCLUSTER_PORTS")), (None, None), "no port of its own");
+        assert_eq!(fd_name(&"[::]:443".parse().unwrap()), "[__]_443");
         let env = id.environment(&config, Some("/run/ipcluster/notify"));
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("MODE"), Some("p"));

@@ -221,7 +221,7 @@ proptest! {
             Ok(c) => {
                 prop_assert!(fits, "{text}");
                 prop_assert_eq!(c.workers, workers);
-                prop_assert_eq!(c.listen, listen);
+                prop_assert_eq!(c.listen, listen.iter().map(|l| std::net::SocketAddr::V4(*l)).collect::<Vec<_>>());
                 prop_assert_eq!((c.ready_timeout, c.stop_timeout), (ready, stop));
                 prop_assert_eq!(c.worker_memory_max, mem);
             }
@@ -258,7 +258,12 @@ fn routes() -> impl Strategy<Value = Vec<AppRoute>> {
             ];
             (Just(app), Just(listen), ports, guarded)
         })
-        .prop_map(|(app, listen, bands, guarded)| AppRoute { app, listen, bands, guarded });
+        .prop_map(|(app, listen, bands, guarded)| AppRoute {
+            app,
+            listen: listen.into_iter().map(std::net::SocketAddr::V4).collect(),
+            bands,
+            guarded,
+        });
     prop::collection::vec(one, 0..4).prop_map(|mut v| {
         // One route per app, as the supervisor makes them.
         let mut seen = std::collections::BTreeSet::new();
@@ -383,7 +388,8 @@ fn saved_state() -> impl Strategy<Value = SavedState> {
                     started_usec,
                     retired_usec,
                     workers,
-                    listen,
+                    listen: listen.into_iter().map(std::net::SocketAddr::V4).collect(),
+                    routing: None,
                     command,
                     environment,
                     user,

@@ -8,11 +8,15 @@
 //! On disk it is JSON: states are written as the bus names them (`"live"`), addresses as
 //! `"ip:port"`.
 
-use std::{collections::BTreeMap, net::SocketAddrV4, path::PathBuf};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{config::AppConfig, model::GenState, name::AppName};
+use crate::{
+    config::{AppConfig, Routing},
+    model::GenState,
+    name::AppName,
+};
 
 /// The whole saved state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,8 +53,10 @@ pub struct SavedGeneration {
     pub retired_usec: Option<u64>,
     pub workers: u32,
     /// Public addresses, in `listen` order.
-    pub listen: Vec<SocketAddrV4>,
-    /// The effective config it runs with (the file's plus Deploy overrides), so what was
+    pub listen: Vec<SocketAddr>,
+    /// How its clients reach it (absent in state files from before socket mode: NAT).
+    #[serde(default)]
+    pub routing: Option<Routing>,/// The effective config it runs with (the file's plus Deploy overrides), so what was
     /// deployed keeps running after a restart, not what the file says now. Absent in state
     /// files from before they were saved: the app file's then.
     #[serde(default)]
@@ -88,8 +94,8 @@ impl SavedGeneration {
             retired_usec: None,
             workers: config.workers,
             listen: config.listen.clone(),
-            command: config.command.clone(),
-            environment: config.environment.clone(),
+            routing: Some(config.routing),
+            command: config.command.clone(),environment: config.environment.clone(),
             user: config.user.clone(),
             working_directory: Some(config.working_directory.clone()),
             port_range: Some(config.port_range),
@@ -101,6 +107,7 @@ impl SavedGeneration {
     pub fn effective(&self, mut base: AppConfig) -> AppConfig {
         base.workers = self.workers;
         base.listen = self.listen.clone();
+        base.routing = self.routing.unwrap_or(Routing::Nat);
         if !self.command.is_empty() {
             base.command = self.command.clone();
             base.environment = self.environment.clone();

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
     path::PathBuf,
 };
 
@@ -33,22 +33,26 @@ pub(super) fn check_command(cmd: &[String]) -> Result<Vec<String>, String> {
     Ok(cmd.to_vec())
 }
 
-pub(super) fn check_listen(list: &[String]) -> Result<Vec<SocketAddrV4>, String> {
+pub(super) fn check_listen(list: &[String]) -> Result<Vec<SocketAddr>, String> {
     if list.is_empty() || list.len() > MAX_LISTEN {
-        return Err(format!("needs 1 to {MAX_LISTEN} addresses like \"0.0.0.0:80\""));
+        return Err(format!("needs 1 to {MAX_LISTEN} addresses like \"0.0.0.0:80\" or \"[::]:443\""));
     }
-    let mut out: Vec<SocketAddrV4> = Vec::new();
+    let mut out: Vec<SocketAddr> = Vec::new();
     for l in list {
-        let a: SocketAddrV4 = l.parse().map_err(|_| {
-            format!("{} is not \"ipv4:port\" (e.g. \"0.0.0.0:80\", \"192.0.2.1:443\")", shown(l))
+        let a: SocketAddr = l.parse().map_err(|_| {
+            format!(
+                "{} is not \"address:port\" (e.g. \"0.0.0.0:80\", \"192.0.2.1:443\", \"[::]:80\", \"[2001:db8::1]:443\")",
+                shown(l)
+            )
         })?;
         if a.port() == 0 {
             return Err(format!("{}: port must be 1..=65535", shown(l)));
         }
-        if let Some(prev) = out.iter().find(|p| {
-            p.port() == a.port()
-                && (p.ip() == a.ip() || *p.ip() == Ipv4Addr::UNSPECIFIED || *a.ip() == Ipv4Addr::UNSPECIFIED)
-        }) {
+        // A wildcard of either family takes the port for every address ([::] serves IPv4 too).
+        if let Some(prev) = out
+            .iter()
+            .find(|p| p.port() == a.port() && (p.ip() == a.ip() || p.ip().is_unspecified() || a.ip().is_unspecified()))
+        {
             return Err(format!("{} overlaps {prev}", shown(l)));
         }
         out.push(a);

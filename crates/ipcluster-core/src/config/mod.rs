@@ -10,7 +10,7 @@ pub mod defaults;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::BTreeMap, fmt, net::SocketAddrV4, ops::Range, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, ops::Range, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -31,6 +31,26 @@ pub const MAX_ARG_LEN: usize = 4096;
 pub const MAX_ENV: usize = 256;
 pub const MAX_LISTEN: usize = 16;
 
+/// How clients reach the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// NAT `REDIRECT` rules send each band to its worker's own port (`$PORT`).
+    Nat,
+    /// The daemon binds the public sockets and hands each worker its band's; an eBPF program
+    /// steers each connection to its band's socket. No NAT, no worker port.
+    Socket,
+}
+
+impl Routing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Routing::Nat => "nat",
+            Routing::Socket => "socket",
+        }
+    }
+}
+
 /// How a worker tells that it is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ready {
@@ -46,7 +66,8 @@ pub struct AppConfig {
     pub name: AppName,
     pub command: Vec<String>,
     pub workers: u32,
-    pub listen: Vec<SocketAddrV4>,
+    pub listen: Vec<SocketAddr>,
+    pub routing: Routing,
     pub port_range: (u16, u16),
     pub ready: Ready,
     pub ready_timeout: Duration,
@@ -111,6 +132,7 @@ struct Raw {
     command: Spanned<Vec<String>>,
     workers: Option<Spanned<i64>>,
     listen: Spanned<Vec<String>>,
+    routing: Option<Spanned<String>>,
     port_range: Option<Spanned<String>>,
     ready: Option<Spanned<String>>,
     ready_timeout: Option<Spanned<String>>,
@@ -133,10 +155,11 @@ struct Raw {
 }
 
 /// Every key an app file accepts (kept in step with the reference docs by a test).
-pub const KEYS: [&str; 22] = [
+pub const KEYS: [&str; 23] = [
     "command",
     "workers",
     "listen",
+    "routing",
     "port_range",
     "ready",
     "ready_timeout",
@@ -205,13 +228,14 @@ impl AppConfig {
         name: AppName,
         command: Vec<String>,
         workers: u32,
-        listen: Vec<SocketAddrV4>,
+        listen: Vec<SocketAddr>,
     ) -> Self {
         AppConfig {
             name,
             command,
             workers,
             listen,
+            routing: Routing::Nat,
             port_range: defaults::PORT_RANGE,
             ready: Ready::Tcp,
             ready_timeout: defaults::READY_TIMEOUT,
@@ -238,7 +262,7 @@ impl AppConfig {
     /// invalid: the defaults, with the shape reality tells (bands and public addresses), and no
     /// autostart. Such an app cannot deploy until its file is valid again, but its workers are
     /// still managed.
-    pub fn fallback(name: AppName, workers: u32, listen: Vec<SocketAddrV4>) -> Self {
+    pub fn fallback(name: AppName, workers: u32, listen: Vec<SocketAddr>) -> Self {
         AppConfig { autostart: false, ..Self::with_defaults(name, Vec::new(), workers, listen) }
     }
 
@@ -282,10 +306,28 @@ impl AppConfig {
             c.port_range =
                 parse_port_range(r.get_ref()).map_err(|m| cx.err("port_range", Some(r.span()), m))?;
         }
-        c.ready = match raw.ready.as_ref().map(|r| r.get_ref().as_str()) {
-            None | Some("tcp") => Ready::Tcp,
-            Some("notify") => Ready::Notify,
+        c.routing = match raw.routing.as_ref().map(|r| r.get_ref().as_str()) {
+            None | Some("nat") => Routing::Nat,
+            Some("socket") => Routing::Socket,
             Some(other) => {
+                return Err(cx.err(
+                    "routing",
+                    span(&raw.routing),
+                    format!("{}: must be \"nat\" or \"socket\"", crate::units::shown(other)),
+                ));
+            }
+        };
+        c.ready = match (raw.ready.as_ref().map(|r| r.get_ref().as_str()), c.routing) {
+            (None, Routing::Socket) | (Some("notify"), _) => Ready::Notify,
+            (None | Some("tcp"), Routing::Nat) => Ready::Tcp,
+            (Some("tcp"), Routing::Socket) => {
+                return Err(cx.err(
+                    "ready",
+                    span(&raw.ready),
+                    "\"tcp\" cannot tell when a worker of routing = \"socket\" is ready: it listens on the sockets the daemon hands it, not on a port of its own; use ready = \"notify\" (send READY=1 to $NOTIFY_SOCKET)",
+                ));
+            }
+            (Some(other), _) => {
                 return Err(cx.err(
                     "ready",
                     span(&raw.ready),

@@ -47,7 +47,7 @@ mod tests;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 pub use rule::Rule;
@@ -79,8 +79,10 @@ pub fn band_of(addr: Ipv4Addr, bands: u32) -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppRoute {
     pub app: AppName,
-    /// Public addresses, in `listen` order.
-    pub listen: Vec<SocketAddrV4>,
+    /// Public addresses, in `listen` order. This (IPv4) table serves the IPv4 entries and the
+    /// IPv6 wildcard (`[::]`, dual-stack, also serves IPv4 clients); other IPv6 entries are
+    /// another table's.
+    pub listen: Vec<SocketAddr>,
     /// For each band, the worker port for each `listen` entry (same order). Its length is the
     /// number of bands, a power of two.
     pub bands: Vec<Vec<u16>>,
@@ -231,8 +233,12 @@ fn nat_rules(routes: &[AppRoute]) -> Vec<(String, String)> {
                 // rather than a panic.
                 let Some(port) = ports.get(i) else { continue };
                 let mut rule = String::new();
-                if !public.ip().is_unspecified() {
-                    let _ = write!(rule, "-d {}/32 ", public.ip());
+                match public.ip() {
+                    IpAddr::V4(ip) if !ip.is_unspecified() => {
+                        let _ = write!(rule, "-d {ip}/32 ");
+                    }
+                    IpAddr::V6(ip) if !ip.is_unspecified() => continue,
+                    _ => {}
                 }
                 if n > 1 {
                     let band = u32::try_from(band).unwrap_or(u32::MAX);

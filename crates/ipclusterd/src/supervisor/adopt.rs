@@ -19,7 +19,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::Arc,
     time::Duration,
 };
@@ -59,7 +59,7 @@ struct FoundWorker<H> {
 struct FoundGen<H> {
     unit: String,
     bands: u32,
-    listen: Vec<SocketAddrV4>,
+    listen: Vec<SocketAddr>,
     workers: Vec<FoundWorker<H>>,
 }
 
@@ -160,7 +160,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             let in_scope: BTreeSet<u32> = procs.iter().map(|(p, _)| *p).collect();
             let mut fg = FoundGen { unit: unit.clone(), bands, listen: listen.clone(), workers: Vec::new() };
             for (pid, cgroup) in procs {
-                let listen_ports: Vec<u16> = listen.iter().map(SocketAddrV4::port).collect();
+                let listen_ports: Vec<u16> = listen.iter().map(SocketAddr::port).collect();
                 match self.identify(
                     &unit,
                     &app,

@@ -4,7 +4,7 @@
 //! A failed deploy changes nothing a user sees: the generation's scope is stopped, its workers
 //! leave ListWorkers, no rule ever named it, and only then is `DeployFailed` answered.
 
-use std::{collections::BTreeSet, net::SocketAddrV4, path::PathBuf, sync::Arc};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use ipcluster_core::{
     config::{AppConfig, Overrides, Ready},
@@ -199,7 +199,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         &mut self,
         config: &AppConfig,
         workers: usize,
-    ) -> Result<Vec<Vec<(SocketAddrV4, u16)>>, Error> {
+    ) -> Result<Vec<Vec<(SocketAddr, u16)>>, Error> {
         let held: BTreeSet<u16> = self.m.workers.values().flat_map(|w| w.ports.iter().map(|p| p.1)).collect();
         let per = config.listen.len();
         let processes = &self.deps.processes;
@@ -224,7 +224,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         config: &AppConfig,
         generation: u64,
         band: u32,
-        ports: &[(SocketAddrV4, u16)],
+        ports: &[(SocketAddr, u16)],
         launch: &Launch,
     ) -> std::io::Result<P::Gated> {
         let identity = WorkerIdentity {
@@ -252,7 +252,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         app: &AppName,
         g: u64,
         band: u32,
-        ports: Vec<(SocketAddrV4, u16)>,
+        ports: Vec<(SocketAddr, u16)>,
         gated: P::Gated,
         config: &AppConfig,
     ) -> Result<WorkerId, String> {
@@ -280,7 +280,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         app: &AppName,
         generation: u64,
         band: u32,
-        ports: Vec<(SocketAddrV4, u16)>,
+        ports: Vec<(SocketAddr, u16)>,
     ) -> Result<WorkerId, String> {
         let Some(gen_) = self.m.generation(app, generation) else { return Err("no such generation".into()) };
         let (config, scope) = (gen_.config.clone(), gen_.scope.clone());

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    net::SocketAddrV4,
+    net::SocketAddr,
     os::fd::OwnedFd,
     sync::Arc,
     time::SystemTime,
@@ -32,7 +32,7 @@ pub struct Worker<H> {
     pub band: u32,
     pub pid: u32,
     /// (public address, worker port), in `listen` order.
-    pub ports: Vec<(SocketAddrV4, u16)>,
+    pub ports: Vec<(SocketAddr, u16)>,
     pub state: WorkerState,
     pub started: SystemTime,
     /// How the supervisor holds it (a pidfd).
@@ -94,7 +94,7 @@ impl Waiter {
 #[derive(Debug)]
 pub struct HeldBand {
     pub band: u32,
-    pub ports: Vec<(SocketAddrV4, u16)>,
+    pub ports: Vec<(SocketAddr, u16)>,
 }
 
 /// One generation of an app.

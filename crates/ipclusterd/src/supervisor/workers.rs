@@ -3,7 +3,7 @@
 //! workers make, and the lists callers read.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, SystemTime},
 };
 
@@ -31,7 +31,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         generation: u64,
         band: u32,
         pid: u32,
-        ports: Vec<(SocketAddrV4, u16)>,
+        ports: Vec<(SocketAddr, u16)>,
         handle: P::Handle,
         cgroup: Option<String>,
         started: SystemTime,
@@ -252,7 +252,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 w.app.to_string(),
                 *port,
                 dup,
-                SocketAddrV4::new(Ipv4Addr::LOCALHOST, *target),
+                std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, *target),
             );
         }
     }
