@@ -56,7 +56,8 @@ pub struct SavedGeneration {
     pub listen: Vec<SocketAddr>,
     /// How its clients reach it (absent in state files from before socket mode: NAT).
     #[serde(default)]
-    pub routing: Option<Routing>,/// The effective config it runs with (the file's plus Deploy overrides), so what was
+    pub routing: Option<Routing>,
+    /// The effective config it runs with (the file's plus Deploy overrides), so what was
     /// deployed keeps running after a restart, not what the file says now. Absent in state
     /// files from before they were saved: the app file's then.
     #[serde(default)]
@@ -95,7 +96,8 @@ impl SavedGeneration {
             workers: config.workers,
             listen: config.listen.clone(),
             routing: Some(config.routing),
-            command: config.command.clone(),environment: config.environment.clone(),
+            command: config.command.clone(),
+            environment: config.environment.clone(),
             user: config.user.clone(),
             working_directory: Some(config.working_directory.clone()),
             port_range: Some(config.port_range),

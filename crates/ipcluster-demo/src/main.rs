@@ -4,8 +4,10 @@
 //! app=demo generation=2 band=3 pid=4711 peer=127.0.0.7
 //! ```
 //!
-//! It listens on `0.0.0.0:<port>` for every worker port in `IPCLUSTER_PORTS` (else `$PORT`),
-//! sends `READY=1` when `NOTIFY_SOCKET` is set, and keeps connections alive. Flags make it
+//! With `LISTEN_FDS` (socket mode, sd_listen_fds(3)) it accepts on the sockets it was handed
+//! from fd 3; otherwise it listens on `[::]:<port>` (dual-stack: IPv4 clients too; `0.0.0.0`
+//! where IPv6 is off) for every worker port in `IPCLUSTER_PORTS` (else `$PORT`). It sends
+//! `READY=1` when `NOTIFY_SOCKET` is set, and keeps connections alive. Flags make it
 //! misbehave on purpose, for tests: `--exit-at-start CODE`, `--never-ready`, `--ignore-sigterm`,
 //! `--delay-ready MS`, `--exit-after MS` (exit 1 that long after becoming ready; with
 //! `--armed-by PATH`, only once PATH exists, so a test decides when a crash loop begins),
@@ -121,28 +123,19 @@ fn main() -> ExitCode {
     }
     thread::sleep(Duration::from_millis(flags.delay_ready_ms));
 
-    let mut ports: Vec<u16> = match env::var("IPCLUSTER_PORTS") {
-        Ok(pairs) if !pairs.is_empty() => {
-            pairs.split(',').filter_map(|p| p.split_once(':')?.1.parse().ok()).collect()
-        }
-        _ => env::var("PORT").ok().and_then(|p| p.parse().ok()).into_iter().collect(),
-    };
-    ports.dedup();
-    if ports.is_empty() {
-        eprintln!("ipcluster-demo: no port (set PORT or IPCLUSTER_PORTS)");
-        return ExitCode::from(2);
-    }
     let identity = format!("app={app} generation={generation} band={band} pid={}", std::process::id());
-    let mut listeners = Vec::new();
-    for port in &ports {
-        match TcpListener::bind(("0.0.0.0", *port)) {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                eprintln!("ipcluster-demo: cannot listen on 0.0.0.0:{port}: {e}");
-                return ExitCode::from(1);
+    let listeners = match handed_sockets() {
+        Some(l) => l,
+        None => match bind_ports() {
+            Ok(l) => l,
+            Err((code, why)) => {
+                eprintln!("ipcluster-demo: {why}");
+                return ExitCode::from(code);
             }
-        }
-    }
+        },
+    };
+    let ports: Vec<String> =
+        listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
     println!("ipcluster-demo {identity} listening on {ports:?}");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(interval) = sd_notify::watchdog_enabled() {
@@ -184,10 +177,48 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The sockets handed over by socket activation (sd_listen_fds(3)): `LISTEN_FDS` of them from
+/// fd 3, if `LISTEN_PID` is this process.
+fn handed_sockets() -> Option<Vec<TcpListener>> {
+    use std::os::fd::FromRawFd;
+    let pid: u32 = env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let n: i32 = env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    if pid != std::process::id() || !(1..=64).contains(&n) {
+        return None;
+    }
+    // SAFETY: sd_listen_fds(3): fds 3..3+LISTEN_FDS are listening sockets handed to this process
+    // (LISTEN_PID says so), owned by nobody else in it.
+    Some((3..3 + n).map(|fd| unsafe { TcpListener::from_raw_fd(fd) }).collect())
+}
+
+/// Listens on every worker port of `IPCLUSTER_PORTS` (else `$PORT`): `[::]`, dual-stack, or
+/// `0.0.0.0` where IPv6 is unavailable.
+fn bind_ports() -> Result<Vec<TcpListener>, (u8, String)> {
+    let mut ports: Vec<u16> = match env::var("IPCLUSTER_PORTS") {
+        Ok(pairs) if !pairs.is_empty() => {
+            pairs.split(',').filter_map(|p| p.split_once(':')?.1.parse().ok()).collect()
+        }
+        _ => env::var("PORT").ok().and_then(|p| p.parse().ok()).into_iter().collect(),
+    };
+    ports.dedup();
+    if ports.is_empty() {
+        return Err((2, "no port (set PORT or IPCLUSTER_PORTS)".into()));
+    }
+    ports
+        .iter()
+        .map(|port| {
+            TcpListener::bind(("::", *port))
+                .or_else(|_| TcpListener::bind(("0.0.0.0", *port)))
+                .map_err(|e| (1, format!("cannot listen on port {port}: {e}")))
+        })
+        .collect()
+}
+
 /// Serves HTTP/1.1 requests on one connection until the client closes it.
 fn serve(stream: TcpStream, identity: &str, log: bool) {
     let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    // An IPv4 client of a dual-stack socket shows as itself, not as ::ffff:a.b.c.d.
+    let peer = stream.peer_addr().map(|a| a.ip().to_canonical().to_string()).unwrap_or_default();
     let Ok(mut writer) = stream.try_clone() else { return };
     let mut reader = BufReader::new(stream);
     let body = format!("{identity} peer={peer}\n");

@@ -49,10 +49,9 @@ pub(super) fn check_listen(list: &[String]) -> Result<Vec<SocketAddr>, String> {
             return Err(format!("{}: port must be 1..=65535", shown(l)));
         }
         // A wildcard of either family takes the port for every address ([::] serves IPv4 too).
-        if let Some(prev) = out
-            .iter()
-            .find(|p| p.port() == a.port() && (p.ip() == a.ip() || p.ip().is_unspecified() || a.ip().is_unspecified()))
-        {
+        if let Some(prev) = out.iter().find(|p| {
+            p.port() == a.port() && (p.ip() == a.ip() || p.ip().is_unspecified() || a.ip().is_unspecified())
+        }) {
             return Err(format!("{} overlaps {prev}", shown(l)));
         }
         out.push(a);

@@ -224,12 +224,7 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 impl AppConfig {
     /// An app with `command`, `workers` and `listen`, and every other key at its default.
-    pub fn with_defaults(
-        name: AppName,
-        command: Vec<String>,
-        workers: u32,
-        listen: Vec<SocketAddr>,
-    ) -> Self {
+    pub fn with_defaults(name: AppName, command: Vec<String>, workers: u32, listen: Vec<SocketAddr>) -> Self {
         AppConfig {
             name,
             command,
