@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// What a process's environment says it is (`IPCLUSTER_BAND`, `IPCLUSTER_BANDS`,
-/// `IPCLUSTER_PORTS`): a hint, never the authority.
+/// `IPCLUSTER_PORTS`, which a socket-mode worker does not have): a hint, never the authority.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub band: u32,
@@ -39,8 +39,10 @@ impl Claim {
     /// Reads a claim from an environment; `None` when it does not make one.
     pub fn from_env(env: &[(String, String)]) -> Option<Claim> {
         let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
-        let ports: Option<Vec<(u16, u16)>> = get("IPCLUSTER_PORTS")?
+        let ports: Option<Vec<(u16, u16)>> = get("IPCLUSTER_PORTS")
+            .unwrap_or_default()
             .split(',')
+            .filter(|pair| !pair.is_empty())
             .take(MAX_LISTEN + 1)
             .map(|pair| {
                 let (p, w) = pair.split_once(':')?;
@@ -59,7 +61,8 @@ impl Claim {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expected<'a> {
     pub bands: u32,
-    /// Public ports, in `listen` order.
+    /// Public ports, in `listen` order; none in socket mode (its workers have no port of
+    /// their own, so they claim none).
     pub listen_ports: Vec<u16>,
     pub port_range: (u16, u16),
     /// The saved record of this very process (same PID, same start time), if there is one.
@@ -200,6 +203,26 @@ mod tests {
             ("IPCLUSTER_PORTS", &many),
         ]));
         assert!(long.unwrap().ports.len() <= MAX_LISTEN + 1, "a forged list is not read past the limit");
+        // A NAT worker that claims no ports is refused.
+        let portless = refused(&[("IPCLUSTER_BAND", "1"), ("IPCLUSTER_BANDS", "4")]);
+        assert!(portless.unwrap_err().contains("public ports []"));
+    }
+
+    #[test]
+    fn socket_mode_workers_claim_a_band_and_no_port() {
+        let claim =
+            Claim::from_env(&env(&[("IPCLUSTER_BAND", "3"), ("IPCLUSTER_BANDS", "4"), ("LISTEN_FDS", "1")]))
+                .unwrap();
+        let saved = SavedWorker { pid: 7, start_usec: 1, band: 3, ports: vec![] };
+        let expected =
+            Expected { bands: 4, listen_ports: vec![], port_range: (20000, 29999), worker: Some(&saved) };
+        assert_eq!(check_claim(&claim, &expected), Ok((3, vec![])));
+        let other = SavedWorker { band: 2, ..saved.clone() };
+        let refused = check_claim(&claim, &Expected { worker: Some(&other), ..expected.clone() });
+        assert!(refused.unwrap_err().contains("started it as band 2"));
+        // A port claimed where the generation has none is refused.
+        let ported = Claim { ports: vec![(80, 20001)], ..claim };
+        assert!(check_claim(&ported, &expected).unwrap_err().contains("public ports [80]"));
     }
 
     fn found(generation: u64, complete: bool, routed: bool) -> Found {

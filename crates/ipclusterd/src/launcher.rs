@@ -1,7 +1,8 @@
 //! The launcher: the first program a worker process runs (`ipclusterd __launch …`).
 //!
 //! The daemon forks the launcher, then creates the generation's scope with the launcher's PID in
-//! it, and only then releases it by writing a byte to its gate pipe (fd 3). So the worker is
+//! it, and only then releases it through its gate pipe (the fd after the handed sockets, named
+//! on its command line). So the worker is
 //! inside its scope from its first instruction, as with `systemd-run --scope`. (The wait cannot
 //! happen inside `pre_exec`: `Command::spawn` blocks until the child has exec'd.)
 //!
@@ -23,8 +24,8 @@ use std::{
 
 /// argv[1] that selects the launcher.
 pub const ARG: &str = "__launch";
-/// The fd the gate's read end is passed on.
-pub const GATE_FD: i32 = 3;
+/// The first fd handed to a worker (sd_listen_fds(3)); the gate comes after the handed sockets.
+pub const FIRST_FD: i32 = 3;
 /// Most bytes a release may carry (the environment is bounded by the config's limits).
 const MAX_RELEASE: u64 = 4 << 20;
 
@@ -57,20 +58,30 @@ pub fn decode_release(bytes: &[u8]) -> Option<Vec<(OsString, OsString)>> {
     )
 }
 
-/// Runs the launcher: `__launch <identifier> <unit> -- <argv…>`. Never returns on success.
+/// Runs the launcher: `__launch <gate fd> <identifier> <unit> -- <argv…>`. Never returns on
+/// success.
 pub fn main(args: Vec<OsString>) -> i32 {
+    let usage = || {
+        eprintln!("ipclusterd {ARG}: usage: {ARG} GATE_FD IDENTIFIER UNIT -- ARGV…");
+        2
+    };
     let mut it = args.into_iter().skip(2);
-    let (Some(identifier), Some(unit), Some(sep)) = (it.next(), it.next(), it.next()) else {
-        eprintln!("ipclusterd {ARG}: usage: {ARG} IDENTIFIER UNIT -- ARGV…");
-        return 2;
+    let (Some(gate_fd), Some(identifier), Some(unit), Some(sep)) =
+        (it.next(), it.next(), it.next(), it.next())
+    else {
+        return usage();
     };
     let argv: Vec<OsString> = it.collect();
+    let Some(gate_fd) = gate_fd.to_str().and_then(|f| f.parse::<i32>().ok()).filter(|f| *f >= FIRST_FD)
+    else {
+        return usage();
+    };
     if sep != "--" || argv.is_empty() {
-        eprintln!("ipclusterd {ARG}: usage: {ARG} IDENTIFIER UNIT -- ARGV…");
-        return 2;
+        return usage();
     }
-    // SAFETY: fd 3 is the gate's read end, set up by the daemon for this process alone; we own it.
-    let gate = unsafe { std::fs::File::from_raw_fd(GATE_FD) };
+    // SAFETY: the gate's read end is at `gate_fd`, set up by the daemon for this process alone
+    // (process.rs); we own it.
+    let gate = unsafe { std::fs::File::from_raw_fd(gate_fd) };
     let mut release = Vec::new();
     if gate.take(MAX_RELEASE).read_to_end(&mut release).is_err() {
         return 127;
@@ -90,9 +101,13 @@ pub fn main(args: Vec<OsString>) -> i32 {
         .env_clear()
         .env("PATH", crate::process::WORKER_PATH)
         .envs(env.iter().map(|(k, v)| (k, v)));
-    // sd_watchdog_enabled(3): the watchdog is meant for this very process.
+    // sd_watchdog_enabled(3), sd_listen_fds(3): the watchdog and the sockets are meant for this
+    // very process, which the worker is once it execs.
     if env.iter().any(|(k, _)| k == "WATCHDOG_USEC") {
         cmd.env("WATCHDOG_PID", std::process::id().to_string());
+    }
+    if env.iter().any(|(k, _)| k == "LISTEN_FDS") {
+        cmd.env("LISTEN_PID", std::process::id().to_string());
     }
     let err = cmd.exec();
     eprintln!("ipclusterd: cannot execute {:?}: {err}", argv[0]);

@@ -27,6 +27,7 @@ pub mod processes;
 pub mod sampler;
 pub mod scopes;
 pub mod state;
+pub mod steering;
 pub mod supervisor;
 pub mod testing;
 
@@ -132,6 +133,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         scopes,
         router: netfilter::Iptables::new(),
         processes: processes::Host,
+        steer: steering::Kernel,
         clock: std::sync::Arc::new(clock::SystemClock),
         config_dir: options.config_dir.clone(),
         state_file: state_dir().join("state.json"),

@@ -22,6 +22,10 @@ struct Args {
     /// Well-known bus name to own.
     #[arg(long, default_value = ipclusterd::BUS_NAME)]
     bus_name: String,
+    /// Prepare the host for socket mode and exit: mount bpffs at /sys/fs/bpf if it is not
+    /// (ipclusterd.service runs this before the daemon, outside the daemon's sandbox).
+    #[arg(long)]
+    prepare_host: bool,
     /// Print the man page (roff) and exit.
     #[arg(long, hide = true)]
     print_man: bool,
@@ -41,6 +45,10 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::FAILURE,
         };
+    }
+    if args.prepare_host {
+        ipclusterd::steering::prepare_host();
+        return ExitCode::SUCCESS;
     }
     ipclusterd::logging::init();
     if let Err(e) = ipclusterd::process::raise_nofile_limit() {

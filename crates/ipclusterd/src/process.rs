@@ -22,7 +22,7 @@ use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 pub const WORKER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What to run for one worker.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SpawnSpec {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -35,6 +35,8 @@ pub struct SpawnSpec {
     pub unit: String,
     /// The launcher executable: an ipclusterd binary (`/proc/self/exe` in the daemon).
     pub launcher: PathBuf,
+    /// Sockets handed to the worker from fd 3 (socket activation, sd_listen_fds(3)).
+    pub fds: Vec<OwnedFd>,
 }
 
 /// A launcher held at its gate: forked, not yet running the worker's command.
@@ -56,9 +58,21 @@ pub struct Gated {
 /// the worker's own `execve`, through the gate.
 pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
     let (gate_r, gate_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    // The child's fds: the handed sockets at 3, 4, …, then the gate. The sources are first
+    // copied above every target here in the parent, so no dup2 in the child overwrites a source
+    // it still needs (only async-signal-safe calls are allowed there).
+    let n = i32::try_from(spec.fds.len()).map_err(|_| io::Error::from_raw_os_error(libc::EMFILE))?;
+    let gate_fd = crate::launcher::FIRST_FD + n;
+    let above = |fd: &OwnedFd| rustix::io::fcntl_dupfd_cloexec(fd, gate_fd + 1);
+    let sources: Vec<OwnedFd> = spec.fds.iter().map(above).collect::<Result<_, _>>()?;
+    let gate_src = above(&gate_r)?;
+    drop(gate_r);
+    let raw: Vec<i32> = sources.iter().map(AsRawFd::as_raw_fd).collect();
+    let gate_raw = gate_src.as_raw_fd();
     let mut cmd = Command::new(&spec.launcher);
     cmd.arg0("ipclusterd-launch")
         .arg(crate::launcher::ARG)
+        .arg(gate_fd.to_string())
         .arg(&spec.identifier)
         .arg(&spec.unit)
         .arg("--")
@@ -73,21 +87,21 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
         // std drops supplementary groups when it changes the uid as root.
         cmd.uid(uid).gid(gid);
     }
-    let gate_raw = gate_r.as_raw_fd();
     let nofile = WORKER_NOFILE.get().copied();
-    // SAFETY: only async-signal-safe calls between fork and exec: dup2, fcntl, setsid, setrlimit.
+    // SAFETY: only async-signal-safe calls between fork and exec: dup2, setsid, setrlimit. Every
+    // source fd is above every target (see above), so no dup2 overwrites a source; dup2 clears
+    // CLOEXEC on each copy, which is what the exec must keep.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(lim) = &nofile {
                 libc::setrlimit(libc::RLIMIT_NOFILE, lim);
             }
-            // The gate's read end becomes fd 3. dup2 clears CLOEXEC on the copy, but when the
-            // pipe already is fd 3, dup2 does nothing and the flag must be cleared by hand.
-            if gate_raw == crate::launcher::GATE_FD {
-                if libc::fcntl(gate_raw, libc::F_SETFD, 0) < 0 {
+            for (i, src) in raw.iter().enumerate() {
+                if libc::dup2(*src, crate::launcher::FIRST_FD + i as i32) < 0 {
                     return Err(io::Error::last_os_error());
                 }
-            } else if libc::dup2(gate_raw, crate::launcher::GATE_FD) < 0 {
+            }
+            if libc::dup2(gate_raw, gate_fd) < 0 {
                 return Err(io::Error::last_os_error());
             }
             // Its own session: a worker never shares the daemon's process group or terminal.
@@ -96,7 +110,8 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
         });
     }
     let child = cmd.spawn()?;
-    drop(gate_r);
+    drop(gate_src);
+    drop(sources);
     let pid = child.id();
     // The child cannot have been reaped (only we wait for it), so the PID is still ours.
     let pidfd = rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty())?;
@@ -439,9 +454,31 @@ pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
 /// Linux 5.6). Held by the daemon, a listening socket outlives a crashed worker: connections
 /// that arrive before the rules move its band queue there instead of being refused.
 pub fn grab_listeners(pids: &[u32], ports: &[u16]) -> Vec<(u16, OwnedFd)> {
+    let mut out: Vec<(u16, OwnedFd)> = Vec::new();
+    grab_listening(pids, |addr, dup| {
+        if ports.contains(&addr.port()) && !out.iter().any(|(p, _)| *p == addr.port()) {
+            out.push((addr.port(), dup));
+        }
+    });
+    out
+}
+
+/// Duplicates into this process the listening sockets bound to exactly `addrs` held by `pids`
+/// (socket mode: the sockets the daemon handed a worker), one per address.
+pub fn grab_bound(pids: &[u32], addrs: &[std::net::SocketAddr]) -> Vec<(std::net::SocketAddr, OwnedFd)> {
+    let mut out: Vec<(std::net::SocketAddr, OwnedFd)> = Vec::new();
+    grab_listening(pids, |addr, dup| {
+        if addrs.contains(&addr) && !out.iter().any(|(a, _)| *a == addr) {
+            out.push((addr, dup));
+        }
+    });
+    out
+}
+
+/// Calls `take` with a duplicate of every listening TCP socket `pids` hold, and its address.
+fn grab_listening(pids: &[u32], mut take: impl FnMut(std::net::SocketAddr, OwnedFd)) {
     // Each socket is duplicated and asked directly (SO_ACCEPTCONN, getsockname): cheaper than
     // /proc/net/tcp, which walks the kernel's whole TCP hash table.
-    let mut out: Vec<(u16, OwnedFd)> = Vec::new();
     for &p in pids {
         let Ok(fds) = fs::read_dir(format!("/proc/{p}/fd")) else { continue };
         let Ok(pidfd) = adopt(p) else { continue };
@@ -458,20 +495,16 @@ pub fn grab_listeners(pids: &[u32], ports: &[u16]) -> Vec<(u16, OwnedFd)> {
                 continue;
             };
             let listening = rustix::net::sockopt::socket_acceptconn(&dup).unwrap_or(false);
-            let port = rustix::net::getsockname(&dup).ok().and_then(|a| {
+            let addr = rustix::net::getsockname(&dup).ok().and_then(|a| {
                 use rustix::net::SocketAddrAny;
                 let a: SocketAddrAny = a;
-                std::net::SocketAddr::try_from(a).ok().map(|a| a.port())
+                std::net::SocketAddr::try_from(a).ok()
             });
-            match port {
-                Some(port) if listening && ports.contains(&port) && !out.iter().any(|(p, _)| *p == port) => {
-                    out.push((port, dup));
-                }
-                _ => drop(dup),
+            if let Some(addr) = addr.filter(|_| listening) {
+                take(addr, dup);
             }
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -493,6 +526,20 @@ mod tests {
             std::net::TcpStream::connect(("127.0.0.1", port)).expect("still listening through the duplicate");
         let dup = std::net::TcpListener::from(grabbed.into_iter().next().unwrap().1);
         assert!(dup.accept().is_ok());
+    }
+
+    #[test]
+    fn grabs_the_listening_sockets_bound_to_exactly_the_given_addresses() {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let (a4, a6) = (v4.local_addr().unwrap(), v6.local_addr().unwrap());
+        let other: std::net::SocketAddr = format!("127.0.0.2:{}", a4.port()).parse().unwrap();
+        let grabbed = grab_bound(&[std::process::id()], &[a6, other, a4]);
+        let mut addrs: Vec<_> = grabbed.iter().map(|(a, _)| *a).collect();
+        addrs.sort();
+        let mut want = vec![a4, a6];
+        want.sort();
+        assert_eq!(addrs, want, "the same port on another address is not taken");
     }
 
     #[test]

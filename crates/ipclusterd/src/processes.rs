@@ -4,7 +4,14 @@
 //! [`crate::sampler`]); the supervisor's unit tests use a fake, so its rules (adoption, respawn,
 //! the memory and watchdog policies, paced spawning) are tested without root or real processes.
 
-use std::{future::Future, io, net::Ipv4Addr, os::fd::OwnedFd, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::OwnedFd,
+    sync::Arc,
+    time::Duration,
+};
 
 use crate::{
     process::{self, Exit, SpawnSpec},
@@ -61,6 +68,9 @@ pub trait Processes: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// Duplicates of the listening sockets on `ports` held by the worker's processes (its
     /// cgroup's, else `pid`'s tree).
     fn listeners(&self, pid: u32, cgroup: Option<&str>, ports: &[u16]) -> Vec<(u16, OwnedFd)>;
+    /// Duplicates of the listening sockets bound to exactly `addrs` held by the worker's
+    /// processes (socket mode: the sockets the daemon handed it, taken back after a restart).
+    fn sockets(&self, pid: u32, cgroup: Option<&str>, addrs: &[SocketAddr]) -> Vec<(SocketAddr, OwnedFd)>;
     /// uid and primary gid of a user.
     fn user(&self, name: &str) -> Result<(u32, u32), String>;
     /// Whether nothing holds `port` (a worker must be able to bind it).
@@ -170,6 +180,13 @@ impl Processes for Host {
             None => process::process_tree(pid),
         };
         process::grab_listeners(&pids, ports)
+    }
+    fn sockets(&self, pid: u32, cgroup: Option<&str>, addrs: &[SocketAddr]) -> Vec<(SocketAddr, OwnedFd)> {
+        let pids = match cgroup {
+            Some(c) => process::cgroup_procs(c),
+            None => process::process_tree(pid),
+        };
+        process::grab_bound(&pids, addrs)
     }
     fn user(&self, name: &str) -> Result<(u32, u32), String> {
         process::lookup_user(name)

@@ -164,6 +164,8 @@ pub struct FakeProc {
     pub rss: u64,
     pub connections: u32,
     pub released: bool,
+    /// The sockets it was handed (socket mode), in `listen` order.
+    sockets: Vec<OwnedFd>,
     listening: watch::Sender<bool>,
     exit: watch::Sender<Option<Exit>>,
 }
@@ -180,6 +182,7 @@ impl FakeProc {
             rss: 10 << 20,
             connections: 0,
             released: false,
+            sockets: Vec::new(),
             listening: watch::channel(false).0,
             exit: watch::channel(None).0,
         }
@@ -240,9 +243,23 @@ impl FakeProcesses {
 
     /// Ends `pid` with `exit` (nothing happens if it already ended).
     pub fn exit(&self, pid: u32, exit: Exit) {
-        if let Some(p) = self.world().procs.get(&pid) {
+        if let Some(p) = self.world().procs.get_mut(&pid) {
+            // A process that ends closes what it held.
+            p.sockets.clear();
             p.exit.send_if_modified(|e| e.is_none() && e.replace(exit).is_none());
         }
+    }
+
+    /// The environment `pid` was started with.
+    pub fn env(&self, pid: u32) -> Vec<(String, String)> {
+        self.world().procs.get(&pid).map(|p| p.env.clone()).unwrap_or_default()
+    }
+
+    /// The cookies of the sockets `pid` was handed (socket mode), in `listen` order.
+    pub fn socket_cookies(&self, pid: u32) -> Vec<u64> {
+        let w = self.world();
+        let Some(p) = w.procs.get(&pid) else { return Vec::new() };
+        p.sockets.iter().map(|s| rustix::fs::fstat(s).map_or(0, |st| st.st_ino)).collect()
     }
 
     /// A child of `pid` in the same cgroup (a worker's helper process), running, ignoring SIGTERM.
@@ -393,7 +410,9 @@ impl Processes for FakeProcesses {
         let pid = w.next_pid;
         w.next_pid += 1;
         let now = usec(w.clock.wall());
-        w.procs.insert(pid, FakeProc::new(spec.argv.clone(), spec.env.clone(), now));
+        let mut p = FakeProc::new(spec.argv.clone(), spec.env.clone(), now);
+        p.sockets = spec.fds.iter().map(OwnedFd::try_clone).collect::<io::Result<_>>()?;
+        w.procs.insert(pid, p);
         w.spawned.push((pid, tokio::time::Instant::now()));
         Ok(FakeGated { pid, processes: self.clone(), released: false })
     }
@@ -474,6 +493,16 @@ impl Processes for FakeProcesses {
     fn listeners(&self, _pid: u32, _cgroup: Option<&str>, _ports: &[u16]) -> Vec<(u16, OwnedFd)> {
         Vec::new()
     }
+    fn sockets(
+        &self,
+        pid: u32,
+        _cgroup: Option<&str>,
+        addrs: &[std::net::SocketAddr],
+    ) -> Vec<(std::net::SocketAddr, OwnedFd)> {
+        let w = self.world();
+        let Some(p) = w.procs.get(&pid).filter(|p| p.exit.borrow().is_none()) else { return Vec::new() };
+        addrs.iter().zip(&p.sockets).filter_map(|(a, s)| Some((*a, s.try_clone().ok()?))).collect()
+    }
     fn user(&self, name: &str) -> Result<(u32, u32), String> {
         if name == "app" { Ok((1000, 1000)) } else { Err(format!("user {name:?} does not exist")) }
     }
@@ -508,5 +537,130 @@ impl Processes for FakeProcesses {
     fn connections(&self, workers: &[(u64, u32)]) -> Vec<(u64, u32)> {
         let w = self.world();
         workers.iter().map(|(id, pid)| (*id, w.procs.get(pid).map_or(0, |p| p.connections))).collect()
+    }
+}
+
+/// Socket mode's kernel side, in memory: groups, tables (band → socket cookie), which table each
+/// group uses, and every switch. Sockets are pipes (each has an inode of its own, its cookie).
+/// [`FakeSteer::refuse`] plays a kernel that refuses the program (a verifier error).
+#[derive(Debug, Clone, Default)]
+pub struct FakeSteer {
+    world: Arc<Mutex<SteerWorld>>,
+}
+
+#[derive(Debug, Default)]
+struct SteerWorld {
+    next_table: u64,
+    /// Group name → the table in force.
+    current: BTreeMap<String, u64>,
+    tables: BTreeMap<u64, BTreeMap<u32, u64>>,
+    /// (group, table) of every switch, in order.
+    switches: Vec<(String, u64)>,
+    refuse: Option<String>,
+}
+
+/// A fake group: its name.
+#[derive(Debug)]
+pub struct FakeGroup(pub String);
+
+/// A fake table: its id.
+#[derive(Debug)]
+pub struct FakeTable(pub u64);
+
+impl FakeSteer {
+    fn world(&self) -> MutexGuard<'_, SteerWorld> {
+        lock(&self.world)
+    }
+
+    /// Makes every group load fail with `why` (as a verifier rejection would).
+    pub fn refuse(&self, why: &str) {
+        self.world().refuse = Some(why.to_owned());
+    }
+
+    /// The bands → socket cookies of the table `group` uses now.
+    pub fn routed(&self, group: &str) -> BTreeMap<u32, u64> {
+        let w = self.world();
+        w.current.get(group).and_then(|t| w.tables.get(t)).cloned().unwrap_or_default()
+    }
+
+    /// How many switches happened.
+    pub fn switches(&self) -> usize {
+        self.world().switches.len()
+    }
+
+    /// The name `group` keys an app's listen entry by.
+    pub fn name(app: &str, listen: &str) -> String {
+        ipcluster_steer::group_name(app, listen.parse().expect("an address"))
+    }
+}
+
+impl crate::steering::Steer for FakeSteer {
+    type Group = FakeGroup;
+    type Table = FakeTable;
+
+    fn group(
+        &self,
+        app: &ipcluster_core::name::AppName,
+        listen: std::net::SocketAddr,
+    ) -> Result<FakeGroup, String> {
+        match &self.world().refuse {
+            Some(why) => Err(why.clone()),
+            None => Ok(FakeGroup(ipcluster_steer::group_name(app.as_str(), listen))),
+        }
+    }
+    fn bind(&self, _group: &FakeGroup, _listen: std::net::SocketAddr) -> Result<OwnedFd, String> {
+        let (r, _w) = rustix::pipe::pipe().map_err(|e| e.to_string())?;
+        Ok(r)
+    }
+    fn table(&self) -> Result<FakeTable, String> {
+        let mut w = self.world();
+        w.next_table += 1;
+        let id = w.next_table;
+        w.tables.insert(id, BTreeMap::new());
+        Ok(FakeTable(id))
+    }
+    fn insert(&self, table: &FakeTable, band: u32, socket: &OwnedFd) -> Result<(), String> {
+        let cookie = self.cookie(socket)?;
+        self.world().tables.entry(table.0).or_default().insert(band, cookie);
+        Ok(())
+    }
+    fn remove(&self, table: &FakeTable, band: u32) -> Result<(), String> {
+        self.world().tables.entry(table.0).or_default().remove(&band);
+        Ok(())
+    }
+    fn stage(&self, _group: &FakeGroup, _table: &FakeTable) -> Result<(), String> {
+        Ok(())
+    }
+    fn switch(&self, group: &FakeGroup, table: &FakeTable) -> Result<(), String> {
+        let mut w = self.world();
+        w.current.insert(group.0.clone(), table.0);
+        w.switches.push((group.0.clone(), table.0));
+        Ok(())
+    }
+    fn current(&self, group: &FakeGroup) -> Result<Option<FakeTable>, String> {
+        Ok(self.world().current.get(&group.0).map(|t| FakeTable(*t)))
+    }
+    fn same(&self, a: &FakeTable, b: &FakeTable) -> bool {
+        a.0 == b.0
+    }
+    fn entries(&self, table: &FakeTable) -> Result<Vec<(u32, u64)>, String> {
+        Ok(self
+            .world()
+            .tables
+            .get(&table.0)
+            .map(|t| t.iter().map(|(b, c)| (*b, *c)).collect())
+            .unwrap_or_default())
+    }
+    fn cookie(&self, socket: &OwnedFd) -> Result<u64, String> {
+        rustix::fs::fstat(socket).map(|s| s.st_ino).map_err(|e| e.to_string())
+    }
+    fn forget(
+        &self,
+        _app: &ipcluster_core::name::AppName,
+        _listen: std::net::SocketAddr,
+        group: FakeGroup,
+    ) -> Result<(), String> {
+        self.world().current.remove(&group.0);
+        Ok(())
     }
 }

@@ -44,6 +44,7 @@ fn start(name: &str, apps: &[(&str, String)]) -> Harness {
         scopes: scopes.clone(),
         router: router.clone(),
         processes: ipclusterd::processes::Host,
+        steer: ipclusterd::testing::FakeSteer::default(),
         clock: Arc::new(ipclusterd::clock::SystemClock),
         config_dir: dir.join("apps"),
         state_file: dir.join("state.json"),
@@ -138,6 +139,7 @@ fn a_gated_launcher_runs_with_path_alone_and_the_worker_gets_its_environment() {
         identifier: "t".into(),
         unit: "t.scope".into(),
         launcher: PathBuf::from(env!("CARGO_BIN_EXE_ipclusterd")),
+        fds: Vec::new(),
     };
     let gated = ipclusterd::process::spawn_gated(&spec).unwrap();
     // Held at its gate: exec'd (no longer the fork of this test), and without the worker's env.
@@ -171,5 +173,50 @@ fn a_gated_launcher_runs_with_path_alone_and_the_worker_gets_its_environment() {
         worker_env.contains("APP_MODE=x") && worker_env.contains("LD_PRELOAD=/nonexistent/evil.so"),
         "{worker_env}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Socket mode's hand-over (sd_listen_fds(3)): the sockets arrive at fd 3 on, in order, with
+/// `LISTEN_PID` naming the worker itself; the gate and nothing else follows them.
+#[test]
+fn a_worker_is_handed_its_sockets_from_fd_3_with_listen_pid_its_own() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("launcher-fds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("fds");
+    let sockets: Vec<std::net::TcpListener> =
+        (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let inode = |l: &std::net::TcpListener| rustix::fs::fstat(l).unwrap().st_ino;
+    let script = format!(
+        "{{ echo \"$LISTEN_PID $$ $LISTEN_FDS\"; for f in 3 4 5 6; do readlink /proc/$$/fd/$f || echo none; done; }} > {}.tmp; mv {0}.tmp {0}",
+        out.display()
+    );
+    let spec = ipclusterd::process::SpawnSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script],
+        env: vec![("LISTEN_FDS".into(), "2".into())],
+        cwd: dir.clone(),
+        user: None,
+        identifier: "t".into(),
+        unit: "t.scope".into(),
+        launcher: PathBuf::from(env!("CARGO_BIN_EXE_ipclusterd")),
+        fds: sockets.iter().map(|l| std::os::fd::OwnedFd::from(l.try_clone().unwrap())).collect(),
+    };
+    let gated = ipclusterd::process::spawn_gated(&spec).unwrap();
+    let _pidfd = gated.release().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let written = loop {
+        if let Ok(w) = std::fs::read_to_string(&out) {
+            break w;
+        }
+        assert!(std::time::Instant::now() < deadline, "the worker did not run");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let lines: Vec<&str> = written.lines().collect();
+    let ids: Vec<&str> = lines[0].split(' ').collect();
+    assert_eq!(ids[0], ids[1], "LISTEN_PID is the worker's own PID: {written}");
+    assert_eq!(ids[2], "2");
+    assert_eq!(lines[1], format!("socket:[{}]", inode(&sockets[0])), "{written}");
+    assert_eq!(lines[2], format!("socket:[{}]", inode(&sockets[1])), "{written}");
+    assert_eq!(&lines[3..], ["none", "none"], "the gate is closed before the worker runs: {written}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,13 +20,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    os::fd::OwnedFd,
     sync::Arc,
     time::Duration,
 };
 
 use ipcluster_core::{
     adoption::{self, Claim, Expected, Found, Verdict},
-    config::AppConfig,
+    config::{AppConfig, Routing},
     model::{GenState, WorkerState, parse_scope_name},
     name::AppName,
     policy::Backoff,
@@ -41,6 +42,7 @@ use crate::{
     process::worker_cgroup_name,
     processes::{Inspected, Processes},
     scopes::Scopes,
+    steering::Steer,
 };
 
 /// One worker found in a scope, its claim accepted.
@@ -52,6 +54,9 @@ struct FoundWorker<H> {
     ports: Vec<u16>,
     handle: H,
     cgroup: Option<String>,
+    /// Socket mode: its sockets, taken back from it, and their cookies (`listen` order).
+    sockets: Vec<OwnedFd>,
+    cookies: Vec<u64>,
 }
 
 /// One generation found in systemd.
@@ -60,6 +65,7 @@ struct FoundGen<H> {
     unit: String,
     bands: u32,
     listen: Vec<SocketAddr>,
+    routing: Routing,
     workers: Vec<FoundWorker<H>>,
 }
 
@@ -71,7 +77,7 @@ enum Refused {
     Claim(String),
 }
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
     /// Takes over every running generation (see the module docs).
     pub(super) async fn adopt(&mut self) {
         // What the previous daemon saved, as it was: saving as we go rewrites `self.saved`.
@@ -84,6 +90,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 BTreeSet::new()
             }
         };
+        let steered = self.steered_cookies(&found);
         let (mut generations, mut workers) = (0, 0);
         for (app, gens) in found {
             let saved_app = saved_apps.get(&app).cloned().unwrap_or_default();
@@ -93,7 +100,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                     generation: *g,
                     complete: fg.workers.iter().map(|w| w.band).collect::<BTreeSet<_>>().len() as u32
                         == fg.bands,
-                    routed: fg.workers.iter().any(|w| w.ports.iter().any(|p| routed.contains(p))),
+                    routed: fg.workers.iter().any(|w| {
+                        w.ports.iter().any(|p| routed.contains(p))
+                            || w.cookies.iter().any(|c| steered.contains(&(app.clone(), *c)))
+                    }),
                 })
                 .collect();
             let verdicts = adoption::decide(&witnesses, &saved_app.generations);
@@ -148,9 +158,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             let file = self.m.apps.get(&app).and_then(|a| a.config.clone()).and_then(Result::ok);
             // The generation's shape: saved, else the app file's; neither, nothing to check against.
             let shape = record
-                .map(|r| (r.workers, r.listen.clone(), r.port_range))
-                .or_else(|| file.as_ref().map(|c| (c.workers, c.listen.clone(), Some(c.port_range))));
-            let Some((bands, listen, port_range)) = shape else {
+                .map(|r| (r.workers, r.listen.clone(), r.port_range, r.routing.unwrap_or(Routing::Nat)))
+                .or_else(|| {
+                    file.as_ref().map(|c| (c.workers, c.listen.clone(), Some(c.port_range), c.routing))
+                });
+            let Some((bands, listen, port_range, routing)) = shape else {
                 warn!(app = %app, "{unit}: no saved state and no app file to check its workers against; left alone");
                 continue;
             };
@@ -158,9 +170,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             // port, since the file's range may have changed after those workers started.
             let port_range = port_range.unwrap_or((1024, u16::MAX));
             let in_scope: BTreeSet<u32> = procs.iter().map(|(p, _)| *p).collect();
-            let mut fg = FoundGen { unit: unit.clone(), bands, listen: listen.clone(), workers: Vec::new() };
+            let mut fg =
+                FoundGen { unit: unit.clone(), bands, listen: listen.clone(), routing, workers: Vec::new() };
             for (pid, cgroup) in procs {
-                let listen_ports: Vec<u16> = listen.iter().map(SocketAddr::port).collect();
+                let listen_ports: Vec<u16> = match routing {
+                    Routing::Nat => listen.iter().map(SocketAddr::port).collect(),
+                    Routing::Socket => Vec::new(),
+                };
                 match self.identify(
                     &unit,
                     &app,
@@ -173,7 +189,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                     listen_ports,
                     port_range,
                 ) {
-                    Ok(w) => fg.workers.push(w),
+                    Ok(mut w) => {
+                        if routing == Routing::Socket {
+                            self.take_sockets(&app, g, &listen, &mut w);
+                        }
+                        fg.workers.push(w);
+                    }
                     Err(Refused::NotAWorker) => {}
                     Err(Refused::Claim(why)) => {
                         // It sits in a cgroup of ours but will not be managed: it goes.
@@ -241,7 +262,61 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         });
         let expected = Expected { bands, listen_ports, port_range, worker };
         let (band, ports) = adoption::check_claim(&claim, &expected).map_err(Refused::Claim)?;
-        Ok(FoundWorker { band, pid, ports, handle, cgroup: isolated.then(|| cgroup.to_owned()) })
+        Ok(FoundWorker {
+            band,
+            pid,
+            ports,
+            handle,
+            cgroup: isolated.then(|| cgroup.to_owned()),
+            sockets: Vec::new(),
+            cookies: Vec::new(),
+        })
+    }
+
+    /// Socket mode: takes back duplicates of the sockets a found worker holds, one per listen
+    /// entry. A worker that no longer holds every one is adopted without them (its band's
+    /// clients go to a neighbour) and said so.
+    fn take_sockets(&self, app: &AppName, g: u64, listen: &[SocketAddr], w: &mut FoundWorker<P::Handle>) {
+        let mut taken = self.deps.processes.sockets(w.pid, w.cgroup.as_deref(), listen);
+        let mut sockets = Vec::new();
+        for l in listen {
+            match taken.iter().position(|(a, _)| a == l) {
+                Some(i) => sockets.push(taken.swap_remove(i).1),
+                None => {
+                    warn!(app = %app, generation = g, pid = w.pid, "{app}: pid {} no longer holds its socket for {l}; no connection reaches it", w.pid);
+                    return;
+                }
+            }
+        }
+        let cookies: Result<Vec<u64>, String> = sockets.iter().map(|s| self.deps.steer.cookie(s)).collect();
+        match cookies {
+            Ok(c) => (w.sockets, w.cookies) = (sockets, c),
+            Err(e) => warn!(app = %app, pid = w.pid, "{app}: cannot identify pid {}'s sockets: {e}", w.pid),
+        }
+    }
+
+    /// The sockets the kernel steers to now: (app, cookie) of every slot of the table in force
+    /// of each socket-mode group found. The witness for socket mode that the rules are for NAT.
+    fn steered_cookies(
+        &mut self,
+        found: &BTreeMap<AppName, BTreeMap<u64, FoundGen<P::Handle>>>,
+    ) -> BTreeSet<(AppName, u64)> {
+        let mut out = BTreeSet::new();
+        let entries: BTreeSet<(AppName, SocketAddr)> = found
+            .iter()
+            .flat_map(|(app, gens)| {
+                gens.values()
+                    .filter(|fg| fg.routing == Routing::Socket)
+                    .flat_map(move |fg| fg.listen.iter().map(move |l| (app.clone(), *l)))
+            })
+            .collect();
+        for (app, listen) in entries {
+            match self.steering_now(&app, listen) {
+                Ok(cookies) => out.extend(cookies.into_iter().map(|c| (app.clone(), c))),
+                Err(e) => warn!(app = %app, "{app}: cannot read the steering of {listen}: {e}"),
+            }
+        }
+        out
     }
 
     /// Generations the previous daemon knew that no longer run join the history as finished
@@ -330,6 +405,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         };
         config.workers = fg.bands;
         config.listen = fg.listen.clone();
+        config.routing = fg.routing;
         let config = Arc::new(config);
         let p = self.deps.processes.clone();
         let first_start = fg.workers.iter().filter_map(|w| p.start_time_usec(w.pid)).min();
@@ -366,6 +442,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             worker.ready = true;
             worker.listeners = listeners;
             worker.nice = nice;
+            (worker.sockets, worker.cookies) = (w.sockets, w.cookies);
             if finish_retirement {
                 worker.nice = retired_nice;
                 if let Err(e) = p.renice_tree(w.pid, retired_nice) {
@@ -377,6 +454,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             }
         }
         info!(app = %app, generation = g, "{app}: adopted generation {g} ({state}) from {}", fg.unit);
+        self.adopt_steering(app, g, state);
         if state != GenState::Live {
             return;
         }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::{Error, Supervisor, model::Waiter};
-use crate::{netfilter::Router, processes::Processes, scopes::Scopes};
+use crate::{netfilter::Router, processes::Processes, scopes::Scopes, steering::Steer};
 
 /// Whether `path` is root's alone ([`ownership::check`]); a path that cannot be read is left to
 /// the read that follows to report. The daemon's own user counts as root (it is root in
@@ -30,7 +30,7 @@ fn unsafe_path(path: &std::path::Path, kind: Kind) -> Result<(), String> {
     }
 }
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
     /// (Re)reads every app file. Invalid files are logged and kept as errors (Deploy answers
     /// InvalidConfig); the others are unaffected.
     pub(super) fn load_configs(&mut self) {

@@ -4,10 +4,10 @@
 //! A failed deploy changes nothing a user sees: the generation's scope is stopped, its workers
 //! leave ListWorkers, no rule ever named it, and only then is `DeployFailed` answered.
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{collections::BTreeSet, net::SocketAddr, os::fd::OwnedFd, path::PathBuf, sync::Arc};
 
 use ipcluster_core::{
-    config::{AppConfig, Overrides, Ready},
+    config::{AppConfig, Overrides, Ready, Routing},
     model::{GenState, WorkerIdentity, WorkerState, scope_name, slice_name},
     name::AppName,
     saved::SavedGeneration,
@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use super::{
     BusSignal, Error, Supervisor,
     model::{Generation, HeldBand, Waiter, WorkerId},
+    sockets::BandSockets,
     timers::TimerKey,
 };
 use crate::{
@@ -26,6 +27,7 @@ use crate::{
     processes::{Gated, Processes},
     scopes::{ScopeSpec, Scopes},
     state,
+    steering::Steer,
 };
 
 /// What a new generation runs.
@@ -35,6 +37,14 @@ pub(super) enum Source<'a> {
     File(&'a Overrides),
     /// A config as it is (a rollback redeploys what an earlier generation ran).
     Config(Arc<AppConfig>),
+}
+
+/// A launcher held at its gate, with the daemon's copies of its sockets (socket mode).
+#[derive(Debug)]
+pub(super) struct Spawned<G> {
+    pub gated: G,
+    pub sockets: Vec<OwnedFd>,
+    pub cookies: Vec<u64>,
 }
 
 /// Who a generation's workers run as and where they send notifications.
@@ -57,7 +67,7 @@ pub(super) fn scope_spec(config: &AppConfig, g: u64, pids: Vec<u32>) -> ScopeSpe
     }
 }
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
     /// Starts a deploy; `waiter` is answered at the cutover or once a failure is cleaned up.
     pub(super) async fn deploy(&mut self, app: &str, source: Source<'_>, waiter: Waiter) {
         match self.start_generation(app, source).await {
@@ -87,8 +97,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             Source::Config(c) => c,
         };
         let launch = self.launch_context(&config)?;
-        // A generation that could never be routed is not started.
-        self.deps.router.check().map_err(|e| Error::DeployFailed(format!("cannot route {name}: {e}")))?;
+        // A generation that could never be routed is not started (socket mode needs no rules:
+        // its steering is loaded with the first socket, and a failure there fails the deploy).
+        if config.routing == Routing::Nat {
+            self.deps.router.check().map_err(|e| Error::DeployFailed(format!("cannot route {name}: {e}")))?;
+        }
         let mut ports = self.allocate_ports(&config, config.workers as usize)?.into_iter();
 
         // Saved as starting before any process exists: a daemon killed from here on finds it on
@@ -120,7 +133,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 }
             }
         }
-        let spec = scope_spec(&config, g, gated.iter().map(|(_, _, p)| p.pid()).collect());
+        let spec = scope_spec(&config, g, gated.iter().map(|(_, _, p)| p.gated.pid()).collect());
         if let Err(e) = self.deps.scopes.start(&spec).await {
             self.forget_start(&name, g);
             return Err(Error::DeployFailed(format!("cannot create scope {}: {e}", spec.unit)));
@@ -194,12 +207,15 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
     }
 
     /// Worker ports for `workers` workers: distinct from every port a worker of any app holds,
-    /// and free on the host. One list per worker, in `listen` order.
+    /// and free on the host. One list per worker, in `listen` order (empty in socket mode).
     pub(super) fn allocate_ports(
         &mut self,
         config: &AppConfig,
         workers: usize,
     ) -> Result<Vec<Vec<(SocketAddr, u16)>>, Error> {
+        if config.routing == Routing::Socket {
+            return Ok(vec![Vec::new(); workers]);
+        }
         let held: BTreeSet<u16> = self.m.workers.values().flat_map(|w| w.ports.iter().map(|p| p.1)).collect();
         let per = config.listen.len();
         let processes = &self.deps.processes;
@@ -218,15 +234,17 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             .collect())
     }
 
-    /// Forks the launcher of one worker, held at its gate.
+    /// Forks the launcher of one worker, held at its gate (in socket mode with its sockets,
+    /// bound here).
     pub(super) fn spawn_band(
-        &self,
+        &mut self,
         config: &AppConfig,
         generation: u64,
         band: u32,
         ports: &[(SocketAddr, u16)],
         launch: &Launch,
-    ) -> std::io::Result<P::Gated> {
+    ) -> Result<Spawned<P::Gated>, String> {
+        let BandSockets { kept, handed, cookies } = self.bind_band(config)?;
         let identity = WorkerIdentity {
             app: config.name.clone(),
             generation,
@@ -234,15 +252,21 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             bands: config.workers,
             ports: ports.to_vec(),
         };
-        self.deps.processes.spawn(&SpawnSpec {
-            argv: config.command.clone(),
-            env: identity.environment(config, launch.notify_socket.as_deref()),
-            cwd: config.working_directory.clone(),
-            user: launch.user,
-            identifier: config.name.to_string(),
-            unit: scope_name(&config.name, generation),
-            launcher: launch.launcher.clone(),
-        })
+        let gated = self
+            .deps
+            .processes
+            .spawn(&SpawnSpec {
+                argv: config.command.clone(),
+                env: identity.environment(config, launch.notify_socket.as_deref()),
+                cwd: config.working_directory.clone(),
+                user: launch.user,
+                identifier: config.name.to_string(),
+                unit: scope_name(&config.name, generation),
+                launcher: launch.launcher.clone(),
+                fds: handed,
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Spawned { gated, sockets: kept, cookies })
     }
 
     /// Lets a held launcher (already in its scope) run, in a cgroup of its own, and starts
@@ -253,9 +277,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         g: u64,
         band: u32,
         ports: Vec<(SocketAddr, u16)>,
-        gated: P::Gated,
+        spawned: Spawned<P::Gated>,
         config: &AppConfig,
     ) -> Result<WorkerId, String> {
+        let Spawned { gated, sockets, cookies } = spawned;
         let pid = gated.pid();
         let cgroup = match self.deps.processes.isolate(pid) {
             Ok(c) => Some(c),
@@ -266,6 +291,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         };
         let handle = gated.release().map_err(|e| format!("band {band}: cannot start: {e}"))?;
         let id = self.add_worker(app, g, band, pid, ports, handle, cgroup, self.now());
+        if let Some(w) = self.m.workers.get_mut(&id) {
+            (w.sockets, w.cookies) = (sockets, cookies);
+        }
         self.ports_changed();
         if config.ready == Ready::Tcp {
             self.start_probe(id);
@@ -285,12 +313,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         let Some(gen_) = self.m.generation(app, generation) else { return Err("no such generation".into()) };
         let (config, scope) = (gen_.config.clone(), gen_.scope.clone());
         let launch = self.launch_context(&config).map_err(|e| e.to_string())?;
-        let gated = self.spawn_band(&config, generation, band, &ports, &launch).map_err(|e| e.to_string())?;
-        if let Err(e) = self.deps.scopes.attach(&scope, &[gated.pid()]).await {
-            let spec = scope_spec(&config, generation, vec![gated.pid()]);
+        let spawned = self.spawn_band(&config, generation, band, &ports, &launch)?;
+        let pid = spawned.gated.pid();
+        if let Err(e) = self.deps.scopes.attach(&scope, &[pid]).await {
+            let spec = scope_spec(&config, generation, vec![pid]);
             self.deps.scopes.start(&spec).await.map_err(|e2| format!("{e}; {e2}"))?;
         }
-        let id = self.release(app, generation, band, ports, gated, &config)?;
+        let id = self.release(app, generation, band, ports, spawned, &config)?;
         let pid = self.m.workers.get(&id).map_or(0, |w| w.pid);
         info!(app = %app, generation, band, pid, "{app}: started pid {pid} for band {band} of generation {generation}");
         Ok(id)
@@ -331,9 +360,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             .filter(|(n, x)| **n != g && x.state == GenState::Live)
             .map(|(n, _)| *n)
             .collect();
-        let routes = self.routes(Some((app, g)));
         let started = tokio::time::Instant::now();
-        if let Err(e) = self.deps.router.apply(&routes).await {
+        if let Err(e) = self.route_to(app, g).await {
             self.fail(app, g, format!("cutover failed: {e}"));
             return;
         }
@@ -358,6 +386,24 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         for w in waiting {
             self.answer(w, Ok(g));
         }
+    }
+
+    /// Sends `app`'s new connections to generation `g`: one rule transaction (NAT), or one map
+    /// update per listen entry (socket mode; then the rules an earlier NAT generation of the
+    /// app had go).
+    pub(super) async fn route_to(&mut self, app: &AppName, g: u64) -> Result<(), String> {
+        let routing = self.m.config(app, g).map_or(Routing::Nat, |c| c.routing);
+        let others_nat = self.m.apps[app]
+            .generations
+            .iter()
+            .any(|(n, x)| *n != g && x.state == GenState::Live && x.config.routing == Routing::Nat);
+        if routing == Routing::Socket {
+            self.switch_to(app, g)?;
+            if !others_nat {
+                return Ok(());
+            }
+        }
+        self.deps.router.apply(&self.routes(Some((app, g)))).await.map(|_| ()).map_err(|e| e.to_string())
     }
 
     /// `ready_timeout` passed with bands not ready.

@@ -21,7 +21,9 @@ use ipcluster_core::{
 use tracing::{info, warn};
 
 use super::{BusSignal, Event, PolicyAction, Supervisor, model::WorkerId};
-use crate::{clock::usec, netfilter::Router, processes::Processes, sampler::Sample, scopes::Scopes};
+use crate::{
+    clock::usec, netfilter::Router, processes::Processes, sampler::Sample, scopes::Scopes, steering::Steer,
+};
 
 /// Which workers a policy may act on, by state.
 fn mem_state(s: WorkerState) -> MemState {
@@ -32,7 +34,7 @@ fn mem_state(s: WorkerState) -> MemState {
     }
 }
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
     /// Starts a sampling round on a blocking thread.
     pub(super) fn start_sampling(&mut self) {
         let targets: Vec<(WorkerId, u32)> = self.m.workers.iter().map(|(id, w)| (*id, w.pid)).collect();

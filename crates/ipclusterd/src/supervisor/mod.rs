@@ -39,6 +39,7 @@ mod model;
 mod respawn;
 mod retire;
 mod rollback;
+mod sockets;
 #[cfg(test)]
 mod tests;
 mod timers;
@@ -76,14 +77,17 @@ use crate::{
     sampler::Sample,
     scopes::Scopes,
     state,
+    steering::Steer,
 };
 
 /// What the supervisor needs from outside.
 #[derive(Debug)]
-pub struct Deps<S, R, P> {
+pub struct Deps<S, R, P, T> {
     pub scopes: S,
     pub router: R,
     pub processes: P,
+    /// Socket mode's kernel side.
+    pub steer: T,
     pub clock: Arc<dyn Clock>,
     pub config_dir: PathBuf,
     pub state_file: PathBuf,
@@ -136,8 +140,8 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
 /// Owner of all state.
 #[derive(Debug)]
-pub struct Supervisor<S, R, P: Processes> {
-    deps: Deps<S, R, P>,
+pub struct Supervisor<S, R, P: Processes, T: Steer> {
+    deps: Deps<S, R, P, T>,
     commands: mpsc::Receiver<Command>,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -158,6 +162,8 @@ pub struct Supervisor<S, R, P: Processes> {
     outbox: Outbox,
     /// Counters for /metrics.
     metrics: api::Metrics,
+    /// Socket mode's groups and tables.
+    groups: sockets::Groups<T>,
 }
 
 /// Answers waiting for the end of the supervisor's turn.
@@ -170,9 +176,9 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
     /// A supervisor serving `mailbox` with `deps`.
-    pub fn new(mailbox: api::Mailbox, deps: Deps<S, R, P>) -> Self {
+    pub fn new(mailbox: api::Mailbox, deps: Deps<S, R, P, T>) -> Self {
         let api::Mailbox { commands, snapshot } = mailbox;
         let (events_tx, events) = mpsc::unbounded_channel();
         let saved = state::load(&deps.state_file).unwrap_or_else(|e| {
@@ -196,11 +202,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             snapshot,
             outbox: Outbox::default(),
             metrics: api::Metrics::default(),
+            groups: sockets::Groups::default(),
         }
     }
 
     /// Sends an answer at the end of this turn.
-    fn reply<T: Send + 'static>(&mut self, tx: tokio::sync::oneshot::Sender<T>, value: T) {
+    fn reply<V: Send + 'static>(&mut self, tx: tokio::sync::oneshot::Sender<V>, value: V) {
         self.outbox.0.push(Box::new(move || {
             let _ = tx.send(value);
         }));
@@ -377,6 +384,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         if state == GenState::Stopped {
             // Its workers are gone; whatever they left behind goes with the scope.
             self.scope_job(app, g, ScopeJob::Stop);
+        }
+        if !state.is_running() {
+            self.drop_tables(app, g);
         }
         if !state.is_running() {
             self.trim_history(app);

@@ -31,7 +31,7 @@ pub struct Worker<H> {
     pub generation: u64,
     pub band: u32,
     pub pid: u32,
-    /// (public address, worker port), in `listen` order.
+    /// (public address, worker port), in `listen` order; none in socket mode.
     pub ports: Vec<(SocketAddr, u16)>,
     pub state: WorkerState,
     pub started: SystemTime,
@@ -59,6 +59,12 @@ pub struct Worker<H> {
     pub retired_at: Option<SystemTime>,
     /// Duplicates of its listening sockets, taken when it became ready (see orphan.rs).
     pub listeners: Vec<(u16, OwnedFd)>,
+    /// Socket mode: the daemon's copies of the sockets it handed the worker, in `listen` order,
+    /// until they join its generation's tables (when it is ready). Then only the worker holds
+    /// them, so they close when it ends and their queued connections move to another band.
+    pub sockets: Vec<OwnedFd>,
+    /// Socket mode: the cookies of its sockets, in `listen` order (how a table names them).
+    pub cookies: Vec<u64>,
 }
 
 impl<H> Worker<H> {
@@ -94,6 +100,7 @@ impl Waiter {
 #[derive(Debug)]
 pub struct HeldBand {
     pub band: u32,
+    /// Its worker ports (none in socket mode).
     pub ports: Vec<(SocketAddr, u16)>,
 }
 

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use ipcluster_core::{
+    config::Routing,
     model::{GenState, WorkerState},
     name::AppName,
     policy::Backoff,
@@ -16,9 +17,9 @@ use ipcluster_core::{
 use tracing::{info, warn};
 
 use super::{Supervisor, model::WorkerId, timers::TimerKey};
-use crate::{netfilter::Router, processes::Processes, scopes::Scopes};
+use crate::{netfilter::Router, processes::Processes, scopes::Scopes, steering::Steer};
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
     /// Schedules a respawn of `band` after its backoff delay (the generation's
     /// `restart_backoff`, doubling while it keeps crashing).
     pub(super) fn schedule_respawn(&mut self, app: &AppName, generation: u64, band: u32, up_for: Duration) {
@@ -115,7 +116,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             old.state = WorkerState::Retired;
             old.retired_at = Some(now);
         }
-        self.sync_rules().await;
+        // NAT: the rules now name it (socket mode: its sockets took the band's slot when it was
+        // ready).
+        if self.m.config(&app, g).is_some_and(|c| c.routing == Routing::Nat) {
+            self.sync_rules().await;
+        }
         let Some(old) = replaces.and_then(|o| self.m.workers.get(&o)) else {
             info!(app = %app, band, pid, "{app}: band {band} is served by its own worker again (pid {pid})");
             return;

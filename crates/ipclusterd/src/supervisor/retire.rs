@@ -14,9 +14,9 @@ use super::{
     model::{Stopping, Waiter, WorkerId},
     timers::TimerKey,
 };
-use crate::{netfilter::Router, processes::Processes, scopes::Scopes};
+use crate::{netfilter::Router, processes::Processes, scopes::Scopes, steering::Steer};
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
     /// RetireGeneration: idempotent for a generation that is no longer live; a live one is
     /// replaced first (a band is never left without a worker on purpose): a deploy from the
     /// current config, whose cutover retires it and answers the call.
@@ -179,6 +179,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         self.m.apps.get_mut(&name).expect("checked").stopped = true;
         self.persist();
         self.sync_rules().await;
+        self.forget_groups(&name);
         let ids: Vec<WorkerId> = self.m.workers_of_app(&name).map(|(id, _)| id).collect();
         for id in ids {
             if let Some(w) = self.m.workers.get_mut(&id) {

@@ -19,9 +19,9 @@ use super::{
     deploy::Source,
     model::{Waiter, WorkerId},
 };
-use crate::{netfilter::Router, processes::Processes, scopes::Scopes};
+use crate::{netfilter::Router, processes::Processes, scopes::Scopes, steering::Steer};
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
     /// Rollback(app, generation): `generation` 0 is the newest generation, other than the live
     /// one, that was live before (retired or reaped since).
     pub(super) async fn rollback(&mut self, app: &str, generation: u64, reply: Reply<u64>) {
@@ -110,9 +110,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             .filter(|(n, x)| **n != g && x.state == GenState::Live)
             .map(|(n, _)| *n)
             .collect();
-        let routes = self.routes(Some((app, g)));
         let started = tokio::time::Instant::now();
-        if let Err(e) = self.deps.router.apply(&routes).await {
+        if let Err(e) = self.route_to(app, g).await {
             warn!(app = %app, generation = g, "{app}: rollback to generation {g} failed: {e}");
             let why = format!("{app}: rollback to generation {g} failed, nothing changed: {e}");
             return self.reply(reply, Err(Error::DeployFailed(why)));

@@ -8,6 +8,7 @@ use std::{
 };
 
 use ipcluster_core::{
+    config::Routing,
     model::{GenState, WorkerState, scope_name},
     name::AppName,
     routing::{AppRoute, with_failover},
@@ -20,9 +21,12 @@ use super::{
     model::{Worker, WorkerId},
     timers::TimerKey,
 };
-use crate::{clock::usec, netfilter::Router, notify, process::Exit, processes::Processes, scopes::Scopes};
+use crate::{
+    clock::usec, netfilter::Router, notify, process::Exit, processes::Processes, scopes::Scopes,
+    steering::Steer,
+};
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<S, R, P> {
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
     /// Starts following a worker: its exit arrives as [`Event::Exited`].
     #[allow(clippy::too_many_arguments, reason = "one worker's identity, gathered in one place")]
     pub(super) fn add_worker(
@@ -67,6 +71,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 reap_queued: false,
                 retired_at: None,
                 listeners: Vec::new(),
+                sockets: Vec::new(),
+                cookies: Vec::new(),
             },
         );
         id
@@ -138,6 +144,18 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 w.sample = crate::sampler::Sample { rss, cpu_usec };
             }
         }
+        // Socket mode: its band's slot in its generation's tables takes its sockets.
+        if let Err(e) = self.steer_to(id) {
+            let why = format!("cannot steer connections to it: {e}");
+            if self.m.gen_state(&app, g) == Some(GenState::Starting) {
+                let band = self.m.workers.get(&id).map_or(0, |w| w.band);
+                self.fail(&app, g, format!("band {band}: {why}"));
+            } else {
+                warn!(app = %app, generation = g, pid, "{app}: pid {pid} is ready but {why}; stopping it");
+                self.kill_worker(id);
+            }
+            return;
+        }
         self.announce_ready(id);
         match self.m.gen_state(&app, g) {
             Some(GenState::Live) => self.respawned_ready(id).await,
@@ -177,6 +195,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
         info!(app = %w.app, generation = w.generation, band = w.band, pid = w.pid, "{}: generation {} band {} pid {} ({}): {reason}", w.app, w.generation, w.band, w.pid, w.state);
         let Some(w) = self.forget_worker(id, reason) else { return };
         self.ports_changed();
+        if !w.cookies.is_empty() {
+            self.unsteer(&w.app, w.generation, w.band, &w.cookies);
+        }
         // Whatever it left behind (children it forked) goes with it.
         if let Some(c) = &w.cgroup {
             self.deps.processes.kill_cgroup(c);
@@ -203,7 +224,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
                 // Until a replacement is ready, the band's new connections go to a neighbour.
                 if w.state == WorkerState::Live {
                     warn!(app = %w.app, generation = w.generation, band = w.band, "{}: live worker of band {} gone; the band falls back to a neighbour", w.app, w.band);
-                    self.sync_rules().await;
+                    if w.cookies.is_empty() {
+                        self.sync_rules().await;
+                    }
                 }
                 self.drain_orphans(&w);
                 let up_for = if w.state == WorkerState::Live {
@@ -269,6 +292,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes> Supervisor<
             }
             let Some(g) = candidate.or_else(|| app.live()) else { continue };
             let Some(gen_) = app.generations.get(&g) else { continue };
+            // Socket mode has no rules: its steering program routes.
+            if gen_.config.routing == Routing::Socket {
+                continue;
+            }
             let mut by_band: Vec<Option<Vec<u16>>> = vec![None; gen_.config.workers as usize];
             for (_, w) in self.m.workers_of(name, g) {
                 // A generation about to go live (deployed, or rolled back to) lends its ready workers

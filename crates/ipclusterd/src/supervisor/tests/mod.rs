@@ -18,14 +18,18 @@ use crate::{
     clock::PausedClock,
     notify::{Message, Notification},
     process::Exit,
-    testing::{FakeProcesses, FakeRouter, FakeScopes},
+    testing::{FakeProcesses, FakeRouter, FakeScopes, FakeSteer},
 };
+
+mod sockets;
 
 struct Harness {
     handle: Handle,
     scopes: FakeScopes,
     router: FakeRouter,
     procs: FakeProcesses,
+    steer: FakeSteer,
+    clock: Arc<PausedClock>,
     signals: mpsc::UnboundedReceiver<BusSignal>,
     notify: mpsc::Sender<Notification>,
     dir: PathBuf,
@@ -58,28 +62,12 @@ async fn start_with(
     let scopes = FakeScopes::of(&procs);
     let router = FakeRouter::default();
     world(&procs, &scopes, &router);
-    let (handle, mailbox) = channel();
-    let (signals_tx, signals) = mpsc::unbounded_channel();
-    let (notify, notify_rx) = mpsc::channel(64);
-    let deps = Deps {
-        scopes: scopes.clone(),
-        router: router.clone(),
-        processes: procs.clone(),
-        clock,
-        config_dir: dir.join("apps"),
-        state_file: dir.join("state.json"),
-        notify: Some(notify_rx),
-        notify_socket: Some(PathBuf::from("/run/ipcluster/notify")),
-        signals: signals_tx,
-        sample_interval: Duration::from_millis(200),
-        launcher: PathBuf::from("/proc/self/exe"),
-    };
-    tokio::spawn(Supervisor::new(mailbox, deps).run());
-    let h = Harness { handle, scopes, router, procs, signals, notify, dir };
-    h.until("the supervisor's first snapshot", Duration::from_secs(1), async |h| {
-        h.handle.snapshot().await.is_ok()
-    })
-    .await;
+    let (handle, _) = channel();
+    let (_, signals) = mpsc::unbounded_channel();
+    let (notify, _) = mpsc::channel(1);
+    let steer = FakeSteer::default();
+    let mut h = Harness { handle, scopes, router, procs, steer, clock, signals, notify, dir };
+    h.restart().await;
     h
 }
 
@@ -88,6 +76,34 @@ async fn start(name: &str, apps: &[(&str, String)]) -> Harness {
 }
 
 impl Harness {
+    /// A new supervisor in the same world (the previous one, if any, stops with its handle):
+    /// a daemon restart.
+    async fn restart(&mut self) {
+        let (handle, mailbox) = channel();
+        let (signals_tx, signals) = mpsc::unbounded_channel();
+        let (notify, notify_rx) = mpsc::channel(64);
+        let deps = Deps {
+            scopes: self.scopes.clone(),
+            router: self.router.clone(),
+            processes: self.procs.clone(),
+            steer: self.steer.clone(),
+            clock: self.clock.clone(),
+            config_dir: self.dir.join("apps"),
+            state_file: self.dir.join("state.json"),
+            notify: Some(notify_rx),
+            notify_socket: Some(PathBuf::from("/run/ipcluster/notify")),
+            signals: signals_tx,
+            sample_interval: Duration::from_millis(200),
+            launcher: PathBuf::from("/proc/self/exe"),
+        };
+        tokio::spawn(Supervisor::new(mailbox, deps).run());
+        (self.handle, self.signals, self.notify) = (handle, signals, notify);
+        self.until("the supervisor's first snapshot", Duration::from_secs(1), async |h| {
+            h.handle.snapshot().await.is_ok()
+        })
+        .await;
+    }
+
     async fn deploy(&self, app: &str) -> Result<u64, Error> {
         self.deploy_with(app, Overrides::default()).await
     }

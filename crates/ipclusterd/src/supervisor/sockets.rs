@@ -1,0 +1,195 @@
+//! Socket mode (`routing = "socket"`): the daemon binds the public sockets and a steering
+//! program picks each connection's band (see [`crate::steering`]).
+//!
+//! - Each `listen` entry of an app is one *group*: the reuseport group of its sockets, steered
+//!   by one program. Each worker gets a socket of every group of its app, bound by the daemon
+//!   and handed to it at fd 3 on (sd_listen_fds(3)).
+//! - Each generation has one *table* per group: band → that band's worker's socket. A worker's
+//!   sockets join its generation's tables when it is ready; the daemon then closes its own
+//!   copies, so a worker's sockets close when it ends, and the kernel moves what was queued on
+//!   them to another band (no connection is refused).
+//! - The cutover is one map update per group: the program reads the new generation's table
+//!   from then on. A retired generation keeps its tables, so a rollback is the same switch back.
+//! - A band without a worker (crashed, not respawned yet) has an empty slot: the program sends
+//!   its clients to a neighbour band, the one the NAT rules would pick ([`with_failover`]).
+//!
+//! [`with_failover`]: ipcluster_core::routing::with_failover
+
+use std::{collections::BTreeMap, net::SocketAddr, os::fd::OwnedFd};
+
+use ipcluster_core::{
+    config::{AppConfig, Routing},
+    model::GenState,
+    name::AppName,
+};
+use tracing::{error, warn};
+
+use super::{Supervisor, model::WorkerId};
+use crate::{netfilter::Router, processes::Processes, scopes::Scopes, steering::Steer};
+
+/// The steering the supervisor holds: groups and tables.
+#[derive(Debug)]
+pub(super) struct Groups<T: Steer> {
+    /// One per (app, listen entry).
+    groups: BTreeMap<(AppName, SocketAddr), T::Group>,
+    /// One per group, in `listen` order, for each running generation.
+    tables: BTreeMap<(AppName, u64), Vec<T::Table>>,
+}
+
+impl<T: Steer> Default for Groups<T> {
+    fn default() -> Self {
+        Self { groups: BTreeMap::new(), tables: BTreeMap::new() }
+    }
+}
+
+impl<T: Steer> Groups<T> {
+    /// The group of `app`'s listen entry `listen`, loaded (or re-opened from its pins) once.
+    fn group(&mut self, steer: &T, app: &AppName, listen: SocketAddr) -> Result<&T::Group, String> {
+        let key = (app.clone(), listen);
+        if !self.groups.contains_key(&key) {
+            let group = steer.group(app, listen)?;
+            self.groups.insert(key.clone(), group);
+        }
+        Ok(&self.groups[&key])
+    }
+
+    /// Generation `g`'s tables, created empty the first time.
+    fn tables(&mut self, steer: &T, app: &AppName, g: u64, groups: usize) -> Result<&Vec<T::Table>, String> {
+        let key = (app.clone(), g);
+        if !self.tables.contains_key(&key) {
+            let tables = (0..groups).map(|_| steer.table()).collect::<Result<Vec<_>, _>>()?;
+            self.tables.insert(key.clone(), tables);
+        }
+        Ok(&self.tables[&key])
+    }
+}
+
+/// One new worker's sockets: the daemon's copies and what goes to the worker.
+#[derive(Debug, Default)]
+pub(super) struct BandSockets {
+    /// Kept until the worker is ready (see [`super::model::Worker::sockets`]).
+    pub kept: Vec<OwnedFd>,
+    /// Duplicates handed to the worker.
+    pub handed: Vec<OwnedFd>,
+    pub cookies: Vec<u64>,
+}
+
+impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
+    /// A new worker's sockets (socket mode; none otherwise): one per listen entry, bound in
+    /// its group.
+    pub(super) fn bind_band(&mut self, config: &AppConfig) -> Result<BandSockets, String> {
+        let mut out = BandSockets::default();
+        if config.routing != Routing::Socket {
+            return Ok(out);
+        }
+        for &listen in &config.listen {
+            let group = self.groups.group(&self.deps.steer, &config.name, listen)?;
+            let socket = self.deps.steer.bind(group, listen)?;
+            out.cookies.push(self.deps.steer.cookie(&socket)?);
+            out.handed.push(socket.try_clone().map_err(|e| format!("cannot duplicate a socket: {e}"))?);
+            out.kept.push(socket);
+        }
+        Ok(out)
+    }
+
+    /// A worker is ready: its sockets take its band's slot in its generation's tables (for a
+    /// live generation, new connections of the band reach it from now on), and the daemon's
+    /// copies close. Nothing to do in NAT mode.
+    pub(super) fn steer_to(&mut self, id: WorkerId) -> Result<(), String> {
+        let Some(w) = self.m.workers.get_mut(&id) else { return Ok(()) };
+        if w.sockets.is_empty() {
+            return Ok(());
+        }
+        let (app, g, band) = (w.app.clone(), w.generation, w.band);
+        let sockets = std::mem::take(&mut w.sockets);
+        let tables = self.groups.tables(&self.deps.steer, &app, g, sockets.len())?;
+        for (table, socket) in tables.iter().zip(&sockets) {
+            self.deps.steer.insert(table, band, socket)?;
+        }
+        Ok(())
+    }
+
+    /// A worker left: its band's slots are emptied where they still hold its sockets (a
+    /// replacement's are left alone), so the band's clients go to a neighbour at once.
+    pub(super) fn unsteer(&mut self, app: &AppName, g: u64, band: u32, cookies: &[u64]) {
+        let Some(tables) = self.groups.tables.get(&(app.clone(), g)) else { return };
+        for (table, cookie) in tables.iter().zip(cookies) {
+            let holds = self.deps.steer.entries(table).is_ok_and(|e| e.contains(&(band, *cookie)));
+            if holds && let Err(e) = self.deps.steer.remove(table, band) {
+                warn!(app = %app, generation = g, band, "{app}: cannot empty band {band}'s slot: {e}");
+            }
+        }
+    }
+
+    /// The cutover of a socket-mode app: every group reads generation `g`'s tables from now on.
+    /// Each group's switch is one atomic map update; all are prepared first, so the switches
+    /// follow each other within microseconds.
+    pub(super) fn switch_to(&mut self, app: &AppName, g: u64) -> Result<(), String> {
+        let Some(config) = self.m.config(app, g) else { return Err("no such generation".into()) };
+        let steer = &self.deps.steer;
+        for &listen in &config.listen {
+            self.groups.group(steer, app, listen)?;
+        }
+        self.groups.tables(steer, app, g, config.listen.len())?;
+        let tables = &self.groups.tables[&(app.clone(), g)];
+        let groups: Vec<&T::Group> =
+            config.listen.iter().map(|l| &self.groups.groups[&(app.clone(), *l)]).collect();
+        for (group, table) in groups.iter().zip(tables) {
+            steer.stage(group, table)?;
+        }
+        for (group, table) in groups.iter().zip(tables) {
+            steer.switch(group, table)?;
+        }
+        Ok(())
+    }
+
+    /// The cookies in the table `app`'s group `listen` reads now (none: no table in force).
+    pub(super) fn steering_now(&mut self, app: &AppName, listen: SocketAddr) -> Result<Vec<u64>, String> {
+        let steer = &self.deps.steer;
+        let group = self.groups.group(steer, app, listen)?;
+        match steer.current(group)? {
+            Some(table) => Ok(steer.entries(&table)?.into_iter().map(|(_, c)| c).collect()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// An adopted socket-mode generation: its tables are rebuilt from its workers' sockets
+    /// (taken back from them), and a live one's are switched to — the same sockets the table
+    /// in force named, or, if that was lost (bpffs remounted, pins removed), steering again.
+    pub(super) fn adopt_steering(&mut self, app: &AppName, g: u64, state: GenState) {
+        let ids: Vec<WorkerId> =
+            self.m.workers_of(app, g).filter(|(_, w)| !w.sockets.is_empty()).map(|(id, _)| id).collect();
+        if ids.is_empty() && self.m.config(app, g).is_none_or(|c| c.routing != Routing::Socket) {
+            return;
+        }
+        for id in ids {
+            if let Err(e) = self.steer_to(id) {
+                warn!(app = %app, generation = g, "{app}: cannot steer to an adopted worker: {e}");
+            }
+        }
+        if state == GenState::Live
+            && let Err(e) = self.switch_to(app, g)
+        {
+            error!(app = %app, generation = g, "{app}: cannot steer connections to generation {g}: {e}");
+        }
+    }
+
+    /// A generation ended: its tables go (its sockets are closed already).
+    pub(super) fn drop_tables(&mut self, app: &AppName, g: u64) {
+        self.groups.tables.remove(&(app.clone(), g));
+    }
+
+    /// StopApp of a socket-mode app: its groups stop steering (new connections are refused, as
+    /// with no rule), and their pins go.
+    pub(super) fn forget_groups(&mut self, app: &AppName) {
+        let keys: Vec<(AppName, SocketAddr)> =
+            self.groups.groups.keys().filter(|(a, _)| a == app).cloned().collect();
+        for key in keys {
+            let group = self.groups.groups.remove(&key).expect("listed above");
+            if let Err(e) = self.deps.steer.forget(app, key.1, group) {
+                warn!(app = %app, "{app}: cannot stop steering {}: {e}", key.1);
+            }
+        }
+        self.groups.tables.retain(|(a, _), _| a != app);
+    }
+}
