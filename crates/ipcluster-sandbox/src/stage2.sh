@@ -30,6 +30,9 @@ mkdir -p /var/log/journal
 mount -t tmpfs -o mode=2755 tmpfs /var/log/journal
 mount -t proc proc /proc
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# bpffs, as systemd mounts it at boot on a host (in a container it leaves it alone). A fresh
+# instance: pins made in the sandbox never reach the host's.
+mount -t bpf -o mode=700 bpf /sys/fs/bpf
 ip link set lo up
 echo ipcluster-sandbox > /etc/hostname
 hostname ipcluster-sandbox

@@ -10,8 +10,7 @@ use ipcluster_steer::{SockArray, Steering};
 
 /// Connections queued per socket before the kernel refuses more (the worker accepts them).
 const BACKLOG: i32 = ipcluster_steer::DEFAULT_BACKLOG;
-/// Where bpffs is mounted (`ipclusterd --prepare-host`, run by the unit before the daemon, mounts
-/// it when systemd did not).
+/// Where bpffs is mounted (by systemd, at boot).
 pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// What socket mode needs of the kernel. Every error is a sentence for `DeployFailed` and the
@@ -83,7 +82,7 @@ impl Steer for Kernel {
             Ok(true) => {}
             _ => {
                 return Err(format!(
-                    "socket mode needs bpffs at {BPFFS} (systemd mounts it at boot; `ipclusterd --prepare-host`, run by ipclusterd.service, mounts it when missing)"
+                    "socket mode needs bpffs at {BPFFS}, where systemd mounts it at boot (not in a container: there, `mount -t bpf bpf {BPFFS}` on the host side, then restart ipclusterd)"
                 ));
             }
         }
@@ -132,19 +131,12 @@ impl Steer for Kernel {
     }
 }
 
-/// `ipclusterd --prepare-host`: what the daemon needs of the host that its sandbox cannot do —
-/// bpffs mounted at `/sys/fs/bpf` in the host's mount namespace (a mount from inside the
-/// service's private namespace would vanish with it, and the pins with it), and
+/// `ipclusterd --prepare-host`: what the daemon needs of the host that its sandbox cannot do:
 /// `net.ipv4.tcp_migrate_req = 1` (`/proc/sys` is read-only in the sandbox). Run by the unit as
-/// `ExecStartPre=+…` (outside the sandbox); idempotent. Only a missing bpffs is an error: socket
-/// mode cannot work without it (NAT mode does not care, so the unit does not fail on it: the
-/// daemon reports it at the first socket-mode deploy).
+/// `ExecStartPre=+…`; idempotent, and never fails the unit (NAT mode does not need it, and the
+/// steering program migrates queued connections without it). bpffs is not mounted here: a `+`
+/// command still runs in a mount namespace of its own, so the mount would vanish with it.
 pub fn prepare_host() {
-    match ipcluster_steer::mount_bpffs_if_absent(Path::new(BPFFS)) {
-        Ok(true) => eprintln!("mounted bpffs at {BPFFS}"),
-        Ok(false) => {}
-        Err(e) => eprintln!("cannot mount bpffs at {BPFFS}: {e}; socket mode will not work"),
-    }
     if !ipcluster_steer::migration_enabled().unwrap_or(false)
         && let Err(e) = ipcluster_steer::enable_migration()
     {

@@ -154,6 +154,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         self.enter(&name, g, GenState::Starting);
 
         let mut failure = None;
+        if config.routing == Routing::Socket
+            && let Err(e) = self.stage(&name, g)
+        {
+            failure = Some(format!("cannot prepare the steering: {e}"));
+        }
         for (band, my_ports, p) in gated {
             if let Err(e) = self.release(&name, g, band, my_ports, p, &config) {
                 failure.get_or_insert(e);
@@ -365,7 +370,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             self.fail(app, g, format!("cutover failed: {e}"));
             return;
         }
-        info!(app = %app, generation = g, "{app}: cutover to generation {g} in {} ms", started.elapsed().as_millis());
+        info!(app = %app, generation = g, "{app}: cutover to generation {g} in {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
         self.metrics.cutover.entry(app.to_string()).or_default().observe(started.elapsed().as_secs_f64());
         self.metrics.deploys.entry(app.to_string()).or_default().0 += 1;
         self.timers.cancel(&TimerKey::ReadyTimeout { app: app.clone(), generation: g });

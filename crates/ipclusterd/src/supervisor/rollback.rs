@@ -117,7 +117,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             return self.reply(reply, Err(Error::DeployFailed(why)));
         }
         let elapsed = started.elapsed();
-        info!(app = %app, generation = g, "{app}: rolled back to generation {g} in {} ms (the same workers, live again)", elapsed.as_millis());
+        info!(app = %app, generation = g, "{app}: rolled back to generation {g} in {:.3} ms (the same workers, live again)", elapsed.as_secs_f64() * 1e3);
         self.metrics.cutover.entry(app.to_string()).or_default().observe(elapsed.as_secs_f64());
         for id in workers {
             let Some(w) = self.m.workers.get_mut(&id) else { continue };

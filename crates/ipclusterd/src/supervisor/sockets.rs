@@ -121,10 +121,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
     }
 
-    /// The cutover of a socket-mode app: every group reads generation `g`'s tables from now on.
-    /// Each group's switch is one atomic map update; all are prepared first, so the switches
-    /// follow each other within microseconds.
-    pub(super) fn switch_to(&mut self, app: &AppName, g: u64) -> Result<(), String> {
+    /// Prepares the cutover to generation `g` (its tables, empty until its workers are ready,
+    /// put where the steering can switch to them). This is the slow part (milliseconds: the
+    /// kernel waits for readers of the slot it replaces), so a deploy does it when it starts.
+    /// Idempotent, and cheap once done.
+    pub(super) fn stage(&mut self, app: &AppName, g: u64) -> Result<(), String> {
         let Some(config) = self.m.config(app, g) else { return Err("no such generation".into()) };
         let steer = &self.deps.steer;
         for &listen in &config.listen {
@@ -132,13 +133,20 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
         self.groups.tables(steer, app, g, config.listen.len())?;
         let tables = &self.groups.tables[&(app.clone(), g)];
-        let groups: Vec<&T::Group> =
-            config.listen.iter().map(|l| &self.groups.groups[&(app.clone(), *l)]).collect();
-        for (group, table) in groups.iter().zip(tables) {
-            steer.stage(group, table)?;
+        for (listen, table) in config.listen.iter().zip(tables) {
+            steer.stage(&self.groups.groups[&(app.clone(), *listen)], table)?;
         }
-        for (group, table) in groups.iter().zip(tables) {
-            steer.switch(group, table)?;
+        Ok(())
+    }
+
+    /// The cutover of a socket-mode app: every group reads generation `g`'s tables from now on,
+    /// each with one atomic 4-byte map update (microseconds once [`Self::stage`] is done).
+    pub(super) fn switch_to(&mut self, app: &AppName, g: u64) -> Result<(), String> {
+        self.stage(app, g)?;
+        let config = self.m.config(app, g).expect("staged above");
+        let tables = &self.groups.tables[&(app.clone(), g)];
+        for (listen, table) in config.listen.iter().zip(tables) {
+            self.deps.steer.switch(&self.groups.groups[&(app.clone(), *listen)], table)?;
         }
         Ok(())
     }
