@@ -28,7 +28,8 @@ pub trait Steer: Clone + Send + Sync + Debug + 'static {
     fn bind(&self, group: &Self::Group, listen: SocketAddr) -> Result<OwnedFd, String>;
     /// An empty table.
     fn table(&self) -> Result<Self::Table, String>;
-    /// Puts `socket` in `band`'s slot (replacing what was there). Idempotent.
+    /// Puts `socket` in `band`'s slot (replacing what was there). Idempotent. A socket can be in
+    /// one slot of one table at most (the kernel refuses a second).
     fn insert(&self, table: &Self::Table, band: u32, socket: &OwnedFd) -> Result<(), String>;
     /// Empties `band`'s slot: its clients go to a neighbour band. Idempotent.
     fn remove(&self, table: &Self::Table, band: u32) -> Result<(), String>;
@@ -38,6 +39,9 @@ pub trait Steer: Clone + Send + Sync + Debug + 'static {
     fn switch(&self, group: &Self::Group, table: &Self::Table) -> Result<(), String>;
     /// The table in force, if any.
     fn current(&self, group: &Self::Group) -> Result<Option<Self::Table>, String>;
+    /// The table switched from last (or staged), if any: the previous generation's, which a
+    /// rollback switches back to.
+    fn standby(&self, group: &Self::Group) -> Result<Option<Self::Table>, String>;
     /// Whether two handles are the same table.
     fn same(&self, a: &Self::Table, b: &Self::Table) -> bool;
     /// The filled slots: band and the socket's cookie.
@@ -113,6 +117,9 @@ impl Steer for Kernel {
     }
     fn current(&self, group: &Steering) -> Result<Option<SockArray>, String> {
         group.current().map_err(|e| e.to_string())
+    }
+    fn standby(&self, group: &Steering) -> Result<Option<SockArray>, String> {
+        group.standby().map_err(|e| e.to_string())
     }
     fn same(&self, a: &SockArray, b: &SockArray) -> bool {
         a.id() == b.id()

@@ -540,9 +540,11 @@ impl Processes for FakeProcesses {
     }
 }
 
-/// Socket mode's kernel side, in memory: groups, tables (band → socket cookie), which table each
-/// group uses, and every switch. Sockets are pipes (each has an inode of its own, its cookie).
-/// [`FakeSteer::refuse`] plays a kernel that refuses the program (a verifier error).
+/// Socket mode's kernel side, in memory, with the kernel's rules that matter to the supervisor:
+/// two slots per group (the table in force and the standby one), a table lives while a handle
+/// or a slot holds it, and a socket sits in one slot of one live table at most. Sockets are
+/// pipes (each has an inode of its own: its cookie). [`FakeSteer::refuse`] plays a kernel that
+/// refuses the program (a verifier error).
 #[derive(Debug, Clone, Default)]
 pub struct FakeSteer {
     world: Arc<Mutex<SteerWorld>>,
@@ -551,21 +553,40 @@ pub struct FakeSteer {
 #[derive(Debug, Default)]
 struct SteerWorld {
     next_table: u64,
-    /// Group name → the table in force.
-    current: BTreeMap<String, u64>,
+    /// Group name → (table in force, standby table).
+    slots: BTreeMap<String, (Option<u64>, Option<u64>)>,
+    /// Band → socket cookie, per table.
     tables: BTreeMap<u64, BTreeMap<u32, u64>>,
+    /// The handles of each table: it lives while one does (or a slot holds it).
+    handles: BTreeMap<u64, std::sync::Weak<()>>,
     /// (group, table) of every switch, in order.
     switches: Vec<(String, u64)>,
     refuse: Option<String>,
+}
+
+impl SteerWorld {
+    fn alive(&self, table: u64) -> bool {
+        self.handles.get(&table).is_some_and(|h| h.strong_count() > 0)
+            || self.slots.values().any(|(c, s)| *c == Some(table) || *s == Some(table))
+    }
+
+    fn handle(&mut self, id: u64) -> FakeTable {
+        let alive = self.handles.get(&id).and_then(std::sync::Weak::upgrade).unwrap_or_default();
+        self.handles.insert(id, Arc::downgrade(&alive));
+        FakeTable { id, _alive: alive }
+    }
 }
 
 /// A fake group: its name.
 #[derive(Debug)]
 pub struct FakeGroup(pub String);
 
-/// A fake table: its id.
+/// A handle of a fake table.
 #[derive(Debug)]
-pub struct FakeTable(pub u64);
+pub struct FakeTable {
+    pub id: u64,
+    _alive: Arc<()>,
+}
 
 impl FakeSteer {
     fn world(&self) -> MutexGuard<'_, SteerWorld> {
@@ -580,7 +601,7 @@ impl FakeSteer {
     /// The bands → socket cookies of the table `group` uses now.
     pub fn routed(&self, group: &str) -> BTreeMap<u32, u64> {
         let w = self.world();
-        w.current.get(group).and_then(|t| w.tables.get(t)).cloned().unwrap_or_default()
+        w.slots.get(group).and_then(|(c, _)| *c).and_then(|t| w.tables.get(&t)).cloned().unwrap_or_default()
     }
 
     /// How many switches happened.
@@ -617,37 +638,60 @@ impl crate::steering::Steer for FakeSteer {
         w.next_table += 1;
         let id = w.next_table;
         w.tables.insert(id, BTreeMap::new());
-        Ok(FakeTable(id))
+        Ok(w.handle(id))
     }
     fn insert(&self, table: &FakeTable, band: u32, socket: &OwnedFd) -> Result<(), String> {
         let cookie = self.cookie(socket)?;
-        self.world().tables.entry(table.0).or_default().insert(band, cookie);
+        let mut w = self.world();
+        let elsewhere = w.tables.iter().any(|(t, slots)| {
+            slots.iter().any(|(b, c)| *c == cookie && (*t, *b) != (table.id, band)) && w.alive(*t)
+        });
+        if elsewhere {
+            return Err(format!("band {band}: the socket is already in a sockarray slot"));
+        }
+        w.tables.entry(table.id).or_default().insert(band, cookie);
         Ok(())
     }
     fn remove(&self, table: &FakeTable, band: u32) -> Result<(), String> {
-        self.world().tables.entry(table.0).or_default().remove(&band);
+        self.world().tables.entry(table.id).or_default().remove(&band);
         Ok(())
     }
-    fn stage(&self, _group: &FakeGroup, _table: &FakeTable) -> Result<(), String> {
+    fn stage(&self, group: &FakeGroup, table: &FakeTable) -> Result<(), String> {
+        let mut w = self.world();
+        let slots = w.slots.entry(group.0.clone()).or_default();
+        if slots.0 != Some(table.id) {
+            slots.1 = Some(table.id);
+        }
         Ok(())
     }
     fn switch(&self, group: &FakeGroup, table: &FakeTable) -> Result<(), String> {
+        self.stage(group, table)?;
         let mut w = self.world();
-        w.current.insert(group.0.clone(), table.0);
-        w.switches.push((group.0.clone(), table.0));
+        let slots = w.slots.entry(group.0.clone()).or_default();
+        if slots.0 != Some(table.id) {
+            *slots = (slots.1, slots.0);
+        }
+        w.switches.push((group.0.clone(), table.id));
         Ok(())
     }
     fn current(&self, group: &FakeGroup) -> Result<Option<FakeTable>, String> {
-        Ok(self.world().current.get(&group.0).map(|t| FakeTable(*t)))
+        let mut w = self.world();
+        let id = w.slots.get(&group.0).and_then(|s| s.0);
+        Ok(id.map(|id| w.handle(id)))
+    }
+    fn standby(&self, group: &FakeGroup) -> Result<Option<FakeTable>, String> {
+        let mut w = self.world();
+        let id = w.slots.get(&group.0).and_then(|s| s.1);
+        Ok(id.map(|id| w.handle(id)))
     }
     fn same(&self, a: &FakeTable, b: &FakeTable) -> bool {
-        a.0 == b.0
+        a.id == b.id
     }
     fn entries(&self, table: &FakeTable) -> Result<Vec<(u32, u64)>, String> {
         Ok(self
             .world()
             .tables
-            .get(&table.0)
+            .get(&table.id)
             .map(|t| t.iter().map(|(b, c)| (*b, *c)).collect())
             .unwrap_or_default())
     }
@@ -660,7 +704,7 @@ impl crate::steering::Steer for FakeSteer {
         _listen: std::net::SocketAddr,
         group: FakeGroup,
     ) -> Result<(), String> {
-        self.world().current.remove(&group.0);
+        self.world().slots.remove(&group.0);
         Ok(())
     }
 }

@@ -15,7 +15,11 @@
 //!
 //! [`with_failover`]: ipcluster_core::routing::with_failover
 
-use std::{collections::BTreeMap, net::SocketAddr, os::fd::OwnedFd};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    os::fd::OwnedFd,
+};
 
 use ipcluster_core::{
     config::{AppConfig, Routing},
@@ -161,25 +165,77 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
     }
 
-    /// An adopted socket-mode generation: its tables are rebuilt from its workers' sockets
-    /// (taken back from them), and a live one's are switched to — the same sockets the table
-    /// in force named, or, if that was lost (bpffs remounted, pins removed), steering again.
+    /// An adopted socket-mode generation gets its tables back: the one in force or the standby
+    /// one of each group, whichever names its workers' sockets (a socket sits in one table at
+    /// most, so a table that still exists must be re-opened, not rebuilt); a new one for a
+    /// generation whose table is gone (an older retired one). Slots a worker should hold and
+    /// does not are filled, and a live generation whose table is not in force (the pins were
+    /// lost) is switched to.
     pub(super) fn adopt_steering(&mut self, app: &AppName, g: u64, state: GenState) {
-        let ids: Vec<WorkerId> =
-            self.m.workers_of(app, g).filter(|(_, w)| !w.sockets.is_empty()).map(|(id, _)| id).collect();
-        if ids.is_empty() && self.m.config(app, g).is_none_or(|c| c.routing != Routing::Socket) {
+        let Some(config) = self.m.config(app, g).filter(|c| c.routing == Routing::Socket) else { return };
+        if let Err(e) = self.reopen_tables(app, g, &config.listen) {
+            error!(app = %app, generation = g, "{app}: cannot take back the steering of generation {g}: {e}");
             return;
         }
+        // What the tables hold already (the kernel refuses a socket a second time, even in its
+        // own slot).
+        let tables = &self.groups.tables[&(app.clone(), g)];
+        let have: Vec<BTreeSet<(u32, u64)>> = tables
+            .iter()
+            .map(|t| self.deps.steer.entries(t).unwrap_or_default().into_iter().collect())
+            .collect();
+        let ids: Vec<WorkerId> =
+            self.m.workers_of(app, g).filter(|(_, w)| !w.sockets.is_empty()).map(|(id, _)| id).collect();
         for id in ids {
-            if let Err(e) = self.steer_to(id) {
-                warn!(app = %app, generation = g, "{app}: cannot steer to an adopted worker: {e}");
+            let w = self.m.workers.get_mut(&id).expect("listed above");
+            let (band, pid, sockets) = (w.band, w.pid, std::mem::take(&mut w.sockets));
+            for (i, (socket, cookie)) in sockets.iter().zip(&w.cookies).enumerate() {
+                if have[i].contains(&(band, *cookie)) {
+                    continue;
+                }
+                let table = &self.groups.tables[&(app.clone(), g)][i];
+                if let Err(e) = self.deps.steer.insert(table, band, socket) {
+                    warn!(app = %app, generation = g, pid, "{app}: cannot steer band {band} to pid {pid}: {e}");
+                }
             }
         }
-        if state == GenState::Live
-            && let Err(e) = self.switch_to(app, g)
-        {
-            error!(app = %app, generation = g, "{app}: cannot steer connections to generation {g}: {e}");
+        let in_force = config.listen.iter().enumerate().all(|(i, listen)| {
+            let group = &self.groups.groups[&(app.clone(), *listen)];
+            let table = &self.groups.tables[&(app.clone(), g)][i];
+            matches!(self.deps.steer.current(group), Ok(Some(c)) if self.deps.steer.same(&c, table))
+        });
+        if state == GenState::Live && !in_force {
+            warn!(app = %app, generation = g, "{app}: the steering did not name generation {g}; switching to it");
+            if let Err(e) = self.switch_to(app, g) {
+                error!(app = %app, generation = g, "{app}: cannot steer connections to generation {g}: {e}");
+            }
         }
+    }
+
+    /// Generation `g`'s tables after a restart: per group, the table in force or the standby one
+    /// if it names one of `g`'s workers' sockets, else a new one.
+    fn reopen_tables(&mut self, app: &AppName, g: u64, listen: &[SocketAddr]) -> Result<(), String> {
+        let cookies: Vec<Vec<u64>> = (0..listen.len())
+            .map(|i| self.m.workers_of(app, g).filter_map(|(_, w)| w.cookies.get(i).copied()).collect())
+            .collect();
+        let steer = &self.deps.steer;
+        let mut tables = Vec::new();
+        for (i, &l) in listen.iter().enumerate() {
+            let group = self.groups.group(steer, app, l)?;
+            let mut found = None;
+            for table in [steer.current(group)?, steer.standby(group)?].into_iter().flatten() {
+                if steer.entries(&table)?.iter().any(|(_, c)| cookies[i].contains(c)) {
+                    found = Some(table);
+                    break;
+                }
+            }
+            tables.push(match found {
+                Some(t) => t,
+                None => steer.table()?,
+            });
+        }
+        self.groups.tables.insert((app.clone(), g), tables);
+        Ok(())
     }
 
     /// A generation ended: its tables go (its sockets are closed already).

@@ -30,6 +30,8 @@ struct Harness {
     procs: FakeProcesses,
     steer: FakeSteer,
     clock: Arc<PausedClock>,
+    /// The running supervisor.
+    task: Option<tokio::task::JoinHandle<()>>,
     signals: mpsc::UnboundedReceiver<BusSignal>,
     notify: mpsc::Sender<Notification>,
     dir: PathBuf,
@@ -66,7 +68,7 @@ async fn start_with(
     let (_, signals) = mpsc::unbounded_channel();
     let (notify, _) = mpsc::channel(1);
     let steer = FakeSteer::default();
-    let mut h = Harness { handle, scopes, router, procs, steer, clock, signals, notify, dir };
+    let mut h = Harness { handle, scopes, router, procs, steer, clock, task: None, signals, notify, dir };
     h.restart().await;
     h
 }
@@ -76,10 +78,17 @@ async fn start(name: &str, apps: &[(&str, String)]) -> Harness {
 }
 
 impl Harness {
-    /// A new supervisor in the same world (the previous one, if any, stops with its handle):
-    /// a daemon restart.
+    /// A new supervisor in the same world, once the previous one (if any) has stopped and
+    /// dropped everything it held: a daemon restart.
     async fn restart(&mut self) {
         let (handle, mailbox) = channel();
+        drop(std::mem::replace(&mut self.handle, handle.clone()));
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the old supervisor stops")
+                .unwrap();
+        }
         let (signals_tx, signals) = mpsc::unbounded_channel();
         let (notify, notify_rx) = mpsc::channel(64);
         let deps = Deps {
@@ -96,8 +105,8 @@ impl Harness {
             sample_interval: Duration::from_millis(200),
             launcher: PathBuf::from("/proc/self/exe"),
         };
-        tokio::spawn(Supervisor::new(mailbox, deps).run());
-        (self.handle, self.signals, self.notify) = (handle, signals, notify);
+        self.task = Some(tokio::spawn(Supervisor::new(mailbox, deps).run()));
+        (self.signals, self.notify) = (signals, notify);
         self.until("the supervisor's first snapshot", Duration::from_secs(1), async |h| {
             h.handle.snapshot().await.is_ok()
         })

@@ -1,0 +1,276 @@
+//! Socket mode (`routing = "socket"`): the daemon binds the public sockets, hands each worker its
+//! band's, and an eBPF program steers each connection — no NAT rule, no worker port. Proven with
+//! real clients: stickiness, what the worker sees, deploys and rollbacks under load, a worker
+//! killed with connections queued on its socket, retired workers reaped with theirs, daemon
+//! restarts and crashes, and a host without bpffs.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    time::Duration,
+};
+
+use ipcluster_e2e::{
+    Sandbox,
+    bus::live_by_band,
+    client::{self, Load, loopback_sources},
+    cluster, text, wait_for,
+};
+
+const WEB: &str = r#"
+command = ["/usr/local/bin/ipcluster-demo"]
+workers = 4
+listen = ["0.0.0.0:80", "[::]:8080"]
+routing = "socket"
+autostart = false
+ready_timeout = "10s"
+stop_timeout = "2s"
+"#;
+
+const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
+const SECOND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080);
+
+/// `n` loopback sources whose address falls in `band` of 4.
+fn sources_of_band(band: u8, n: u8) -> Vec<Ipv4Addr> {
+    (0..n).map(|i| Ipv4Addr::new(127, 0, 1, i * 4 + band)).collect()
+}
+
+/// Opens a connection from each source and sends one request on it, without reading the answer:
+/// with the worker stopped, the connections and their requests wait in its socket's queue.
+fn queue_requests(sb: &Sandbox, sources: Vec<Ipv4Addr>) -> Vec<TcpStream> {
+    sb.in_netns(move || {
+        sources
+            .into_iter()
+            .map(|src| {
+                let mut s = client::connect(src, PUBLIC).expect("the kernel completes the handshake");
+                s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                s
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+/// (generation, band, pid) of the answer on each connection, or why there was none.
+fn answers(streams: Vec<TcpStream>) -> Vec<Result<(u64, u32, u32), String>> {
+    streams
+        .into_iter()
+        .map(|mut s| {
+            let mut body = String::new();
+            s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+            let get = |k: &str| {
+                body.split_whitespace().find_map(|kv| kv.strip_prefix(k)).and_then(|v| v.parse().ok())
+            };
+            match (get("generation="), get("band="), get("pid=")) {
+                (Some(g), Some(b), Some(p)) => Ok((g, b as u32, p as u32)),
+                _ => Err(format!("no answer: {body:?}")),
+            }
+        })
+        .collect()
+}
+
+fn signal(sb: &Sandbox, sig: &str, pid: u32) {
+    sb.check(["kill", &format!("-{sig}"), &pid.to_string()]).unwrap();
+}
+
+/// Stops `pid` and waits until it is stopped (a signal is delivered asynchronously: a worker
+/// still running would accept some of the connections meant to queue).
+fn stop(sb: &Sandbox, pid: u32) {
+    signal(sb, "STOP", pid);
+    wait_for("the worker to stop", Duration::from_secs(5), || {
+        let stat = std::fs::read_to_string(sb.host_path(format!("/proc/{pid}/stat"))).ok()?;
+        (stat.rsplit_once(") ")?.1.starts_with('T')).then_some(())
+    });
+}
+
+#[test]
+fn clients_stick_to_their_band_with_no_nat_rule_and_no_worker_port() {
+    let (sb, bus) = cluster(&[("web", WEB)]);
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    let rows = bus.list_workers("web");
+    let by_band = live_by_band(&rows);
+    assert!(rows.iter().all(|w| w.ports.is_empty()), "no worker port: {rows:?}");
+    let answers = sb
+        .in_netns(|| {
+            let mut out = Vec::new();
+            for src in loopback_sources(32) {
+                for dst in [PUBLIC, SECOND] {
+                    out.push((src, dst, client::get(src, dst)));
+                }
+            }
+            out
+        })
+        .unwrap();
+    for (src, dst, answer) in answers {
+        let a = answer.unwrap_or_else(|e| panic!("request from {src} to {dst} failed: {e:?}"));
+        let band = u32::from(src) & 3;
+        assert_eq!((a.band, a.pid), (band, by_band[&band]), "{src} → {dst} reached the wrong worker");
+        assert_eq!(a.peer, src.to_string(), "the worker sees the client's own address");
+    }
+    let nat = ipcluster_e2e::nat_rules(&sb);
+    assert!(!nat.contains("REDIRECT"), "no NAT rule: {nat}");
+    // Every listening socket of the workers is a public one, handed at fd 3 and 4.
+    let listening = sb.check(["ss", "-Htlnp"]).unwrap();
+    let demo: Vec<&str> = listening.lines().filter(|l| l.contains("ipcluster-demo")).collect();
+    assert_eq!(demo.len(), 8, "{listening}");
+    for l in demo {
+        assert!(
+            (l.contains("0.0.0.0:80 ") && l.contains("fd=3"))
+                || (l.contains("*:8080 ") && l.contains("fd=4")),
+            "{l}"
+        );
+    }
+    let env = ipcluster_e2e::environ(&sb, by_band[&0]);
+    assert!(env.contains(&"LISTEN_FDS=2".to_owned()), "{env:?}");
+    assert!(env.contains(&"LISTEN_FDNAMES=0.0.0.0_80:[__]_8080".to_owned()), "{env:?}");
+    assert!(env.contains(&format!("LISTEN_PID={}", by_band[&0])), "{env:?}");
+}
+
+#[test]
+fn deploys_and_rollbacks_under_load_fail_no_request_and_keep_established_connections() {
+    // The app starts in NAT mode: the first socket-mode cutover also removes its rules.
+    let nat = WEB.replace("routing = \"socket\"", "routing = \"nat\"").replace(", \"[::]:8080\"", "");
+    let (sb, bus) = cluster(&[("web", &nat)]);
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    let mut held = sb.in_netns(|| client::connect(Ipv4Addr::new(127, 0, 0, 41), PUBLIC).unwrap()).unwrap();
+    let first = client::request(&mut held).unwrap();
+    // Changed settings apply to the next generation after a reload.
+    sb.write_file("/etc/ipcluster/apps/web.toml", WEB, 0o644).unwrap();
+    sb.check(["systemctl", "reload", "ipclusterd"]).unwrap();
+    let load = Load::start(&sb, loopback_sources(16), PUBLIC);
+    std::thread::sleep(Duration::from_millis(300));
+    for expected in 2..=4u64 {
+        assert_eq!(bus.deploy_plain("web"), Ok(expected));
+        let fresh = sb.in_netns(|| client::get(Ipv4Addr::new(127, 0, 0, 9), PUBLIC)).unwrap().unwrap();
+        assert_eq!(fresh.generation, expected, "new connections reach the new generation at once");
+        let again = client::request(&mut held).expect("the established connection is still served");
+        assert_eq!((again.pid, again.generation), (first.pid, 1));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(!ipcluster_e2e::nat_rules(&sb).contains("REDIRECT"), "the NAT generation's rules are gone");
+    let out = sb.run(["ipclusterctl", "rollback", "web"]).unwrap();
+    assert!(text(&out).contains("generation 3 is live again"), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    let outcomes = load.finish();
+    let failures: Vec<_> = outcomes.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(outcomes.len() > 100, "the load ran ({} requests)", outcomes.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed, the first: {:?}",
+        failures.len(),
+        outcomes.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let last: BTreeSet<u64> =
+        outcomes.iter().rev().take(16).map(|(_, r)| r.as_ref().unwrap().generation).collect();
+    assert_eq!(last, BTreeSet::from([3]), "after the rollback, generation 3 serves");
+    let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
+    assert!(journal.contains("web: cutover to generation 4 in 0."), "a sub-millisecond cutover: {journal}");
+}
+
+#[test]
+fn a_killed_worker_hands_its_queued_connections_to_a_neighbour_and_refuses_none() {
+    let (sb, bus) = cluster(&[("web", WEB)]);
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    let by_band = live_by_band(&bus.list_workers("web"));
+    let victim = by_band[&2];
+    // Stopped, it accepts nothing: twelve connections of its band wait on its socket.
+    stop(&sb, victim);
+    let queued = queue_requests(&sb, sources_of_band(2, 12));
+    signal(&sb, "KILL", victim);
+    for (i, a) in answers(queued).into_iter().enumerate() {
+        let (g, band, pid) = a.unwrap_or_else(|e| panic!("queued connection {i} was lost: {e}"));
+        // Band 2 of 4 falls back to band 0, as the NAT rules would send it.
+        assert_eq!((g, band, pid), (1, 0, by_band[&0]), "queued connection {i}");
+    }
+    let respawned = wait_for("band 2 to be respawned", Duration::from_secs(15), || {
+        let rows = bus.list_workers("web");
+        rows.iter().find(|w| w.band == 2 && w.state == "live" && w.pid != victim).map(|w| w.pid)
+    });
+    let back = wait_for("band 2 to be steered to its new worker", Duration::from_secs(5), || {
+        let a = sb.in_netns(|| client::get(Ipv4Addr::new(127, 0, 1, 2), PUBLIC)).unwrap().ok()?;
+        (a.pid == respawned).then_some(a)
+    });
+    assert_eq!(back.band, 2);
+}
+
+#[test]
+fn reaped_retired_workers_hand_their_queued_connections_to_the_live_generation() {
+    let (sb, bus) = cluster(&[("web", WEB)]);
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    let old = live_by_band(&bus.list_workers("web"))[&3];
+    stop(&sb, old);
+    let queued = queue_requests(&sb, sources_of_band(3, 12));
+    assert_eq!(bus.deploy_plain("web"), Ok(2));
+    let new = live_by_band(&bus.list_workers("web"))[&3];
+    // Stopped, it ignores SIGTERM: SIGKILL after stop_timeout closes its socket.
+    assert_eq!(bus.kill_retired("web"), Ok(4));
+    for (i, a) in answers(queued).into_iter().enumerate() {
+        let got = a.unwrap_or_else(|e| panic!("queued connection {i} was lost: {e}"));
+        assert_eq!(got, (2, 3, new), "queued connection {i} is served by generation 2's band 3");
+    }
+}
+
+#[test]
+fn restarts_and_crashes_of_the_daemon_keep_the_steering_and_every_request() {
+    let (sb, bus) = cluster(&[("web", WEB)]);
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    assert_eq!(bus.deploy_plain("web"), Ok(2));
+    let before = bus.list_workers("web");
+    let load = Load::start(&sb, loopback_sources(16), PUBLIC);
+    for round in 0..3 {
+        let old = sb.main_pid("ipclusterd").unwrap();
+        if round == 1 {
+            sb.check(["systemctl", "kill", "--kill-whom=main", "-s", "KILL", "ipclusterd"]).unwrap();
+        } else {
+            sb.check(["systemctl", "restart", "ipclusterd"]).unwrap();
+        }
+        wait_for("the daemon to come back", Duration::from_secs(15), || {
+            let pid = sb.main_pid("ipclusterd").ok()?;
+            let active = sb.check(["systemctl", "is-active", "ipclusterd"]).ok()?;
+            (pid != 0 && pid != old && active.trim() == "active").then_some(())
+        });
+        let pids = |rows: &[ipcluster_e2e::bus::WorkerRow]| {
+            rows.iter().map(|w| (w.generation, w.band, w.pid, w.state.clone())).collect::<BTreeSet<_>>()
+        };
+        assert_eq!(pids(&bus.list_workers("web")), pids(&before), "round {round}: every worker adopted");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Still managed: the rollback is the same switch, the next deploy a new generation.
+    assert_eq!(bus.call::<_, u64>("Rollback", &("web", 0u64)), Ok(1));
+    assert_eq!(bus.deploy_plain("web"), Ok(3));
+    std::thread::sleep(Duration::from_millis(300));
+    let outcomes = load.finish();
+    let failures: Vec<_> = outcomes.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed, the first: {:?}",
+        failures.len(),
+        outcomes.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let gens: BTreeMap<u64, u64> =
+        outcomes.iter().filter_map(|(_, r)| r.as_ref().ok()).fold(BTreeMap::new(), |mut m, a| {
+            *m.entry(a.generation).or_default() += 1;
+            m
+        });
+    assert!(gens.keys().all(|g| [1, 2, 3].contains(g)), "{gens:?}");
+}
+
+#[test]
+fn without_bpffs_a_socket_deploy_fails_clearly_and_changes_nothing() {
+    let nat = WEB.replace("routing = \"socket\"", "routing = \"nat\"").replace(", \"[::]:8080\"", "");
+    let (sb, bus) = cluster(&[("web", WEB), ("other", &nat.replace(":80\"", ":81\""))]);
+    sb.check(["umount", "/sys/fs/bpf"]).unwrap();
+    sb.check(["systemctl", "restart", "ipclusterd"]).unwrap();
+    let e = bus.deploy_plain("web").unwrap_err();
+    assert_eq!(e.name, "org.ipcluster1.Error.DeployFailed");
+    assert!(e.message.contains("socket mode needs bpffs at /sys/fs/bpf"), "{}", e.message);
+    assert!(bus.list_generations("web").is_empty() || bus.list_workers("web").is_empty());
+    let units = sb.check(["systemctl", "list-units", "--no-legend", "ipcluster-web-*"]).unwrap();
+    assert!(units.trim().is_empty(), "no scope: {units}");
+    // NAT mode does not need it.
+    assert_eq!(bus.deploy_plain("other"), Ok(1));
+}
