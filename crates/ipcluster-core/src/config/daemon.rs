@@ -54,7 +54,8 @@ impl DaemonConfig {
             c.sample_interval = d;
         }
         if let Some(v) = &raw.metrics_listen {
-            let a = check_metrics_listen(v.get_ref()).map_err(|m| cx.err("metrics_listen", Some(v.span()), m))?;
+            let a =
+                check_metrics_listen(v.get_ref()).map_err(|m| cx.err("metrics_listen", Some(v.span()), m))?;
             c.metrics_listen = Some(a);
         }
         Ok(c)
