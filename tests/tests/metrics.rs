@@ -72,21 +72,26 @@ fn query(sb: &Sandbox, promql: &str) -> Option<f64> {
     result.first()?["value"][1].as_str()?.parse().ok()
 }
 
-/// Waits until `promql` evaluates to `expected`; on timeout, panics with what Prometheus said
-/// and saw.
+/// Waits until `promql` evaluates to `expected`.
 fn wait_query(sb: &Sandbox, promql: &str, expected: f64, timeout: Duration) {
+    wait_query_for(sb, promql, &format!("= {expected}"), |v| v == expected, timeout);
+}
+
+/// Waits until `promql` evaluates to a value that satisfies `ok` (described as `what`); on
+/// timeout, panics with what Prometheus said and saw.
+fn wait_query_for(sb: &Sandbox, promql: &str, what: &str, ok: impl Fn(f64) -> bool, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     while Instant::now() < deadline {
         last = query(sb, promql);
-        if last == Some(expected) {
+        if last.is_some_and(&ok) {
             return;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     let targets = sb.run(["curl", "-sS", "http://127.0.0.1:9090/api/v1/targets"]).map(|o| text(&o));
     panic!(
-        "{promql} is {last:?}, not {expected}, after {timeout:?}\ntargets: {targets:?}\nprometheus:\n{}",
+        "{promql} is {last:?}, not {what}, after {timeout:?}\ntargets: {targets:?}\nprometheus:\n{}",
         journal(sb, "ipcluster-test-prometheus")
     );
 }
@@ -205,7 +210,8 @@ fn prometheus_scrapes_the_live_workers_and_sees_the_deploy_counter_move() {
         4.0,
         timeout,
     );
-    wait_query(&sb, "count(ipcluster_worker_resident_memory_bytes{state=\"live\"})", 4.0, timeout);
+    // The README's first example query.
+    wait_query(&sb, "count by (app) (ipcluster_worker_resident_memory_bytes{state=\"live\"})", 4.0, timeout);
     wait_query(
         &sb,
         "count(ipcluster_worker_cpu_seconds_total{state=\"retired\",generation=\"2\"})",
@@ -226,6 +232,9 @@ fn prometheus_scrapes_the_live_workers_and_sees_the_deploy_counter_move() {
     ]);
     assert_eq!(failed.unwrap().status.code(), Some(1));
     wait_query(&sb, "ipcluster_deploys_total{app=\"web\",result=\"failed\"}", 1.0, timeout);
+    // The README's second one (increase() extrapolates, so at least 1).
+    let failed_per_hour = "sum by (app) (increase(ipcluster_deploys_total{result=\"failed\"}[1h]))";
+    wait_query_for(&sb, failed_per_hour, ">= 1", |v| v >= 1.0, timeout);
     eprintln!("Prometheus followed a deploy and a failed deploy in {:?}", started.elapsed());
 
     // An app removed (stopped, its file gone): its series leave /metrics, its history row stays.
