@@ -53,7 +53,7 @@ impl Default for Limits {
 /// Largest request head read: hyper's smallest buffer (a scrape's head is a few hundred bytes).
 const MAX_HEAD: usize = 8192;
 
-/// Serves `/metrics` on `listener` from `handle`'s snapshots, until the task is dropped.
+/// Serves `/metrics` on `listener` from `handle`'s snapshots, for as long as the runtime runs.
 pub async fn serve(listener: TcpListener, handle: Handle, limits: Limits) {
     let slots = Arc::new(Semaphore::new(limits.connections));
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -112,7 +112,7 @@ async fn respond(
     let format = Format::negotiate(accept);
     // Rendering 1024 workers takes about a millisecond of CPU: on the blocking pool, not on the
     // thread the supervisor shares with every other task.
-    let Ok(body) = tokio::task::spawn_blocking(move || render(&snapshot, format)).await else {
+    let Ok(Ok(body)) = tokio::task::spawn_blocking(move || render(&snapshot, format)).await else {
         return Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot render the metrics\n"));
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));

@@ -29,7 +29,7 @@ use std::{
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet},
+    encoding::{DescriptorEncoder, NoLabelSet},
     metrics::MetricType,
     registry::{Registry, Unit},
 };
@@ -85,18 +85,16 @@ impl Format {
     }
 }
 
-/// The snapshot in `format`.
-pub fn render(snapshot: &Arc<Snapshot>, format: Format) -> String {
+/// The snapshot in `format`. Fails only if the encoder does (writing to a `String` cannot).
+pub fn render(snapshot: &Arc<Snapshot>, format: Format) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Exposition(snapshot.clone())));
     let mut out = String::new();
-    let encoded = match format {
-        Format::Prometheus => prometheus_client::encoding::prometheus_text::encode(&mut out, &registry),
-        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry),
-    };
-    // Writing to a String cannot fail, and the collector below returns only the encoder's errors.
-    debug_assert!(encoded.is_ok(), "encoding to a String failed");
-    out
+    match format {
+        Format::Prometheus => prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?,
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry)?,
+    }
+    Ok(out)
 }
 
 /// The collector that turns one snapshot into the metric families.
@@ -148,7 +146,7 @@ impl Collector for Exposition {
             MetricType::Gauge,
         )?;
         for ((app, g, band, state), (rss, _)) in &workers {
-            family(&mut m, &worker_label_set(app, *g, *band, state))?.encode_gauge(rss)?;
+            m.encode_family(&worker_label_set(app, *g, *band, state))?.encode_gauge(rss)?;
         }
         let mut m = encoder.encode_descriptor(
             "ipcluster_worker_cpu",
@@ -158,7 +156,7 @@ impl Collector for Exposition {
         )?;
         for ((app, g, band, state), (_, cpu_usec)) in &workers {
             let seconds = *cpu_usec as f64 / 1e6;
-            family(&mut m, &worker_label_set(app, *g, *band, state))?
+            m.encode_family(&worker_label_set(app, *g, *band, state))?
                 .encode_counter::<NoLabelSet, _, u64>(&seconds, None)?;
         }
 
@@ -177,7 +175,7 @@ impl Collector for Exposition {
         )?;
         for ((app, band), n) in &restarts {
             let labels: Labels<2> = [("app", Cow::Borrowed(*app)), ("band", band.to_string().into())];
-            family(&mut m, &labels)?.encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            m.encode_family(&labels)?.encode_counter::<NoLabelSet, _, u64>(n, None)?;
         }
 
         let mut m = encoder.encode_descriptor(
@@ -190,7 +188,7 @@ impl Collector for Exposition {
             let (ok, failed) = s.metrics.deploys.get(*app).copied().unwrap_or_default();
             for (result, n) in [("ok", ok), ("failed", failed)] {
                 let labels: Labels<2> = [("app", Cow::Borrowed(*app)), ("result", result.into())];
-                family(&mut m, &labels)?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                m.encode_family(&labels)?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
             }
         }
 
@@ -204,7 +202,7 @@ impl Collector for Exposition {
         for app in &present {
             let h = s.metrics.cutover.get(*app).unwrap_or(&empty);
             let labels: Labels<1> = [("app", Cow::Borrowed(*app))];
-            family(&mut m, &labels)?.encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets(h), None)?;
+            m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets(h), None)?;
         }
 
         let mut actions: BTreeMap<(&str, &str), u64> = BTreeMap::new();
@@ -228,7 +226,7 @@ impl Collector for Exposition {
         )?;
         for ((app, action), n) in &actions {
             let labels: Labels<2> = [("app", Cow::Borrowed(*app)), ("action", Cow::Borrowed(*action))];
-            family(&mut m, &labels)?.encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            m.encode_family(&labels)?.encode_counter::<NoLabelSet, _, u64>(n, None)?;
         }
         Ok(())
     }
@@ -241,14 +239,6 @@ fn worker_label_set<'a>(app: &'a str, generation: u64, band: u32, state: &'a str
         ("band", band.to_string().into()),
         ("state", Cow::Borrowed(state)),
     ]
-}
-
-/// One series of a family.
-fn family<'m, S: EncodeLabelSet>(
-    m: &'m mut MetricEncoder<'_>,
-    labels: &'m S,
-) -> Result<MetricEncoder<'m>, std::fmt::Error> {
-    m.encode_family(labels)
 }
 
 /// The apps whose series are shown: a valid file, or something running (see the module's doc).

@@ -111,7 +111,7 @@ const FAMILIES: [(&str, &str); 8] = [
 
 #[test]
 fn the_text_format_has_help_type_and_the_values_of_the_snapshot() {
-    let text = render(&fixture(), Format::Prometheus);
+    let text = render(&fixture(), Format::Prometheus).unwrap();
     for (name, kind) in FAMILIES {
         assert_eq!(text.matches(&format!("# TYPE {name} {kind}\n")).count(), 1, "{name}:\n{text}");
         let help = text.lines().find(|l| l.starts_with(&format!("# HELP {name} ")));
@@ -156,7 +156,7 @@ fn the_text_format_has_help_type_and_the_values_of_the_snapshot() {
 
 #[test]
 fn openmetrics_declares_families_by_their_base_name_with_units_and_ends_with_eof() {
-    let text = render(&fixture(), Format::OpenMetrics);
+    let text = render(&fixture(), Format::OpenMetrics).unwrap();
     assert!(text.ends_with("# EOF\n"), "{text}");
     assert_has(
         &text,
@@ -204,7 +204,7 @@ fn histogram_buckets_are_cumulative_and_end_with_inf_in_both_formats() {
         ("+Inf", 5),
     ];
     for format in [Format::Prometheus, Format::OpenMetrics] {
-        let text = render(&fixture(), format);
+        let text = render(&fixture(), format).unwrap();
         // OpenMetrics puts `le` first, the text format last.
         let buckets: Vec<(String, u64)> = text
             .lines()
@@ -241,7 +241,7 @@ fn histogram_buckets_are_cumulative_and_end_with_inf_in_both_formats() {
 #[test]
 fn workers_sharing_labels_are_summed_and_no_pid_is_a_label() {
     for format in [Format::Prometheus, Format::OpenMetrics] {
-        let text = render(&fixture(), format);
+        let text = render(&fixture(), format).unwrap();
         // Pids 91 and 95: both retired workers of band 0 in generation 1.
         let retired = "{app=\"web\",generation=\"1\",band=\"0\",state=\"retired\"}";
         assert_has(
@@ -261,7 +261,7 @@ fn workers_sharing_labels_are_summed_and_no_pid_is_a_label() {
 
 #[test]
 fn an_app_without_a_file_and_with_nothing_running_has_no_series_and_a_new_one_starts_at_zero() {
-    let text = render(&fixture(), Format::Prometheus);
+    let text = render(&fixture(), Format::Prometheus).unwrap();
     // old: its file is gone and its last generation stopped; only the generation's history row
     // remains (as in ListGenerations).
     let old: Vec<&str> = text.lines().filter(|l| l.contains("app=\"old\"")).collect();
@@ -284,10 +284,10 @@ fn an_app_without_a_file_and_with_nothing_running_has_no_series_and_a_new_one_st
     // included.
     let mut s = (*fixture()).clone();
     s.valid.retain(|a| a != "web");
-    let text = render(&Arc::new(s), Format::Prometheus);
+    let text = render(&Arc::new(s), Format::Prometheus).unwrap();
     assert_has(&text, &["ipcluster_deploys_total{app=\"web\",result=\"ok\"} 2"]);
     // An empty snapshot (a daemon with no app) still says what runs.
-    let text = render(&Arc::new(Snapshot::default()), Format::Prometheus);
+    let text = render(&Arc::new(Snapshot::default()), Format::Prometheus).unwrap();
     let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
     assert_eq!(samples, [format!("ipcluster_build_info{{version=\"{}\"}} 1", ipcluster_core::VERSION)]);
 }
@@ -299,7 +299,7 @@ fn label_values_are_escaped_in_both_formats() {
     s.generations.push(generation("a\"b\\c\nd", 1, GenState::Live));
     let s = Arc::new(s);
     for format in [Format::Prometheus, Format::OpenMetrics] {
-        let text = render(&s, format);
+        let text = render(&s, format).unwrap();
         assert_has(
             &text,
             &["ipcluster_generation_info{app=\"a\\\"b\\\\c\\nd\",generation=\"1\",state=\"live\"} 1"],
