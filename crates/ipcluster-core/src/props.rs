@@ -48,7 +48,8 @@ fn well_formed(e: &crate::config::ConfigError, file: &str, text: &str) -> Result
 /// some valid, most not, with control characters and long strings mixed in.
 fn toml_like() -> impl Strategy<Value = String> {
     let key = prop_oneof![
-        proptest::sample::select(crate::config::KEYS.to_vec()).prop_map(str::to_owned),
+        proptest::sample::select([&crate::config::KEYS[..], &crate::config::DAEMON_KEYS[..]].concat())
+            .prop_map(str::to_owned),
         "[a-z_]{1,12}",
         "\"[\\x00-\\x7f]{0,8}\"",
     ];
@@ -56,6 +57,7 @@ fn toml_like() -> impl Strategy<Value = String> {
         "\"[0-9a-zA-Z:./ _-]{0,20}\"",
         "\"[0-9]{1,12}(us|ms|s|min|h|d|K|M|G|T)?\"",
         "\"[0-9]{1,5}-[0-9]{1,5}\"",
+        "\"\\[?[0-9a-f.:]{0,20}\\]?:[0-9]{0,6}\"",
         "\"[0-9]{1,3}/[0-9]{1,3}(s|min)\"",
         "\"(SIG)?(TERM|INT|HUP|FOO)\"",
         "-?[0-9]{1,20}",
@@ -94,7 +96,10 @@ proptest! {
     fn the_daemons_file_never_panics(text in toml_like()) {
         let file = "/etc/ipcluster/ipclusterd.toml";
         match DaemonConfig::parse(file, &text) {
-            Ok(c) => prop_assert!(c.sample_interval >= Duration::from_millis(100) && c.sample_interval <= MAX_DURATION),
+            Ok(c) => {
+                prop_assert!(c.sample_interval >= Duration::from_millis(100) && c.sample_interval <= MAX_DURATION);
+                prop_assert!(c.metrics_listen.is_none_or(|a| a.port() != 0));
+            }
             Err(e) => well_formed(&e, file, &text)?,
         }
     }

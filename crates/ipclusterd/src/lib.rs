@@ -19,6 +19,7 @@ pub mod dbus;
 pub mod journal;
 pub mod launcher;
 pub mod logging;
+pub mod metrics;
 pub mod netfilter;
 pub mod notify;
 pub mod orphan;
@@ -141,6 +142,16 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         notify_socket,
         signals: signals_tx,
     };
+    if let Some(addr) = daemon_config.metrics_listen {
+        // A port that cannot be bound costs the metrics, never the cluster.
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                info!("serving /metrics on http://{addr}/metrics");
+                tokio::spawn(metrics::serve(listener, handle.clone(), metrics::Limits::default()));
+            }
+            Err(e) => tracing::error!("metrics_listen: cannot listen on {addr}: {e}; no /metrics"),
+        }
+    }
     let supervisor = supervisor::Supervisor::new(mailbox, deps);
     let supervisor_task = tokio::spawn(supervisor.run());
     tokio::spawn(unix_signals(handle.clone()));

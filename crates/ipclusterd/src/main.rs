@@ -9,7 +9,8 @@ use ipclusterd::{BusKind, Options};
 ///
 /// Started by systemd (ipclusterd.service); controlled over D-Bus (org.ipcluster1) and with
 /// ipclusterctl(1). App files: /etc/ipcluster/apps/<app>.toml. SIGUSR1 stops retired workers;
-/// SIGHUP reloads the app files.
+/// SIGHUP reloads the app files. With metrics_listen in /etc/ipcluster/ipclusterd.toml, serves
+/// GET /metrics for Prometheus.
 #[derive(Debug, Parser)]
 #[command(name = "ipclusterd", version, about, long_about)]
 struct Args {

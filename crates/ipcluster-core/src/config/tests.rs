@@ -167,6 +167,38 @@ fn daemon_file() {
 }
 
 #[test]
+fn metrics_listen_is_an_address_and_a_port() {
+    assert_eq!(DaemonConfig::default().metrics_listen, None, "absent: no listener");
+    for (text, addr) in [
+        ("metrics_listen = \"127.0.0.1:9464\"\n", "127.0.0.1:9464"),
+        ("metrics_listen = \"0.0.0.0:9464\"\n", "0.0.0.0:9464"),
+        ("metrics_listen = \"[::1]:9100\"\n", "[::1]:9100"),
+    ] {
+        let c = DaemonConfig::parse("d", text).unwrap();
+        assert_eq!(c.metrics_listen, Some(addr.parse().unwrap()), "{text}");
+        assert_eq!(c.sample_interval, DaemonConfig::default().sample_interval);
+    }
+    let file = "/etc/ipcluster/ipclusterd.toml";
+    for (text, expected) in [
+        (
+            "metrics_listen = \"localhost:9464\"\n",
+            "/etc/ipcluster/ipclusterd.toml:1:18: metrics_listen: \"localhost:9464\" is not \"address:port\"",
+        ),
+        ("metrics_listen = \"127.0.0.1\"\n", ":1:18: metrics_listen: \"127.0.0.1\" is not \"address:port\""),
+        (
+            "sample_interval = \"1s\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+            ":2:18: metrics_listen: \"127.0.0.1:0\": port must be 1..=65535",
+        ),
+        ("metrics_listen = \"127.0.0.1:65536\"\n", ":1:18: metrics_listen: \"127.0.0.1:65536\" is not"),
+        ("metrics_listen = \"::1:9464\"\n", ":1:18: metrics_listen: \"::1:9464\" is not"),
+        ("metrics_listen = 9464\n", ":1:18: invalid type: integer `9464`, expected a string"),
+    ] {
+        let e = DaemonConfig::parse(file, text).unwrap_err().to_string();
+        assert!(e.contains(expected), "{text}: {e}");
+    }
+}
+
+#[test]
 fn overrides() {
     let c = parse(MIN).unwrap();
     let o = Overrides {
