@@ -24,8 +24,9 @@ pub const RUNTIME: &[Need] = &[
 /// What a sandbox needs besides [`RUNTIME`] (the daemon runs inside): unshare, nsenter, ip.
 pub const SANDBOX: &[Need] = &[("iproute2", "/usr/sbin/ip"), ("util-linux", "/usr/bin/nsenter")];
 
-/// What the end-to-end tests run inside sandboxes besides: `kill`.
-pub const TESTS: &[Need] = &[("procps", "/bin/kill")];
+/// What the end-to-end tests run inside sandboxes besides: `kill` and `pkill`, and tmux, the
+/// real terminal `ipclusterctl top` is tested in.
+pub const TESTS: &[Need] = &[("procps", "/bin/kill"), ("tmux", "/usr/bin/tmux")];
 
 /// What `cargo xtask deb` runs: dpkg-shlibdeps, strip, lintian.
 pub const DEB: &[Need] = &[
