@@ -36,6 +36,8 @@ use self::view::{Now, Signal, View};
 /// The shortest refresh interval: the daemon samples at most every 100 ms.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+/// The shortest time between two frames.
+const FRAME: Duration = Duration::from_millis(50);
 
 /// `ipclusterctl top`'s arguments.
 #[derive(Debug, clap::Args)]
@@ -208,14 +210,23 @@ async fn live(manager: &ManagerProxy<'_>, app: &str, interval: Duration) -> zbus
     let mut keys = crossterm::event::EventStream::new();
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Ages move on between refreshes (which may be a minute apart).
+    let mut clock = tokio::time::interval(Duration::from_secs(1));
     let mut refresh: Option<Pin<Box<dyn Future<Output = zbus::Result<Lists>> + '_>>> = None;
+    // Frames are drawn at most every FRAME: a deploy of 1024 workers is 1024 signals in a burst.
+    let (mut dirty, mut next_frame) = (true, tokio::time::Instant::now());
     loop {
-        let (w, h) = crossterm::terminal::size().unwrap_or((80, 24));
-        let frame = view.render(Some((usize::from(w), usize::from(h))), Now::current());
-        if let Err(e) = screen.draw(&frame) {
-            terminal_failed(&e);
+        if dirty && tokio::time::Instant::now() >= next_frame {
+            let (w, h) = crossterm::terminal::size().unwrap_or((80, 24));
+            let frame = view.render(Some((usize::from(w), usize::from(h))), Now::current());
+            if let Err(e) = screen.draw(&frame) {
+                terminal_failed(&e);
+            }
+            (dirty, next_frame) = (false, tokio::time::Instant::now() + FRAME);
         }
         tokio::select! {
+            _ = tokio::time::sleep_until(next_frame), if dirty => {}
+            _ = clock.tick() => dirty = true,
             _ = ticker.tick(), if refresh.is_none() => {
                 view.begin_refresh();
                 refresh = Some(Box::pin(fetch(manager, app, false)));
@@ -226,11 +237,13 @@ async fn live(manager: &ManagerProxy<'_>, app: &str, interval: Duration) -> zbus
                     Ok((gens, workers)) => view.refreshed(gens, workers, Now::current()),
                     Err(e) => view.refresh_failed(crate::describe(&e).1, Now::current()),
                 }
+                dirty = true;
             }
             msg = signals.next() => match msg {
                 Some(msg) => {
                     if let Some(s) = parse(msg) {
                         view.signal(s, Now::current());
+                        dirty = true;
                     }
                 }
                 None => return Err(zbus::Error::Failure("the connection to the bus closed".into())),
@@ -238,7 +251,7 @@ async fn live(manager: &ManagerProxy<'_>, app: &str, interval: Duration) -> zbus
             key = keys.next() => match key {
                 Some(Ok(Event::Key(k))) if quits(&k) => return Ok(()),
                 // Other keys, a resize: drawn again.
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => dirty = true,
                 Some(Err(e)) => terminal_failed(&e),
                 None => terminal_failed(&std::io::ErrorKind::UnexpectedEof.into()),
             },

@@ -377,13 +377,11 @@ impl View {
     /// The frame: with `size` (columns, rows), the live view fitted to the terminal (title, the
     /// tables, the events); without, the tables alone, whole (a snapshot for a pipe).
     pub fn render(&self, size: Option<(usize, usize)>, now: Now) -> Vec<Line> {
-        let width = size.map(|(w, _)| w);
-        let gens = self.gens_table(now, width);
-        let workers = self.workers_table(now, width);
+        let (g, w) = (self.gens.len(), self.workers.len());
         let Some((width, height)) = size else {
-            let mut out = gens.lines(gens.rows.len());
+            let mut out = self.gens_table(now, None, g).lines();
             out.push(Line::default());
-            out.extend(workers.lines(workers.rows.len()));
+            out.extend(self.workers_table(now, None, w).lines());
             return out;
         };
         let mut out = vec![self.title(width)];
@@ -401,13 +399,14 @@ impl View {
         out.push(Line::default());
         // Rows for the tables: what is left after the title, their headers and the line between.
         let budget = height.saturating_sub(out.len() + 3);
-        let (g, w) = (gens.rows.len(), workers.rows.len());
         // The workers come first; generations get what they leave, and at least a third.
         let g_rows = g.min(budget.saturating_sub(w).max(budget / 3));
         let w_rows = w.min(budget - g_rows);
-        out.extend(gens.lines(g_rows));
+        // Only the rows shown are formatted (and size their columns): a frame of 1024 workers
+        // costs what a frame of 40 does.
+        out.extend(self.gens_table(now, Some(width), g_rows).lines());
         out.push(Line::default());
-        out.extend(workers.lines(w_rows));
+        out.extend(self.workers_table(now, Some(width), w_rows).lines());
         // The events, newest last, where there is room below.
         let room = height.saturating_sub(out.len() + 2);
         if room > 0 && !self.events.is_empty() {
@@ -454,7 +453,8 @@ impl View {
         }
     }
 
-    fn gens_table(&self, now: Now, width: Option<usize>) -> Table {
+    /// The generations table in `lines` rows (the last saying how many more, when not all fit).
+    fn gens_table(&self, now: Now, width: Option<usize>, lines: usize) -> Table {
         let cols = vec![
             Col::left("APP", 9),
             Col::right("GEN", 9),
@@ -463,9 +463,11 @@ impl View {
             Col::right("AGE", 4),
             Col::left("SCOPE", 2),
         ];
-        let rows = self
-            .sorted_gens()
+        let all = self.sorted_gens();
+        let total = all.len();
+        let rows = all
             .into_iter()
+            .take(shown(lines, total))
             .map(|((app, n), g)| {
                 vec![
                     Cell::plain(cut(app, APP_WIDTH)),
@@ -477,10 +479,11 @@ impl View {
                 ]
             })
             .collect();
-        Table::new(cols, rows, width, "generations")
+        Table::new(cols, rows, total, width, "generations")
     }
 
-    fn workers_table(&self, now: Now, width: Option<usize>) -> Table {
+    /// The workers table in `lines` rows (the last saying how many more, when not all fit).
+    fn workers_table(&self, now: Now, width: Option<usize>, lines: usize) -> Table {
         let cols = vec![
             Col::left("APP", 9),
             Col::right("GEN", 9),
@@ -494,9 +497,11 @@ impl View {
             Col::left("PORTS", 2),
         ];
         let dash = || "-".to_owned();
-        let rows = self
-            .sorted_workers()
+        let all = self.sorted_workers();
+        let total = all.len();
+        let rows = all
             .into_iter()
+            .take(shown(lines, total))
             .map(|(pid, w)| {
                 let cpu = w.cpu.as_ref().and_then(|c| c.percent(now.at, self.settle));
                 let ports: Vec<String> = w.ports.iter().map(|(p, q)| format!("{p}->{q}")).collect();
@@ -514,8 +519,14 @@ impl View {
                 ]
             })
             .collect();
-        Table::new(cols, rows, width, "workers")
+        Table::new(cols, rows, total, width, "workers")
     }
+}
+
+/// How many of `total` rows fit in `lines` lines: all, or one less, for the line that says how
+/// many more there are.
+fn shown(lines: usize, total: usize) -> usize {
+    if lines >= total { total } else { lines.saturating_sub(1) }
 }
 
 fn plural(n: usize) -> &'static str {
@@ -670,13 +681,21 @@ impl Cell {
 struct Table {
     cols: Vec<(Col, usize)>,
     rows: Vec<Vec<Cell>>,
+    /// How many rows there are, shown or not.
+    total: usize,
     what: &'static str,
 }
 
 impl Table {
     /// Each column as wide as its widest cell; without `width`, every column; with it, the
     /// columns of lowest priority are left out until the rest fits.
-    fn new(cols: Vec<Col>, rows: Vec<Vec<Cell>>, width: Option<usize>, what: &'static str) -> Self {
+    fn new(
+        cols: Vec<Col>,
+        rows: Vec<Vec<Cell>>,
+        total: usize,
+        width: Option<usize>,
+        what: &'static str,
+    ) -> Self {
         let widths: Vec<usize> = cols
             .iter()
             .enumerate()
@@ -701,20 +720,20 @@ impl Table {
         Self {
             cols: shown.iter().map(|i| (cols[*i].clone(), widths[*i])).collect(),
             rows: rows.into_iter().map(|r| shown.iter().map(|i| r[*i].clone()).collect()).collect(),
+            total,
             what,
         }
     }
 
-    /// The header and `n` rows; when rows do not fit, the last line shown says how many more.
-    fn lines(&self, n: usize) -> Vec<Line> {
+    /// The header and the rows; when some were left out, a last line says how many.
+    fn lines(&self) -> Vec<Line> {
         let head: Vec<Cell> =
             self.cols.iter().map(|(c, _)| Cell { text: c.head.into(), style: Style::Header }).collect();
         let mut out = vec![self.line(&head, Style::Header)];
-        let cut = n < self.rows.len();
-        let shown = if cut { n.saturating_sub(1) } else { n };
-        out.extend(self.rows.iter().take(shown).map(|r| self.line(r, Style::Plain)));
-        if cut && n > 0 {
-            out.push(Line::one(format!("… {} more {}", self.rows.len() - shown, self.what), Style::Dim));
+        out.extend(self.rows.iter().map(|r| self.line(r, Style::Plain)));
+        let more = self.total - self.rows.len();
+        if more > 0 {
+            out.push(Line::one(format!("… {more} more {}", self.what), Style::Dim));
         }
         out
     }
