@@ -7,6 +7,7 @@
 mod check;
 mod output;
 mod progress;
+mod top;
 
 use std::{collections::HashMap, process::ExitCode};
 
@@ -71,6 +72,8 @@ enum Cmd {
     Reload,
     /// Stop every generation of APP and remove its rules, until the next deploy.
     Stop { app: String },
+    /// A live view of generations and workers (state, RSS, CPU %), refreshed until q.
+    Top(top::TopArgs),
     /// Show the workers' journal (journalctl for their scopes).
     Logs {
         app: String,
@@ -229,6 +232,7 @@ async fn run(args: Args) -> zbus::Result<()> {
             manager.stop_app(&app).await?;
             output::print_value(json, "stopped", app);
         }
+        Cmd::Top(top) => top::run(&manager, top, json).await?,
         Cmd::Man | Cmd::Completions { .. } | Cmd::CheckConfig { .. } | Cmd::Logs { .. } => {}
     }
     Ok(())

@@ -6,7 +6,7 @@ use ipcluster_bus::{GenerationRow, WorkerRow};
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
-struct Worker<'a> {
+pub(crate) struct Worker<'a> {
     app: &'a str,
     generation: u64,
     band: u32,
@@ -27,7 +27,7 @@ struct Port {
 }
 
 #[derive(Debug, Serialize)]
-struct Generation<'a> {
+pub(crate) struct Generation<'a> {
     app: &'a str,
     generation: u64,
     state: &'a str,
@@ -36,7 +36,7 @@ struct Generation<'a> {
     scope: &'a str,
 }
 
-fn worker(w: &WorkerRow) -> Worker<'_> {
+pub(crate) fn worker(w: &WorkerRow) -> Worker<'_> {
     Worker {
         app: &w.app,
         generation: w.generation,
@@ -52,7 +52,7 @@ fn worker(w: &WorkerRow) -> Worker<'_> {
     }
 }
 
-fn generation(g: &GenerationRow) -> Generation<'_> {
+pub(crate) fn generation(g: &GenerationRow) -> Generation<'_> {
     Generation {
         app: &g.app,
         generation: g.generation,
@@ -72,9 +72,18 @@ pub fn print_value<T: Serialize + std::fmt::Display>(json: bool, key: &str, valu
     }
 }
 
+/// Wall-clock time now, µs since the epoch (the unit of the rows' `start_usec`).
+pub(crate) fn now_usec() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
 fn age(start_usec: u64) -> String {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-    let s = now.saturating_sub(start_usec) / 1_000_000;
+    age_at(start_usec, now_usec())
+}
+
+/// How long ago `start_usec` was at `now_usec`, shortly (`42s`, `5min`, `3h`).
+pub(crate) fn age_at(start_usec: u64, now_usec: u64) -> String {
+    let s = now_usec.saturating_sub(start_usec) / 1_000_000;
     match s {
         0..=119 => format!("{s}s"),
         120..=7199 => format!("{}min", s / 60),
@@ -82,7 +91,8 @@ fn age(start_usec: u64) -> String {
     }
 }
 
-fn rank(state: &str) -> u8 {
+/// Where a state sorts: live first, then starting, retired, stopping, the rest.
+pub(crate) fn rank(state: &str) -> u8 {
     match state {
         "live" => 0,
         "starting" => 1,

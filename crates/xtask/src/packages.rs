@@ -24,11 +24,16 @@ pub const RUNTIME: &[Need] = &[
 /// What a sandbox needs besides [`RUNTIME`] (the daemon runs inside): unshare, nsenter, ip.
 pub const SANDBOX: &[Need] = &[("iproute2", "/usr/sbin/ip"), ("util-linux", "/usr/bin/nsenter")];
 
-/// What the end-to-end tests run inside sandboxes besides: `kill`; `curl`, and a Prometheus
-/// server and `promtool` that scrape and check `/metrics` (the sandbox boots none of the host's
-/// services, so the package's own `prometheus.service` never runs there).
-pub const TESTS: &[Need] =
-    &[("procps", "/bin/kill"), ("curl", "/usr/bin/curl"), ("prometheus", "/usr/bin/prometheus")];
+/// What the end-to-end tests run inside sandboxes besides: `kill` and `pkill`; tmux, the real
+/// terminal `ipclusterctl top` is tested in; `curl`, and a Prometheus server and `promtool` that
+/// scrape and check `/metrics` (the sandbox boots none of the host's services, so the package's
+/// own `prometheus.service` never runs there).
+pub const TESTS: &[Need] = &[
+    ("procps", "/bin/kill"),
+    ("tmux", "/usr/bin/tmux"),
+    ("curl", "/usr/bin/curl"),
+    ("prometheus", "/usr/bin/prometheus"),
+];
 
 /// What `cargo xtask deb` runs: dpkg-shlibdeps, strip, lintian.
 pub const DEB: &[Need] = &[
