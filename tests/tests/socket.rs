@@ -260,17 +260,36 @@ fn restarts_and_crashes_of_the_daemon_keep_the_steering_and_every_request() {
 }
 
 #[test]
-fn without_bpffs_a_socket_deploy_fails_clearly_and_changes_nothing() {
+fn the_unit_mounts_a_missing_bpffs_and_a_program_that_cannot_load_changes_nothing() {
     let nat = WEB.replace("routing = \"socket\"", "routing = \"nat\"").replace(", \"[::]:8080\"", "");
     let (sb, bus) = cluster(&[("web", WEB), ("other", &nat.replace(":80\"", ":81\""))]);
+    // A host where systemd did not mount bpffs (a container): the unit mounts it before the daemon.
     sb.check(["umount", "/sys/fs/bpf"]).unwrap();
     sb.check(["systemctl", "restart", "ipclusterd"]).unwrap();
+    let fs = sb.check(["stat", "-f", "-c", "%T", "/sys/fs/bpf"]).unwrap();
+    assert_eq!(fs.trim(), "bpf_fs", "mounted where every later daemon sees it");
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    assert_eq!(bus.call::<_, ()>("StopApp", &("web",)), Ok(()));
+
+    // A kernel that will not load the program (here: bpf(2) denied to the daemon).
+    sb.write_file(
+        "/etc/systemd/system/ipclusterd.service.d/no-bpf.conf",
+        "[Service]\nSystemCallFilter=~bpf\nSystemCallErrorNumber=EPERM\n",
+        0o644,
+    )
+    .unwrap();
+    sb.check(["systemctl", "daemon-reload"]).unwrap();
+    sb.check(["systemctl", "restart", "ipclusterd"]).unwrap();
+    let before = bus.list_generations("web");
     let e = bus.deploy_plain("web").unwrap_err();
     assert_eq!(e.name, "org.ipcluster1.Error.DeployFailed");
-    assert!(e.message.contains("socket mode needs bpffs at /sys/fs/bpf"), "{}", e.message);
-    assert!(bus.list_generations("web").is_empty() || bus.list_workers("web").is_empty());
+    assert!(e.message.contains("cannot load the steering program for 0.0.0.0:80"), "{}", e.message);
+    assert_eq!(bus.list_generations("web"), before, "no generation was added");
+    assert!(bus.list_workers("web").is_empty());
     let units = sb.check(["systemctl", "list-units", "--no-legend", "ipcluster-web-*"]).unwrap();
     assert!(units.trim().is_empty(), "no scope: {units}");
+    let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
+    assert!(journal.contains("cannot load the steering program"), "{journal}");
     // NAT mode does not need it.
     assert_eq!(bus.deploy_plain("other"), Ok(1));
 }

@@ -23,7 +23,7 @@ struct Args {
     /// Well-known bus name to own.
     #[arg(long, default_value = ipclusterd::BUS_NAME)]
     bus_name: String,
-    /// Prepare the host for socket mode and exit: net.ipv4.tcp_migrate_req=1
+    /// Prepare the host for socket mode and exit: bpffs at /sys/fs/bpf, net.ipv4.tcp_migrate_req=1
     /// (ipclusterd.service runs this before the daemon, outside the daemon's sandbox).
     #[arg(long)]
     prepare_host: bool,

@@ -86,7 +86,7 @@ impl Steer for Kernel {
             Ok(true) => {}
             _ => {
                 return Err(format!(
-                    "socket mode needs bpffs at {BPFFS}, where systemd mounts it at boot (not in a container: there, `mount -t bpf bpf {BPFFS}` on the host side, then restart ipclusterd)"
+                    "socket mode needs bpffs at {BPFFS}: systemd mounts it at boot, and `ipclusterd --prepare-host` (run by ipclusterd.service before the daemon) when systemd did not; the unit's journal says why it could not"
                 ));
             }
         }
@@ -138,15 +138,36 @@ impl Steer for Kernel {
     }
 }
 
-/// `ipclusterd --prepare-host`: what the daemon needs of the host that its sandbox cannot do:
-/// `net.ipv4.tcp_migrate_req = 1` (`/proc/sys` is read-only in the sandbox). Run by the unit as
-/// `ExecStartPre=+…`; idempotent, and never fails the unit (NAT mode does not need it, and the
-/// steering program migrates queued connections without it). bpffs is not mounted here: a `+`
-/// command still runs in a mount namespace of its own, so the mount would vanish with it.
+/// `ipclusterd --prepare-host`: what socket mode needs of the host that the daemon's sandbox
+/// cannot do, run by the unit as `ExecStartPre=+…` before each start:
+/// - bpffs at `/sys/fs/bpf` when systemd did not mount it (a container): mounted in PID 1's mount
+///   namespace, the host's, which the daemon's own namespace is then made from. A `+` command
+///   still runs in a mount namespace of its own, where a mount would vanish with it, and pins
+///   must outlive every daemon;
+/// - `net.ipv4.tcp_migrate_req = 1` (`/proc/sys` is read-only in the sandbox).
+///
+/// Idempotent, and never fails the unit: NAT mode needs neither, the steering program migrates
+/// queued connections without the sysctl, and a socket-mode deploy without bpffs says why.
+/// Must run before any thread is started (setns of a mount namespace needs a single thread).
 pub fn prepare_host() {
+    if !ipcluster_steer::is_bpffs(Path::new(BPFFS)).unwrap_or(false) {
+        match mount_bpffs_in_host() {
+            Ok(()) => eprintln!("mounted bpffs at {BPFFS}"),
+            Err(e) => eprintln!("cannot mount bpffs at {BPFFS}: {e}; socket mode will not work"),
+        }
+    }
     if !ipcluster_steer::migration_enabled().unwrap_or(false)
         && let Err(e) = ipcluster_steer::enable_migration()
     {
         eprintln!("cannot set net.ipv4.tcp_migrate_req = 1: {e}");
     }
+}
+
+/// Mounts bpffs at [`BPFFS`] in PID 1's mount namespace (this process moves there for good:
+/// it exits right after).
+fn mount_bpffs_in_host() -> Result<(), String> {
+    let ns = std::fs::File::open("/proc/1/ns/mnt").map_err(|e| format!("cannot open /proc/1/ns/mnt: {e}"))?;
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("cannot enter PID 1's mount namespace: {e}"))?;
+    ipcluster_steer::mount_bpffs_if_absent(Path::new(BPFFS)).map(drop).map_err(|e| e.to_string())
 }

@@ -76,7 +76,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                     gen_.waiting.push(waiter);
                 }
             }
-            Err(e) => self.answer(waiter, Err(e)),
+            Err(e) => {
+                // A deploy that could not start (no process ran) is in the journal too.
+                if let Error::DeployFailed(why) = &e {
+                    warn!(app, "{app}: deploy failed: {why}");
+                }
+                self.answer(waiter, Err(e));
+            }
         }
     }
 
