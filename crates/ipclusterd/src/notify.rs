@@ -12,14 +12,16 @@
 
 use std::{
     io,
-    os::{fd::AsRawFd, unix::fs::PermissionsExt},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt::PassCred};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 
 /// Largest datagram accepted (systemd uses the same bound for its own notify socket).
 const MAX_DATAGRAM: usize = 4096;
+/// Descriptors read (and closed) from one datagram; more are closed by the kernel.
+const MAX_FDS: usize = 8;
 /// At most one line about dropped datagrams this often.
 pub const DROP_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Notifications waiting for the supervisor; beyond this a flood from a worker is dropped.
@@ -75,7 +77,7 @@ impl Receiver {
         }
         let _ = std::fs::remove_file(path);
         let socket = std::os::unix::net::UnixDatagram::bind(path)?;
-        setsockopt(&socket, PassCred, &true).map_err(io::Error::from)?;
+        rustix::net::sockopt::set_socket_passcred(&socket, true)?;
         // Workers may run as other users; the sender's cgroup, not the file mode, decides who counts.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
         Ok(Self { socket, path: path.to_owned() })
@@ -87,19 +89,27 @@ impl Receiver {
     }
 
     /// Waits for the next datagram and returns it with its sender's PID (datagrams without
-    /// credentials are dropped).
+    /// credentials are dropped). Descriptors a sender passes are closed at once: sd_notify's
+    /// `BARRIER=1` (systemd-notify(1) sends one after `READY=1` and waits for it to close); a
+    /// sender passing more than fit is truncated by the kernel, which closes the rest.
     pub fn recv(&self) -> io::Result<(u32, Message)> {
         let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit();
+            rustix::cmsg_space!(ScmCredentials(1), ScmRights(MAX_FDS))];
         loop {
             let mut iov = [io::IoSliceMut::new(&mut buf)];
-            let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
-            let msg = recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
-                .map_err(io::Error::from)?;
-            let n = msg.bytes;
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let msg = rustix::net::recvmsg(&self.socket, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+            let n = msg.bytes.min(MAX_DATAGRAM);
             let mut pid = None;
-            for c in msg.cmsgs().map_err(io::Error::from)? {
-                if let ControlMessageOwned::ScmCredentials(cred) = c {
-                    pid = u32::try_from(cred.pid()).ok();
+            for c in control.drain() {
+                match c {
+                    RecvAncillaryMessage::ScmCredentials(cred) => {
+                        pid = u32::try_from(cred.pid.as_raw_nonzero().get()).ok()
+                    }
+                    // Dropping the descriptors closes them.
+                    RecvAncillaryMessage::ScmRights(fds) => fds.for_each(drop),
+                    _ => {}
                 }
             }
             if let Some(pid) = pid {
@@ -214,6 +224,43 @@ mod tests {
         let (pid, msg) = rx.recv().unwrap();
         assert_eq!(pid, std::process::id());
         assert!(msg.ready);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// systemd-notify(1) follows `READY=1` with `BARRIER=1` carrying a pipe and waits until the
+    /// receiver closes it; a sender may also pass more descriptors than are read. Either way the
+    /// datagram is read, and every descriptor is closed.
+    #[test]
+    fn passed_descriptors_are_closed_and_the_datagram_still_read() {
+        use std::os::fd::AsFd;
+
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        let dir = crate::test_dir("notify-fds");
+        let path = dir.join("notify");
+        let rx = Receiver::bind(&path).unwrap();
+        let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        tx.connect(&path).unwrap();
+        for count in [1, MAX_FDS + 5] {
+            let pipes: Vec<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> =
+                (0..count).map(|_| rustix::pipe::pipe().unwrap()).collect();
+            let writers: Vec<std::os::fd::BorrowedFd<'_>> = pipes.iter().map(|(_, w)| w.as_fd()).collect();
+            let mut space =
+                vec![std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(count))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            assert!(control.push(SendAncillaryMessage::ScmRights(&writers)));
+            rustix::net::sendmsg(&tx, &[io::IoSlice::new(b"BARRIER=1")], &mut control, SendFlags::empty())
+                .unwrap();
+            drop(control);
+            drop(writers);
+            let readers: Vec<std::os::fd::OwnedFd> = pipes.into_iter().map(|(r, _)| r).collect();
+            // Our own write ends are closed now: only the receiver's copies keep the pipes open.
+            let (pid, _) = rx.recv().unwrap();
+            assert_eq!(pid, std::process::id());
+            for r in &readers {
+                let mut b = [0u8; 1];
+                assert_eq!(rustix::io::read(r, &mut b).unwrap(), 0, "{count} fds: every copy is closed");
+            }
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
