@@ -250,7 +250,6 @@ mod tests {
             assert!(control.push(SendAncillaryMessage::ScmRights(&writers)));
             rustix::net::sendmsg(&tx, &[io::IoSlice::new(b"BARRIER=1")], &mut control, SendFlags::empty())
                 .unwrap();
-            drop(control);
             drop(writers);
             let readers: Vec<std::os::fd::OwnedFd> = pipes.into_iter().map(|(r, _)| r).collect();
             // Our own write ends are closed now: only the receiver's copies keep the pipes open.
