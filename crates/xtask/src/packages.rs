@@ -24,8 +24,15 @@ pub const RUNTIME: &[Need] = &[
 /// What a sandbox needs besides [`RUNTIME`] (the daemon runs inside): unshare, nsenter, ip.
 pub const SANDBOX: &[Need] = &[("iproute2", "/usr/sbin/ip"), ("util-linux", "/usr/bin/nsenter")];
 
-/// What the end-to-end tests run inside sandboxes besides: `kill`.
-pub const TESTS: &[Need] = &[("procps", "/bin/kill")];
+/// What the end-to-end tests run inside sandboxes besides: `kill` and `pgrep`; for the fleet
+/// (tests/tests/fleet.rs), sshd on each host, ssh and ssh-keygen on the operator's, and HAProxy
+/// in front (their services start only where a test starts them: a sandbox boots none).
+pub const TESTS: &[Need] = &[
+    ("procps", "/bin/kill"),
+    ("openssh-server", "/usr/sbin/sshd"),
+    ("openssh-client", "/usr/bin/ssh"),
+    ("haproxy", "/usr/sbin/haproxy"),
+];
 
 /// What `cargo xtask deb` runs: dpkg-shlibdeps, strip, lintian.
 pub const DEB: &[Need] = &[
