@@ -24,7 +24,7 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::net::UnixStream,
-    process::Command,
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -353,6 +353,7 @@ fn a_fleet_behind_haproxy_is_controlled_over_ssh_and_deployed_host_by_host() {
     let now: BTreeMap<Ipv4Addr, usize> =
         ask_all(&fleet.lb).iter().map(|(c, a)| (*c, host_of(a.pid))).collect();
     assert_eq!(now, homes, "every client is on the host it started on");
+    a_connection_that_breaks_exits_3_with_what_ssh_said(&fleet);
 }
 
 /// `ipclusterctl -H` against one host at a time: the same answers, errors and exit codes as on
@@ -539,7 +540,13 @@ fn a_failed_deploy_stops_the_roll_and_the_hosts_done_roll_back(fleet: &Fleet) {
     let error = r(1, "error");
     let error = error.as_str().unwrap_or_default();
     assert!(error.starts_with("deploy failed: web generation 3: band"), "{json}");
-    assert_eq!((r(2, "result"), r(2, "live")), ("not-reached".into(), serde_json::Value::Null), "{json}");
+    assert_eq!(r(0, "known"), true, "{json}");
+    assert_eq!(r(1, "known"), true, "{json}");
+    assert_eq!(
+        (r(2, "result"), r(2, "live"), r(2, "known")),
+        ("not-reached".into(), serde_json::Value::Null, false.into()),
+        "{json}"
+    );
 
     assert_eq!(fleet.live_workers(0), h1_workers, "h1 serves with the very workers it had");
     assert_eq!(fleet.generations(0).iter().find(|(g, _)| *g == 3).unwrap().1, "retired");
@@ -579,4 +586,26 @@ fn an_unhealthy_generation_fails_its_pause(fleet: &Fleet) {
     assert_eq!(fleet.live(0), 4, "without --rollback-on-failure, h1 keeps its new generation");
     assert_eq!(fleet.live_workers(1), h2_workers, "h2 is back on generation 2's workers");
     assert_eq!(fleet.generations(2), h3_generations, "h3 was not touched");
+}
+
+/// A connection that breaks during a call (here the bridge on h3 is killed while a deploy waits
+/// for its workers) fails the command with exit status 3 and what ssh said, as an unreachable
+/// host does. (The deploy itself goes on, on h3.)
+fn a_connection_that_breaks_exits_3_with_what_ssh_said(fleet: &Fleet) {
+    let slow = ["/usr/local/bin/ipcluster-demo", "--delay-ready", "3000"];
+    let mut argv = vec!["ipclusterctl", "-H", HOSTS[2], "deploy", "web", "--command"];
+    argv.extend(slow);
+    let ctl = fleet.lb.command(argv).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let h3 = &fleet.hosts[2];
+    let bridge = wait_for("the deploy's generation to start on h3", Duration::from_secs(10), || {
+        let starting = fleet.generations(2).iter().any(|(_, state)| state == "starting");
+        let pgrep = h3.run(["pgrep", "-x", "-f", "systemd-stdio-bridge"]).unwrap();
+        let pid = String::from_utf8_lossy(&pgrep.stdout).trim().to_owned();
+        (starting && !pid.is_empty()).then_some(pid)
+    });
+    h3.check(["kill", &bridge]).unwrap();
+    let out = ctl.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ipclusterctl: lost the connection to ipclusterd on 10.9.0.13: "), "{stderr}");
 }

@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use zbus::wire::OwnedVariant;
 
-use ipcluster_bus::{ManagerProxy, WorkerRow, option};
+use ipcluster_bus::{ManagerProxy, WorkerExitedStream, WorkerRow, option};
 
 use crate::remote::{self, Destination, Tunnel};
 
@@ -91,15 +91,36 @@ fn shown(d: Duration) -> String {
     if d.subsec_millis() == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
 }
 
+/// What a host serves after it failed, as far as the roll knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// This generation is live.
+    Live(u64),
+    /// No generation is live (the app had none).
+    Nothing,
+    /// Nothing was changed there: it serves what it served.
+    Untouched,
+    /// The connection broke during a call that changes things (which goes on without its
+    /// caller): only the host can say.
+    Unknown,
+}
+
 /// How one host's deploy went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Turn {
     /// The new generation is live (and stayed healthy for the pause).
     Live { previous: Option<u64>, generation: u64 },
-    /// The deploy failed, or the host could not be reached: nothing changed there.
-    Failed { previous: Option<u64>, error: String },
-    /// The new generation went live but did not stay healthy.
+    /// The deploy failed, or the host could not be reached.
+    Failed { previous: Option<u64>, error: String, after: After },
+    /// The new generation went live but did not stay healthy (or could not be watched).
     Unhealthy { previous: Option<u64>, generation: u64, error: String },
+}
+
+/// A rollback that failed; `lost` if the connection broke during the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fault {
+    error: String,
+    lost: bool,
 }
 
 /// Where a host ended up.
@@ -107,13 +128,13 @@ enum Turn {
 enum Outcome {
     /// Its new generation is live.
     Deployed { previous: Option<u64>, generation: u64 },
-    /// It failed and serves `live` (its previous generation, or the one a rollback made live;
-    /// `generation` if it could not be rolled back).
-    Failed { previous: Option<u64>, generation: Option<u64>, live: Option<u64>, error: String },
+    /// It failed; `generation` is the one that went live but did not stay healthy, if any.
+    Failed { previous: Option<u64>, generation: Option<u64>, after: After, error: String },
     /// It was deployed, then rolled back because a later host failed; `live` serves again.
     RolledBack { previous: u64, generation: u64, live: u64 },
-    /// It was deployed, and rolling it back failed: `generation` is still live.
-    RollbackFailed { previous: Option<u64>, generation: u64, error: String },
+    /// It was deployed, and rolling it back failed: `generation` is still live, unless the
+    /// connection broke during the rollback (`lost`).
+    RollbackFailed { previous: Option<u64>, generation: u64, error: String, lost: bool },
     /// Not contacted.
     NotReached,
 }
@@ -123,7 +144,7 @@ trait Hosts {
     /// Deploys on host `i` and, with a pause, watches the new generation.
     async fn deploy(&mut self, i: usize) -> Turn;
     /// Rolls host `i` back to generation `to`; returns the generation now live.
-    async fn rollback(&mut self, i: usize, to: u64) -> Result<u64, String>;
+    async fn rollback(&mut self, i: usize, to: u64) -> Result<u64, Fault>;
 }
 
 /// Deploys on hosts `0..n` in order until one fails; then, with `rollback_on_failure`, rolls
@@ -135,20 +156,25 @@ async fn roll(hosts: &mut impl Hosts, n: usize, rollback_on_failure: bool) -> Ve
     for (i, slot) in out.iter_mut().enumerate() {
         *slot = match hosts.deploy(i).await {
             Turn::Live { previous, generation } => Outcome::Deployed { previous, generation },
-            Turn::Failed { previous, error } => {
+            Turn::Failed { previous, error, after } => {
                 failed = true;
-                Outcome::Failed { previous, generation: None, live: previous, error }
+                Outcome::Failed { previous, generation: None, after, error }
             }
             Turn::Unhealthy { previous, generation, error } => {
                 failed = true;
-                let (live, error) = match previous {
+                let (after, error) = match previous {
                     Some(p) => match hosts.rollback(i, p).await {
-                        Ok(live) => (Some(live), error),
-                        Err(e) => (Some(generation), format!("{error}; rolling back failed: {e}")),
+                        Ok(live) => (After::Live(live), error),
+                        Err(f) => {
+                            let after = if f.lost { After::Unknown } else { After::Live(generation) };
+                            (after, format!("{error}; rolling back failed: {}", f.error))
+                        }
                     },
-                    None => (Some(generation), format!("{error}; no previous generation to return to")),
+                    None => {
+                        (After::Live(generation), format!("{error}; no previous generation to return to"))
+                    }
                 };
-                Outcome::Failed { previous, generation: Some(generation), live, error }
+                Outcome::Failed { previous, generation: Some(generation), after, error }
             }
         };
         if failed {
@@ -161,12 +187,15 @@ async fn roll(hosts: &mut impl Hosts, n: usize, rollback_on_failure: bool) -> Ve
             out[i] = match previous {
                 Some(p) => match hosts.rollback(i, p).await {
                     Ok(live) => Outcome::RolledBack { previous: p, generation, live },
-                    Err(error) => Outcome::RollbackFailed { previous, generation, error },
+                    Err(Fault { error, lost }) => {
+                        Outcome::RollbackFailed { previous, generation, error, lost }
+                    }
                 },
                 None => Outcome::RollbackFailed {
                     previous,
                     generation,
                     error: "no previous generation to return to".into(),
+                    lost: false,
                 },
             };
         }
@@ -177,13 +206,16 @@ async fn roll(hosts: &mut impl Hosts, n: usize, rollback_on_failure: bool) -> Ve
 /// A host's final line.
 fn line(app: &str, host: &str, outcome: &Outcome) -> String {
     let was = |g: Option<u64>| g.map_or("none".to_owned(), |g| g.to_string());
+    let unknown = format!("its state is unknown (ipclusterctl -H {host} generations {app})");
     match outcome {
         Outcome::Deployed { previous, generation } => {
             format!("{host}: {app} generation {generation} is live (was {})", was(*previous))
         }
-        Outcome::Failed { live, error, .. } => match live {
-            Some(g) => format!("{host}: failed: {error}; generation {g} is live"),
-            None => format!("{host}: failed: {error}; no generation is live"),
+        Outcome::Failed { after, error, .. } => match after {
+            After::Live(g) => format!("{host}: failed: {error}; generation {g} is live"),
+            After::Nothing => format!("{host}: failed: {error}; no generation is live"),
+            After::Untouched => format!("{host}: failed: {error}; untouched"),
+            After::Unknown => format!("{host}: failed: {error}; {unknown}"),
         },
         Outcome::RolledBack { previous, generation, live } if live == previous => {
             format!("{host}: rolled back to {app} generation {live} (generation {generation} retired)")
@@ -191,6 +223,9 @@ fn line(app: &str, host: &str, outcome: &Outcome) -> String {
         Outcome::RolledBack { previous, generation, live } => format!(
             "{host}: rolled back: {app} generation {live} runs what generation {previous} ran (generation {generation} retired)"
         ),
+        Outcome::RollbackFailed { error, lost: true, .. } => {
+            format!("{host}: rollback failed: {error}; {unknown}")
+        }
         Outcome::RollbackFailed { generation, error, .. } => {
             format!("{host}: rollback failed: {error}; generation {generation} is still live")
         }
@@ -231,36 +266,47 @@ struct HostResult<'a> {
     result: &'static str,
     /// The generation live before the roll (null: none, or not known).
     previous: Option<u64>,
-    /// The generation this roll made (null: none went live).
+    /// The generation this roll made live (null: none).
     generation: Option<u64>,
-    /// The generation live now, as far as the roll knows.
+    /// The generation live now (null: none, or not known: see `known`).
     live: Option<u64>,
+    /// Whether the roll knows what the host serves now (false when a connection broke during a
+    /// deploy or rollback, which goes on without its caller).
+    known: bool,
     error: Option<&'a str>,
 }
 
 fn result<'a>(host: &'a str, outcome: &'a Outcome) -> HostResult<'a> {
-    let r = |result, previous, generation, live, error| HostResult {
+    let r = |result, previous, generation, live, known, error| HostResult {
         host,
         result,
         previous,
         generation,
         live,
+        known,
         error,
     };
     match outcome {
         Outcome::Deployed { previous, generation } => {
-            r("deployed", *previous, Some(*generation), Some(*generation), None)
+            r("deployed", *previous, Some(*generation), Some(*generation), true, None)
         }
-        Outcome::Failed { previous, generation, live, error } => {
-            r("failed", *previous, *generation, *live, Some(error.as_str()))
+        Outcome::Failed { previous, generation, after, error } => {
+            let live = match after {
+                After::Live(g) => Some(*g),
+                After::Untouched => *previous,
+                After::Nothing | After::Unknown => None,
+            };
+            let known = *after != After::Unknown && !(*after == After::Untouched && previous.is_none());
+            r("failed", *previous, *generation, live, known, Some(error.as_str()))
         }
         Outcome::RolledBack { previous, generation, live } => {
-            r("rolled-back", Some(*previous), Some(*generation), Some(*live), None)
+            r("rolled-back", Some(*previous), Some(*generation), Some(*live), true, None)
         }
-        Outcome::RollbackFailed { previous, generation, error } => {
-            r("rollback-failed", *previous, Some(*generation), Some(*generation), Some(error.as_str()))
+        Outcome::RollbackFailed { previous, generation, error, lost } => {
+            let live = (!lost).then_some(*generation);
+            r("rollback-failed", *previous, Some(*generation), live, !lost, Some(error.as_str()))
         }
-        Outcome::NotReached => r("not-reached", None, None, None, None),
+        Outcome::NotReached => r("not-reached", None, None, None, false, None),
     }
 }
 
@@ -322,8 +368,8 @@ impl Ssh<'_> {
         Ok(conn)
     }
 
-    /// A failed call as the host's error: the daemon's answer, or why the host is out of reach
-    /// (then the connection is dropped, and ssh's words are the reason).
+    /// A failed call as the host's error: the daemon's answer, or, when the connection broke
+    /// (it is dropped then), what ssh said.
     fn explain(&mut self, i: usize, e: &zbus::Error) -> String {
         if !crate::is_transport(e) {
             return crate::describe_at(e, Some(&self.hosts[i])).1;
@@ -331,32 +377,35 @@ impl Ssh<'_> {
         match self.link.take() {
             Some(mut link) => {
                 let reason = link.tunnel.reason(&e.to_string());
-                format!("cannot reach ipclusterd on {}: {reason}", link.tunnel.host())
+                format!("lost the connection to ipclusterd on {}: {reason}", link.tunnel.host())
             }
-            None => format!("cannot reach ipclusterd on {}: {e}", self.hosts[i]),
+            None => format!("lost the connection to ipclusterd on {}: {e}", self.hosts[i]),
         }
     }
 
-    /// Host `i`'s turn, on `conn`; an error comes with the generation that was live (if read).
-    async fn turn(&self, i: usize, conn: &zbus::Connection) -> Result<Turn, (Option<u64>, zbus::Error)> {
-        let app = self.app;
-        let manager = ManagerProxy::new(conn).await.map_err(|e| (None, e))?;
-        let generations = manager.list_generations(app).await.map_err(|e| (None, e))?;
+    /// Before the deploy: the manager, the live generation, and `WorkerExited` subscribed (so
+    /// that no exit of the new generation's workers is missed).
+    async fn prepare(
+        &self,
+        conn: &zbus::Connection,
+    ) -> zbus::Result<(ManagerProxy<'static>, Option<u64>, WorkerExitedStream)> {
+        let manager = ManagerProxy::new(conn).await?;
+        let generations = manager.list_generations(self.app).await?;
         let previous = generations.iter().filter(|g| g.state == "live").map(|g| g.generation).max();
-        let failed = |e| (previous, e);
-        // Subscribed before the deploy, so no exit of the new generation's workers is missed.
-        let mut exited = manager.receive_worker_exited_with_args(&[(0, app)]).await.map_err(failed)?;
-        match previous {
-            Some(g) => self.say(i, &format!("deploying {app} (generation {g} is live)")),
-            None => self.say(i, &format!("deploying {app} (no generation is live)")),
-        }
-        let generation = manager.deploy(app, self.options.to_bus().map_err(failed)?).await.map_err(failed)?;
-        self.say(i, &format!("{app} generation {generation} is live"));
-        let Some(pause) = self.pause.filter(|p| !p.is_zero()) else {
-            return Ok(Turn::Live { previous, generation });
-        };
-        self.say(i, &format!("watching generation {generation} for {}", shown(pause)));
-        let before = live_pids(&manager.list_workers(app).await.map_err(failed)?, generation);
+        let exited = manager.receive_worker_exited_with_args(&[(0, self.app)]).await?;
+        Ok((manager, previous, exited))
+    }
+
+    /// Whether generation `generation` serves for `pause` with none of its workers exiting:
+    /// `Ok(Some(why))` if not.
+    async fn watch(
+        &self,
+        manager: &ManagerProxy<'_>,
+        generation: u64,
+        pause: Duration,
+        exited: &mut WorkerExitedStream,
+    ) -> zbus::Result<Option<String>> {
+        let before = live_pids(&manager.list_workers(self.app).await?, generation);
         let sleep = tokio::time::sleep(pause);
         tokio::pin!(sleep);
         loop {
@@ -367,37 +416,71 @@ impl Ssh<'_> {
                     let Some(signal) = signal else { break };
                     let Ok(a) = signal.args() else { continue };
                     if a.generation == generation {
-                        let error = format!(
+                        return Ok(Some(format!(
                             "generation {generation}: band {}'s worker (pid {}) exited within the pause ({})",
                             a.band, a.pid, a.reason
-                        );
-                        return Ok(Turn::Unhealthy { previous, generation, error });
+                        )));
                     }
                 }
             }
         }
-        let after = manager.list_workers(app).await.map_err(failed)?;
-        Ok(match still_healthy(generation, &before, &after) {
-            Ok(()) => Turn::Live { previous, generation },
+        let after = manager.list_workers(self.app).await?;
+        Ok(still_healthy(generation, &before, &after).err().map(|e| format!("generation {generation}: {e}")))
+    }
+
+    /// Host `i`'s turn on `conn`.
+    async fn turn(&mut self, i: usize, conn: &zbus::Connection) -> Turn {
+        let app = self.app;
+        // Whatever fails before the Deploy call, nothing was changed on the host.
+        let (manager, previous, mut exited) = match self.prepare(conn).await {
+            Ok(ready) => ready,
             Err(e) => {
-                Turn::Unhealthy { previous, generation, error: format!("generation {generation}: {e}") }
+                return Turn::Failed { previous: None, error: self.explain(i, &e), after: After::Untouched };
             }
-        })
+        };
+        let options = match self.options.to_bus() {
+            Ok(o) => o,
+            Err(e) => return Turn::Failed { previous, error: e.to_string(), after: After::Untouched },
+        };
+        match previous {
+            Some(g) => self.say(i, &format!("deploying {app} (generation {g} is live)")),
+            None => self.say(i, &format!("deploying {app} (no generation is live)")),
+        }
+        let generation = match manager.deploy(app, options).await {
+            Ok(g) => g,
+            Err(e) => {
+                // A failed deploy changes nothing; a broken connection leaves it going on there.
+                let after = if crate::is_transport(&e) {
+                    After::Unknown
+                } else {
+                    previous.map_or(After::Nothing, After::Live)
+                };
+                return Turn::Failed { previous, error: self.explain(i, &e), after };
+            }
+        };
+        self.say(i, &format!("{app} generation {generation} is live"));
+        let Some(pause) = self.pause.filter(|p| !p.is_zero()) else {
+            return Turn::Live { previous, generation };
+        };
+        self.say(i, &format!("watching generation {generation} for {}", shown(pause)));
+        match self.watch(&manager, generation, pause, &mut exited).await {
+            Ok(None) => Turn::Live { previous, generation },
+            Ok(Some(error)) => Turn::Unhealthy { previous, generation, error },
+            // A generation that could not be watched is not known to be healthy.
+            Err(e) => {
+                drop(manager);
+                let error = format!("generation {generation} could not be watched: {}", self.explain(i, &e));
+                Turn::Unhealthy { previous, generation, error }
+            }
+        }
     }
 }
 
 impl Hosts for Ssh<'_> {
     async fn deploy(&mut self, i: usize) -> Turn {
-        let conn = match self.connect(i).await {
-            Ok(c) => c,
-            Err(error) => {
-                self.say(i, &format!("failed: {error}"));
-                return Turn::Failed { previous: None, error };
-            }
-        };
-        let turn = match self.turn(i, &conn).await {
-            Ok(turn) => turn,
-            Err((previous, e)) => Turn::Failed { previous, error: self.explain(i, &e) },
+        let turn = match self.connect(i).await {
+            Ok(conn) => self.turn(i, &conn).await,
+            Err(error) => Turn::Failed { previous: None, error, after: After::Untouched },
         };
         match &turn {
             Turn::Live { .. } => {}
@@ -408,21 +491,25 @@ impl Hosts for Ssh<'_> {
         turn
     }
 
-    async fn rollback(&mut self, i: usize, to: u64) -> Result<u64, String> {
+    async fn rollback(&mut self, i: usize, to: u64) -> Result<u64, Fault> {
         self.say(i, &format!("rolling {} back to generation {to}", self.app));
-        let conn = self.connect(i).await?;
-        let manager = match ManagerProxy::new(&conn).await {
-            Ok(m) => m,
-            Err(e) => return Err(self.explain(i, &e)),
+        // Unreachable: nothing was sent, so nothing changed.
+        let conn = self.connect(i).await.map_err(|error| Fault { error, lost: false })?;
+        let result = match ManagerProxy::new(&conn).await {
+            Ok(manager) => manager.rollback(self.app, to).await,
+            Err(e) => Err(e),
         };
-        let result = manager.rollback(self.app, to).await;
-        drop(manager);
         match result {
             Ok(live) => {
                 self.say(i, &format!("{} generation {live} is live", self.app));
                 Ok(live)
             }
-            Err(e) => Err(self.explain(i, &e)),
+            Err(e) => {
+                let lost = crate::is_transport(&e);
+                let error = self.explain(i, &e);
+                self.say(i, &format!("rollback failed: {error}"));
+                Err(Fault { error, lost })
+            }
         }
     }
 }
@@ -470,7 +557,7 @@ mod tests {
     struct Script {
         turns: Vec<Turn>,
         /// Rollback answers per host (default: the generation asked for).
-        rollbacks: BTreeMap<usize, Result<u64, String>>,
+        rollbacks: BTreeMap<usize, Result<u64, Fault>>,
         /// Every call, in order.
         calls: Vec<String>,
     }
@@ -480,7 +567,7 @@ mod tests {
             self.calls.push(format!("deploy {i}"));
             self.turns[i].clone()
         }
-        async fn rollback(&mut self, i: usize, to: u64) -> Result<u64, String> {
+        async fn rollback(&mut self, i: usize, to: u64) -> Result<u64, Fault> {
             self.calls.push(format!("rollback {i} to {to}"));
             self.rollbacks.get(&i).cloned().unwrap_or(Ok(to))
         }
@@ -497,7 +584,11 @@ mod tests {
     }
 
     fn failed(previous: u64) -> Turn {
-        Turn::Failed { previous: Some(previous), error: "deploy failed: band 0".into() }
+        Turn::Failed {
+            previous: Some(previous),
+            error: "deploy failed: band 0".into(),
+            after: After::Live(previous),
+        }
     }
 
     #[test]
@@ -522,7 +613,7 @@ mod tests {
             Outcome::Failed {
                 previous: Some(7),
                 generation: None,
-                live: Some(7),
+                after: After::Live(7),
                 error: "deploy failed: band 0".into()
             }
         );
@@ -541,7 +632,7 @@ mod tests {
         assert_eq!(s.calls, ["deploy 0", "deploy 1", "deploy 2", "rollback 1 to 5", "rollback 0 to 1"]);
         assert_eq!(out[0], Outcome::RolledBack { previous: 1, generation: 2, live: 1 });
         assert_eq!(out[1], Outcome::RolledBack { previous: 5, generation: 6, live: 5 });
-        assert!(matches!(out[2], Outcome::Failed { live: Some(3), .. }));
+        assert!(matches!(out[2], Outcome::Failed { after: After::Live(3), .. }));
         assert_eq!(out[3], Outcome::NotReached);
         let hosts: Vec<String> = ["a", "b", "c", "d"].map(str::to_owned).to_vec();
         assert_eq!(summary("web", &hosts, &out), "web: failed on c: 1 failed, 2 rolled back, 1 not reached");
@@ -555,6 +646,7 @@ mod tests {
                 previous: Some(1),
                 generation: Some(2),
                 live: Some(1),
+                known: true,
                 error: None
             }
         );
@@ -571,7 +663,7 @@ mod tests {
             Outcome::Failed {
                 previous: Some(4),
                 generation: Some(5),
-                live: Some(4),
+                after: After::Live(4),
                 error: "band 1 exited".into()
             }
         );
@@ -582,7 +674,7 @@ mod tests {
     fn rollbacks_that_cannot_happen_or_fail_are_failures() {
         let first_ever = Turn::Live { previous: None, generation: 1 };
         let mut s = Script { turns: vec![first_ever, live(2, 3), failed(1)], ..Default::default() };
-        s.rollbacks.insert(1, Err("busy: deploying".into()));
+        s.rollbacks.insert(1, Err(Fault { error: "busy: deploying".into(), lost: false }));
         let out = run(&mut s, true);
         assert_eq!(
             s.calls,
@@ -594,7 +686,8 @@ mod tests {
             Outcome::RollbackFailed {
                 previous: None,
                 generation: 1,
-                error: "no previous generation to return to".into()
+                error: "no previous generation to return to".into(),
+                lost: false
             }
         );
         assert_eq!(
@@ -603,6 +696,47 @@ mod tests {
         );
         let hosts: Vec<String> = ["a", "b", "c"].map(str::to_owned).to_vec();
         assert_eq!(summary("web", &hosts, &out), "web: failed on c: 1 failed, 2 rollback failed");
+    }
+
+    #[test]
+    fn what_a_failed_host_serves_is_said_as_far_as_it_is_known() {
+        let unreachable = Turn::Failed {
+            previous: None,
+            error: "cannot reach ipclusterd on b: ssh: refused".into(),
+            after: After::Untouched,
+        };
+        let lost =
+            Turn::Failed { previous: Some(3), error: "lost the connection".into(), after: After::Unknown };
+        let unknown = "its state is unknown (ipclusterctl -H b generations web)";
+        for (turn, text, now, known) in [
+            (
+                unreachable,
+                "b: failed: cannot reach ipclusterd on b: ssh: refused; untouched".to_owned(),
+                None,
+                false,
+            ),
+            (lost, format!("b: failed: lost the connection; {unknown}"), None, false),
+            (failed(3), "b: failed: deploy failed: band 0; generation 3 is live".to_owned(), Some(3), true),
+        ] {
+            let mut s = Script { turns: vec![live(1, 2), turn], ..Default::default() };
+            let out = run(&mut s, false);
+            assert_eq!(line("web", "b", &out[1]), text);
+            let r = result("b", &out[1]);
+            assert_eq!((r.result, r.live, r.known), ("failed", now, known), "{text}");
+        }
+        // Rollbacks whose connection broke: of a host done, and of the unhealthy host itself.
+        let unhealthy = Turn::Unhealthy { previous: Some(3), generation: 4, error: "band 0 exited".into() };
+        let mut s = Script { turns: vec![live(1, 2), unhealthy], ..Default::default() };
+        let broke = Fault { error: "lost the connection".into(), lost: true };
+        s.rollbacks.insert(0, Err(broke.clone()));
+        s.rollbacks.insert(1, Err(broke));
+        let out = run(&mut s, true);
+        assert_eq!(line("web", "b", &out[0]), format!("b: rollback failed: lost the connection; {unknown}"));
+        assert_eq!((result("a", &out[0]).live, result("a", &out[0]).known), (None, false));
+        assert_eq!(
+            line("web", "b", &out[1]),
+            format!("b: failed: band 0 exited; rolling back failed: lost the connection; {unknown}")
+        );
     }
 
     fn row(generation: u64, band: u32, pid: u32, state: &str) -> WorkerRow {

@@ -174,9 +174,10 @@ async fn session(args: Args) -> Result<(), (u8, String)> {
     match run(args, &conn).await {
         Ok(()) => Ok(()),
         // The connection broke: ssh says why.
-        Err(e) if is_transport(&e) => {
-            Err((3, format!("cannot reach ipclusterd on {dest}: {}", tunnel.reason(&e.to_string()))))
-        }
+        Err(e) if is_transport(&e) => Err((
+            3,
+            format!("lost the connection to ipclusterd on {dest}: {}", tunnel.reason(&e.to_string())),
+        )),
         Err(e) => Err(describe_at(&e, Some(&dest))),
     }
 }
@@ -222,9 +223,10 @@ fn describe_named(name: &str, message: &str, host: Option<&remote::Destination>)
     }
 }
 
-/// Whether a call failed for want of a connection (rather than with the daemon's answer).
+/// Whether a call failed because the connection broke (zbus fails the calls pending on a closed
+/// socket with an I/O error), rather than with an answer.
 fn is_transport(e: &zbus::Error) -> bool {
-    !matches!(e, zbus::Error::MethodError(..) | zbus::Error::FDO(_))
+    matches!(e, zbus::Error::InputOutput(_))
 }
 
 /// `journalctl` for the app's scopes, replacing this process.
