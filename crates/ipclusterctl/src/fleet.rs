@@ -8,7 +8,8 @@
 //!
 //! - the failed host keeps its previous generation: a failed Deploy changed nothing, and a
 //!   generation that went live but did not stay healthy is rolled back (`Rollback` to the
-//!   generation that was live before), so a failure never leaves a host on the new version;
+//!   generation that was live before), so a failed host is left on the new version only if that
+//!   rollback fails;
 //! - the hosts not reached are not contacted;
 //! - with `--rollback-on-failure`, the hosts already done roll back too, last done first.
 //!

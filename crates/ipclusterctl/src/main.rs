@@ -198,7 +198,10 @@ fn describe_at(e: &zbus::Error, host: Option<&remote::Destination>) -> (u8, Stri
             zbus::DBusError::description(&**f).unwrap_or(""),
             host,
         ),
-        other => (3, format!("cannot reach ipclusterd: {other}")),
+        other => match host {
+            None => (3, format!("cannot reach ipclusterd: {other}")),
+            Some(h) => (3, format!("cannot reach ipclusterd on {h}: {other}")),
+        },
     }
 }
 

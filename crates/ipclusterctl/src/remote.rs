@@ -21,6 +21,7 @@ use std::{
     os::unix::net::UnixStream,
     process::{Child, Command, Stdio},
     str::FromStr,
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
@@ -33,6 +34,8 @@ const MAX_USER: usize = 32;
 const MAX_HOST: usize = 253;
 /// How long ssh gets to exit once its connection is over, before it is killed.
 const SSH_EXIT_GRACE: Duration = Duration::from_secs(3);
+/// How long the rest of ssh's stderr may take to arrive once ssh has exited.
+const STDERR_GRACE: Duration = Duration::from_millis(500);
 
 /// Where a remote ipclusterd is: `[USER@]HOST[:PORT]`, with an IPv6 address in brackets
 /// (`[2001:db8::1]:2222`). Parsing validates every part, so what ssh gets can never be taken
@@ -178,8 +181,10 @@ impl fmt::Display for Unreachable {
 pub struct Tunnel {
     host: String,
     child: Child,
-    /// What ssh wrote to stderr, once it has exited (the thread reads until EOF).
-    stderr: Option<thread::JoinHandle<Vec<u8>>>,
+    /// What ssh wrote to stderr so far (a thread reads it as it comes).
+    stderr: Arc<Mutex<Vec<u8>>>,
+    /// The reading thread: finished once every writer of the pipe is gone.
+    reader: Option<thread::JoinHandle<()>>,
 }
 
 impl Tunnel {
@@ -197,7 +202,13 @@ impl Tunnel {
                 }
             }
         };
-        let said = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        // What ssh started may hold its stderr open (a ProxyCommand): wait a little for the end
+        // of what it wrote, not for ever.
+        let deadline = Instant::now() + STDERR_GRACE;
+        while self.reader.as_ref().is_some_and(|r| !r.is_finished()) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let said = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
         let said = last_words(&String::from_utf8_lossy(&said));
         match (said.is_empty(), status) {
             (false, _) => said,
@@ -244,14 +255,20 @@ pub async fn connect(dest: &Destination) -> Result<(zbus::Connection, Tunnel), U
     // never see end-of-file when ssh exits.
     drop(cmd);
     let mut child = spawned.map_err(|e| unreachable(format!("cannot run ssh: {e}")))?;
-    let stderr = child.stderr.take().map(|mut pipe| {
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let reader = child.stderr.take().map(|mut pipe| {
+        let said = stderr.clone();
         thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            buf
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                // A std Mutex, held only to append.
+                if let Ok(mut s) = said.lock() {
+                    s.extend_from_slice(&chunk[..n]);
+                }
+            }
         })
     });
-    let mut tunnel = Tunnel { host: host.clone(), child, stderr };
+    let mut tunnel = Tunnel { host: host.clone(), child, stderr, reader };
     match zbus::connection::Builder::unix_stream(ours).build().await {
         Ok(conn) => Ok((conn, tunnel)),
         Err(e) => Err(unreachable(tunnel.reason(&e.to_string()))),
