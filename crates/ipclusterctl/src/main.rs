@@ -3,17 +3,21 @@
 //!
 //! Exit status: 0 success; 1 the daemon refused or failed the request, or a config file is
 //! invalid (the message says why); 2 usage error; 3 the daemon is not reachable.
+//!
+//! `-H [USER@]HOST[:PORT]` talks to another host's daemon over ssh ([`remote`]);
+//! `deploy --hosts` rolls a deploy across hosts ([`fleet`]).
 
 mod check;
+mod fleet;
 mod output;
 mod progress;
+mod remote;
 mod top;
 
-use std::{collections::HashMap, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use ipcluster_bus::{ErrorName, ManagerProxy, option};
-use zbus::wire::{OwnedVariant, Variant};
+use ipcluster_bus::{ErrorName, ManagerProxy};
 
 /// Control ipclusterd: deploy apps, inspect workers, reap retired generations.
 #[derive(Debug, Parser)]
@@ -30,6 +34,9 @@ struct Args {
     /// Talk to a daemon on the session bus instead of the system bus.
     #[arg(long, global = true, hide = true)]
     user: bool,
+    /// Operate on the ipclusterd of HOST, over ssh (as systemctl -H does).
+    #[arg(short = 'H', long, global = true, value_name = "[USER@]HOST[:PORT]")]
+    host: Option<remote::Destination>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -38,24 +45,17 @@ struct Args {
 enum Cmd {
     /// Apps, generations and workers (live first).
     Status { app: Option<String> },
-    /// Start a new generation of APP; waits until it serves (or fails).
+    /// Start a new generation of APP; waits until it serves (or fails). With --hosts, on each
+    /// host in turn.
     Deploy {
         app: String,
-        /// Number of workers (a power of two) for this generation.
-        #[arg(long)]
-        workers: Option<u32>,
-        /// The worker's argv for this generation (the rest of the line).
-        #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "ARG")]
-        command: Option<Vec<String>>,
-        /// Extra environment K=V for this generation (repeatable).
-        #[arg(long = "env", value_name = "K=V")]
-        env: Vec<String>,
-        /// Working directory for this generation.
-        #[arg(long)]
-        workdir: Option<String>,
+        #[command(flatten)]
+        options: fleet::DeployOptions,
         /// Return as soon as the generation has a number, without waiting for it to serve.
         #[arg(long)]
         no_block: bool,
+        #[command(flatten)]
+        roll: fleet::Roll,
     },
     /// Go back to an earlier generation (default: the one live before): the same workers at
     /// once when they still run, else a new generation running what it ran.
@@ -74,7 +74,7 @@ enum Cmd {
     Stop { app: String },
     /// A live view of generations and workers (state, RSS, CPU %), refreshed until q.
     Top(top::TopArgs),
-    /// Show the workers' journal (journalctl for their scopes).
+    /// Show the workers' journal (journalctl for their scopes; on this host only).
     Logs {
         app: String,
         generation: Option<u64>,
@@ -82,7 +82,7 @@ enum Cmd {
         #[arg(short, long)]
         follow: bool,
     },
-    /// Validate app files offline (default: /etc/ipcluster/apps/*.toml).
+    /// Validate app files offline (default: /etc/ipcluster/apps/*.toml; on this host only).
     CheckConfig { files: Vec<std::path::PathBuf> },
     /// Print the daemon's version.
     Version,
@@ -96,6 +96,11 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(host) = &args.host
+        && matches!(args.command, Cmd::CheckConfig { .. } | Cmd::Logs { .. })
+    {
+        return local_only(&args.command, host);
+    }
     match args.command {
         Cmd::Man => {
             let _ = clap_mangen::Man::new(Args::command()).render(&mut std::io::stdout());
@@ -109,6 +114,13 @@ fn main() -> ExitCode {
         Cmd::Logs { ref app, generation, follow } => return logs(app, generation, follow),
         _ => {}
     }
+    let rolling = matches!(&args.command, Cmd::Deploy { roll, .. } if !roll.hosts.is_empty());
+    if args.host.is_some() && (args.user || rolling) {
+        let other = if args.user { "--user" } else { "--hosts" };
+        Args::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, format!("-H/--host cannot be used with {other}"))
+            .exit();
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -116,32 +128,88 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    match rt.block_on(run(args)) {
+    if let Cmd::Deploy { app, options, roll, .. } = &args.command
+        && rolling
+    {
+        return rt.block_on(fleet::deploy(app, options, roll, args.json));
+    }
+    match rt.block_on(session(args)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let (code, text) = describe(&e);
+        Err((code, text)) => {
             eprintln!("ipclusterctl: {text}");
             ExitCode::from(code)
         }
     }
 }
 
+/// `logs` and `check-config` read this host's journal and files: with -H they say so, and what to
+/// run on HOST instead, rather than show this host's. (ssh would run that command line in a
+/// shell: it is not run from here.)
+fn local_only(command: &Cmd, host: &remote::Destination) -> ExitCode {
+    let (what, there) = match command {
+        Cmd::Logs { app, generation, .. } => {
+            if let Err(e) = ipcluster_core::name::AppName::new(app) {
+                eprintln!("ipclusterctl: {e}");
+                return ExitCode::from(2);
+            }
+            let unit = match generation {
+                Some(g) => format!("ipcluster-{app}-{g}.scope"),
+                None => format!("'ipcluster-{app}-*.scope'"),
+            };
+            ("logs reads this host's journal", format!("journalctl -u {unit}"))
+        }
+        _ => ("check-config reads this host's files", "ipclusterctl check-config".to_owned()),
+    };
+    eprintln!("ipclusterctl: {what}, not {host}'s: run `{there}` on {host}");
+    ExitCode::from(2)
+}
+
+/// Runs the command against the local daemon, or over ssh against HOST's: an error as an exit
+/// status and a message.
+async fn session(args: Args) -> Result<(), (u8, String)> {
+    let Some(dest) = args.host.clone() else {
+        let conn =
+            if args.user { zbus::Connection::session().await } else { zbus::Connection::system().await };
+        let conn = conn.map_err(|e| describe(&e))?;
+        return run(args, &conn).await.map_err(|e| describe(&e));
+    };
+    let (conn, mut tunnel) = remote::connect(&dest).await.map_err(|e| (3, e.to_string()))?;
+    match run(args, &conn).await {
+        Ok(()) => Ok(()),
+        // The connection broke: ssh says why.
+        Err(e) if is_transport(&e) => Err((
+            3,
+            format!("lost the connection to ipclusterd on {dest}: {}", tunnel.reason(&e.to_string())),
+        )),
+        Err(e) => Err(describe_at(&e, Some(&dest))),
+    }
+}
+
 /// A failed call as an exit status and a message for people.
 fn describe(e: &zbus::Error) -> (u8, String) {
+    describe_at(e, None)
+}
+
+/// A failed call to the daemon on `host` (None: this host's) as an exit status and a message.
+fn describe_at(e: &zbus::Error, host: Option<&remote::Destination>) -> (u8, String) {
     match e {
         zbus::Error::MethodError(name, message, _) => {
-            describe_named(name.as_str(), message.as_deref().unwrap_or(""))
+            describe_named(name.as_str(), message.as_deref().unwrap_or(""), host)
         }
         zbus::Error::FDO(f) => describe_named(
             &zbus::DBusError::name(&**f).to_string(),
             zbus::DBusError::description(&**f).unwrap_or(""),
+            host,
         ),
-        other => (3, format!("cannot reach ipclusterd: {other}")),
+        other => match host {
+            None => (3, format!("cannot reach ipclusterd: {other}")),
+            Some(h) => (3, format!("cannot reach ipclusterd on {h}: {other}")),
+        },
     }
 }
 
 /// The meaning of a D-Bus error name, with the daemon's message.
-fn describe_named(name: &str, message: &str) -> (u8, String) {
+fn describe_named(name: &str, message: &str, host: Option<&remote::Destination>) -> (u8, String) {
     match ErrorName::parse(name) {
         Some(e @ ErrorName::NoServer) => (3, format!("{}: {message}", e.meaning())),
         Some(e) => (1, format!("{}: {message}", e.meaning())),
@@ -150,14 +218,21 @@ fn describe_named(name: &str, message: &str) -> (u8, String) {
             "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner"
         ) =>
         {
-            (3, "ipclusterd is not running (systemctl start ipclusterd)".into())
+            match host {
+                None => (3, "ipclusterd is not running (systemctl start ipclusterd)".into()),
+                Some(h) => {
+                    (3, format!("ipclusterd is not running on {h} (systemctl -H {h} start ipclusterd)"))
+                }
+            }
         }
         None => (1, format!("{name}: {message}")),
     }
 }
 
-fn opt<'a>(v: impl Into<Variant<'a>>) -> zbus::Result<OwnedVariant> {
-    v.into().try_to_owned()
+/// Whether a call failed because the connection broke (zbus fails the calls pending on a closed
+/// socket with an I/O error), rather than with an answer.
+fn is_transport(e: &zbus::Error) -> bool {
+    matches!(e, zbus::Error::InputOutput(_))
 }
 
 /// `journalctl` for the app's scopes, replacing this process.
@@ -182,10 +257,8 @@ fn logs(app: &str, generation: Option<u64>, follow: bool) -> ExitCode {
     ExitCode::from(3)
 }
 
-async fn run(args: Args) -> zbus::Result<()> {
-    let conn =
-        if args.user { zbus::Connection::session().await? } else { zbus::Connection::system().await? };
-    let manager = ManagerProxy::new(&conn).await?;
+async fn run(args: Args, conn: &zbus::Connection) -> zbus::Result<()> {
+    let manager = ManagerProxy::new(conn).await?;
     let all = |a: &Option<String>| a.clone().unwrap_or_default();
     let json = args.json;
     match args.command {
@@ -195,21 +268,8 @@ async fn run(args: Args) -> zbus::Result<()> {
             let (gens, workers) = (manager.list_generations(&app).await?, manager.list_workers(&app).await?);
             output::status(json, &gens, &workers);
         }
-        Cmd::Deploy { app, workers, command, env, workdir, no_block } => {
-            let mut options = HashMap::new();
-            if let Some(w) = workers {
-                options.insert(option::WORKERS, opt(w)?);
-            }
-            if let Some(c) = command {
-                options.insert(option::COMMAND, opt(c)?);
-            }
-            if !env.is_empty() {
-                options.insert(option::ENVIRONMENT, opt(env)?);
-            }
-            if let Some(d) = workdir {
-                options.insert(option::WORKING_DIRECTORY, opt(d)?);
-            }
-            progress::deploy(&manager, &app, options, no_block, json).await?;
+        Cmd::Deploy { app, options, no_block, .. } => {
+            progress::deploy(&manager, &app, options.to_bus()?, no_block, json).await?;
         }
         Cmd::Rollback { app, generation } => {
             progress::rollback(&manager, &app, generation.unwrap_or(0), json).await?;

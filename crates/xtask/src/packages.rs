@@ -24,15 +24,19 @@ pub const RUNTIME: &[Need] = &[
 /// What a sandbox needs besides [`RUNTIME`] (the daemon runs inside): unshare, nsenter, ip.
 pub const SANDBOX: &[Need] = &[("iproute2", "/usr/sbin/ip"), ("util-linux", "/usr/bin/nsenter")];
 
-/// What the end-to-end tests run inside sandboxes besides: `kill` and `pkill`; tmux, the real
+/// What the end-to-end tests run inside sandboxes besides: `kill` and `pgrep`; tmux, the real
 /// terminal `ipclusterctl top` is tested in; `curl`, and a Prometheus server and `promtool` that
-/// scrape and check `/metrics` (the sandbox boots none of the host's services, so the package's
-/// own `prometheus.service` never runs there).
+/// scrape and check `/metrics`; for the fleet (tests/tests/fleet.rs), sshd on each host, ssh and
+/// ssh-keygen on the operator's, and HAProxy in front. Their services start only where a test
+/// starts them: a sandbox boots none of the host's.
 pub const TESTS: &[Need] = &[
     ("procps", "/bin/kill"),
     ("tmux", "/usr/bin/tmux"),
     ("curl", "/usr/bin/curl"),
     ("prometheus", "/usr/bin/prometheus"),
+    ("openssh-server", "/usr/sbin/sshd"),
+    ("openssh-client", "/usr/bin/ssh"),
+    ("haproxy", "/usr/sbin/haproxy"),
 ];
 
 /// What `cargo xtask deb` runs: dpkg-shlibdeps, strip, lintian.
