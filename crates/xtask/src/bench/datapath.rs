@@ -36,6 +36,39 @@ fn app(command: &str, workers: u32) -> String {
     format!("command = {command}\nworkers = {workers}\nlisten = [\"0.0.0.0:80\"]\n")
 }
 
+/// The same app in socket mode.
+fn socket_app(command: &str, workers: u32) -> String {
+    format!("{}routing = \"socket\"\nready_timeout = \"2min\"\n", app(command, workers))
+}
+
+/// The control a mode with `n` workers is compared with: the same program, `n` processes,
+/// reached directly on their own ports (on 2 cores, 64 processes cost throughput by themselves).
+fn direct_name(node: bool, n: u32) -> &'static str {
+    match (node, n) {
+        (false, 1) => "direct",
+        (false, 8) => "direct 8 workers",
+        (false, _) => "direct 64 workers",
+        (true, 1) => "node direct",
+        (true, 8) => "node direct 8 workers",
+        (true, _) => "node direct 64 workers",
+    }
+}
+
+/// `n` processes of `argv` on ports 20000.., reached directly: client `c` on worker `c % n`.
+fn direct(plan: &Plan, argv: &[&str], n: u32, name: &'static str, sources: &[Ipv4Addr]) -> Result<Mode> {
+    let sb = sandbox(None)?;
+    let mut dsts = Vec::new();
+    for i in 0..n {
+        let port = 20000 + u16::try_from(i)?;
+        background(&sb, argv, &[("PORT", &port.to_string())])?;
+        dsts.push(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+    }
+    for d in &dsts {
+        wait_port(&sb, d.port())?;
+    }
+    Ok(measure_many(plan, &sb, name, name, &dsts, sources))
+}
+
 const DEMO: &str = "[\"/usr/local/bin/ipcluster-demo\"]";
 const NODE: &str = "[\"/usr/bin/node\", \"/var/lib/ipcluster-bench/worker.js\"]";
 
@@ -84,13 +117,10 @@ pub fn run(plan: &Plan, pm2: &Path) -> Result<DataPath> {
     let many = loopback_sources(64);
     let mut modes = Vec::new();
 
+    let demo = ["/usr/local/bin/ipcluster-demo"];
+    let node = ["/usr/bin/node", super::WORKER_JS];
     // Direct: one worker, the physical limit.
-    {
-        let sb = sandbox(None)?;
-        background(&sb, &["/usr/local/bin/ipcluster-demo"], &[("PORT", "20000")])?;
-        wait_port(&sb, 20000)?;
-        modes.push(measure(plan, &sb, "direct", "direct", worker, &many));
-    }
+    modes.push(direct(plan, &demo, 1, "direct", &many)?);
     // The same, with connection tracking and NAT active in the namespace (a rule that matches
     // nothing we send): what conntrack alone costs.
     {
@@ -114,22 +144,22 @@ pub fn run(plan: &Plan, pm2: &Path) -> Result<DataPath> {
         wait_port(&sb, 20000)?;
         modes.push(measure(plan, &sb, "direct + conntrack", "direct", worker, &many));
     }
-    // Eight workers reached directly (each client on one of them): what spreading the same load
-    // over 8 processes costs, without any NAT.
-    {
-        let sb = sandbox(None)?;
-        let mut dsts = Vec::new();
-        for i in 0..8u16 {
-            background(&sb, &["/usr/local/bin/ipcluster-demo"], &[("PORT", &(20000 + i).to_string())])?;
-            wait_port(&sb, 20000 + i)?;
-            dsts.push(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 20000 + i));
-        }
-        modes.push(measure_many(plan, &sb, "direct 8 workers", "direct", &dsts, &many));
-    }
+    // 8 and 64 workers reached directly (each client on one of them): what spreading the same
+    // load over that many processes costs, without any front. Each mode below is compared with
+    // the control of its own worker count.
+    modes.push(direct(plan, &demo, 8, "direct 8 workers", &many)?);
+    modes.push(direct(plan, &demo, 64, "direct 64 workers", &many)?);
     for bands in [1u32, 8, 64] {
         let sb = sandbox(Some(&app(DEMO, bands)))?;
         wait_port(&sb, 80)?;
-        modes.push(measure(plan, &sb, &format!("ipclusterd {bands} bands"), "direct", public, &many));
+        let name = format!("ipclusterd {bands} bands");
+        modes.push(measure(plan, &sb, &name, direct_name(false, bands), public, &many));
+    }
+    for bands in [1u32, 8, 64] {
+        let sb = sandbox(Some(&socket_app(DEMO, bands)))?;
+        wait_port(&sb, 80)?;
+        let name = format!("socket {bands} bands");
+        modes.push(measure(plan, &sb, &name, direct_name(false, bands), public, &many));
     }
     // HAProxy in front of 8 of the same workers, sticky by source address like ipclusterd.
     {
@@ -147,24 +177,27 @@ pub fn run(plan: &Plan, pm2: &Path) -> Result<DataPath> {
         sb.write_file("/var/lib/ipcluster-bench/haproxy.cfg", cfg, 0o644)?;
         background(&sb, &["/usr/sbin/haproxy", "-f", "/var/lib/ipcluster-bench/haproxy.cfg"], &[])?;
         wait_port(&sb, 80)?;
-        modes.push(measure(plan, &sb, "haproxy 8 workers", "direct", public, &many));
+        modes.push(measure(plan, &sb, "haproxy 8 workers", "direct 8 workers", public, &many));
     }
-    // Node.js: direct, under ipclusterd, and PM2 cluster mode.
-    {
-        let sb = sandbox(None)?;
-        background(&sb, &["/usr/bin/node", super::WORKER_JS], &[("PORT", "20000")])?;
-        wait_port(&sb, 20000)?;
-        modes.push(measure(plan, &sb, "node direct", "node direct", worker, &many));
+    // Node.js: direct, under ipclusterd in both modes, and PM2 cluster mode.
+    for n in [1u32, 8, 64] {
+        modes.push(direct(plan, &node, n, direct_name(true, n), &many)?);
     }
     {
         let sb = sandbox(Some(&app(NODE, 8)))?;
         wait_port(&sb, 80)?;
-        modes.push(measure(plan, &sb, "node ipclusterd 8 bands", "node direct", public, &many));
+        modes.push(measure(plan, &sb, "node ipclusterd 8 bands", "node direct 8 workers", public, &many));
+    }
+    for bands in [1u32, 8, 64] {
+        let sb = sandbox(Some(&socket_app(NODE, bands)))?;
+        wait_port(&sb, 80)?;
+        let name = format!("node socket {bands} bands");
+        modes.push(measure(plan, &sb, &name, direct_name(true, bands), public, &many));
     }
     {
         let sb = sandbox(None)?;
         start_pm2(&sb, pm2)?;
-        modes.push(measure(plan, &sb, "node pm2 cluster 8", "node direct", public, &many));
+        modes.push(measure(plan, &sb, "node pm2 cluster 8", "node direct 8 workers", public, &many));
     }
     Ok(DataPath { modes })
 }

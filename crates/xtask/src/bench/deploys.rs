@@ -81,8 +81,77 @@ impl Run {
 
 #[derive(Debug)]
 pub struct Deploys {
+    /// NAT mode.
     pub ipclusterd: Run,
+    /// Socket mode.
+    pub socket: Run,
     pub pm2: Run,
+}
+
+/// The PID of a live worker of the bench app (from `ipclusterctl workers`).
+fn a_live_worker(sb: &Sandbox, nth: usize) -> Result<u32> {
+    let out = sb.check(["ipclusterctl", "workers", "bench"])?;
+    let live: Vec<u32> = out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"live")).then(|| f.get(4)?.parse().ok()).flatten()
+        })
+        .collect();
+    anyhow::ensure!(!live.is_empty(), "no live worker: {out}");
+    Ok(live[nth % live.len()])
+}
+
+/// Deploys, then `kill -9` of live workers, then daemon restarts, under load.
+fn ipclusterd_run(plan: &Plan, name: &str, routing: &str) -> Result<Run> {
+    let app = format!(
+        "command = [\"/usr/local/bin/ipcluster-demo\"]\nworkers = 8\nlisten = [\"0.0.0.0:80\"]\nstop_timeout = \"2s\"\nrouting = \"{routing}\"\n"
+    );
+    let sb = sandbox(Some(&app))?;
+    wait_port(&sb, 80)?;
+    let duration = Duration::from_secs_f64(
+        3.0 + f64::from(plan.deploys) * 0.7 + f64::from(plan.kills) * 1.2 + f64::from(plan.restarts) * 1.5,
+    );
+    under_load(plan, &sb, name, duration, |start| {
+        let mut events = Vec::new();
+        std::thread::sleep(Duration::from_millis(1500));
+        for _ in 0..plan.deploys {
+            events.push(timed(start, "deploy", || {
+                sb.check([
+                    "busctl",
+                    "call",
+                    "org.ipcluster1",
+                    "/org/ipcluster1",
+                    "org.ipcluster1.Manager",
+                    "Deploy",
+                    "sa{sv}",
+                    "bench",
+                    "0",
+                ])?;
+                Ok(())
+            })?);
+            // Retired generations are left running (no KillRetired): the long-lived connections
+            // stay on the workers they started on, as they would in production.
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        // A crash: the band's clients go to a neighbour until its replacement is ready.
+        for i in 0..plan.kills as usize {
+            let pid = a_live_worker(&sb, i * 3)?;
+            events.push(timed(start, "kill -9", || {
+                sb.check(["kill", "-KILL", &pid.to_string()])?;
+                Ok(())
+            })?);
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        for _ in 0..plan.restarts {
+            events.push(timed(start, "restart", || {
+                sb.check(["systemctl", "restart", "ipclusterd"])?;
+                Ok(())
+            })?);
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        Ok(events)
+    })
 }
 
 /// Long-lived keep-alive connections, one request each every 50 ms, until stopped.
@@ -178,43 +247,8 @@ fn timed(
 }
 
 pub fn run(plan: &Plan, pm2: &Path) -> Result<Deploys> {
-    let app = "command = [\"/usr/local/bin/ipcluster-demo\"]\nworkers = 8\nlisten = [\"0.0.0.0:80\"]\nstop_timeout = \"2s\"\n";
-    let sb = sandbox(Some(app))?;
-    wait_port(&sb, 80)?;
-    let duration =
-        Duration::from_secs_f64(3.0 + f64::from(plan.deploys) * 0.7 + f64::from(plan.restarts) * 1.5);
-    let ipclusterd = under_load(plan, &sb, "ipclusterd", duration, |start| {
-        let mut events = Vec::new();
-        std::thread::sleep(Duration::from_millis(1500));
-        for _ in 0..plan.deploys {
-            events.push(timed(start, "deploy", || {
-                sb.check([
-                    "busctl",
-                    "call",
-                    "org.ipcluster1",
-                    "/org/ipcluster1",
-                    "org.ipcluster1.Manager",
-                    "Deploy",
-                    "sa{sv}",
-                    "bench",
-                    "0",
-                ])?;
-                Ok(())
-            })?);
-            // Retired generations are left running (no KillRetired): the long-lived connections
-            // stay on the workers they started on, as they would in production.
-            std::thread::sleep(Duration::from_millis(400));
-        }
-        for _ in 0..plan.restarts {
-            events.push(timed(start, "restart", || {
-                sb.check(["systemctl", "restart", "ipclusterd"])?;
-                Ok(())
-            })?);
-            std::thread::sleep(Duration::from_millis(1000));
-        }
-        Ok(events)
-    })?;
-    drop(sb);
+    let ipclusterd = ipclusterd_run(plan, "ipclusterd", "nat")?;
+    let socket = ipclusterd_run(plan, "ipclusterd socket", "socket")?;
 
     let sb = sandbox(None)?;
     start_pm2(&sb, pm2)?;
@@ -241,5 +275,5 @@ pub fn run(plan: &Plan, pm2: &Path) -> Result<Deploys> {
         }
         Ok(events)
     })?;
-    Ok(Deploys { ipclusterd, pm2: pm2_run })
+    Ok(Deploys { ipclusterd, socket, pm2: pm2_run })
 }

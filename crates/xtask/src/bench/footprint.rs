@@ -23,6 +23,8 @@ pub struct Idle {
 /// Deploy latency at `bands` bands.
 #[derive(Debug, Clone)]
 pub struct DeployTime {
+    /// `nat` or `socket`.
+    pub routing: &'static str,
     pub bands: u32,
     /// Deploy call → return, ms (median of 3).
     pub deploy_ms: f64,
@@ -125,8 +127,10 @@ pub fn run(plan: &Plan) -> Result<Footprint> {
         idle.push(Idle { workers: n, rss_kib: rss, cpu_percent, list_ms, adopt_ms });
     }
     let mut deploys = Vec::new();
-    for bands in [8u32, 64, 256] {
-        let sb = sandbox(Some(&app(bands, false)))?;
+    for (routing, bands) in
+        [("nat", 8u32), ("nat", 64), ("nat", 256), ("socket", 8), ("socket", 64), ("socket", 256)]
+    {
+        let sb = sandbox(Some(&format!("{}routing = \"{routing}\"\n", app(bands, false))))?;
         let mut times = Vec::new();
         for _ in 0..3 {
             let t = Instant::now();
@@ -142,6 +146,7 @@ pub fn run(plan: &Plan) -> Result<Footprint> {
         let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"])?;
         let cutovers: Vec<f64> = journal
             .lines()
+            .filter(|l| l.contains(": cutover to generation "))
             .filter_map(|l| l.split(" in ").last()?.strip_suffix(" ms")?.parse().ok())
             .collect();
         let rollbacks: Vec<f64> = journal
@@ -150,13 +155,14 @@ pub fn run(plan: &Plan) -> Result<Footprint> {
             .filter_map(|l| l.split(" in ").last()?.split(" ms").next()?.parse().ok())
             .collect();
         let d = DeployTime {
+            routing,
             bands,
             deploy_ms: median(times),
             cutover_ms: median(cutovers),
             rollback_ms: median(rollbacks),
         };
         eprintln!(
-            "   deploy {bands:>4} bands: {:.0} ms, cutover {:.0} ms, rollback {:.0} ms",
+            "   deploy {bands:>4} bands ({routing}): {:.0} ms, cutover {:.3} ms, rollback {:.3} ms",
             d.deploy_ms, d.cutover_ms, d.rollback_ms
         );
         deploys.push(d);

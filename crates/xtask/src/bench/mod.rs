@@ -29,6 +29,8 @@ pub struct Plan {
     pub clients: usize,
     pub deploys: u32,
     pub restarts: u32,
+    /// `kill -9` of live workers during the deploys-under-load run.
+    pub kills: u32,
     pub rate: u32,
     pub scales: &'static [u32],
     pub idle: Duration,
@@ -43,6 +45,7 @@ impl Plan {
                 clients: 16,
                 deploys: 5,
                 restarts: 2,
+                kills: 2,
                 rate: 200,
                 scales: &[16, 256],
                 idle: Duration::from_secs(3),
@@ -54,6 +57,7 @@ impl Plan {
                 clients: 32,
                 deploys: 20,
                 restarts: 5,
+                kills: 5,
                 rate: 300,
                 scales: &[16, 256, 1024],
                 idle: Duration::from_secs(10),
@@ -101,14 +105,21 @@ fn ensure_pm2() -> Result<PathBuf> {
 /// host's own directory).
 pub const WORKER_JS: &str = "/var/lib/ipcluster-bench/worker.js";
 
-/// The Node.js worker used for the PM2 comparison (same answer as ipcluster-demo).
+/// The Node.js worker (same answer as ipcluster-demo): on `$PORT`, or in socket mode on the
+/// socket it is handed at fd 3 (then `READY=1` through systemd-notify: Node has no Unix datagram
+/// sockets); PM2 hears `ready` over its IPC channel.
 pub const NODE_WORKER: &str = r#"const http = require('http');
-const port = +(process.env.PORT || 3000);
 const id = `app=node generation=${process.env.IPCLUSTER_GENERATION || 0} band=${process.env.IPCLUSTER_BAND || 0} pid=${process.pid}`;
-http.createServer((req, res) => {
+const server = http.createServer((req, res) => {
   res.setHeader('Content-Type', 'text/plain');
   res.end(`${id} peer=${req.socket.remoteAddress}\n`);
-}).listen(port, '0.0.0.0', () => { if (process.send) process.send('ready'); });
+});
+const ready = () => {
+  if (process.send) process.send('ready');
+  if (process.env.NOTIFY_SOCKET) require('child_process').spawn('systemd-notify', ['--ready'], { stdio: 'ignore' });
+};
+if (process.env.LISTEN_FDS) server.listen({ fd: 3 }, ready);
+else server.listen(+(process.env.PORT || 3000), '0.0.0.0', ready);
 "#;
 
 /// A sandbox with the build installed and, optionally, ipclusterd running `app` (a TOML body).
