@@ -132,6 +132,9 @@ pub fn workers(json: bool, rows: &[WorkerRow]) {
     );
     for w in rows {
         let ports: Vec<String> = w.ports.iter().map(|(p, q)| format!("{p}->{q}")).collect();
+        // Socket mode: the worker accepts on the public sockets it was handed, no port of its own
+        // (as `top` shows it).
+        let ports = if ports.is_empty() { "-".to_owned() } else { ports.join(",") };
         println!(
             "{:<12} {:>4} {} {:>5} {:>8} {:<15} {:>8}K {:>7.1}s {:>4} {:>6}",
             w.app,
@@ -139,7 +142,7 @@ pub fn workers(json: bool, rows: &[WorkerRow]) {
             colored(&w.state, 9),
             w.band,
             w.pid,
-            ports.join(","),
+            ports,
             w.rss / 1024,
             w.cpu_usec as f64 / 1e6,
             w.nice,

@@ -205,8 +205,24 @@ pub fn run(plan: &Plan, pm2: &Path) -> Result<DataPath> {
 /// PM2 cluster mode with 8 instances of the Node worker on port 80.
 pub fn start_pm2(sb: &Sandbox, pm2: &Path) -> Result<()> {
     let pm2 = sb.inside(pm2)?.to_string_lossy().into_owned();
+    // In a scope of the sandbox's systemd (see `background`): PM2's daemon, which `pm2 start`
+    // forks, stays in it.
     let out = sb
-        .command(["/usr/bin/node", &pm2, "start", super::WORKER_JS, "-i", "8", "--name", "bench"])
+        .command([
+            "systemd-run",
+            "--quiet",
+            "--scope",
+            "--unit=pm2-bench",
+            "--",
+            "/usr/bin/node",
+            &pm2,
+            "start",
+            super::WORKER_JS,
+            "-i",
+            "8",
+            "--name",
+            "bench",
+        ])
         .env("PM2_HOME", "/tmp/pm2")
         .env("HOME", "/tmp")
         .env("PORT", "80")

@@ -151,12 +151,22 @@ pub fn wait_port(sb: &Sandbox, port: u16) -> Result<()> {
     bail!("nothing listens on port {port}")
 }
 
-/// Starts `argv` in the background inside the sandbox (it dies with the sandbox).
-pub fn background(sb: &Sandbox, argv: &[&str], env: &[(&str, &str)]) -> Result<std::process::Child> {
-    let mut cmd = sb.command(argv);
+/// Starts `argv` in the background inside the sandbox, as a transient service of the sandbox's
+/// systemd (it dies with the sandbox). A process started by `nsenter` alone would stay in the
+/// benchmark's own cgroup, next to the load generator, where the CPU is shared thread by thread;
+/// ipclusterd's workers live in the sandbox's cgroups, which the scheduler weighs against the
+/// load generator's as a group. Every front and every control runs where a service would, so
+/// only the routing differs between modes.
+pub fn background(sb: &Sandbox, argv: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let unit = format!("bench-{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let mut run: Vec<String> =
+        ["systemd-run", "--quiet", "--collect", "--unit", &unit].iter().map(|s| (*s).to_owned()).collect();
     for (k, v) in env {
-        cmd.env(k, v);
+        run.push(format!("--setenv={k}={v}"));
     }
-    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-    Ok(cmd.spawn()?)
+    run.push("--".into());
+    run.extend(argv.iter().map(|s| (*s).to_owned()));
+    sb.check(run)?;
+    Ok(())
 }
