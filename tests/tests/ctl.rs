@@ -109,7 +109,10 @@ fn every_command_works_against_the_daemon() {
 
     // logs: the workers' journal.
     sb.in_netns(|| {
-        ipcluster_e2e::client::get(std::net::Ipv4Addr::new(127, 0, 0, 5), "127.0.0.1:80".parse().unwrap())
+        ipcluster_e2e::client::get(
+            std::net::Ipv4Addr::new(127, 0, 0, 5),
+            "127.0.0.1:80".parse::<std::net::SocketAddr>().unwrap(),
+        )
     })
     .unwrap()
     .unwrap();
