@@ -297,7 +297,9 @@ fn another_ipv6_host_reaches_the_public_addresses_but_no_worker_port() {
     // through. The guard asks where it came in, and drops it.
     // Its neighbour entry for the server is fixed: the server's answers to a neighbour
     // solicitation from one of its own addresses would stay with the server.
-    let mac = sb.check(["cat", "/sys/class/net/veth0/address"]).unwrap();
+    // (`ip -br link`: name, state, address; /sys inside the sandbox is the host's.)
+    let link = sb.check(["ip", "-br", "link", "show", "dev", "veth0"]).unwrap();
+    let mac = link.split_whitespace().nth(2).unwrap_or_default().to_owned();
     let neigh = [
         "ip",
         "netns",
@@ -309,7 +311,7 @@ fn another_ipv6_host_reaches_the_public_addresses_but_no_worker_port() {
         "replace",
         SERVER[0],
         "lladdr",
-        mac.trim(),
+        &mac,
         "dev",
         "veth1",
         "nud",

@@ -17,10 +17,10 @@
 //! the error names the entry and why; IPv4-only apps keep working, without the IPv6 guard of
 //! their ports, which the journal says once.
 //!
-//! **Two families, one change.** Each family's tables change in transactions of their own.
-//! IPv6 is written first: if it fails, IPv4 was not touched. If IPv4 then fails, IPv6's nat
-//! table is taken back ([`routing::render_undo`]), so that on an error routing is as it was in
-//! both families, as [`Router::apply`] promises.
+//! **Two families, one change.** Each family's tables change in transactions of their own,
+//! written at the same time. When one family's change fails and the other's succeeded, the
+//! other's nat table is taken back ([`routing::render_undo`]), so that on an error routing is
+//! as it was in both families, as [`Router::apply`] promises.
 
 use std::{
     path::{Path, PathBuf},
@@ -325,31 +325,52 @@ impl Router for Iptables {
             (Some(t6), Some(before)) => text(Family::V6, before)?.map(|text| (t6, before, text)),
             _ => None,
         };
-        let mut changed = false;
-        let mut undo = None;
-        if let Some((t6, before, text)) = &text6 {
-            match self.restore(Family::V6, t6, text).await {
-                Ok(()) => {
-                    changed = true;
-                    undo = routing::render_undo(Family::V6, before, routes).map(|u| (*t6, u));
+        // Both families at once: a dual-stack cutover costs the slower of the two, and the
+        // moment in which they disagree is as short as it can be.
+        let (r6, r4) = tokio::join!(
+            async {
+                match &text6 {
+                    Some((t6, _, text)) => Some(self.restore(Family::V6, t6, text).await),
+                    None => None,
                 }
-                Err(e) => self.ipv6_failed(routes, &e)?,
+            },
+            async {
+                match &text4 {
+                    Some(text) => Some(self.restore(Family::V4, tools, text).await),
+                    None => None,
+                }
+            }
+        );
+        let (ok6, ok4) = (matches!(r6, Some(Ok(()))), matches!(r4, Some(Ok(()))));
+        let mut errors = Vec::new();
+        if let Some(Err(e)) = r4 {
+            errors.push(e.0);
+        }
+        if let Some(Err(e)) = r6 {
+            // For IPv4-only routes only the IPv6 guard failed: logged, and IPv4's change stands.
+            if let Err(e) = self.ipv6_failed(routes, &e) {
+                errors.push(e.0);
             }
         }
-        if let Some(text) = &text4 {
-            if let Err(e) = self.restore(Family::V4, tools, text).await {
-                if let Some((t6, undo)) = undo
-                    && let Err(u) = self.restore(Family::V6, t6, &undo).await
-                {
-                    return Err(RouterError(format!(
-                        "{e}; the IPv6 nat rules, already changed, could not be taken back: {u}"
-                    )));
-                }
-                return Err(e);
-            }
-            changed = true;
+        if errors.is_empty() {
+            return Ok(if ok6 || ok4 { Applied::Changed } else { Applied::Unchanged });
         }
-        Ok(if changed { Applied::Changed } else { Applied::Unchanged })
+        // One family failed: the other's nat table is taken back, so that routing is as it
+        // was in both (its filter keeps the guard of the ports workers hold: right either way).
+        let undo = [
+            (ok6, Family::V6, text6.as_ref().map(|(t6, before, _)| (*t6, *before))),
+            (ok4, Family::V4, Some((tools, &v4))),
+        ];
+        for (family, tools, before) in
+            undo.into_iter().filter(|(ok, ..)| *ok).filter_map(|(_, f, tb)| tb.map(|(t, b)| (f, t, b)))
+        {
+            if let Some(text) = routing::render_undo(family, before, routes)
+                && let Err(u) = self.restore(family, tools, &text).await
+            {
+                errors.push(format!("the {family} nat rules, already changed, could not be taken back: {u}"));
+            }
+        }
+        Err(RouterError(errors.join("; ")))
     }
 
     fn check(&self) -> Result<(), RouterError> {
@@ -459,8 +480,9 @@ mod tests {
         }
     }
 
-    /// Programs that log every run (name, arguments and stdin) to `dir/log`; the saves print
-    /// `save4` and `save6`; a restore whose family is in `failing` fails.
+    /// Programs that log every run (name, arguments and stdin) to a log of their family (the
+    /// two families run at the same time); the saves print `*nat` (IPv4) and `save6`; a
+    /// restore whose family is in `failing` fails.
     struct Fake {
         dir: PathBuf,
     }
@@ -468,18 +490,15 @@ mod tests {
     impl Fake {
         fn new(test: &str, save6: &str, failing: &[Family]) -> Fake {
             let dir = crate::test_dir(test);
-            let log = dir.join("log");
             for (family, save) in [(Family::V4, "*nat\nCOMMIT\n"), (Family::V6, save6)] {
                 let p = family.program();
+                let log = dir.join(format!("{p}.log"));
                 std::fs::write(dir.join(format!("{p}.out")), save).unwrap();
+                let out = dir.join(format!("{p}.out"));
                 script(
                     &dir,
                     &format!("{p}-save"),
-                    &format!(
-                        "echo {p}-save >> {0}\ncat {1}",
-                        log.display(),
-                        dir.join(format!("{p}.out")).display()
-                    ),
+                    &format!("echo {p}-save >> {}\ncat {}", log.display(), out.display()),
                 );
                 let fail = if failing.contains(&family) { "echo 'line 2 failed' >&2; exit 1" } else { "" };
                 script(
@@ -501,12 +520,17 @@ mod tests {
             Iptables::with_tools(self.tools(Family::V4), ipv6, TIMEOUT)
         }
 
-        /// The log since the last call.
-        fn take(&self) -> String {
-            let log = self.dir.join("log");
+        /// One family's log since the last call.
+        fn take_of(&self, family: Family) -> String {
+            let log = self.dir.join(format!("{}.log", family.program()));
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let _ = std::fs::remove_file(&log);
             text
+        }
+
+        /// Both logs since the last call, IPv4's first.
+        fn take(&self) -> String {
+            self.take_of(Family::V4) + &self.take_of(Family::V6)
         }
     }
 
@@ -606,34 +630,25 @@ mod tests {
         }
     }
 
-    /// IPv6 is written first; when IPv4 then fails, IPv6's nat table is taken back, so that
-    /// routing is as it was in both families.
+    /// Both families are written at once; when one fails, the other's nat table is taken
+    /// back, so that routing is as it was in both families.
     #[tokio::test]
-    async fn when_ipv4_fails_after_ipv6_the_ipv6_nat_change_is_undone() {
+    async fn when_one_family_fails_the_other_nat_change_is_undone() {
+        let restores = |log: &str| log.lines().filter(|l| l.contains("-restore ")).count();
         let fake = Fake::new("netfilter-undo", "*nat\nCOMMIT\n", &[Family::V4]);
         let ipt = fake.router(None);
         let e = ipt.apply(&[route_on("web", &["[::]:80"])]).await.unwrap_err();
         assert!(e.0.contains("iptables-restore failed") && e.0.contains("line 2 failed"), "{e}");
-        let log = fake.take();
-        let runs: Vec<&str> = log.lines().filter(|l| l.contains("-restore ")).collect();
-        assert_eq!(
-            runs,
-            [
-                "ip6tables-restore --noflush --wait 5",
-                "iptables-restore --noflush --wait 5",
-                "ip6tables-restore --noflush --wait 5"
-            ],
-            "{log}"
-        );
-        let undo = log.rsplit("ip6tables-restore --noflush --wait 5\n").next().unwrap();
+        let (v4, v6) = (fake.take_of(Family::V4), fake.take_of(Family::V6));
+        assert_eq!((restores(&v4), restores(&v6)), (1, 2), "{v4}\n{v6}");
+        let undo = v6.rsplit("ip6tables-restore --noflush --wait 5\n").next().unwrap();
         assert!(
             undo.starts_with("*nat\n") && undo.contains("-D PREROUTING ") && undo.contains("-X IPC-web\n"),
             "{undo}"
         );
         // Only the guard changed in IPv6 (an IPv4-only app): nothing to undo.
         let _ = ipt.apply(&[route()]).await.unwrap_err();
-        let log = fake.take();
-        assert_eq!(log.matches("ip6tables-restore").count(), 1, "{log}");
+        assert_eq!(restores(&fake.take_of(Family::V6)), 1);
         // The undo fails too: the error says both.
         script(
             &fake.dir,
@@ -642,10 +657,24 @@ mod tests {
         );
         let e = ipt.apply(&[route_on("web", &["[::]:80"])]).await.unwrap_err();
         assert!(
-            e.0.contains("line 2 failed")
-                && e.0.contains("could not be taken back")
-                && e.0.contains("undo refused"),
+            e.0.contains("line 2 failed") && e.0.contains("IPv6 nat rules") && e.0.contains("undo refused"),
             "{e}"
         );
+
+        // IPv6 fails for an app it serves: IPv4's change is taken back.
+        let fake = Fake::new("netfilter-undo-4", "*nat\nCOMMIT\n", &[Family::V6]);
+        let ipt = fake.router(None);
+        let e = ipt.apply(&[route_on("web", &["[::]:80"])]).await.unwrap_err();
+        assert!(
+            e.0.starts_with("cannot route [::]:80 of app web over IPv6: ip6tables-restore failed"),
+            "{e}"
+        );
+        let v4 = fake.take_of(Family::V4);
+        assert_eq!(restores(&v4), 2, "{v4}");
+        let undo = v4.rsplit("iptables-restore --noflush --wait 5\n").next().unwrap();
+        assert!(undo.starts_with("*nat\n") && undo.contains("-X IPC-web\n"), "{undo}");
+        // For an IPv4-only app IPv6 carries only the guard: logged, and IPv4's change stands.
+        assert_eq!(ipt.apply(&[route()]).await, Ok(Applied::Changed));
+        assert_eq!(restores(&fake.take_of(Family::V4)), 1);
     }
 }
