@@ -51,8 +51,8 @@
 //! is the set of ports workers hold, not which of them is live. The filter section comes first:
 //! if it fails, nothing changed; if the nat section fails after it, routing is as it was and the
 //! guard already describes the ports the workers hold. The two families are two more separate
-//! transactions; keeping routing as it was in both when the second fails is the caller's
-//! ([`render_undo`] gives it the input that takes a family's nat table back).
+//! transactions; keeping routing as it was in both when one fails and the other did not is the
+//! caller's ([`render_undo`] gives it the input that takes a family's nat table back).
 //!
 //! **Ownership.** Rules of other software are never named, so never touched. A chain is ours
 //! when it is the top chain `IPCLUSTER`, or an `IPC-*` chain the nat top chain jumps to (every
