@@ -272,48 +272,66 @@ fn other_tools_ipv6_rules_are_left_alone_and_a_flush_is_repaired() {
     });
 }
 
-/// IPv4's transaction fails after IPv6's was applied (a real ip6tables, an iptables-restore
-/// that fails): the IPv6 nat table is taken back by a second real ip6tables-restore, and
-/// routing is as it was in both families. Then the same router applies normally again.
+/// One family's transaction fails while the other's succeeds (a real iptables or ip6tables for
+/// one, a restore that fails for the other): the other's nat table is taken back by a second
+/// real restore, and routing is as it was in both families. Then the real router applies
+/// normally again.
 #[test]
-fn a_failed_ipv4_change_takes_ipv6_back() {
-    in_netns("a_failed_ipv4_change_takes_ipv6_back", async |router| {
+fn a_failed_change_in_one_family_takes_the_other_back() {
+    in_netns("a_failed_change_in_one_family_takes_the_other_back", async |router| {
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("iptables-undo-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let failing = dir.join("iptables-restore");
-        std::fs::write(
-            &failing,
-            "#!/bin/sh\ncat > /dev/null\necho 'iptables-restore: line 9 failed' >&2\nexit 1\n",
-        )
-        .unwrap();
+        let failing = dir.join("failing-restore");
+        std::fs::write(&failing, "#!/bin/sh\ncat > /dev/null\necho 'restore: line 9 failed' >&2\nexit 1\n")
+            .unwrap();
         std::fs::set_permissions(&failing, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let broken = Iptables::with_tools(
-            Tools { save: "/usr/sbin/iptables-save".into(), restore: failing },
+        let real = |family| Tools::find(family).unwrap();
+        let broken4 = Iptables::with_tools(
+            Tools { restore: failing.clone(), ..real(routing::Family::V4) },
             Ipv6::detect(),
             TIMEOUT,
         );
+        let broken6 = Iptables::with_tools(
+            real(routing::Family::V4),
+            Ipv6::Present(Ok(Tools { restore: failing, ..real(routing::Family::V6) })),
+            TIMEOUT,
+        );
 
-        // From nothing: every chain and jump the IPv6 change made in nat is gone again (the
-        // guard, committed in filter, describes held ports and may stay).
+        // IPv4 fails, from nothing: every chain and jump the IPv6 change made in nat is gone
+        // again (the IPv6 guard, in filter, describes held ports and stays).
         let gen1 =
             [route("web", &["[::]:80"], 4, 20000, 0), route("api", &["[2001:db8::1]:81"], 2, 21000, 0)];
-        let e = broken.apply(&gen1).await.unwrap_err();
+        let e = broken4.apply(&gen1).await.unwrap_err();
         assert!(e.0.contains("line 9 failed"), "{e}");
         let now = router.current().await.unwrap();
         assert_eq!(now.v6.as_ref().unwrap().nat, routing::Table::default(), "{}", save());
-        assert!(now.v6.unwrap().filter.hooks.contains("INPUT"), "the IPv6 guard was written first");
+        assert!(now.v6.unwrap().filter.hooks.contains("INPUT"), "the IPv6 guard stays");
         assert_eq!(now.v4, routing::Tables::default(), "{}", save());
 
-        // A cutover: the new ports in IPv6 are undone to the old ones, rule for rule.
+        // IPv4 fails at a cutover: the new ports in IPv6 are undone to the old ones, rule for rule.
         settle(router, &gen1).await;
-        let nat = ip6tables(&["-t", "nat", "-S"]);
+        let (nat4, nat6) = (iptables(&["-t", "nat", "-S"]), ip6tables(&["-t", "nat", "-S"]));
         let gen2 = [route("web", &["[::]:80"], 4, 20016, 16), route("other", &["[::]:82"], 1, 22000, 0)];
-        assert!(broken.apply(&gen2).await.unwrap_err().0.contains("line 9 failed"));
-        assert_eq!(ip6tables(&["-t", "nat", "-S"]), nat, "the IPv6 nat table as it was");
+        assert!(broken4.apply(&gen2).await.unwrap_err().0.contains("line 9 failed"));
+        assert_eq!(ip6tables(&["-t", "nat", "-S"]), nat6, "the IPv6 nat table as it was");
+        assert_eq!(iptables(&["-t", "nat", "-S"]), nat4, "the IPv4 nat table as it was");
+
+        // IPv6 fails at the same cutover: the IPv4 nat table is taken back.
+        let e = broken6.apply(&gen2).await.unwrap_err();
+        assert!(
+            e.0.starts_with("cannot route [::]:80 of app web over IPv6") && e.0.contains("line 9"),
+            "{e}"
+        );
+        assert_eq!(iptables(&["-t", "nat", "-S"]), nat4, "the IPv4 nat table as it was");
+        assert_eq!(ip6tables(&["-t", "nat", "-S"]), nat6, "the IPv6 nat table as it was");
         let now = router.current().await.unwrap();
-        assert!(routing::family_up_to_date(routing::Family::V4, &now.v4, &gen1), "{}", save());
         assert_eq!(now.routed_ports(), routing::Existing::after(&gen1).routed_ports());
+        // For an IPv4-only app, IPv6 holds only the guard: its failure does not stop IPv4.
+        let four = [route("four", &["0.0.0.0:80"], 2, 23000, 0)];
+        assert_eq!(broken6.apply(&four).await, Ok(Applied::Changed));
+        assert!(routing::family_up_to_date(routing::Family::V4, &router.current().await.unwrap().v4, &four));
+
         settle(router, &gen2).await;
         std::fs::remove_dir_all(&dir).unwrap();
     });
