@@ -166,7 +166,7 @@ fn check_config_reports_every_invalid_value_with_its_location() {
         (
             "c",
             "command = [\"/x\"]\nlisten = [\"localhost:80\"]\n",
-            Some("c.toml:2:10: listen: \"localhost:80\" is not \"ipv4:port\""),
+            Some("c.toml:2:10: listen: \"localhost:80\" is not \"address:port\""),
         ),
         (
             "d",
