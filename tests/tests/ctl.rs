@@ -109,7 +109,10 @@ fn every_command_works_against_the_daemon() {
 
     // logs: the workers' journal.
     sb.in_netns(|| {
-        ipcluster_e2e::client::get(std::net::Ipv4Addr::new(127, 0, 0, 5), "127.0.0.1:80".parse().unwrap())
+        ipcluster_e2e::client::get(
+            std::net::Ipv4Addr::new(127, 0, 0, 5),
+            "127.0.0.1:80".parse::<std::net::SocketAddr>().unwrap(),
+        )
     })
     .unwrap()
     .unwrap();
@@ -163,7 +166,7 @@ fn check_config_reports_every_invalid_value_with_its_location() {
         (
             "c",
             "command = [\"/x\"]\nlisten = [\"localhost:80\"]\n",
-            Some("c.toml:2:10: listen: \"localhost:80\" is not \"ipv4:port\""),
+            Some("c.toml:2:10: listen: \"localhost:80\" is not \"address:port\""),
         ),
         (
             "d",

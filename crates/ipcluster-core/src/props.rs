@@ -7,7 +7,11 @@
 //! prefix where the input has lines, bounded length, no raw control characters); valid inputs
 //! mean what they say, and what a renderer writes parses back to what it rendered.
 
-use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    time::Duration,
+};
 
 use proptest::{prelude::*, test_runner::Config};
 
@@ -15,7 +19,7 @@ use crate::{
     config::{AppConfig, DaemonConfig, MAX_MESSAGE},
     model::GenState,
     name::AppName,
-    routing::{self, AppRoute, Existing},
+    routing::{self, AppRoute, Existing, Family, Rule, Tables},
     saved::{SavedApp, SavedGeneration, SavedState},
     units::{self, MAX_DURATION, MAX_SIZE, Signal},
 };
@@ -238,23 +242,25 @@ proptest! {
     }
 }
 
+/// A `listen` address of either family: IPv4 specific or `0.0.0.0`, IPv6 specific or `[::]`,
+/// and IPv4-mapped IPv6.
+fn listen_ip() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        any::<[u8; 4]>().prop_map(IpAddr::from),
+        Just(IpAddr::from([0u8; 4])),
+        any::<[u8; 16]>().prop_map(IpAddr::from),
+        Just(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        any::<[u8; 4]>().prop_map(|ip| IpAddr::V6(std::net::Ipv4Addr::from(ip).to_ipv6_mapped())),
+    ]
+}
+
 /// Routes of every shape a supervisor can produce, and some it cannot.
 fn routes() -> impl Strategy<Value = Vec<AppRoute>> {
     let app = (proptest::sample::select(vec!["web", "api", "chat", "x1", "long_name_here"]), 0u8..4)
         .prop_map(|(n, i)| AppName::new(&format!("{n}{i}")).unwrap());
-    let one = (
-        app,
-        prop::collection::vec((any::<[u8; 4]>(), 1u16..=u16::MAX, any::<bool>()), 1..4),
-        0u32..7,
-        1024u16..=u16::MAX,
-    )
+    let one = (app, prop::collection::vec((listen_ip(), 1u16..=u16::MAX), 1..4), 0u32..7, 1024u16..=u16::MAX)
         .prop_flat_map(|(app, listen, k, base)| {
-            let listen: Vec<SocketAddrV4> = listen
-                .into_iter()
-                .map(|(ip, port, wild)| {
-                    SocketAddrV4::new(if wild { [0, 0, 0, 0].into() } else { ip.into() }, port)
-                })
-                .collect();
+            let listen: Vec<SocketAddr> = listen.into_iter().map(SocketAddr::from).collect();
             let (bands, per) = (1usize << k, listen.len());
             let ports = prop::collection::vec(prop::collection::vec(1024u16..=u16::MAX, per), bands);
             let guarded = prop_oneof![
@@ -263,12 +269,7 @@ fn routes() -> impl Strategy<Value = Vec<AppRoute>> {
             ];
             (Just(app), Just(listen), ports, guarded)
         })
-        .prop_map(|(app, listen, bands, guarded)| AppRoute {
-            app,
-            listen: listen.into_iter().map(std::net::SocketAddr::V4).collect(),
-            bands,
-            guarded,
-        });
+        .prop_map(|(app, listen, bands, guarded)| AppRoute { app, listen, bands, guarded });
     prop::collection::vec(one, 0..4).prop_map(|mut v| {
         // One route per app, as the supervisor makes them.
         let mut seen = std::collections::BTreeSet::new();
@@ -325,33 +326,144 @@ proptest! {
             "(:|-A |-I )(IPCLUSTER|IPC-[a-z]{1,4}|PREROUTING|INPUT|OUTPUT)( [-!a-zA-Z0-9./:,\"]{0,12}){0,10}",
         ], 0..30).prop_map(|l| l.join("\n")),
     ]) {
-        let ex = routing::parse_existing(&text);
-        let _ = ex.routed_ports();
-        let _ = routing::up_to_date(&ex, &[]);
-        let _ = routing::render(&ex, &[]);
+        for family in Family::ALL {
+            let t = Tables::parse(family, &text);
+            let _ = t.routed_ports();
+            let _ = routing::family_up_to_date(family, &t, &[]);
+            let _ = routing::render(family, &t, &[]);
+            let _ = routing::render_undo(family, &t, &[]);
+        }
     }
 
     #[test]
     fn rendered_rules_read_back_as_up_to_date(routes in routes(), other in routes()) {
-        let text = routing::render(&Existing::default(), &routes).unwrap();
-        let saved = routing::parse_existing(&as_saved(&text));
-        prop_assert!(routing::up_to_date(&saved, &routes), "{text}");
-        prop_assert_eq!(routing::render(&saved, &routes).unwrap(), "");
-        prop_assert_eq!(&saved, &Existing::after(&routes));
-        let live: std::collections::BTreeSet<u16> = routes
-            .iter()
-            .flat_map(|r| r.bands.iter().flat_map(|b| b.iter().take(r.listen.len()).copied()))
-            .collect();
-        prop_assert_eq!(saved.routed_ports(), live);
-        // Other routes: up to date exactly when they render the same rules.
-        let same = routing::render(&Existing::default(), &other).unwrap() == text;
-        prop_assert_eq!(routing::up_to_date(&saved, &other), same);
-        if !same {
-            // And there is something to change.
-            let change = routing::render(&saved, &other).unwrap();
-            prop_assert!(!change.is_empty());
+        for family in Family::ALL {
+            let text = routing::render(family, &Tables::default(), &routes).unwrap();
+            let saved = Tables::parse(family, &as_saved(&text));
+            prop_assert!(routing::family_up_to_date(family, &saved, &routes), "{text}");
+            prop_assert_eq!(routing::render(family, &saved, &routes).unwrap(), "");
+            prop_assert_eq!(&saved, &Tables::after(family, &routes));
+            let live: std::collections::BTreeSet<u16> = routes
+                .iter()
+                .flat_map(|r| {
+                    r.bands.iter().flat_map(|b| {
+                        b.iter()
+                            .zip(&r.listen)
+                            .filter(|(_, l)| routing::served_by(family, l).is_some())
+                            .map(|(p, _)| *p)
+                    })
+                })
+                .collect();
+            prop_assert_eq!(saved.routed_ports(), live);
+            // Other routes: up to date exactly when they render the same rules.
+            let same = routing::render(family, &Tables::default(), &other).unwrap() == text;
+            prop_assert_eq!(routing::family_up_to_date(family, &saved, &other), same);
+            if !same {
+                // And there is something to change.
+                let change = routing::render(family, &saved, &other).unwrap();
+                prop_assert!(!change.is_empty());
+                // Which, once applied, can be undone: the nat table as it was.
+                let changed = apply(family, &saved, &change);
+                prop_assert!(routing::family_up_to_date(family, &changed, &other), "{change}");
+                if let Some(undo) = routing::render_undo(family, &saved, &other) {
+                    let back = apply(family, &changed, &undo);
+                    prop_assert_eq!(&back.nat, &saved.nat, "{}", undo);
+                } else {
+                    prop_assert_eq!(&changed.nat, &saved.nat);
+                }
+            }
+        }
+        let both = Existing::after(&routes);
+        prop_assert!(routing::up_to_date(&both, &routes));
+        let v4 = both.v4.routed_ports();
+        prop_assert!(both.routed_ports().is_superset(&v4));
+    }
+
+    /// A canonical rule prints as a spec that parses back to itself. Specs are well-formed
+    /// (every value follows a flag, as iptables-save prints them); a stray value after a
+    /// flag's values cannot be told from one more value, so no printer could keep it apart.
+    #[test]
+    fn canonical_rules_print_back_as_themselves(spec in
+        "((! )?(-s|-d|-p|-i|--dport|-m|-j|-g|--to-ports|--ctstate|--comment)( ([a-zA-Z0-9.:/][a-zA-Z0-9.:/!]{0,7}|\"[ a-z!\\\\-]{0,6}\")){0,2} ?){0,8}",
+    ) {
+        let rule = Rule::parse(&spec);
+        prop_assert_eq!(Rule::parse(&rule.to_string()), rule.clone(), "{}", rule);
+    }
+}
+
+/// What `family`'s tables hold after `input` (a `--noflush` restore input) is applied to the
+/// tables `t` describes, as ip(6)tables-restore would: declared chains flushed, rules
+/// appended or inserted, chains and rules deleted.
+fn apply(family: Family, t: &Tables, input: &str) -> Tables {
+    // Rebuild a save of `t`, then edit it line by line.
+    // Per table: its chains, and each chain's rules as text.
+    type Chains = (std::collections::BTreeSet<String>, BTreeMap<String, Vec<String>>);
+    let mut tables: BTreeMap<&str, Chains> = BTreeMap::new();
+    for (name, table, hooks, jump) in [
+        ("nat", &t.nat, &["PREROUTING", "OUTPUT"][..], routing::JUMP),
+        ("filter", &t.filter, &["INPUT"][..], family.guard_jump()),
+    ] {
+        let (chains, rules) = tables.entry(name).or_default();
+        chains.extend(table.chains.iter().cloned());
+        chains.extend(table.foreign.keys().cloned());
+        for (c, rs) in &table.rules {
+            rules.insert(c.clone(), rs.iter().map(ToString::to_string).collect());
+        }
+        for h in hooks {
+            if table.hooks.contains(*h) {
+                rules.entry((*h).to_owned()).or_default().push(jump.to_owned());
+            }
+        }
+        // Another tool's chain keeps its rule count (their content does not matter here).
+        for (c, n) in &table.foreign {
+            rules.insert(c.clone(), vec!["-j RETURN".to_owned(); *n]);
         }
     }
+    let mut current = "";
+    for line in input.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            current = if name == "nat" { "nat" } else { "filter" };
+            continue;
+        }
+        let (chains, rules) = tables.entry(current).or_default();
+        if let Some(decl) = line.strip_prefix(':') {
+            let chain = decl.split(' ').next().unwrap().to_owned();
+            chains.insert(chain.clone());
+            rules.insert(chain, Vec::new());
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            let (c, spec) = rest.split_once(' ').unwrap();
+            rules.entry(c.to_owned()).or_default().push(spec.to_owned());
+        } else if let Some(rest) = line.strip_prefix("-I ") {
+            let (c, spec) = rest.split_once(" 1 ").unwrap();
+            rules.entry(c.to_owned()).or_default().insert(0, spec.to_owned());
+        } else if let Some(rest) = line.strip_prefix("-D ") {
+            let (c, spec) = rest.split_once(' ').unwrap();
+            let list = rules.entry(c.to_owned()).or_default();
+            let pos = list
+                .iter()
+                .position(|r| Rule::parse(r) == Rule::parse(spec))
+                .expect("-D of a rule that exists");
+            list.remove(pos);
+        } else if let Some(c) = line.strip_prefix("-X ") {
+            assert!(rules.get(c).is_none_or(Vec::is_empty), "-X of a chain with rules: {c}");
+            chains.remove(c);
+            rules.remove(c);
+        }
+    }
+    let mut save = String::new();
+    for (name, (chains, rules)) in &tables {
+        save.push_str(&format!("*{name}\n"));
+        for c in chains {
+            save.push_str(&format!(":{c} - [0:0]\n"));
+        }
+        for (c, rs) in rules {
+            for r in rs {
+                save.push_str(&format!("-A {c} {r}\n"));
+            }
+        }
+        save.push_str("COMMIT\n");
+    }
+    Tables::parse(family, &save)
 }
 
 fn saved_state() -> impl Strategy<Value = SavedState> {

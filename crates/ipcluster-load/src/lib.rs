@@ -1,10 +1,10 @@
-//! HTTP clients with a chosen source address (which decides the band), for the end-to-end
-//! tests, the demo and the benchmarks. Their sockets live in a sandbox's network namespace when
-//! created on a thread from [`ipcluster_sandbox::Sandbox::in_netns`].
+//! HTTP clients with a chosen source address (which decides the band), IPv4 or IPv6, for the
+//! end-to-end tests, the demo and the benchmarks. Their sockets live in a sandbox's network
+//! namespace when created on a thread from [`ipcluster_sandbox::Sandbox::in_netns`].
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -59,11 +59,13 @@ fn classify(e: std::io::Error) -> Failure {
     }
 }
 
-/// Connects from `src` (port chosen by the kernel) to `dst`. Must run in the sandbox's netns.
-pub fn connect(src: Ipv4Addr, dst: SocketAddrV4) -> Result<TcpStream, Failure> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(classify)?;
-    s.bind(&SocketAddr::from(SocketAddrV4::new(src, 0)).into()).map_err(classify)?;
-    s.connect_timeout(&SocketAddr::from(dst).into(), Duration::from_secs(3)).map_err(classify)?;
+/// Connects from `src` (port chosen by the kernel) to `dst`, both of one family. Must run in
+/// the sandbox's netns.
+pub fn connect(src: impl Into<IpAddr>, dst: impl Into<SocketAddr>) -> Result<TcpStream, Failure> {
+    let (src, dst) = (src.into(), dst.into());
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None).map_err(classify)?;
+    s.bind(&SocketAddr::new(src, 0).into()).map_err(classify)?;
+    s.connect_timeout(&dst.into(), Duration::from_secs(3)).map_err(classify)?;
     let stream: TcpStream = s.into();
     stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(classify)?;
     stream.set_nodelay(true).map_err(classify)?;
@@ -102,25 +104,33 @@ pub fn request(stream: &mut TcpStream) -> Result<Answer, Failure> {
 }
 
 /// One request on a new connection from `src`.
-pub fn get(src: Ipv4Addr, dst: SocketAddrV4) -> Result<Answer, Failure> {
+pub fn get(src: impl Into<IpAddr>, dst: impl Into<SocketAddr>) -> Result<Answer, Failure> {
     let mut s = connect(src, dst)?;
     request(&mut s)
 }
 
-/// Every request's source address and outcome.
-pub type Outcomes = Vec<(Ipv4Addr, Result<Answer, Failure>)>;
+/// Every request's source address (IPv4 unless said otherwise) and outcome.
+pub type Outcomes<A = Ipv4Addr> = Vec<(A, Result<Answer, Failure>)>;
 
-/// A client that keeps sending requests over new connections, cycling through `sources`,
-/// until stopped. Records every answer and failure.
+/// A client that keeps sending requests over new connections, cycling through its sources
+/// (of type `A`: [`Ipv4Addr`], or [`IpAddr`] for a load of both families), until stopped.
+/// Records every answer and failure.
 #[derive(Debug)]
-pub struct Load {
+pub struct Load<A = Ipv4Addr> {
     stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Outcomes>>,
+    handle: Option<std::thread::JoinHandle<Outcomes<A>>>,
 }
 
-impl Load {
-    /// Starts the load inside `sb`'s network namespace.
-    pub fn start(sb: &ipcluster_sandbox::Sandbox, sources: Vec<Ipv4Addr>, dst: SocketAddrV4) -> Self {
+impl<A: Into<IpAddr> + Copy + Send + 'static> Load<A> {
+    /// Starts the load from `sources` to `dst` inside `sb`'s network namespace.
+    pub fn start(sb: &ipcluster_sandbox::Sandbox, sources: Vec<A>, dst: impl Into<SocketAddr>) -> Self {
+        let dst = dst.into();
+        Self::start_to(sb, sources.into_iter().map(|s| (s, dst)).collect())
+    }
+
+    /// Starts a load that cycles through `(source, destination)` pairs (of either family,
+    /// pair by pair) inside `sb`'s network namespace.
+    pub fn start_to(sb: &ipcluster_sandbox::Sandbox, targets: Vec<(A, SocketAddr)>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = sb
@@ -128,7 +138,7 @@ impl Load {
                 let mut out = Vec::new();
                 let mut i = 0;
                 while !flag.load(Ordering::Relaxed) {
-                    let src = sources[i % sources.len()];
+                    let (src, dst) = targets[i % targets.len()];
                     out.push((src, get(src, dst)));
                     i += 1;
                     std::thread::sleep(Duration::from_millis(2));
@@ -140,13 +150,13 @@ impl Load {
     }
 
     /// Stops and returns every outcome.
-    pub fn finish(mut self) -> Outcomes {
+    pub fn finish(mut self) -> Outcomes<A> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.take().unwrap().join().unwrap()
     }
 }
 
-impl Drop for Load {
+impl<A> Drop for Load<A> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
@@ -155,6 +165,13 @@ impl Drop for Load {
 /// 127.0.0.1 ..= 127.0.0.n
 pub fn loopback_sources(n: u8) -> Vec<Ipv4Addr> {
     (1..=n).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect()
+}
+
+/// `prefix::1 ..= prefix::n`: IPv6 sources whose last 32 bits are `1..=n` (band `i & (N-1)`,
+/// as `127.0.0.i`). Unlike 127.0.0.0/8, only `::1` is on the loopback interface by itself:
+/// the others must be added first (`ip -6 addr add ADDR/128 dev lo nodad`).
+pub fn ipv6_sources(prefix: Ipv6Addr, n: u16) -> Vec<Ipv6Addr> {
+    (1..=n).map(|i| Ipv6Addr::from(u128::from(prefix) | u128::from(i))).collect()
 }
 
 /// Throughput and latency of a closed-loop run.

@@ -32,11 +32,11 @@ const DESCRIPTION: &str = "\
 network services as many processes, sticky sessions, zero-downtime deploys
  ipclusterd runs a network service, in any language, as N worker processes on
  one host. The kernel routes each client to a worker with NAT REDIRECT rules
- keyed on its IPv4 address (sticky sessions without a proxy). A deploy starts
- a new generation of workers in its own systemd scope and switches every
- client to it in one netfilter transaction, while established connections
- finish on the old workers. Workers outlive the daemon: an upgrade restarts
- ipclusterd, which adopts every running generation.
+ keyed on its IPv4 or IPv6 address (sticky sessions without a proxy). A
+ deploy starts a new generation of workers in its own systemd scope and
+ switches every client to it in one netfilter transaction, while established
+ connections finish on the old workers. Workers outlive the daemon: an
+ upgrade restarts ipclusterd, which adopts every running generation.
  .
  It is controlled over D-Bus (org.ipcluster1, also bus-activated) and with
  ipclusterctl. Apps are files in /etc/ipcluster/apps/; see the example there.

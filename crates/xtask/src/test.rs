@@ -182,23 +182,28 @@ impl Drop for HostState {
     }
 }
 
-/// The host's whole ruleset, as nft sees it (covers iptables-nft and native nft tables), or
-/// iptables-save where nft is not installed.
+/// The host's whole ruleset, as nft sees it (covers iptables-nft and native nft tables of
+/// every family), or iptables-save and ip6tables-save where nft is not installed.
 fn netfilter_rules() -> Result<String> {
-    let (prog, args): (&str, &[&str]) = if Path::new("/usr/sbin/nft").exists() {
-        ("nft", &["list", "ruleset"])
-    } else if Path::new("/usr/sbin/iptables-save").exists() {
-        ("iptables-save", &[])
+    let runs: Vec<(&str, &[&str])> = if Path::new("/usr/sbin/nft").exists() {
+        vec![("nft", &["list", "ruleset"])]
     } else {
-        return Ok(String::new());
+        ["iptables-save", "ip6tables-save"]
+            .into_iter()
+            .filter(|p| Path::new("/usr/sbin").join(p).exists())
+            .map(|p| (p, &[][..]))
+            .collect()
     };
-    let out = Command::new(prog).args(args).output().with_context(|| format!("cannot run {prog}"))?;
-    // iptables-save prints a timestamp comment; drop comments.
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .collect::<Vec<_>>()
-        .join("\n"))
+    let mut text = String::new();
+    for (prog, args) in runs {
+        let out = Command::new(prog).args(args).output().with_context(|| format!("cannot run {prog}"))?;
+        // iptables-save prints a timestamp comment; drop comments.
+        for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.starts_with('#')) {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    Ok(text)
 }
 
 /// Size and mtime of every file under `dir` (not following symlinks).

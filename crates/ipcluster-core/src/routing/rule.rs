@@ -11,8 +11,15 @@
 //! Sorting the match extensions is sound for the stateless matches ipclusterd writes and
 //! compares (`addrtype`, `tcp`, `conntrack`, `multiport`): a rule matches when all of them do,
 //! in any order.
+//!
+//! The same form serves `iptables` and `ip6tables`: their rule syntax is one, only the addresses
+//! differ. A canonical rule prints back as a spec either program accepts ([`Rule`]'s `Display`),
+//! which is how a change is undone (see `render_undo`).
 
-use std::net::Ipv4Addr;
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 /// One option: `[!] --flag value…`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,17 +101,78 @@ fn tokens(spec: &str) -> Vec<(String, bool)> {
     }
 }
 
-/// `a.b.c.d[/len|/mask]` as `network/mask` (dotted), so `192.0.2.1`, `192.0.2.1/32` and
-/// `192.0.2.1/255.255.255.255` are one value; anything else unchanged.
+/// An address with an optional prefix length or mask as `network/mask`, so that `192.0.2.1`,
+/// `192.0.2.1/32` and `192.0.2.1/255.255.255.255` are one value, and so are `fd00::1`,
+/// `fd00::1/128` and `fd00:0:0:0:0:0:0:1/ffff:…:ffff`. The mask may be non-contiguous (a band's
+/// `::2/::3`), and the network is the address masked, as iptables stores it (`-s ::6/::3` is
+/// saved as `::2/::3`). IPv6 values are written as Rust writes them, which reads back what
+/// ip6tables-save prints in its own spelling (`::5/::255.255.255.255` is `::5/::ffff:ffff`).
+/// Anything else unchanged.
 fn address(value: &str) -> String {
-    let (ip, mask) = value.split_once('/').unwrap_or((value, "32"));
-    let Ok(ip) = ip.parse::<Ipv4Addr>() else { return value.to_owned() };
-    let mask = match (mask.parse::<u32>(), mask.parse::<Ipv4Addr>()) {
-        (Ok(len), _) if len <= 32 => u32::MAX.checked_shl(32 - len).unwrap_or(0),
-        (_, Ok(m)) => u32::from(m),
-        _ => return value.to_owned(),
-    };
-    format!("{}/{}", Ipv4Addr::from(u32::from(ip) & mask), Ipv4Addr::from(mask))
+    let (ip, mask) = value.split_once('/').map_or((value, None), |(i, m)| (i, Some(m)));
+    if let Ok(ip) = ip.parse::<Ipv4Addr>() {
+        let mask = match mask.map(|m| (m.parse::<u32>(), m.parse::<Ipv4Addr>())) {
+            None => u32::MAX,
+            Some((Ok(len), _)) if len <= 32 => u32::MAX.checked_shl(32 - len).unwrap_or(0),
+            Some((_, Ok(m))) => u32::from(m),
+            Some(_) => return value.to_owned(),
+        };
+        return format!("{}/{}", Ipv4Addr::from(u32::from(ip) & mask), Ipv4Addr::from(mask));
+    }
+    if let Ok(ip) = ip.parse::<Ipv6Addr>() {
+        let mask = match mask.map(|m| (m.parse::<u32>(), m.parse::<Ipv6Addr>())) {
+            None => u128::MAX,
+            Some((Ok(len), _)) if len <= 128 => u128::MAX.checked_shl(128 - len).unwrap_or(0),
+            Some((_, Ok(m))) => u128::from(m),
+            Some(_) => return value.to_owned(),
+        };
+        return format!("{}/{}", Ipv6Addr::from(u128::from(ip) & mask), Ipv6Addr::from(mask));
+    }
+    value.to_owned()
+}
+
+/// A value as a shell-like word iptables-restore reads back as the same token: quoted when it
+/// is empty, holds whitespace or a quote, or would read as a flag or a negation.
+fn word(v: &str) -> String {
+    let plain = !v.is_empty()
+        && v != "!"
+        && !v.starts_with('-')
+        && !v.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\');
+    if plain { v.to_owned() } else { format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")) }
+}
+
+impl fmt::Display for Opt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        if self.negated {
+            parts.push("!".into());
+        }
+        if !self.flag.is_empty() {
+            parts.push(self.flag.clone());
+        }
+        parts.extend(self.values.iter().map(|v| word(v)));
+        f.write_str(&parts.join(" "))
+    }
+}
+
+/// The canonical rule as a spec (without `-A CHAIN`): the generic options, then each match
+/// extension with its options, then the target with its own. It parses back to the same
+/// [`Rule`], and iptables and ip6tables accept it for every rule ipclusterd writes.
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = self.generic.iter().map(ToString::to_string).collect();
+        for m in &self.matches {
+            parts.push(format!("-m {}", word(&m.name)));
+            parts.extend(m.options.iter().map(ToString::to_string));
+        }
+        if let Some(t) = &self.target {
+            // The name holds the flag: `-j REDIRECT`.
+            let (flag, name) = t.name.split_once(' ').unwrap_or((&t.name, ""));
+            parts.push(format!("{flag} {}", word(name)));
+            parts.extend(t.options.iter().map(ToString::to_string));
+        }
+        f.write_str(&parts.join(" "))
+    }
 }
 
 impl Rule {
