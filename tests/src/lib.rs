@@ -5,6 +5,7 @@
 //! real TCP clients whose sockets live in the sandbox's network namespace.
 
 pub mod bus;
+pub mod netns;
 
 pub use ipcluster_load as client;
 

@@ -9,14 +9,16 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use ipcluster_e2e::{
     Sandbox,
     bus::live_by_band,
     client::{self, Load},
-    cluster, text,
+    cluster,
+    netns::{add_addresses, client_namespace, curl, field},
+    text,
 };
 
 const WEB: &str = r#"
@@ -33,17 +35,6 @@ stop_timeout = "2s"
 /// `N`).
 fn sources(n: u16) -> Vec<Ipv6Addr> {
     client::ipv6_sources("fd00::7:0:0".parse().unwrap(), n)
-}
-
-/// Adds `addrs` to `dev` (in the client namespace with `netns`), usable at once: `nodad` skips
-/// duplicate address detection, which keeps a new address tentative (unusable) for a second
-/// or more.
-fn add_addresses(sb: &Sandbox, netns: bool, dev: &str, addrs: &[String]) {
-    for a in addrs {
-        let mut argv = if netns { vec!["ip", "netns", "exec", "cli"] } else { vec![] };
-        argv.extend(["ip", "-6", "addr", "add", a, "dev", dev, "nodad"]);
-        sb.check(&argv).unwrap();
-    }
 }
 
 /// The last 32 bits of an IPv6 address: what decides its band.
@@ -174,53 +165,6 @@ const SERVER: [&str; 2] = ["fd09::1", "fd09::2"];
 /// The client's addresses: one per band (the low two bits: 4, 5, 6, 7 → bands 0..3).
 const CLIENTS: [&str; 4] = ["fd09::4", "fd09::5", "fd09::6", "fd09::7"];
 
-/// A second network namespace `cli` inside the sandbox, linked to it by a veth pair, with
-/// IPv6 addresses on both ends (and IPv4 ones, for a dual-stack check).
-fn client_namespace(sb: &Sandbox) {
-    for step in [
-        vec!["ip", "netns", "add", "cli"],
-        vec!["ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", "cli"],
-        vec!["ip", "addr", "add", "10.9.0.1/24", "dev", "veth0"],
-        vec!["ip", "link", "set", "veth0", "up"],
-        vec!["ip", "netns", "exec", "cli", "ip", "link", "set", "lo", "up"],
-        vec!["ip", "netns", "exec", "cli", "ip", "link", "set", "veth1", "up"],
-        vec!["ip", "netns", "exec", "cli", "ip", "addr", "add", "10.9.0.6/24", "dev", "veth1"],
-    ] {
-        sb.check(&step).unwrap();
-    }
-    // With the prefix length, so each side has a route to the link.
-    add_addresses(sb, false, "veth0", &SERVER.map(|a| format!("{a}/64")));
-    add_addresses(sb, true, "veth1", &CLIENTS.map(|a| format!("{a}/64")));
-}
-
-/// An HTTP GET of `url` from `src` in the client namespace, with a 2 s connect timeout: the
-/// body, or curl's error and how long it took to fail.
-fn get(sb: &Sandbox, src: &str, url: &str) -> Result<String, (String, Duration)> {
-    let argv = [
-        "ip",
-        "netns",
-        "exec",
-        "cli",
-        "curl",
-        "-sS",
-        "-g",
-        "--interface",
-        src,
-        "--connect-timeout",
-        "2",
-        "-m",
-        "5",
-        url,
-    ];
-    let started = Instant::now();
-    let out = sb.run(argv).unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err((text(&out), started.elapsed()))
-    }
-}
-
 /// What a failure message shows: both families' rules with their counters, the listening
 /// sockets and the link.
 fn diagnose(sb: &Sandbox) -> String {
@@ -232,10 +176,6 @@ fn diagnose(sb: &Sandbox) -> String {
         show(&["ss", "-ltn"]),
         show(&["ip", "netns", "exec", "cli", "ip", "addr"])
     )
-}
-
-fn field<'a>(body: &'a str, key: &str) -> &'a str {
-    body.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')).unwrap_or("")
 }
 
 /// Packets the IPv6 guard dropped so far (the counters of filter `IPCLUSTER`).
@@ -250,7 +190,7 @@ fn guard_drops(sb: &Sandbox) -> u64 {
 #[test]
 fn another_ipv6_host_reaches_the_public_addresses_but_no_worker_port() {
     let (sb, bus) = cluster(&[("web", TWO), ("four", FOUR)]);
-    client_namespace(&sb);
+    client_namespace(&sb, &SERVER, &["10.9.0.6", CLIENTS[0], CLIENTS[1], CLIENTS[2], CLIENTS[3]]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     assert_eq!(bus.deploy_plain("web"), Ok(2));
     assert_eq!(bus.deploy_plain("four"), Ok(1));
@@ -266,27 +206,27 @@ fn another_ipv6_host_reaches_the_public_addresses_but_no_worker_port() {
     for (i, src) in CLIENTS.iter().enumerate() {
         for url in [format!("http://[{}]/", SERVER[0]), format!("http://[{}]:8080/", SERVER[1])] {
             let body =
-                get(&sb, src, &url).unwrap_or_else(|e| panic!("{src} → {url}: {e:?}\n{}", diagnose(&sb)));
+                curl(&sb, src, &url).unwrap_or_else(|e| panic!("{src} → {url}: {e:?}\n{}", diagnose(&sb)));
             assert_eq!(field(&body, "peer"), *src, "{body}");
             assert_eq!(field(&body, "generation"), "2", "{body}");
             assert_eq!(field(&body, "band"), i.to_string(), "{src} is in band {i}: {body}");
         }
     }
     let other = format!("http://[{}]:8080/", SERVER[0]);
-    let (err, _) = get(&sb, CLIENTS[0], &other).expect_err("[fd09::2]:8080 is not served on fd09::1");
+    let (err, _) = curl(&sb, CLIENTS[0], &other).expect_err("[fd09::2]:8080 is not served on fd09::1");
     assert!(err.contains("Couldn't connect") || err.contains("refused"), "{err}");
     // IPv4 from the same host: the dual-stack wildcard serves it too (10.9.0.6: band 2).
     let body =
-        get(&sb, "10.9.0.6", "http://10.9.0.1/").unwrap_or_else(|e| panic!("{e:?}\n{}", diagnose(&sb)));
+        curl(&sb, "10.9.0.6", "http://10.9.0.1/").unwrap_or_else(|e| panic!("{e:?}\n{}", diagnose(&sb)));
     assert_eq!((field(&body, "peer"), field(&body, "band")), ("10.9.0.6", "2"), "{body}");
 
     // Worker ports over IPv6, live, retired and the IPv4-only app's: nothing answers, quickly.
     let before = guard_drops(&sb);
     for (src, port) in [(CLIENTS[0], live), (CLIENTS[1], retired), (CLIENTS[2], four)] {
         let url = format!("http://[{}]:{port}/", SERVER[0]);
-        let (err, took) = get(&sb, src, &url).expect_err(&format!("{src} reached {url}"));
+        let (err, took) = curl(&sb, src, &url).expect_err(&format!("{src} reached {url}"));
         assert!(took < Duration::from_secs(4), "{url} took {took:?} to fail: {err}");
-        let public = get(&sb, src, &format!("http://[{}]/", SERVER[0]));
+        let public = curl(&sb, src, &format!("http://[{}]/", SERVER[0]));
         assert!(public.is_ok(), "the public port from {src} right after: {public:?}");
     }
     let dropped = guard_drops(&sb);
@@ -321,7 +261,7 @@ fn another_ipv6_host_reaches_the_public_addresses_but_no_worker_port() {
     add_addresses(&sb, true, "veth1", &[format!("{}/128", SERVER[1])]);
     let before = guard_drops(&sb);
     let url = format!("http://[{}]:{live}/", SERVER[0]);
-    assert!(get(&sb, SERVER[1], &url).is_err(), "a forged source cannot complete a handshake anyway");
+    assert!(curl(&sb, SERVER[1], &url).is_err(), "a forged source cannot complete a handshake anyway");
     let dropped = guard_drops(&sb);
     assert!(
         dropped > before,

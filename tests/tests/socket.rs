@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream},
     time::Duration,
 };
 
@@ -15,7 +15,7 @@ use ipcluster_e2e::{
     Sandbox,
     bus::live_by_band,
     client::{self, Load, loopback_sources},
-    cluster, text, wait_for,
+    cluster, netns, text, wait_for,
 };
 
 const WEB: &str = r#"
@@ -126,6 +126,53 @@ fn clients_stick_to_their_band_with_no_nat_rule_and_no_worker_port() {
     assert!(env.contains(&"LISTEN_FDS=2".to_owned()), "{env:?}");
     assert!(env.contains(&"LISTEN_FDNAMES=0.0.0.0_80:[__]_8080".to_owned()), "{env:?}");
     assert!(env.contains(&format!("LISTEN_PID={}", by_band[&0])), "{env:?}");
+}
+
+/// Another host over a veth pair (IPv4 and IPv6 sources) and IPv6 sources on the sandbox
+/// itself, against one dual-stack entry: each client lands on its band's worker (an IPv6
+/// source's band is the low bits of its last 32 bits), which sees the client's own address.
+#[test]
+fn clients_of_another_host_and_ipv6_clients_stick_to_their_band() {
+    let dual = WEB.replace("[\"0.0.0.0:80\", \"[::]:8080\"]", "[\"[::]:80\"]");
+    let (sb, bus) = cluster(&[("web", &dual)]);
+    let v4: Vec<String> = (4..12).map(|i| format!("10.9.0.{i}")).collect();
+    let v6: Vec<String> = (4..12).map(|i| format!("fd09::{i:x}")).collect();
+    let clients: Vec<&str> = v4.iter().chain(&v6).map(String::as_str).collect();
+    netns::client_namespace(&sb, &["fd09::1"], &clients);
+    let local: Vec<Ipv6Addr> = client::ipv6_sources("fd00::7:0:0".parse().unwrap(), 16);
+    netns::add_addresses(&sb, false, "lo", &local.iter().map(|a| format!("{a}/128")).collect::<Vec<_>>());
+    assert_eq!(bus.deploy_plain("web"), Ok(1));
+    let by_band = live_by_band(&bus.list_workers("web"));
+    let band_of = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => u32::from(a) & 3,
+        IpAddr::V6(a) => (u128::from(a) as u32) & 3,
+    };
+    for src in &clients {
+        let url = if src.contains(':') {
+            "http://[fd09::1]/".to_owned()
+        } else {
+            format!("http://{}/", netns::SERVER_V4)
+        };
+        let body = netns::curl(&sb, src, &url).unwrap_or_else(|e| panic!("{src} → {url}: {e:?}"));
+        let band = band_of(src.parse().unwrap());
+        assert_eq!(netns::field(&body, "band"), band.to_string(), "{src}: {body}");
+        assert_eq!(netns::field(&body, "pid"), by_band[&band].to_string(), "{src}: {body}");
+        assert_eq!(netns::field(&body, "peer"), *src, "the worker sees the client's own address");
+    }
+    let answers = sb
+        .in_netns(move || {
+            local
+                .iter()
+                .map(|s| (*s, client::get(*s, SocketAddr::from((Ipv6Addr::LOCALHOST, 80)))))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    for (src, answer) in answers {
+        let a = answer.unwrap_or_else(|e| panic!("request from {src} failed: {e:?}"));
+        let band = band_of(src.into());
+        assert_eq!((a.band, a.pid), (band, by_band[&band]), "{src}");
+        assert_eq!(a.peer, src.to_string());
+    }
 }
 
 #[test]
