@@ -49,6 +49,18 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Panics, showing the first few, unless every request of a load succeeded.
+pub fn assert_all_ok<A: std::fmt::Debug>(outcomes: &[(A, Result<client::Answer, client::Failure>)]) {
+    let failures: Vec<_> = outcomes.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed, the first: {:?}",
+        failures.len(),
+        outcomes.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
 /// Output of a command as text.
 pub fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))

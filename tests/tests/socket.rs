@@ -12,7 +12,7 @@ use std::{
 };
 
 use ipcluster_e2e::{
-    Sandbox,
+    Sandbox, assert_all_ok,
     bus::live_by_band,
     client::{self, Load, loopback_sources},
     cluster, netns, text, wait_for,
@@ -201,15 +201,8 @@ fn deploys_and_rollbacks_under_load_fail_no_request_and_keep_established_connect
     assert!(text(&out).contains("generation 3 is live again"), "{}", text(&out));
     std::thread::sleep(Duration::from_millis(300));
     let outcomes = load.finish();
-    let failures: Vec<_> = outcomes.iter().filter(|(_, r)| r.is_err()).collect();
     assert!(outcomes.len() > 100, "the load ran ({} requests)", outcomes.len());
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed, the first: {:?}",
-        failures.len(),
-        outcomes.len(),
-        &failures[..failures.len().min(5)]
-    );
+    assert_all_ok(&outcomes);
     let last: BTreeSet<u64> =
         outcomes.iter().rev().take(16).map(|(_, r)| r.as_ref().unwrap().generation).collect();
     assert_eq!(last, BTreeSet::from([3]), "after the rollback, generation 3 serves");
@@ -290,14 +283,7 @@ fn restarts_and_crashes_of_the_daemon_keep_the_steering_and_every_request() {
     assert_eq!(bus.deploy_plain("web"), Ok(3));
     std::thread::sleep(Duration::from_millis(300));
     let outcomes = load.finish();
-    let failures: Vec<_> = outcomes.iter().filter(|(_, r)| r.is_err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed, the first: {:?}",
-        failures.len(),
-        outcomes.len(),
-        &failures[..failures.len().min(5)]
-    );
+    assert_all_ok(&outcomes);
     let gens: BTreeMap<u64, u64> =
         outcomes.iter().filter_map(|(_, r)| r.as_ref().ok()).fold(BTreeMap::new(), |mut m, a| {
             *m.entry(a.generation).or_default() += 1;

@@ -365,12 +365,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
     /// Steps 4–5: one transaction switches every band to generation `g`; once it is applied,
     /// `g`'s workers are live and the previous live generation is retired.
     async fn cutover(&mut self, app: &AppName, g: u64) {
-        let previous: Vec<u64> = self.m.apps[app]
-            .generations
-            .iter()
-            .filter(|(n, x)| **n != g && x.state == GenState::Live)
-            .map(|(n, _)| *n)
-            .collect();
+        let previous = self.m.apps[app].live_except(g);
         let started = tokio::time::Instant::now();
         if let Err(e) = self.route_to(app, g).await {
             self.fail(app, g, format!("cutover failed: {e}"));

@@ -156,6 +156,15 @@ impl App {
         self.generations.iter().rev().find(|(_, g)| g.state == GenState::Live).map(|(n, _)| *n)
     }
 
+    /// The live generations other than `g` (the ones a cutover to `g` retires).
+    pub fn live_except(&self, g: u64) -> Vec<u64> {
+        self.generations
+            .iter()
+            .filter(|(n, x)| **n != g && x.state == GenState::Live)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
     /// The generation being deployed.
     pub fn deploying(&self) -> Option<u64> {
         self.generations.iter().find(|(_, g)| g.state == GenState::Starting).map(|(n, _)| *n)

@@ -104,12 +104,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         workers: Vec<WorkerId>,
         reply: Reply<u64>,
     ) {
-        let previous: Vec<u64> = self.m.apps[app]
-            .generations
-            .iter()
-            .filter(|(n, x)| **n != g && x.state == GenState::Live)
-            .map(|(n, _)| *n)
-            .collect();
+        let previous = self.m.apps[app].live_except(g);
         let started = tokio::time::Instant::now();
         if let Err(e) = self.route_to(app, g).await {
             warn!(app = %app, generation = g, "{app}: rollback to generation {g} failed: {e}");
