@@ -55,9 +55,66 @@ fn connections_of(pids: &[u32], established: &HashSet<u64>) -> u32 {
     n
 }
 
+/// Small kernel files (/proc, cgroupfs) read round after round: each is opened once and read
+/// again from offset 0 with `pread` (the kernel makes its text anew), so a read is one system
+/// call instead of the four of `fs::read_to_string` (open, statx, read to the end, close). A
+/// file not read in a round is closed at its end. The descriptors are close-on-exec.
+#[derive(Debug, Default)]
+struct Reader {
+    open: std::collections::HashMap<std::path::PathBuf, fs::File>,
+    used: HashSet<std::path::PathBuf>,
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    /// The text of `path`, from its kept descriptor or a new one (once more if the kept one
+    /// fails: its process ended, its cgroup was removed).
+    fn read(&mut self, path: std::path::PathBuf) -> Option<&str> {
+        use std::os::unix::fs::FileExt;
+        let Reader { open, used, buf } = self;
+        used.insert(path.clone());
+        let mut len = 0;
+        for fresh in [false, true] {
+            if fresh || !open.contains_key(&path) {
+                open.insert(path.clone(), fs::File::open(&path).ok()?);
+            }
+            let f = &open[&path];
+            buf.clear();
+            buf.resize(4096, 0);
+            len = 0;
+            let ok = loop {
+                match f.read_at(&mut buf[len..], len as u64) {
+                    Ok(n) => {
+                        len += n;
+                        if n == 0 || len < buf.len() {
+                            break true;
+                        }
+                        buf.resize(buf.len() * 2, 0);
+                    }
+                    Err(_) => break false,
+                }
+            };
+            if ok {
+                break;
+            }
+            open.remove(&path);
+            if fresh {
+                return None;
+            }
+        }
+        std::str::from_utf8(&buf[..len]).ok()
+    }
+
+    /// Closes what this round did not read.
+    fn end_round(&mut self) {
+        let used = std::mem::take(&mut self.used);
+        self.open.retain(|p, _| used.contains(p));
+    }
+}
+
 /// RSS (bytes), CPU time (µs) and parent of a process, from its one /proc/<pid>/stat.
-fn stat(pid: u32, page: u64) -> Option<(u32, u64, u64)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+fn stat(pid: u32, page: u64, reader: &mut Reader) -> Option<(u32, u64, u64)> {
+    let text = reader.read(format!("/proc/{pid}/stat").into())?;
     let f: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
     // Fields after the command: ppid is field 4, utime 14, stime 15, rss 24 (proc(5)).
     let ppid = f.get(1)?.parse().ok()?;
@@ -69,22 +126,24 @@ fn stat(pid: u32, page: u64) -> Option<(u32, u64, u64)> {
 
 /// Samples RSS and CPU time of every `(id, pid)` and its descendants.
 ///
-/// `scopes` are the cgroup directories of the generations' scopes: one read of each
-/// `cgroup.procs` lists every process, and one read of each process's `stat` gives all its
-/// numbers, so a round costs about one file read per process (1024 workers: ~1 % of a core at
-/// one round a second). Workers outside a readable scope are sampled by walking their tree.
+/// `scopes` are the cgroup directories of the generations' scopes: one read of the
+/// `cgroup.procs` of each scope and of each worker's cgroup below it lists every process, and
+/// one read of each process's `stat` gives all its numbers, so a round costs about two small
+/// file reads per worker.
+/// Workers outside a readable scope are sampled by walking their tree, which costs far more.
 pub fn sample(scopes: &[std::path::PathBuf], workers: &[(u64, u32)]) -> Vec<(u64, Sample)> {
     let page = rustix::param::page_size() as u64;
     let ids: std::collections::HashMap<u32, u64> = workers.iter().map(|(id, pid)| (*pid, *id)).collect();
-    let mut procs: std::collections::HashMap<u32, (u32, u64, u64)> = std::collections::HashMap::new();
-    for scope in scopes {
-        let Ok(list) = fs::read_to_string(scope.join("cgroup.procs")) else { continue };
-        for pid in list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
-            if let Some(s) = stat(pid, page) {
-                procs.insert(pid, s);
-            }
-        }
-    }
+    // One sampling round at a time (the supervisor never overlaps them); a test's rounds wait.
+    static READER: std::sync::Mutex<Option<Reader>> = std::sync::Mutex::new(None);
+    let mut guard = READER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let reader = guard.get_or_insert_with(Reader::default);
+    let procs: std::collections::HashMap<u32, (u32, u64, u64)> = cgroup_pids(scopes, reader)
+        .into_iter()
+        .filter_map(|pid| Some((pid, stat(pid, page, reader)?)))
+        .collect();
+    reader.end_round();
+    drop(guard);
     let mut out: std::collections::HashMap<u64, Sample> = std::collections::HashMap::new();
     for (&pid, &(_, cpu, rss)) in &procs {
         // Attribute each process to the nearest worker among its ancestors.
@@ -120,6 +179,27 @@ pub fn sample(scopes: &[std::path::PathBuf], workers: &[(u64, u32)]) -> Vec<(u64
         .collect()
 }
 
+/// The processes in `scopes` and in the cgroups right below them: each worker's own
+/// (`worker-<pid>`). A cgroup a worker made below its own is not read (one directory listing
+/// per worker would cost as much as the rest of a round); only a root worker can make one,
+/// since the daemon owns the tree.
+fn cgroup_pids(scopes: &[std::path::PathBuf], reader: &mut Reader) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let mut read = |dir: &std::path::Path, pids: &mut Vec<u32>| {
+        if let Some(list) = reader.read(dir.join("cgroup.procs")) {
+            pids.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    };
+    for scope in scopes {
+        read(scope, &mut pids);
+        let Ok(entries) = fs::read_dir(scope) else { continue };
+        for e in entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            read(&e.path(), &mut pids);
+        }
+    }
+    pids
+}
+
 /// Established TCP connections held by each `(id, pid)`'s process tree.
 pub fn connections(workers: &[(u64, u32)]) -> Vec<(u64, u32)> {
     let established = established_inodes();
@@ -151,6 +231,48 @@ mod tests {
         );
         child.kill().unwrap();
         child.wait().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Workers live in cgroups of their own below their scope's (which then lists no process):
+    /// a round reads them, not the slow /proc walk.
+    #[test]
+    fn the_cgroups_below_a_scope_are_read_too() {
+        let dir = crate::test_dir("cgroup-nested");
+        let many: String = (1000..3000).map(|p| format!("{p}\n")).collect();
+        for (sub, pids) in
+            [("", "10\n"), ("worker-11", "11\n"), ("worker-13", "13\n"), ("worker-14", many.as_str())]
+        {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+            std::fs::write(dir.join(sub).join("cgroup.procs"), pids).unwrap();
+        }
+        let mut reader = Reader::default();
+        let mut pids = cgroup_pids(std::slice::from_ref(&dir), &mut reader);
+        pids.sort_unstable();
+        let want: Vec<u32> = [10, 11, 13].into_iter().chain(1000..3000).collect();
+        assert_eq!(pids, want, "a listing longer than one read is read whole");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_kept_descriptor_reads_its_file_anew_and_unread_files_are_closed() {
+        let dir = crate::test_dir("reader");
+        let path = dir.join("f");
+        std::fs::write(&path, "one").unwrap();
+        let mut r = Reader::default();
+        assert_eq!(r.read(path.clone()), Some("one"));
+        std::fs::write(&path, "two, longer").unwrap();
+        assert_eq!(r.read(path.clone()), Some("two, longer"), "the same descriptor, read again from 0");
+        r.end_round();
+        assert_eq!(r.open.len(), 1);
+        r.end_round();
+        assert!(r.open.is_empty(), "a file not read in a round is closed");
+        let me = std::process::id();
+        for _ in 0..2 {
+            let text = r.read(format!("/proc/{me}/stat").into()).unwrap().to_owned();
+            assert!(text.starts_with(&format!("{me} (")), "{text}");
+        }
+        assert_eq!(r.read(dir.join("missing")), None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
