@@ -106,6 +106,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
         let (app, g, band) = (w.app.clone(), w.generation, w.band);
         let sockets = std::mem::take(&mut w.sockets);
+        // A worker ready after its generation failed or stopped joins nothing (its tables are
+        // gone); its sockets close with it.
+        if !self.m.gen_state(&app, g).is_some_and(GenState::is_running) {
+            return Ok(());
+        }
         let tables = self.groups.tables(&self.deps.steer, &app, g, sockets.len())?;
         for (table, socket) in tables.iter().zip(&sockets) {
             self.deps.steer.insert(table, band, socket)?;
