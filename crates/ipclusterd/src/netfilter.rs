@@ -385,6 +385,11 @@ mod tests {
 
     use super::*;
 
+    /// `p` as one shell word (a checkout's path may hold spaces).
+    fn quoted(p: &Path) -> String {
+        format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+    }
+
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
         let p = dir.join(name);
         std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
@@ -416,7 +421,7 @@ mod tests {
         let dir = crate::test_dir("netfilter-timeout");
         let pidfile = dir.join("pid");
         let save = script(&dir, "save", "");
-        let restore = script(&dir, "restore", &format!("echo $$ > {}\nexec sleep 30", pidfile.display()));
+        let restore = script(&dir, "restore", &format!("echo $$ > {}\nexec sleep 30", quoted(&pidfile)));
         let ipt = Iptables::with_tools(Tools { save, restore }, no_ipv6(), Duration::from_millis(300));
         let started = std::time::Instant::now();
         let e = ipt.apply(&[route()]).await.unwrap_err();
@@ -526,13 +531,13 @@ mod tests {
                 script(
                     &dir,
                     &format!("{p}-save"),
-                    &format!("echo {p}-save >> {}\ncat {}", log.display(), out.display()),
+                    &format!("echo {p}-save >> {}\ncat {}", quoted(&log), quoted(&out)),
                 );
                 let fail = if failing.contains(&family) { "echo 'line 2 failed' >&2; exit 1" } else { "" };
                 script(
                     &dir,
                     &format!("{p}-restore"),
-                    &format!("echo \"{p}-restore $*\" >> {0}\ncat >> {0}\n{fail}", log.display()),
+                    &format!("echo \"{p}-restore $*\" >> {0}\ncat >> {0}\n{fail}", quoted(&log)),
                 );
             }
             Fake { dir }

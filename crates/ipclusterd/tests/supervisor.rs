@@ -132,7 +132,14 @@ fn a_gated_launcher_runs_with_path_alone_and_the_worker_gets_its_environment() {
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("env");
     let spec = ipclusterd::process::SpawnSpec {
-        argv: vec!["/bin/sh".into(), "-c".into(), format!("env > {}", out.display())],
+        // The path as an argument, never inside the script: a checkout's path may hold spaces.
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "env > \"$1\"".into(),
+            "sh".into(),
+            out.display().to_string(),
+        ],
         env: vec![("LD_PRELOAD".into(), "/nonexistent/evil.so".into()), ("APP_MODE".into(), "x".into())],
         cwd: dir.clone(),
         user: None,
@@ -187,12 +194,10 @@ fn a_worker_is_handed_its_sockets_from_fd_3_with_listen_pid_its_own() {
     let sockets: Vec<std::net::TcpListener> =
         (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let inode = |l: &std::net::TcpListener| rustix::fs::fstat(l).unwrap().st_ino;
-    let script = format!(
-        "{{ echo \"$LISTEN_PID $$ $LISTEN_FDS\"; for f in 3 4 5 6; do readlink /proc/$$/fd/$f || echo none; done; }} > {}.tmp; mv {0}.tmp {0}",
-        out.display()
-    );
+    // The path as an argument, never inside the script: a checkout's path may hold spaces.
+    let script = "{ echo \"$LISTEN_PID $$ $LISTEN_FDS\"; for f in 3 4 5 6; do readlink /proc/$$/fd/$f || echo none; done; } > \"$1.tmp\"; mv \"$1.tmp\" \"$1\"";
     let spec = ipclusterd::process::SpawnSpec {
-        argv: vec!["/bin/sh".into(), "-c".into(), script],
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into(), "sh".into(), out.display().to_string()],
         env: vec![("LISTEN_FDS".into(), "2".into())],
         cwd: dir.clone(),
         user: None,
