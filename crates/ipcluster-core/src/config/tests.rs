@@ -124,6 +124,9 @@ fn errors_name_file_line_key_and_allowed_values() {
         ("reap_interval = \"x\"\n", "reap_interval", (3, 17), "not a duration"),
         ("watchdog = \"10s\"\n", "watchdog", (3, 12), "needs ready = \"notify\""),
         ("restart_backoff = \"30s-1s\"\n", "restart_backoff", (3, 19), "min-max"),
+        ("routing = \"ebpf\"\n", "routing", (3, 11), "must be \"nat\" or \"socket\""),
+        ("routing = 1\n", "routing", (3, 11), "invalid type"),
+        ("ready = \"tcp\"\nrouting = \"socket\"\n", "ready", (3, 9), "use ready = \"notify\""),
     ];
     for (extra, key, loc, allowed) in cases {
         let e = parse(&format!("{MIN}{extra}")).expect_err(extra);
@@ -132,6 +135,19 @@ fn errors_name_file_line_key_and_allowed_values() {
         assert!(e.message.contains(allowed), "{extra}: {e}");
         assert!(e.to_string().starts_with("/etc/ipcluster/apps/chat.toml:3:"), "{e}");
     }
+}
+
+#[test]
+fn routing_decides_how_clients_reach_workers_and_socket_mode_implies_notify() {
+    let nat = parse(MIN).unwrap();
+    assert_eq!((nat.routing, nat.ready), (Routing::Nat, Ready::Tcp), "the defaults");
+    let socket = parse(&format!("{MIN}routing = \"socket\"\n")).unwrap();
+    assert_eq!((socket.routing, socket.ready), (Routing::Socket, Ready::Notify));
+    let explicit = parse(&format!("{MIN}routing = \"socket\"\nready = \"notify\"\n")).unwrap();
+    assert_eq!(explicit.ready, Ready::Notify);
+    let v6 = parse("command = [\"/x\"]\nlisten = [\"[::]:80\", \"10.0.0.5:443\"]\nrouting = \"socket\"\n")
+        .unwrap();
+    assert_eq!(v6.listen, ["[::]:80".parse().unwrap(), "10.0.0.5:443".parse().unwrap()]);
 }
 
 #[test]
