@@ -150,13 +150,17 @@ fn a_gated_launcher_runs_with_path_alone_and_the_worker_gets_its_environment() {
     };
     let gated = ipclusterd::process::spawn_gated(&spec).unwrap();
     // Held at its gate: exec'd (no longer the fork of this test), and without the worker's env.
+    // `exe` changes before the kernel has laid out the new environment, so an `environ` read in
+    // between is empty: wait for both (the launcher always has a PATH).
     let environ = std::path::Path::new("/proc").join(gated.pid.to_string()).join("environ");
     let mut launcher_env = String::new();
     for _ in 0..200 {
+        let execd =
+            std::fs::read_link(format!("/proc/{}/exe", gated.pid)).is_ok_and(|e| e.ends_with("ipclusterd"));
         launcher_env = std::fs::read(&environ)
             .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
             .unwrap_or_default();
-        if std::fs::read_link(format!("/proc/{}/exe", gated.pid)).is_ok_and(|e| e.ends_with("ipclusterd")) {
+        if execd && !launcher_env.trim().is_empty() {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
