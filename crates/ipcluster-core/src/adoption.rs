@@ -7,8 +7,17 @@
 //!    newest routed generation is live;
 //! 3. the saved state: which generations were live, retired or still starting.
 //!
+//! A canary splits the bands: the rules route some to it and the others to the live generation,
+//! so two generations are routed; the newer is the canary (its bands are the ones routed to
+//! it, its deadline the saved one).
+//!
 //! Without routed rules (flushed), the saved state says which one is live; with neither (a lost
-//! state file and flushed rules), the newest complete generation is. A generation saved as
+//! state file and flushed rules), the newest complete generation is. With session affinity the
+//! newest routed generation is not necessarily the newest generation: an instant rollback makes
+//! an older one live while a newer one still drains. The kernel tells them apart: the live
+//! generation is routed for every client of a band, a draining one only for the clients
+//! recorded for it (a rule matching its session set in NAT mode; its table in a slot other
+//! than the live one in socket mode). A generation saved as
 //! `starting` that the rules do not route was never live: it is stopped. A generation saved as
 //! `live` that is not live any more was being retired when the daemon stopped: its retirement
 //! is finished (renice, retire signal).
@@ -111,8 +120,12 @@ pub struct Found {
     pub generation: u64,
     /// Every band has a worker.
     pub complete: bool,
-    /// The kernel's rules route to one of its workers.
+    /// The kernel routes every client of a band to one of its workers (NAT: a rule that matches
+    /// no session set; socket mode: the table of the live slot).
     pub routed: bool,
+    /// The kernel routes only the clients recorded for it to its workers (NAT: a rule that
+    /// matches its session set; socket mode: its table in another slot).
+    pub draining: bool,
 }
 
 /// What becomes of a found generation.
@@ -123,17 +136,36 @@ pub enum Verdict {
     Retired {
         finish: bool,
     },
-    /// Never went live: stop its scope.
+    /// Retired, its recorded clients still reaching it.
+    Draining,
+    /// A canary: some bands are routed to it, the others to the live generation.
+    Canary,
+    /// Never went live (or was a canary being rolled back): stop its scope.
     Stop,
 }
 
 /// Decides the fate of every found generation of one app.
 pub fn decide(found: &[Found], saved: &BTreeMap<u64, SavedGeneration>) -> BTreeMap<u64, Verdict> {
     let newest = |pred: &dyn Fn(&Found) -> bool| found.iter().filter(|f| pred(f)).map(|f| f.generation).max();
-    let routed = newest(&|f| f.routed);
-    let saved_live = newest(&|f| saved.get(&f.generation).is_some_and(|s| s.state == GenState::Live));
-    let complete = if saved.is_empty() { newest(&|f| f.complete) } else { None };
-    let live = routed.or(saved_live).or(complete);
+    let saved_as = |g: u64, state: GenState| saved.get(&g).is_some_and(|s| s.state == state);
+    let any_routed = found.iter().any(|f| f.routed || f.draining);
+    // A canary shares the bands with the live generation: the rules route some bands to each, so
+    // two generations are routed (nothing else makes two: a cutover is one transaction). With
+    // nothing of ours in the kernel (flushed rules), the saved state says which is a canary.
+    let mut routed: Vec<u64> = found.iter().filter(|f| f.routed).map(|f| f.generation).collect();
+    routed.sort_unstable_by(|a, b| b.cmp(a));
+    let canary = if routed.len() >= 2 {
+        Some(routed[0])
+    } else if !any_routed {
+        newest(&|f| saved_as(f.generation, GenState::Canary))
+    } else {
+        None
+    };
+    let not_canary = |g: &u64| Some(*g) != canary;
+    let routed_live = routed.iter().copied().find(not_canary);
+    let saved_live = newest(&|f| not_canary(&f.generation) && saved_as(f.generation, GenState::Live));
+    let complete = if saved.is_empty() { newest(&|f| f.complete && not_canary(&f.generation)) } else { None };
+    let live = routed_live.or(saved_live).or(complete);
     found
         .iter()
         .map(|f| {
@@ -141,15 +173,25 @@ pub fn decide(found: &[Found], saved: &BTreeMap<u64, SavedGeneration>) -> BTreeM
             let record = saved.get(&g);
             let never_live = match record {
                 Some(r) => r.state == GenState::Starting && Some(g) != live,
-                // No record (a lost state file): newer than the live one means never live.
-                None => live.is_some_and(|l| g > l),
+                // No record (a lost state file): newer than the live one means never live,
+                // unless clients still stick to it (it was live, then rolled back from).
+                None => !f.draining && live.is_some_and(|l| g > l),
             };
-            let verdict = if never_live {
+            let saved_state = record.map(|r| r.state);
+            // Whether clients still stick to it: the kernel says so; with nothing of ours in the
+            // kernel (flushed rules), the saved state does (the rules are written again).
+            let draining = if any_routed { f.draining } else { saved_state == Some(GenState::Draining) };
+            let verdict = if Some(g) == canary && live.is_some() {
+                Verdict::Canary
+            } else if never_live || (saved_state == Some(GenState::Canary) && Some(g) != live) {
+                // A canary no rule routes any more was being rolled back: its workers stop.
                 Verdict::Stop
             } else if Some(g) == live {
                 Verdict::Live
+            } else if draining {
+                Verdict::Draining
             } else {
-                Verdict::Retired { finish: record.is_some_and(|r| r.state == GenState::Live) }
+                Verdict::Retired { finish: saved_state == Some(GenState::Live) }
             };
             (g, verdict)
         })
@@ -226,7 +268,11 @@ mod tests {
     }
 
     fn found(generation: u64, complete: bool, routed: bool) -> Found {
-        Found { generation, complete, routed }
+        Found { generation, complete, routed, draining: false }
+    }
+
+    fn draining(generation: u64) -> Found {
+        Found { generation, complete: true, routed: false, draining: true }
     }
 
     fn saved(states: &[(u64, GenState)]) -> BTreeMap<u64, SavedGeneration> {
@@ -249,7 +295,26 @@ mod tests {
             .collect()
     }
 
-    use GenState::{Live as L, Retired as R, Starting as S};
+    use GenState::{Canary as C, Draining as D, Live as L, Retired as R, Starting as S};
+
+    /// Issue 23: a draining generation is told from the live one by how the kernel routes to it
+    /// (only its recorded clients), whatever their order: after an instant rollback the live one
+    /// is older than one that drains.
+    #[test]
+    fn the_kernel_tells_draining_generations_from_the_live_one() {
+        let v = decide(&[draining(1), draining(2), found(3, true, true)], &saved(&[(1, D), (2, D), (3, L)]));
+        assert_eq!((v[&1], v[&2], v[&3]), (Verdict::Draining, Verdict::Draining, Verdict::Live));
+        // Rolled back instantly to 2 while 3 drains; the state file is lost.
+        let v = decide(&[found(2, true, true), draining(3)], &BTreeMap::new());
+        assert_eq!((v[&2], v[&3]), (Verdict::Live, Verdict::Draining), "3 was live: it drains, not stopped");
+        // The state said draining, but the kernel routes nothing to it any more (its sessions were
+        // cut just before the daemon stopped): retired.
+        let v = decide(&[found(1, true, false), found(2, true, true)], &saved(&[(1, D), (2, L)]));
+        assert_eq!(v[&1], Verdict::Retired { finish: false });
+        // Flushed rules: the saved state says who drains (the rules and sets are written again).
+        let v = decide(&[found(1, true, false), found(2, true, false)], &saved(&[(1, D), (2, L)]));
+        assert_eq!((v[&1], v[&2]), (Verdict::Draining, Verdict::Live));
+    }
 
     #[test]
     fn the_rules_name_the_live_generation() {
@@ -283,5 +348,31 @@ mod tests {
         assert_eq!(v[&2], Verdict::Live);
         assert_eq!(v[&1], Verdict::Retired { finish: false });
         assert_eq!(v[&3], Verdict::Stop);
+    }
+
+    /// Issue 24: a canary is the newer of the two generations the rules route to, whatever the
+    /// state file says (a cutover of the canary's bands the previous daemon did not live to
+    /// save); with flushed rules the state file says which is a canary.
+    #[test]
+    fn a_canary_is_the_newer_of_two_routed_generations() {
+        let v = decide(&[found(1, true, true), found(2, true, true)], &saved(&[(1, L), (2, C)]));
+        assert_eq!((v[&1], v[&2]), (Verdict::Live, Verdict::Canary));
+        let v = decide(&[found(1, true, true), found(2, true, true)], &saved(&[(1, L), (2, S)]));
+        assert_eq!((v[&1], v[&2]), (Verdict::Live, Verdict::Canary), "its cutover was not saved");
+        let v = decide(&[found(1, true, true), found(2, true, true)], &BTreeMap::new());
+        assert_eq!((v[&1], v[&2]), (Verdict::Live, Verdict::Canary), "no state file");
+        // Flushed rules: the saved state.
+        let v = decide(&[found(1, true, false), found(2, true, false)], &saved(&[(1, L), (2, C)]));
+        assert_eq!((v[&1], v[&2]), (Verdict::Live, Verdict::Canary));
+        // Saved as a canary, but no rule routes to it while the live one is: it was being rolled
+        // back; its workers stop.
+        let v = decide(&[found(1, true, true), found(2, true, false)], &saved(&[(1, L), (2, C)]));
+        assert_eq!((v[&1], v[&2]), (Verdict::Live, Verdict::Stop));
+        // With draining generations beside it.
+        let v = decide(
+            &[draining(1), found(2, true, true), found(3, true, true)],
+            &saved(&[(1, D), (2, L), (3, C)]),
+        );
+        assert_eq!((v[&1], v[&2], v[&3]), (Verdict::Draining, Verdict::Live, Verdict::Canary));
     }
 }

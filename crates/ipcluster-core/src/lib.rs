@@ -4,12 +4,15 @@
 //! files and pass their text in, and apply the decisions that come out.
 
 pub mod adoption;
+pub mod canary;
+pub mod checks;
 pub mod config;
 pub mod model;
 pub mod name;
 pub mod ownership;
 pub mod policy;
 pub mod ports;
+pub mod prop_config;
 #[cfg(test)]
 mod props;
 pub mod routing;

@@ -9,7 +9,11 @@ use crate::{
 };
 
 /// State of a generation: `starting → live → retired → stopped`, or `starting → failed`; a
-/// rollback makes a retired generation live again.
+/// rollback makes a retired generation live again. With session affinity a generation that
+/// leaves `live` is `draining` while clients still stick to it: then `stopped` once drained, or
+/// `retired` when its sessions are cut (more than `max_draining`, RetireGeneration). A canary
+/// deploy makes it `canary` (serving some bands, the live generation the others) until it is
+/// promoted (`live`) or rolled back (`retired`, its workers stopping at once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GenState {
@@ -18,6 +22,8 @@ pub enum GenState {
     Retired,
     Failed,
     Stopped,
+    Draining,
+    Canary,
 }
 
 impl GenState {
@@ -29,6 +35,8 @@ impl GenState {
             GenState::Retired => "retired",
             GenState::Failed => "failed",
             GenState::Stopped => "stopped",
+            GenState::Draining => "draining",
+            GenState::Canary => "canary",
         }
     }
 
@@ -42,14 +50,31 @@ impl GenState {
                 | (Live, Retired)
                 | (Retired, Stopped)
                 | (Live, Stopped)
-                // A rollback makes a retired generation live again.
+                // A rollback makes a retired (or draining) generation live again.
                 | (Retired, Live)
+                | (Live, Draining)
+                | (Draining, Live)
+                | (Draining, Retired)
+                | (Draining, Stopped)
+                | (Starting, Canary)
+                | (Canary, Live)
+                | (Canary, Retired)
+                | (Canary, Stopped)
         )
     }
 
     /// Whether the generation still has (or may have) processes.
     pub fn is_running(self) -> bool {
-        matches!(self, GenState::Starting | GenState::Live | GenState::Retired)
+        matches!(
+            self,
+            GenState::Starting | GenState::Live | GenState::Retired | GenState::Draining | GenState::Canary
+        )
+    }
+
+    /// Whether it left `live` and has not stopped: it serves what it still serves, nothing new
+    /// (its workers are retired).
+    pub fn is_retired(self) -> bool {
+        matches!(self, GenState::Retired | GenState::Draining)
     }
 }
 

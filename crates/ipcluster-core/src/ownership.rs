@@ -10,6 +10,15 @@ pub enum Kind {
     AppFile,
     /// The apps directory (`/etc/ipcluster/apps`): a directory.
     AppsDirectory,
+    /// The daemon's own file (`/etc/ipcluster/ipclusterd.toml`): a regular file.
+    DaemonFile,
+    /// Where socket mode pins its programs and maps (`/sys/fs/bpf/ipcluster`): a directory.
+    PinDirectory,
+    /// A directory on the way from `/` to one of the above: whoever can replace its entries
+    /// can replace what is below. A sticky one (`/tmp`) is accepted although others may write
+    /// in it: only an entry's owner can rename or remove it there, and every entry on the way
+    /// is checked in turn.
+    Ancestor,
 }
 
 const S_IFMT: u32 = 0o170000;
@@ -22,13 +31,12 @@ const S_IFDIR: u32 = 0o040000;
 /// root: membership of a group is not the same as being root.
 pub fn check(path: &str, kind: Kind, uid: u32, mode: u32) -> Result<(), String> {
     let path = printable(path);
-    let what = match kind {
-        Kind::AppFile => "app file",
-        Kind::AppsDirectory => "apps directory",
-    };
-    let (want_type, type_name) = match kind {
-        Kind::AppFile => (S_IFREG, "a regular file"),
-        Kind::AppsDirectory => (S_IFDIR, "a directory"),
+    let (what, want_type, type_name) = match kind {
+        Kind::AppFile => ("app file", S_IFREG, "a regular file"),
+        Kind::AppsDirectory => ("apps directory", S_IFDIR, "a directory"),
+        Kind::DaemonFile => ("daemon's file", S_IFREG, "a regular file"),
+        Kind::PinDirectory => ("pin directory", S_IFDIR, "a directory"),
+        Kind::Ancestor => ("directory", S_IFDIR, "a directory"),
     };
     if mode & S_IFMT != 0 && mode & S_IFMT != want_type {
         return Err(format!("{path}: the {what} is not {type_name}"));
@@ -37,7 +45,9 @@ pub fn check(path: &str, kind: Kind, uid: u32, mode: u32) -> Result<(), String> 
     if uid != 0 {
         problems.push(format!("owned by uid {uid}, not root"));
     }
+    let sticky = mode & 0o1000 != 0;
     match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        _ if kind == Kind::Ancestor && sticky => {}
         (true, true) => problems.push("writable by its group and by others".to_owned()),
         (true, false) => problems.push("writable by its group".to_owned()),
         (false, true) => problems.push("writable by others".to_owned()),
@@ -46,8 +56,17 @@ pub fn check(path: &str, kind: Kind, uid: u32, mode: u32) -> Result<(), String> 
     if problems.is_empty() {
         return Ok(());
     }
+    let why = match kind {
+        Kind::PinDirectory => {
+            "whoever can change it can replace the steering programs and maps pinned there, which pick every client's worker"
+        }
+        Kind::Ancestor => {
+            "whoever can change it can replace what ipclusterd reads below it, and ipclusterd runs as root and runs what app files say"
+        }
+        _ => "ipclusterd runs as root and runs what app files say, so only root may be able to change them",
+    };
     Err(format!(
-        "{path}: refused: the {what} is {} (mode {:04o}); ipclusterd runs as root and runs what app files say, so only root may be able to change them. Fix: chown root:root {path}; chmod go-w {path}",
+        "{path}: refused: the {what} is {} (mode {:04o}); {why}. Fix: chown root:root {path}; chmod go-w {path}",
         problems.join(" and "),
         mode & 0o7777
     ))
@@ -107,6 +126,34 @@ mod tests {
             assert!(e.contains(why), "{e}");
             assert!(e.contains(&format!("Fix: chown root:root {path}; chmod go-w {path}")), "{e}");
         }
+    }
+
+    /// Issue 21, item 8: the directories on the way, the daemon's file and the pin directory.
+    #[test]
+    fn directories_on_the_way_the_daemon_file_and_the_pin_directory() {
+        assert_eq!(check("/", Kind::Ancestor, 0, 0o040755), Ok(()));
+        assert_eq!(check("/tmp", Kind::Ancestor, 0, 0o041777), Ok(()), "sticky: entries keep their owner");
+        let e = check("/etc", Kind::Ancestor, 0, 0o040777).unwrap_err();
+        assert!(
+            e.contains("the directory is writable by its group and by others")
+                && e.contains("chmod go-w /etc"),
+            "{e}"
+        );
+        assert!(check("/srv", Kind::Ancestor, 1000, 0o041755).unwrap_err().contains("owned by uid 1000"));
+        assert!(check("/etc/x", Kind::Ancestor, 0, 0o120777).unwrap_err().contains("not a directory"));
+        let d = "/etc/ipcluster/ipclusterd.toml";
+        assert_eq!(check(d, Kind::DaemonFile, 0, 0o100644), Ok(()));
+        assert!(
+            check(d, Kind::DaemonFile, 0, 0o100666).unwrap_err().contains("the daemon's file is writable")
+        );
+        let p = "/sys/fs/bpf/ipcluster";
+        assert_eq!(check(p, Kind::PinDirectory, 0, 0o040700), Ok(()));
+        let e = check(p, Kind::PinDirectory, 65534, 0o040700).unwrap_err();
+        assert!(e.contains("pin directory is owned by uid 65534") && e.contains("steering programs"), "{e}");
+        assert!(
+            check(p, Kind::PinDirectory, 0, 0o041777).unwrap_err().contains("writable"),
+            "sticky is not enough"
+        );
     }
 
     #[test]

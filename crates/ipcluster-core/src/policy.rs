@@ -92,6 +92,9 @@ impl RateLimiter {
 pub struct MemWorker {
     pub id: u64,
     pub rss: u64,
+    /// Session records its generation holds (session affinity; fewer = more killable: fewer
+    /// clients lose theirs). 0 for a generation without sessions.
+    pub sessions: u32,
     /// Open connections (fewer = more killable).
     pub connections: u32,
     /// Start time (earlier = older = more killable at equal connections and RSS).
@@ -124,14 +127,16 @@ pub struct MemVerdict {
 /// The cluster memory watermarks: over 95 % of `budget`, retired (and stopping) workers are
 /// killed, most killable first, until the total is at most 95 %; then, while the projected total
 /// (without workers already leaving) is over 80 %, retired workers are asked to stop. Most
-/// killable first = fewest open connections, then largest RSS, then oldest.
+/// killable first = fewest session records (a draining generation's), then fewest open
+/// connections, then largest RSS, then oldest.
 pub fn cluster_memory(workers: &[MemWorker], budget: u64) -> MemVerdict {
     let high = budget / 100 * 95 + budget % 100 * 95 / 100;
     let low = budget / 100 * 80 + budget % 100 * 80 / 100;
     let mut order: Vec<&MemWorker> = workers.iter().filter(|w| w.state != MemState::Live).collect();
     order.sort_by(|a, b| {
-        a.connections
-            .cmp(&b.connections)
+        a.sessions
+            .cmp(&b.sessions)
+            .then(a.connections.cmp(&b.connections))
             .then(b.rss.cmp(&a.rss))
             .then(a.started.cmp(&b.started))
             .then(a.id.cmp(&b.id))
@@ -173,7 +178,7 @@ mod tests {
     const MB: u64 = 1 << 20;
 
     fn w(id: u64, rss_mb: u64, connections: u32, started: u64, state: MemState) -> MemWorker {
-        MemWorker { id, rss: rss_mb * MB, connections, started, state }
+        MemWorker { id, rss: rss_mb * MB, sessions: 0, connections, started, state }
     }
 
     #[test]
@@ -230,6 +235,21 @@ mod tests {
         assert_eq!(v.kill, [2], "100 MB killed: 1000 -> 900 <= 950");
         // Projected without the stopping one: 900 - 200 = 700 <= 800: nobody else is stopped.
         assert!(v.stop.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn a_draining_generation_with_sessions_is_killed_after_one_without() {
+        // Total 1000 of 1000: one kill takes it to 900 <= 950. Worker 2 has no connection but
+        // its generation holds 40 session records; worker 3 has connections and no record.
+        let mut ws = [
+            w(1, 600, 5, 0, MemState::Live),
+            w(2, 200, 0, 1, MemState::Retired),
+            w(3, 200, 4, 2, MemState::Retired),
+        ];
+        ws[1].sessions = 40;
+        let v = cluster_memory(&ws, 1000 * MB);
+        assert_eq!(v.kill, [3], "the one whose clients keep no session goes first: {v:?}");
+        assert!(v.stop.is_empty(), "900 - 200 = 800 is not over 80 %: {v:?}");
     }
 
     #[test]

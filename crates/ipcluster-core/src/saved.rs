@@ -73,6 +73,33 @@ pub struct SavedGeneration {
     /// Its workers, as the daemon started them.
     #[serde(default)]
     pub processes: Vec<SavedWorker>,
+    /// Its `session_affinity` in seconds (absent: off, or a state file from before sessions).
+    #[serde(default)]
+    pub session_affinity_secs: Option<u64>,
+    /// Its `max_draining` (absent: the default).
+    #[serde(default)]
+    pub max_draining: Option<u32>,
+    /// Its slot: among the app's session sets (NAT mode, with session affinity) or its groups'
+    /// steering slots (socket mode).
+    #[serde(default)]
+    pub session_slot: Option<u8>,
+    /// A canary: the bands it serves and when it promotes itself.
+    #[serde(default)]
+    pub canary: Option<SavedCanary>,
+}
+
+/// What is remembered of a canary generation (its state is `canary`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedCanary {
+    /// The bands it serves, ascending; the live generation serves the others.
+    pub bands: Vec<u32>,
+    /// `canary_for`: when (µs since the epoch, wall clock) it promotes itself if nothing went
+    /// wrong. `None`: it waits for Promote or Rollback.
+    #[serde(default)]
+    pub deadline_usec: Option<u64>,
+    /// Its `canary_for`, in seconds (with it, trouble rolls it back by itself).
+    #[serde(default)]
+    pub canary_for_secs: Option<u64>,
 }
 
 /// One worker, as the daemon knows it.
@@ -102,6 +129,10 @@ impl SavedGeneration {
             working_directory: Some(config.working_directory.clone()),
             port_range: Some(config.port_range),
             processes: Vec::new(),
+            session_affinity_secs: config.session_affinity.map(|d| d.as_secs()),
+            max_draining: Some(config.max_draining),
+            session_slot: None,
+            canary: None,
         }
     }
 
@@ -117,6 +148,12 @@ impl SavedGeneration {
         }
         if let Some(d) = &self.working_directory {
             base.working_directory = d.clone();
+        }
+        if self.session_affinity_secs.is_some() || self.max_draining.is_some() {
+            base.session_affinity = self.session_affinity_secs.map(std::time::Duration::from_secs);
+        }
+        if let Some(n) = self.max_draining {
+            base.max_draining = n;
         }
         if let Some(r) = self.port_range {
             base.port_range = r;
@@ -162,6 +199,20 @@ mod tests {
         assert!(serde_json::from_str::<SavedState>(r#"{"last_generation":{"../x":1}}"#).is_err());
         let bad_state = r#"{"apps":{"a":{"generations":{"1":{"state":"dancing","started_usec":1,"workers":1,"listen":[]}}}}}"#;
         assert!(serde_json::from_str::<SavedState>(bad_state).is_err());
+    }
+
+    #[test]
+    fn a_canary_is_remembered_with_its_bands_and_deadline() {
+        let text = r#"{"apps":{"web":{"generations":{"5":{"state":"canary","started_usec":1,"workers":8,"listen":["0.0.0.0:80"],"canary":{"bands":[0,4],"deadline_usec":99}}}}}}"#;
+        let s: SavedState = serde_json::from_str(text).unwrap();
+        let g = &s.apps[&AppName::new("web").unwrap()].generations[&5];
+        assert_eq!(g.state, GenState::Canary);
+        assert_eq!(
+            g.canary,
+            Some(SavedCanary { bands: vec![0, 4], deadline_usec: Some(99), canary_for_secs: None })
+        );
+        let again: SavedState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(again, s);
     }
 
     #[test]

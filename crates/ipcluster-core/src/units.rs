@@ -325,3 +325,110 @@ mod more_tests {
         assert!(parse_duration_range("30s-1s").is_err() && parse_duration_range("0-1s").is_err());
     }
 }
+
+/// Property tests: what a parser here accepts is within its bounds and renders back to itself,
+/// whatever the text (valid values, near misses of them, anything); errors stay brief and
+/// printable.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        prop_config::{config, mutated},
+        props::{show_duration, show_size},
+    };
+
+    const MAX_US: u64 = MAX_DURATION.as_micros() as u64;
+
+    fn duration() -> impl Strategy<Value = Duration> {
+        prop_oneof![0u64..2_000_000, 0u64..=MAX_US].prop_map(Duration::from_micros)
+    }
+
+    /// Every shape of value the parsers read, valid.
+    fn valid() -> BoxedStrategy<String> {
+        let signal = prop::sample::select(Signal::ALL.iter().map(|(_, name, _)| *name).collect::<Vec<_>>());
+        prop_oneof![
+            duration().prop_map(show_duration),
+            prop_oneof![0u64..=MAX_SIZE, (0u64..=1024, 0u32..5).prop_map(|(n, s)| n << (10 * s))]
+                .prop_map(show_size),
+            (1u32..=MAX_RATE, duration()).prop_map(|(n, d)| format!("{n}/{}", show_duration(d))),
+            (duration(), duration()).prop_map(|(a, b)| format!(
+                "{}-{}",
+                show_duration(a.min(b)),
+                show_duration(a.max(b))
+            )),
+            (1024u16..=u16::MAX, 1024u16..=u16::MAX).prop_map(|(a, b)| format!("{}-{}", a.min(b), a.max(b))),
+            signal.prop_map(|s| s.strip_prefix("SIG").unwrap_or(s).to_owned()),
+        ]
+        .boxed()
+    }
+
+    fn brief(e: &str) -> Result<(), TestCaseError> {
+        prop_assert!(e.chars().count() < 400, "{e}");
+        prop_assert!(!e.chars().any(char::is_control), "{e:?}");
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// Whatever a parser accepts is within its documented bounds, a whole number of
+        /// microseconds where it is a duration, and its rendering parses back to it.
+        #[test]
+        fn accepted_values_render_back(s in prop_oneof![valid(), mutated(valid()), any::<String>()]) {
+            let whole = |d: Duration| d == Duration::from_micros(d.as_micros() as u64);
+            match parse_duration(&s) {
+                Ok(d) => {
+                    prop_assert!(d <= MAX_DURATION && whole(d), "{s:?}: {d:?}");
+                    prop_assert_eq!(parse_duration(&show_duration(d)), Ok(d));
+                }
+                Err(e) => brief(&e)?,
+            }
+            match parse_size(&s) {
+                Ok(n) => {
+                    prop_assert!(n <= MAX_SIZE);
+                    prop_assert_eq!(parse_size(&show_size(n)), Ok(n));
+                }
+                Err(e) => brief(&e)?,
+            }
+            match parse_rate(&s) {
+                Ok((n, d)) => {
+                    prop_assert!((1..=MAX_RATE).contains(&n) && !d.is_zero() && d <= MAX_DURATION && whole(d));
+                    prop_assert_eq!(parse_rate(&format!("{n}/{}", show_duration(d))), Ok((n, d)));
+                }
+                Err(e) => brief(&e)?,
+            }
+            match parse_duration_range(&s) {
+                Ok((a, b)) => {
+                    prop_assert!(!a.is_zero() && a <= b && b <= MAX_DURATION && whole(a) && whole(b));
+                    let shown = format!("{}-{}", show_duration(a), show_duration(b));
+                    prop_assert_eq!(parse_duration_range(&shown), Ok((a, b)));
+                }
+                Err(e) => brief(&e)?,
+            }
+            match parse_port_range(&s) {
+                Ok((lo, hi)) => {
+                    prop_assert!(1024 <= lo && lo <= hi);
+                    prop_assert_eq!(parse_port_range(&format!("{lo}-{hi}")), Ok((lo, hi)));
+                }
+                Err(e) => brief(&e)?,
+            }
+            match Signal::parse(&s) {
+                Ok(sig) => {
+                    prop_assert_eq!(Signal::parse(sig.name()), Ok(sig));
+                    prop_assert_eq!(Signal::parse(&sig.to_string()["SIG".len()..]), Ok(sig));
+                    prop_assert_eq!(Signal::describe(sig.number()), sig.name());
+                }
+                Err(e) => brief(&e)?,
+            }
+        }
+
+        /// Every duration and size a file may say renders as text that says exactly it.
+        #[test]
+        fn every_duration_and_size_renders_back(d in duration(), n in 0u64..=MAX_SIZE) {
+            prop_assert_eq!(parse_duration(&show_duration(d)), Ok(d));
+            prop_assert_eq!(parse_size(&show_size(n)), Ok(n));
+        }
+    }
+}

@@ -48,9 +48,12 @@ pub(super) fn check_listen(list: &[String]) -> Result<Vec<SocketAddr>, String> {
         if a.port() == 0 {
             return Err(format!("{}: port must be 1..=65535", shown(l)));
         }
-        // A wildcard of either family takes the port for every address ([::] serves IPv4 too).
+        // A wildcard of either family takes the port for every address ([::] serves IPv4 too),
+        // and an IPv4-mapped address ([::ffff:192.0.2.1]) is the IPv4 address it maps.
+        let (ip, port) = (a.ip().to_canonical(), a.port());
         if let Some(prev) = out.iter().find(|p| {
-            p.port() == a.port() && (p.ip() == a.ip() || p.ip().is_unspecified() || a.ip().is_unspecified())
+            let p_ip = p.ip().to_canonical();
+            p.port() == port && (p_ip == ip || p_ip.is_unspecified() || ip.is_unspecified())
         }) {
             return Err(format!("{} overlaps {prev}", shown(l)));
         }

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{ConfigError, Ctx, MAX_MESSAGE, clean, line_col};
+use super::{ConfigError, Ctx, line_col};
 use crate::units::{parse_duration, shown};
 
 /// The daemon's own settings: `/etc/ipcluster/ipclusterd.toml` (optional).
@@ -42,7 +42,7 @@ impl DaemonConfig {
             file: file.to_owned(),
             location: e.span().map(|s| line_col(text, s.start)),
             key: None,
-            message: clean(e.message().trim(), MAX_MESSAGE),
+            message: super::toml_message(e.message(), &DAEMON_KEYS),
         })?;
         let cx = Ctx { file, text };
         let mut c = DaemonConfig::default();

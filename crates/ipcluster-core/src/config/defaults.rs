@@ -25,5 +25,18 @@ pub const RETIRE_NICE: i32 = 5;
 /// `retire_rate`: at most 10 memory or health retirements per 2 minutes (the original
 /// project's limit).
 pub const RETIRE_RATE: (u32, Duration) = (10, Duration::from_secs(120));
+/// `max_draining`: generations of an app whose clients still stick to them at once.
+pub const MAX_DRAINING: u32 = 2;
+/// The most `max_draining` may be: with the live generation and a staged one, the eight slots
+/// socket mode's steering has per group.
+pub const MAX_DRAINING_LIMIT: u32 = 6;
+/// The longest `session_affinity`.
+pub const MAX_SESSION_AFFINITY: Duration = Duration::from_secs(24 * 3600);
 /// `restart_backoff`: a crashed band is respawned after 100 ms, doubling up to 30 s.
 pub const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(30));
+/// `health_interval`: how often each worker's `health_path` is checked.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// `health_timeout`: a check that has no status line by then failed.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// `health_failures`: failed checks in a row that make a live worker unhealthy.
+pub const HEALTH_FAILURES: u32 = 3;

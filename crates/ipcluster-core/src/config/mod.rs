@@ -7,6 +7,10 @@
 mod checks;
 mod daemon;
 pub mod defaults;
+pub mod health;
+mod overrides;
+#[cfg(test)]
+mod props;
 #[cfg(test)]
 mod tests;
 
@@ -17,6 +21,8 @@ use toml::Spanned;
 
 use checks::{check_command, check_environment, check_listen, check_user, check_workdir, check_workers};
 pub use daemon::{DAEMON_KEYS, DaemonConfig};
+pub use health::HealthCheck;
+pub use overrides::{OVERRIDE_KEYS, Overrides};
 
 use crate::{
     name::AppName,
@@ -58,6 +64,21 @@ pub enum Ready {
     Tcp,
     /// Ready after it sends `READY=1` on `NOTIFY_SOCKET`.
     Notify,
+    /// Ready once its first health check answers 2xx, after it holds its ports (NAT mode) or
+    /// sent `READY=1` (socket mode).
+    Http,
+}
+
+impl Ready {
+    /// Whether readiness needs the worker's `READY=1` (so it gets `NOTIFY_SOCKET`).
+    pub fn notifies(self, routing: Routing) -> bool {
+        self == Ready::Notify || (self == Ready::Http && routing == Routing::Socket)
+    }
+
+    /// Whether readiness needs the worker to hold its own ports (checked by connecting).
+    pub fn holds_ports(self, routing: Routing) -> bool {
+        self == Ready::Tcp || (self == Ready::Http && routing == Routing::Nat)
+    }
 }
 
 /// A validated app.
@@ -95,6 +116,13 @@ pub struct AppConfig {
     pub watchdog: Option<Duration>,
     /// Respawn delay of a crashed band: min, doubling, up to max.
     pub restart_backoff: (Duration, Duration),
+    /// Sticky across deploys: a client keeps the generation that holds its session until it
+    /// opened no connection for this long (whole seconds). `None`: off.
+    pub session_affinity: Option<Duration>,
+    /// At most this many generations of the app drain (keep their clients) at once.
+    pub max_draining: u32,
+    /// HTTP health checks of every worker (`health_path`); `None`: none.
+    pub health: Option<HealthCheck>,
 }
 
 /// An invalid app file or override, with where and why.
@@ -152,10 +180,16 @@ struct Raw {
     spawn_interval: Option<Spanned<String>>,
     watchdog: Option<Spanned<String>>,
     restart_backoff: Option<Spanned<String>>,
+    session_affinity: Option<Spanned<String>>,
+    max_draining: Option<Spanned<i64>>,
+    health_path: Option<Spanned<String>>,
+    health_interval: Option<Spanned<String>>,
+    health_timeout: Option<Spanned<String>>,
+    health_failures: Option<Spanned<i64>>,
 }
 
 /// Every key an app file accepts (kept in step with the reference docs by a test).
-pub const KEYS: [&str; 23] = [
+pub const KEYS: [&str; 29] = [
     "command",
     "workers",
     "listen",
@@ -179,6 +213,12 @@ pub const KEYS: [&str; 23] = [
     "spawn_interval",
     "watchdog",
     "restart_backoff",
+    "session_affinity",
+    "max_draining",
+    "health_path",
+    "health_interval",
+    "health_timeout",
+    "health_failures",
 ];
 
 struct Ctx<'a> {
@@ -197,21 +237,40 @@ impl Ctx<'_> {
     }
 }
 
-/// Longest message of a [`ConfigError`], in characters.
-pub const MAX_MESSAGE: usize = 400;
+/// Longest message of a [`ConfigError`], in characters (an unknown key's lists every key).
+pub const MAX_MESSAGE: usize = 600;
 
-/// `text` safe to print: control characters escaped (`\u{7}`), cut after `max` characters. The
-/// TOML parser's messages quote keys and values of the file as they are.
+/// `text` safe to print: control characters escaped (`\u{7}`), at most `max` characters of it
+/// (escapes counted as printed), then `…` when something was cut. The TOML parser's messages
+/// quote keys and values of the file as they are.
 fn clean(text: &str, max: usize) -> String {
     let mut out = String::new();
-    for (i, c) in text.chars().enumerate() {
-        if i == max {
+    let mut n = 0;
+    for c in text.chars() {
+        let shown: Vec<char> = if c.is_control() { c.escape_debug().collect() } else { vec![c] };
+        if n + shown.len() > max {
             out.push('…');
             break;
         }
-        if c.is_control() { out.extend(c.escape_debug()) } else { out.push(c) }
+        n += shown.len();
+        out.extend(shown);
     }
     out
+}
+
+/// The TOML parser's message, printable and bounded; an unknown key's (which quotes the key
+/// as it is, however long) says which key, cut, and lists the keys there are.
+pub(crate) fn toml_message(message: &str, keys: &[&str]) -> String {
+    let message = message.trim();
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((key, _)) = rest.split_once('`')
+    {
+        return clean(
+            &format!("unknown key `{}`; the keys are {}", clean(key, 64), keys.join(", ")),
+            MAX_MESSAGE,
+        );
+    }
+    clean(message, MAX_MESSAGE)
 }
 
 /// 1-based line and column of byte `offset` in `text`.
@@ -250,6 +309,9 @@ impl AppConfig {
             spawn_interval: Duration::ZERO,
             watchdog: None,
             restart_backoff: defaults::RESTART_BACKOFF,
+            session_affinity: None,
+            max_draining: defaults::MAX_DRAINING,
+            health: None,
         }
     }
 
@@ -270,6 +332,13 @@ impl AppConfig {
             message: format!("the file name gives the app name: {e}"),
         })?;
         let raw: Raw = toml::from_str(text).map_err(|e| {
+            // A key the file lacks is on no line: the error names it, not the key on line 1.
+            if let Some((missing, _)) =
+                e.message().strip_prefix("missing field `").and_then(|r| r.split_once('`'))
+            {
+                let (key, message) = (Some(clean(missing, 64)), toml_message(e.message(), &KEYS));
+                return ConfigError { file: file.to_owned(), location: None, key, message };
+            }
             let location = e.span().map(|s| line_col(text, s.start));
             // The key is the text before '=' on the line the error points at, when there is one.
             let key = location
@@ -277,12 +346,7 @@ impl AppConfig {
                 .and_then(|l| l.split_once('='))
                 .map(|(k, _)| clean(k.trim(), 64))
                 .filter(|k| !k.is_empty() && !k.contains(char::is_whitespace));
-            ConfigError {
-                file: file.to_owned(),
-                location,
-                key,
-                message: clean(e.message().trim(), MAX_MESSAGE),
-            }
+            ConfigError { file: file.to_owned(), location, key, message: toml_message(e.message(), &KEYS) }
         })?;
         let cx = Ctx { file, text };
         let span = |s: &Option<Spanned<_>>| s.as_ref().map(|s: &Spanned<_>| s.span());
@@ -314,6 +378,7 @@ impl AppConfig {
         };
         c.ready = match (raw.ready.as_ref().map(|r| r.get_ref().as_str()), c.routing) {
             (None, Routing::Socket) | (Some("notify"), _) => Ready::Notify,
+            (Some("http"), _) => Ready::Http,
             (None | Some("tcp"), Routing::Nat) => Ready::Tcp,
             (Some("tcp"), Routing::Socket) => {
                 return Err(cx.err(
@@ -326,7 +391,7 @@ impl AppConfig {
                 return Err(cx.err(
                     "ready",
                     span(&raw.ready),
-                    format!("{}: must be \"tcp\" or \"notify\"", crate::units::shown(other)),
+                    format!("{}: must be \"tcp\", \"notify\" or \"http\"", crate::units::shown(other)),
                 ));
             }
         };
@@ -400,7 +465,7 @@ impl AppConfig {
         c.retire_timeout = optional(&raw.retire_timeout, "retire_timeout")?;
         c.watchdog = optional(&raw.watchdog, "watchdog")?;
         if let (Some(_), Some(w)) = (c.watchdog, &raw.watchdog)
-            && c.ready != Ready::Notify
+            && !c.ready.notifies(c.routing)
         {
             return Err(cx.err(
                 "watchdog",
@@ -414,6 +479,47 @@ impl AppConfig {
             c.restart_backoff = parse_duration_range(r.get_ref())
                 .map_err(|m| cx.err("restart_backoff", Some(r.span()), m))?;
         }
+        if let Some(s) = &raw.session_affinity {
+            let d = parse_duration(s.get_ref()).map_err(|m| cx.err("session_affinity", Some(s.span()), m))?;
+            let max = defaults::MAX_SESSION_AFFINITY;
+            c.session_affinity = match d {
+                d if d.is_zero() => None,
+                d if d > max => {
+                    return Err(cx.err(
+                        "session_affinity",
+                        Some(s.span()),
+                        format!("must be at most {}h", max.as_secs() / 3600),
+                    ));
+                }
+                d if d < Duration::from_secs(1) => {
+                    return Err(cx.err(
+                        "session_affinity",
+                        Some(s.span()),
+                        "must be at least 1s (or \"0\": off)",
+                    ));
+                }
+                // Records expire in whole seconds (ipset's timeouts): a fraction counts as a second.
+                d => Some(Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))),
+            };
+        }
+        if let Some(n) = &raw.max_draining {
+            let limit = i64::from(defaults::MAX_DRAINING_LIMIT);
+            if !(1..=limit).contains(n.get_ref()) {
+                return Err(cx.err(
+                    "max_draining",
+                    Some(n.span()),
+                    format!("{}: must be 1..={limit}", n.get_ref()),
+                ));
+            }
+            c.max_draining = *n.get_ref() as u32;
+        }
+        let raw_health = health::RawHealth {
+            path: &raw.health_path,
+            interval: &raw.health_interval,
+            timeout: &raw.health_timeout,
+            failures: &raw.health_failures,
+        };
+        health::parse(&cx, raw_health, raw.ready.as_ref(), &mut c)?;
         c.check_ports().map_err(|(key, m)| {
             let sp = if key == "port_range" { span(&raw.port_range) } else { Some(raw.listen.span()) };
             cx.err(key, sp, m)
@@ -421,20 +527,38 @@ impl AppConfig {
         Ok(c)
     }
 
+    /// How many generations may hold worker ports at once: one deploying while the live one
+    /// serves, and with session affinity up to `max_draining` more that still keep clients.
+    pub fn generations_held(&self) -> u32 {
+        2 + if self.session_affinity.is_some() { self.max_draining } else { 0 }
+    }
+
     /// Cross-key checks: public ports outside the worker port range, and a range wide enough for
-    /// two generations (one deploying while the previous still holds its ports).
+    /// every generation that may hold ports at once ([`Self::generations_held`]).
     fn check_ports(&self) -> Result<(), (&'static str, String)> {
         let (lo, hi) = self.port_range;
         if let Some(l) = self.listen.iter().find(|l| (lo..=hi).contains(&l.port())) {
             return Err(("listen", format!("public port {} lies inside port_range {lo}-{hi}", l.port())));
         }
-        let needed = 2 * u64::from(self.workers) * self.listen.len() as u64;
+        if self.routing == Routing::Socket {
+            return Ok(());
+        }
+        let generations = self.generations_held();
+        let needed = u64::from(generations) * u64::from(self.workers) * self.listen.len() as u64;
         let have = u64::from(hi - lo) + 1;
         if have < needed {
+            let why = if self.session_affinity.is_some() {
+                format!(
+                    "{generations} generations: one deploying, the live one and max_draining = {} draining",
+                    self.max_draining
+                )
+            } else {
+                "two generations".to_owned()
+            };
             return Err((
                 "port_range",
                 format!(
-                    "{lo}-{hi} holds {have} ports; {} workers × {} listen entries need at least {needed} (two generations)",
+                    "{lo}-{hi} holds {have} ports; {} workers × {} listen entries need at least {needed} ({why})",
                     self.workers,
                     self.listen.len()
                 ),
@@ -442,48 +566,4 @@ impl AppConfig {
         }
         Ok(())
     }
-
-    /// Applies Deploy overrides (already type-checked by the caller) and validates the result.
-    pub fn with_overrides(&self, o: &Overrides) -> Result<Self, ConfigError> {
-        let err = |key: &str, message: String| ConfigError {
-            file: "Deploy options".into(),
-            location: None,
-            key: Some(key.into()),
-            message,
-        };
-        let mut c = self.clone();
-        if let Some(w) = o.workers {
-            c.workers = check_workers(i64::from(w)).map_err(|m| err("workers", m))?;
-        }
-        if let Some(cmd) = &o.command {
-            c.command = check_command(cmd).map_err(|m| err("command", m))?;
-        }
-        if let Some(env) = &o.environment {
-            if env.len() > MAX_ENV {
-                return Err(err("environment", format!("at most {MAX_ENV} entries")));
-            }
-            let mut extra = BTreeMap::new();
-            for kv in env {
-                let (k, v) =
-                    kv.split_once('=').ok_or_else(|| err("environment", format!("{kv:?} is not K=V")))?;
-                extra.insert(k.to_owned(), v.to_owned());
-            }
-            check_environment(&extra).map_err(|m| err("environment", m))?;
-            c.environment.extend(extra);
-        }
-        if let Some(d) = &o.working_directory {
-            c.working_directory = check_workdir(d).map_err(|m| err("working_directory", m))?;
-        }
-        c.check_ports().map_err(|(k, m)| err(k, m))?;
-        Ok(c)
-    }
-}
-
-/// Per-generation overrides of a Deploy call.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Overrides {
-    pub workers: Option<u32>,
-    pub command: Option<Vec<String>>,
-    pub environment: Option<Vec<String>>,
-    pub working_directory: Option<String>,
 }

@@ -88,12 +88,15 @@ fn keys_lists_every_accepted_key() {
             continue;
         }
         if let Err(e) = parse(&text) {
-            assert!(!e.message.contains("unknown field"), "{key} is in KEYS but not accepted: {e}");
+            assert!(!e.message.contains("unknown key"), "{key} is in KEYS but not accepted: {e}");
         }
     }
+    // The parser refuses every key KEYS lacks (the struct it fills denies unknown fields), and
+    // says which keys there are.
     let e = parse(&format!("{MIN}nonsense = 0\n")).unwrap_err();
+    assert!(e.message.starts_with("unknown key `nonsense`; the keys are "), "{e}");
     for key in KEYS {
-        assert!(e.message.contains(&format!("`{key}`")), "parser knows a key KEYS lacks? {e}");
+        assert!(e.message.contains(key), "{key} missing from {e}");
     }
 }
 
@@ -105,7 +108,16 @@ fn errors_name_file_line_key_and_allowed_values() {
         ("workers = 0\n", "workers", (3, 11), "power of two"),
         ("workers = 2048\n", "workers", (3, 11), "1024"),
         ("workers = \"4\"\n", "workers", (3, 11), "invalid type"),
-        ("ready = \"http\"\n", "ready", (3, 9), "\"tcp\" or \"notify\""),
+        ("ready = \"https\"\n", "ready", (3, 9), "\"tcp\", \"notify\" or \"http\""),
+        ("ready = \"http\"\n", "ready", (3, 9), "needs health_path"),
+        ("health_path = \"healthz\"\n", "health_path", (3, 15), "must start with /"),
+        ("health_path = \"/a b\"\n", "health_path", (3, 15), "visible ASCII"),
+        ("health_path = \"/a\\r\\nX: y\"\n", "health_path", (3, 15), "visible ASCII"),
+        ("health_interval = \"10s\"\n", "health_interval", (3, 19), "needs health_path"),
+        ("health_path = \"/h\"\nhealth_failures = 0\n", "health_failures", (4, 19), "1..=100"),
+        ("health_path = \"/h\"\nhealth_interval = \"1ms\"\n", "health_interval", (4, 19), "at least 100ms"),
+        ("health_path = \"/h\"\nhealth_timeout = \"10s\"\n", "health_timeout", (4, 18), "not be longer"),
+        ("health_path = \"/h\"\nready = \"http\"\nwatchdog = \"5s\"\n", "watchdog", (5, 12), "needs ready"),
         ("ready_timeout = \"soon\"\n", "ready_timeout", (3, 17), "not a duration"),
         ("port_range = \"10-20\"\n", "port_range", (3, 14), "lo-hi"),
         ("port_range = \"20000-20001\"\n", "port_range", (3, 14), "need at least 8"),
@@ -115,7 +127,7 @@ fn errors_name_file_line_key_and_allowed_values() {
         ("working_directory = \"srv\"\n", "working_directory", (3, 21), "absolute"),
         ("environment = { PORT = \"1\" }\n", "environment", (3, 15), "set by ipclusterd"),
         ("environment = { \"A-B\" = \"1\" }\n", "environment", (3, 15), "variable name"),
-        ("colour = \"blue\"\n", "colour", (3, 1), "unknown field"),
+        ("colour = \"blue\"\n", "colour", (3, 1), "unknown key `colour`"),
         ("autostart = \"yes\"\n", "autostart", (3, 13), "invalid type"),
         ("worker_memory_max = \"lots\"\n", "worker_memory_max", (3, 21), "M = MiB"),
         ("cluster_memory_max = \"0\"\n", "cluster_memory_max", (3, 22), "more than 0"),
@@ -133,8 +145,36 @@ fn errors_name_file_line_key_and_allowed_values() {
         assert_eq!(e.key.as_deref(), Some(*key), "{extra}: {e}");
         assert_eq!(e.location, Some(*loc), "{extra}: {e}");
         assert!(e.message.contains(allowed), "{extra}: {e}");
-        assert!(e.to_string().starts_with("/etc/ipcluster/apps/chat.toml:3:"), "{e}");
+        assert!(e.to_string().starts_with(&format!("/etc/ipcluster/apps/chat.toml:{}:", loc.0)), "{e}");
     }
+}
+
+#[test]
+fn health_checks_have_defaults_and_ready_http_holds_ports_or_notifies_by_mode() {
+    let c = parse(&format!("{MIN}health_path = \"/healthz?x=1\"\nready = \"http\"\n")).unwrap();
+    let h = c.health.clone().unwrap();
+    assert_eq!(
+        (h.path.as_str(), h.interval, h.timeout, h.failures),
+        ("/healthz?x=1", Duration::from_secs(5), Duration::from_secs(2), 3)
+    );
+    assert_eq!(c.ready, Ready::Http);
+    assert!(c.ready.holds_ports(c.routing) && !c.ready.notifies(c.routing), "NAT: its ports, then the check");
+    let s = parse(&format!(
+        "{MIN}routing = \"socket\"\nhealth_path = \"/h\"\nready = \"http\"\nwatchdog = \"5s\"\n"
+    ))
+    .unwrap();
+    assert!(
+        s.ready.notifies(s.routing) && !s.ready.holds_ports(s.routing),
+        "socket mode: READY=1, then the check"
+    );
+    assert_eq!(parse(MIN).unwrap().health, None, "no health_path, no checks");
+    // Socket mode checks through the public socket from an IPv4 loopback source.
+    let v6 = "command = [\"/bin/true\"]\nlisten = [\"[fd00::1]:80\"]\nrouting = \"socket\"\nhealth_path = \"/h\"\n";
+    let e = parse(v6).unwrap_err();
+    assert!(e.message.contains("must take IPv4"), "{e}");
+    let dual =
+        "command = [\"/bin/true\"]\nlisten = [\"[::]:80\"]\nrouting = \"socket\"\nhealth_path = \"/h\"\n";
+    assert!(parse(dual).is_ok());
 }
 
 #[test]
@@ -169,6 +209,24 @@ fn listen_and_command_errors() {
     assert!(e.message.contains("app name"), "{e}");
 }
 
+/// An IPv4-mapped IPv6 address is the IPv4 address it maps: `[::ffff:a.b.c.d]:p` overlaps
+/// `a.b.c.d:p` and `0.0.0.0:p`, in either order (issue 21, "Also").
+#[test]
+fn an_ipv4_mapped_address_overlaps_the_address_it_maps() {
+    for pair in [
+        ["[::ffff:127.0.0.1]:80", "127.0.0.1:80"],
+        ["127.0.0.1:80", "[::ffff:127.0.0.1]:80"],
+        ["0.0.0.0:80", "[::ffff:10.0.0.5]:80"],
+        ["[::ffff:0.0.0.0]:80", "10.0.0.5:80"],
+    ] {
+        let text = format!("command = [\"/x\"]\nlisten = [\"{}\", \"{}\"]\n", pair[0], pair[1]);
+        let e = parse(&text).expect_err(&text);
+        assert!(e.message.contains("overlaps"), "{text}: {e}");
+    }
+    let distinct = "command = [\"/x\"]\nlisten = [\"[::ffff:127.0.0.1]:80\", \"127.0.0.2:80\"]\n";
+    assert!(parse(distinct).is_ok(), "another address, no overlap");
+}
+
 #[test]
 fn daemon_file() {
     assert_eq!(DaemonConfig::parse("d", "").unwrap(), DaemonConfig::default());
@@ -179,7 +237,7 @@ fn daemon_file() {
     let e =
         DaemonConfig::parse("/etc/ipcluster/ipclusterd.toml", "sample_interval = \"10ms\"\n").unwrap_err();
     assert_eq!(e.to_string(), "/etc/ipcluster/ipclusterd.toml:1:19: sample_interval: must be at least 100ms");
-    assert!(DaemonConfig::parse("d", "samples = 1\n").unwrap_err().message.contains("unknown field"));
+    assert!(DaemonConfig::parse("d", "samples = 1\n").unwrap_err().message.contains("unknown key `samples`"));
 }
 
 #[test]
@@ -305,4 +363,26 @@ fn errors_are_bounded_and_escaped() {
         assert!(!shown.chars().any(char::is_control), "{shown:?}");
         assert!(shown.chars().count() < 600, "{} chars: {shown}", shown.chars().count());
     }
+}
+
+#[test]
+fn override_keys_are_what_runs_differently_from_the_file() {
+    let file = AppConfig::parse(
+        "/etc/ipcluster/apps/chat.toml",
+        "chat",
+        "command = [\"/srv/a\"]\nworkers = 2\nlisten = [\"0.0.0.0:80\"]\n",
+    )
+    .unwrap();
+    assert!(file.override_keys(Some(&file)).is_empty());
+    let mut ran = file.clone();
+    ran.workers = 8;
+    ran.stop_timeout = std::time::Duration::from_secs(9);
+    assert!(ran.override_keys(Some(&file)).is_empty(), "sizes and timings run the same code");
+    ran.environment.insert("LD_PRELOAD".into(), "/tmp/x.so".into());
+    ran.command = vec!["/srv/b".into()];
+    assert_eq!(ran.override_keys(Some(&file)), ["command", "environment"]);
+    ran.user = Some("nobody".into());
+    ran.working_directory = "/tmp".into();
+    assert_eq!(ran.override_keys(Some(&file)), OVERRIDE_KEYS);
+    assert_eq!(file.override_keys(None), OVERRIDE_KEYS, "no file: a plain Deploy runs nothing");
 }

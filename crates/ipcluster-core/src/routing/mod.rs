@@ -17,6 +17,19 @@
 //! filter IPCLUSTER  -p tcp -m multiport --dports W1:W2,W5,… -j DROP  (every worker port, ≤ 15 slots a rule)
 //! ```
 //!
+//! A table with nothing to do (no app served in this family's nat table, no worker port to
+//! guard) holds nothing of ours: no chain, no jump. [`render`] deletes them (jumps first) when
+//! the last app goes, rather than leaving an empty chain that would count as up to date.
+//!
+//! **The guard keeps conntrack.** A network namespace tracks connections only while some rule
+//! needs conntrack (the kernel registers its hooks on demand), and an established REDIRECTed
+//! connection keeps its translation only while connections are tracked: verified on 6.18 with
+//! iptables-nft 1.8.9, removing the last REDIRECT rule of a namespace with no other conntrack
+//! user resets a loopback connection it had redirected. The guard's jump matches `--ctstate`,
+//! and it is there exactly while some worker holds a port, which every NAT'd connection ends
+//! at (every worker of every app, routed or not: [`AppRoute::guarded`]), so established
+//! connections of a retired NAT generation keep working after the app's last rule goes.
+//!
 //! **Bands.** A client with IPv4 source `s` is in band `s & (bands - 1)`; `-s b/(bands-1)`
 //! (`-s 0.0.0.2/0.0.0.3`) matches exactly those addresses. An IPv6 source is in the band of
 //! the low bits of its last 32 bits ([`band_of_v6`], socket mode's rule too), matched by
@@ -61,7 +74,12 @@
 //! deleted; an app whose chain name is taken by such a chain with rules in it is refused
 //! ([`Conflict`]).
 
+mod family;
+#[cfg(test)]
+mod props;
 mod rule;
+mod sets;
+mod tables;
 #[cfg(test)]
 mod tests;
 
@@ -71,7 +89,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
+pub use family::{Family, band_of, band_of_ip, band_of_v6, served_by};
 pub use rule::Rule;
+pub use sets::{
+    SET_MAXELEM, SET_PREFIX, SET_SLOTS, create_input, parse_list, parse_set_name, records, set_name, sets,
+};
+pub use tables::{Existing, Table, Tables};
 
 use crate::name::AppName;
 
@@ -95,76 +118,10 @@ const FILTER_HOOK: &str = "INPUT";
 /// `-m multiport` takes at most 15 ports per rule; a range `a:b` counts as two.
 const MULTIPORT_SLOTS: usize = 15;
 
-/// An address family: each has its own nat and filter tables, written by its own programs
-/// (`iptables-restore`, `ip6tables-restore`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    /// Both, IPv4 first.
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    /// The command-line program of this family (`iptables`, `ip6tables`); `-save` and
-    /// `-restore` are appended for the others.
-    pub fn program(self) -> &'static str {
-        match self {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
-        }
-    }
-
-    /// The filter jump rule of this family.
-    pub fn guard_jump(self) -> &'static str {
-        match self {
-            Family::V4 => GUARD_JUMP,
-            Family::V6 => GUARD_JUMP_V6,
-        }
-    }
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        })
-    }
-}
-
-/// The band of an IPv4 client address among `bands` (a power of two): its low bits.
-pub fn band_of(addr: Ipv4Addr, bands: u32) -> u32 {
-    u32::from(addr) & bands.wrapping_sub(1)
-}
-
-/// The band of an IPv6 client address among `bands` (a power of two): the low bits of its last
-/// 32 bits, so `::ffff:a.b.c.d` (an IPv4 client of a dual-stack socket) is in `a.b.c.d`'s band.
-pub fn band_of_v6(addr: Ipv6Addr, bands: u32) -> u32 {
-    (u128::from(addr) as u32) & bands.wrapping_sub(1)
-}
-
-/// Where `family`'s table finds the connections of the `listen` entry `public`: `None` when
-/// that family never carries them; `Some(None)` on every local address; `Some(Some(ip))` on
-/// that address (of this family). See "Families" in the module docs.
-pub fn served_by(family: Family, public: &SocketAddr) -> Option<Option<IpAddr>> {
-    match (family, public.ip()) {
-        (Family::V4, IpAddr::V4(ip)) => Some((!ip.is_unspecified()).then_some(IpAddr::V4(ip))),
-        (Family::V4, IpAddr::V6(ip)) if ip.is_unspecified() => Some(None),
-        (Family::V4, IpAddr::V6(ip)) => {
-            ip.to_ipv4_mapped().map(|v4| (!v4.is_unspecified()).then_some(IpAddr::V4(v4)))
-        }
-        (Family::V6, IpAddr::V4(_)) => None,
-        (Family::V6, IpAddr::V6(ip)) if ip.is_unspecified() => Some(None),
-        (Family::V6, IpAddr::V6(ip)) => ip.to_ipv4_mapped().is_none().then_some(Some(IpAddr::V6(ip))),
-    }
-}
-
 /// The first `listen` entry of `routes` (with its app) that `family` serves, and, with
 /// `only`, that no other family serves (a specific IPv6 address, not `[::]`).
 pub fn first_entry(routes: &[AppRoute], family: Family, only: bool) -> Option<(&AppName, SocketAddr)> {
-    routes.iter().find_map(|r| {
+    routes.iter().filter(|r| !r.bands.is_empty()).find_map(|r| {
         r.listen
             .iter()
             .find(|l| {
@@ -183,11 +140,37 @@ pub struct AppRoute {
     /// serves each).
     pub listen: Vec<SocketAddr>,
     /// For each band, the worker port for each `listen` entry (same order). Its length is the
-    /// number of bands, a power of two.
+    /// number of bands, a power of two; empty when nothing routes to the app (no live worker,
+    /// stopped, not deployed yet, socket mode): then its ports are guarded only.
     pub bands: Vec<Vec<u16>>,
-    /// Every port the app's workers hold (live, retired, starting): other hosts may reach them
-    /// only through the public addresses.
+    /// Every port the app's workers hold (live, retired, starting, stopping): other hosts may
+    /// reach them only through the public addresses, whether or not the app is routed.
     pub guarded: Vec<u16>,
+    /// Session affinity (`None`: off): where new clients are recorded, and the generations that
+    /// keep their recorded clients. See "Sessions" in the module docs.
+    pub sessions: Option<Sessions>,
+}
+
+/// Session affinity in one app's nat rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sessions {
+    /// Seconds a record lives after its client's last new connection.
+    pub timeout: u32,
+    /// For each band of the route, the slot of the set its new clients are recorded in (the
+    /// generation serving the band).
+    pub record: Vec<u8>,
+    /// The generations whose recorded clients still reach them (draining), newest first.
+    pub draining: Vec<DrainingRoute>,
+}
+
+/// A draining generation in the rules: its set, and where its bands are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainingRoute {
+    /// The slot of its set ([`set_name`]).
+    pub slot: u8,
+    /// For each of its bands, its worker's ports (`listen` order); `None` when that worker is
+    /// gone: a client recorded there loses its record and goes on to the live generation.
+    pub bands: Vec<Option<Vec<u16>>>,
 }
 
 /// Band failover: each band's worker ports are those of its own live worker, or, when it has
@@ -206,159 +189,13 @@ pub fn app_chain(app: &AppName) -> String {
     format!("{APP_CHAIN_PREFIX}{app}")
 }
 
-/// What of ours is in one table.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Table {
-    /// Our chains: the top chain, and (nat) the `IPC-*` chains it jumps to.
-    pub chains: BTreeSet<String>,
-    /// Chains named like ours that the top chain does not reach: another tool's, never
-    /// touched. Name → number of rules.
-    pub foreign: BTreeMap<String, usize>,
-    /// Built-in chains that hold our jump.
-    pub hooks: BTreeSet<String>,
-    /// The rules of our chains, in order, canonical.
-    pub rules: BTreeMap<String, Vec<Rule>>,
-}
-
-impl Table {
-    fn is_empty(&self) -> bool {
-        self.chains.is_empty() && self.hooks.is_empty()
-    }
-}
-
-/// What of ours is in one family's tables, parsed from `iptables-save` or `ip6tables-save`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tables {
-    pub nat: Table,
-    pub filter: Table,
-}
-
-impl Tables {
-    /// Parses `iptables-save` or `ip6tables-save` output of `family` (the nat and filter
-    /// tables; others are ignored). Also reads a rendered transaction (`-I CHAIN 1 spec`
-    /// lines), so that what [`render`] wrote can be read back. Never fails: lines it does not
-    /// understand are skipped.
-    pub fn parse(family: Family, save: &str) -> Tables {
-        #[derive(Default)]
-        struct Raw {
-            declared: BTreeSet<String>,
-            rules: BTreeMap<String, Vec<Rule>>,
-        }
-        let (mut nat, mut filter) = (Raw::default(), Raw::default());
-        let mut table: Option<&mut Raw> = None;
-        for line in save.lines() {
-            let line = line.trim();
-            if let Some(name) = line.strip_prefix('*') {
-                table = match name.trim() {
-                    "nat" => Some(&mut nat),
-                    "filter" => Some(&mut filter),
-                    _ => None,
-                };
-                continue;
-            }
-            let Some(t) = table.as_deref_mut() else { continue };
-            if let Some(decl) = line.strip_prefix(':') {
-                if let Some(chain) = decl.split_whitespace().next() {
-                    t.declared.insert(chain.to_owned());
-                }
-            } else if let Some(rest) = line.strip_prefix("-A ") {
-                let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
-                t.rules.entry(chain.to_owned()).or_default().push(Rule::parse(spec));
-            } else if let Some(rest) = line.strip_prefix("-I ") {
-                let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
-                let spec = spec.strip_prefix("1 ").unwrap_or(spec);
-                t.rules.entry(chain.to_owned()).or_default().insert(0, Rule::parse(spec));
-            }
-        }
-        let finish = |raw: Raw, hooks: &[&str], jump: &str, sub_chains: bool| {
-            let jump = Rule::parse(jump);
-            let mut t = Table::default();
-            if raw.declared.contains(TOP_CHAIN) {
-                t.chains.insert(TOP_CHAIN.to_owned());
-                if sub_chains {
-                    for r in raw.rules.get(TOP_CHAIN).into_iter().flatten() {
-                        if let Some(to) = r
-                            .jumps_to()
-                            .filter(|c| c.starts_with(APP_CHAIN_PREFIX) && raw.declared.contains(*c))
-                        {
-                            t.chains.insert(to.to_owned());
-                        }
-                    }
-                }
-            }
-            for c in raw.declared.iter().filter(|c| c.starts_with(APP_CHAIN_PREFIX) && !t.chains.contains(*c))
-            {
-                t.foreign.insert(c.clone(), raw.rules.get(c).map_or(0, Vec::len));
-            }
-            for h in hooks {
-                if raw.rules.get(*h).is_some_and(|rs| rs.contains(&jump)) {
-                    t.hooks.insert((*h).to_owned());
-                }
-            }
-            for c in &t.chains {
-                t.rules.insert(c.clone(), raw.rules.get(c).cloned().unwrap_or_default());
-            }
-            t
-        };
-        Tables {
-            nat: finish(nat, &NAT_HOOKS, JUMP, true),
-            filter: finish(filter, &[FILTER_HOOK], family.guard_jump(), false),
-        }
-    }
-
-    /// What `family`'s tables hold after `routes` were applied to tables with nothing of ours
-    /// (for fakes and tests).
-    pub fn after(family: Family, routes: &[AppRoute]) -> Tables {
-        Tables::parse(family, &render(family, &Tables::default(), routes).unwrap_or_default())
-    }
-
-    /// Whether nothing of ours is here: no chain, no jump.
-    pub fn is_empty(&self) -> bool {
-        self.nat.is_empty() && self.filter.is_empty()
-    }
-
-    /// Worker ports our nat rules here redirect to.
-    pub fn routed_ports(&self) -> BTreeSet<u16> {
-        self.nat.rules.values().flatten().filter_map(Rule::redirect_port).collect()
-    }
-}
-
-/// What of ours is in the kernel now, in both families.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Existing {
-    pub v4: Tables,
-    /// `None` when the IPv6 tables were not read: this host has no IPv6, or ip6tables cannot
-    /// be used (nothing of ours can be there, or nothing can be known of it).
-    pub v6: Option<Tables>,
-}
-
-impl Existing {
-    /// Worker ports our rules currently redirect to, in either family (what the kernel says
-    /// is live).
-    pub fn routed_ports(&self) -> BTreeSet<u16> {
-        let mut ports = self.v4.routed_ports();
-        ports.extend(self.v6.iter().flat_map(Tables::routed_ports));
-        ports
-    }
-
-    /// What the kernel holds after `routes` were applied to a kernel with nothing of ours, in
-    /// both families (for fakes and tests).
-    pub fn after(routes: &[AppRoute]) -> Existing {
-        Existing { v4: Tables::after(Family::V4, routes), v6: Some(Tables::after(Family::V6, routes)) }
-    }
-
-    /// The tables of `family`, when they were read.
-    pub fn family(&self, family: Family) -> Option<&Tables> {
-        match family {
-            Family::V4 => Some(&self.v4),
-            Family::V6 => self.v6.as_ref(),
-        }
-    }
-}
-
-/// The routes with an entry `family` serves: those that get a chain in its nat table.
+/// The routed apps with an entry `family` serves: those that get a chain in its nat table (an
+/// app with no band is guarded only).
 fn served(family: Family, routes: &[AppRoute]) -> Vec<&AppRoute> {
-    routes.iter().filter(|r| r.listen.iter().any(|l| served_by(family, l).is_some())).collect()
+    routes
+        .iter()
+        .filter(|r| !r.bands.is_empty() && r.listen.iter().any(|l| served_by(family, l).is_some()))
+        .collect()
 }
 
 /// `-s` of a band among `n` bands (`n > 1`): the band in the low bits, the mask `n - 1`.
@@ -371,6 +208,29 @@ fn band_source(family: Family, band: u32, n: u32) -> String {
     }
 }
 
+/// The match of one band's clients of one `listen` entry: `[-d ip] [-s band/mask] -p tcp
+/// --dport P `, the band among `n` bands.
+fn band_match(family: Family, dest: Option<IpAddr>, band: usize, n: usize, dport: u16) -> String {
+    let mut rule = String::new();
+    match dest {
+        Some(IpAddr::V4(ip)) => {
+            let _ = write!(rule, "-d {ip}/32 ");
+        }
+        Some(IpAddr::V6(ip)) => {
+            let _ = write!(rule, "-d {ip}/128 ");
+        }
+        None => {}
+    }
+    // A band count that is not a power of two (never produced by a valid config) still renders
+    // without panicking; the mask is then what the low bits make of it.
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    if n > 1 {
+        rule.push_str(&band_source(family, u32::try_from(band).unwrap_or(u32::MAX), n));
+    }
+    let _ = write!(rule, "-p tcp -m tcp --dport {dport} ");
+    rule
+}
+
 /// The nat rules of `routes` in `family`'s table as `-A CHAIN spec` lines, in order.
 fn nat_rules(family: Family, routes: &[AppRoute]) -> Vec<(String, String)> {
     let routes = served(family, routes);
@@ -380,30 +240,51 @@ fn nat_rules(family: Family, routes: &[AppRoute]) -> Vec<(String, String)> {
     }
     for r in &routes {
         let chain = app_chain(&r.app);
-        // A band count that is not a power of two (never produced by a valid config) still
-        // renders without panicking; the mask is then what the low bits make of it.
-        let n = u32::try_from(r.bands.len()).unwrap_or(u32::MAX);
+        let mut push = |spec: String| rules.push((chain.clone(), spec));
         for (i, public) in r.listen.iter().enumerate() {
             let Some(dest) = served_by(family, public) else { continue };
+            let dport = public.port();
+            let set = |slot: u8| set_name(family, &r.app, slot);
+            // Draining generations first: a recorded client goes to its generation's worker of
+            // its band, and its record is refreshed; a band whose worker is gone drops the
+            // record and lets the client on to the live generation.
+            for d in r.sessions.iter().flat_map(|s| s.draining.iter().map(move |d| (s.timeout, d))) {
+                let (timeout, d) = d;
+                for (band, ports) in d.bands.iter().enumerate() {
+                    let m = band_match(family, dest, band, d.bands.len(), dport);
+                    let name = set(d.slot);
+                    let matched = format!("{m}-m set --match-set {name} src ");
+                    match ports.as_ref().and_then(|p| p.get(i)) {
+                        Some(port) => {
+                            push(format!("{matched}-j SET --add-set {name} src --exist --timeout {timeout}"));
+                            push(format!("{matched}-j REDIRECT --to-ports {port}"));
+                        }
+                        None => push(format!("{matched}-j SET --del-set {name} src")),
+                    }
+                }
+            }
+            // The live bands: each new client is recorded in the set of the generation that
+            // serves its band (one rule for them all when that is one generation).
+            let record = r.sessions.as_ref().map(|s| (s.timeout, &s.record));
+            if let Some((timeout, slots)) = record
+                && let Some(first) = slots.first()
+                && slots.iter().all(|s| s == first)
+            {
+                let m = band_match(family, dest, 0, 1, dport);
+                push(format!("{m}-j SET --add-set {} src --exist --timeout {timeout}", set(*first)));
+            }
             for (band, ports) in r.bands.iter().enumerate() {
                 // A band without a port for this entry gets no rule (its clients are refused)
                 // rather than a panic.
                 let Some(port) = ports.get(i) else { continue };
-                let mut rule = String::new();
-                match dest {
-                    Some(IpAddr::V4(ip)) => {
-                        let _ = write!(rule, "-d {ip}/32 ");
-                    }
-                    Some(IpAddr::V6(ip)) => {
-                        let _ = write!(rule, "-d {ip}/128 ");
-                    }
-                    None => {}
+                let m = band_match(family, dest, band, r.bands.len(), dport);
+                if let Some((timeout, slots)) = record
+                    && !slots.iter().all(|s| Some(s) == slots.first())
+                    && let Some(slot) = slots.get(band)
+                {
+                    push(format!("{m}-j SET --add-set {} src --exist --timeout {timeout}", set(*slot)));
                 }
-                if n > 1 {
-                    rule.push_str(&band_source(family, u32::try_from(band).unwrap_or(u32::MAX), n));
-                }
-                let _ = write!(rule, "-p tcp -m tcp --dport {} -j REDIRECT --to-ports {port}", public.port());
-                rules.push((chain.clone(), rule));
+                push(format!("{m}-j REDIRECT --to-ports {port}"));
             }
         }
     }
@@ -455,15 +336,20 @@ fn canonical(rules: &[(String, String)]) -> BTreeMap<String, Vec<Rule>> {
     map
 }
 
+/// Our chains `family`'s nat table should hold for `routes`: the top chain and a chain per app
+/// it serves; none when it serves no app.
 fn nat_wanted(family: Family, routes: &[AppRoute]) -> BTreeSet<String> {
-    std::iter::once(TOP_CHAIN.to_owned())
-        .chain(served(family, routes).iter().map(|r| app_chain(&r.app)))
-        .collect()
+    let apps = served(family, routes);
+    if apps.is_empty() {
+        return BTreeSet::new();
+    }
+    std::iter::once(TOP_CHAIN.to_owned()).chain(apps.iter().map(|r| app_chain(&r.app))).collect()
 }
 
 /// Whether one table holds exactly what is wanted: our chains, their rules (canonical, in
-/// order) and our jumps. Nothing to do in it (`any` false) and nothing of ours there: left
-/// alone, up to date.
+/// order) and our jumps. With nothing to do in it (`any` false), exactly when nothing of ours
+/// is there: no chain, no jump (an empty chain and its jump left by the last app are removed,
+/// not kept).
 fn table_up_to_date(
     t: &Table,
     any: bool,
@@ -471,22 +357,32 @@ fn table_up_to_date(
     rules: &[(String, String)],
     hooks: &[&str],
 ) -> bool {
-    if !any && t.is_empty() {
-        return true;
+    if !any {
+        return t.is_empty();
     }
     let mut have = t.rules.clone();
     have.retain(|_, v| !v.is_empty());
     hooks.iter().all(|h| t.hooks.contains(*h)) && t.chains == *wanted && have == canonical(rules)
 }
 
+/// Whether `family`'s nat table has anything to route: an app with an entry it serves.
+fn nat_wanted_at_all(family: Family, routes: &[AppRoute]) -> bool {
+    !served(family, routes).is_empty()
+}
+
+/// Whether the filter tables have anything to guard: a port some worker holds.
+fn filter_wanted_at_all(routes: &[AppRoute]) -> bool {
+    routes.iter().any(|r| !r.guarded.is_empty())
+}
+
 fn nat_up_to_date(family: Family, t: &Tables, routes: &[AppRoute]) -> bool {
-    let any = !served(family, routes).is_empty();
+    let any = nat_wanted_at_all(family, routes);
     table_up_to_date(&t.nat, any, &nat_wanted(family, routes), &nat_rules(family, routes), &NAT_HOOKS)
 }
 
 fn filter_up_to_date(t: &Tables, routes: &[AppRoute]) -> bool {
     let wanted = BTreeSet::from([TOP_CHAIN.to_owned()]);
-    table_up_to_date(&t.filter, !routes.is_empty(), &wanted, &filter_rules(routes), &[FILTER_HOOK])
+    table_up_to_date(&t.filter, filter_wanted_at_all(routes), &wanted, &filter_rules(routes), &[FILTER_HOOK])
 }
 
 /// Whether `family`'s tables already hold exactly the desired rules and jumps.
@@ -527,21 +423,31 @@ impl std::error::Error for Conflict {}
 /// The `iptables-restore --noflush` (or `ip6tables-restore`) input that makes `family`'s
 /// tables, holding `existing`, match `routes`: for each table that is not up to date (filter
 /// first, see the module docs), our chains declared (so flushed) and refilled, chains of
-/// removed apps deleted, and missing jumps inserted. Empty when both tables are up to date.
+/// removed apps deleted, and missing jumps inserted. A table with nothing left to do (no app
+/// served, no port guarded) loses our jumps and chains, so that nothing of ours stays behind.
+/// Empty when both tables are up to date.
 pub fn render(family: Family, existing: &Tables, routes: &[AppRoute]) -> Result<String, Conflict> {
     let mut out = String::new();
     if !filter_up_to_date(existing, routes) {
         out.push_str("*filter\n");
         let _ = writeln!(out, ":{TOP_CHAIN} - [0:0]");
-        for (chain, spec) in filter_rules(routes) {
-            let _ = writeln!(out, "-A {chain} {spec}");
-        }
-        if !existing.filter.hooks.contains(FILTER_HOOK) {
-            let _ = writeln!(out, "-I {FILTER_HOOK} 1 {}", family.guard_jump());
+        if filter_wanted_at_all(routes) {
+            for (chain, spec) in filter_rules(routes) {
+                let _ = writeln!(out, "-A {chain} {spec}");
+            }
+            if !existing.filter.hooks.contains(FILTER_HOOK) {
+                let _ = writeln!(out, "-I {FILTER_HOOK} 1 {}", family.guard_jump());
+            }
+        } else {
+            if existing.filter.hooks.contains(FILTER_HOOK) {
+                let _ = writeln!(out, "-D {FILTER_HOOK} {}", family.guard_jump());
+            }
+            let _ = writeln!(out, "-X {TOP_CHAIN}");
         }
         out.push_str("COMMIT\n");
     }
     if !nat_up_to_date(family, existing, routes) {
+        let any = nat_wanted_at_all(family, routes);
         let wanted = nat_wanted(family, routes);
         // An empty chain of another tool that has an app's name is taken over (flushing it
         // destroys nothing); one with rules is not ours to flush.
@@ -563,13 +469,21 @@ pub fn render(family: Family, existing: &Tables, routes: &[AppRoute]) -> Result<
         for (chain, spec) in nat_rules(family, routes) {
             let _ = writeln!(out, "-A {chain} {spec}");
         }
+        // Jumps to the top chain go before it does (a chain something jumps to cannot be
+        // deleted); a missing one is inserted while there is something to route.
+        for hook in NAT_HOOKS {
+            match (any, existing.nat.hooks.contains(hook)) {
+                (true, false) => {
+                    let _ = writeln!(out, "-I {hook} 1 {JUMP}");
+                }
+                (false, true) => {
+                    let _ = writeln!(out, "-D {hook} {JUMP}");
+                }
+                _ => {}
+            }
+        }
         for chain in &stale {
             let _ = writeln!(out, "-X {chain}");
-        }
-        for hook in NAT_HOOKS {
-            if !existing.nat.hooks.contains(hook) {
-                let _ = writeln!(out, "-I {hook} 1 {JUMP}");
-            }
         }
         out.push_str("COMMIT\n");
     }
@@ -578,15 +492,17 @@ pub fn render(family: Family, existing: &Tables, routes: &[AppRoute]) -> Result<
 
 /// The input that takes `family`'s nat table back to `before` after [`render`]`(family,
 /// before, routes)` was applied: for when the other family's transaction then failed, so
-/// that routing stays as it was in both. Our chains of either state are declared (flushed),
-/// `before`'s rules written back, the jumps that were inserted deleted, and the chains that
-/// were created deleted (an empty chain of another tool that was taken over is left, empty,
-/// as it was). `None` when the nat table was up to date (nothing was changed there).
+/// that routing stays as it was in both. Our chains of either state are declared (flushed or
+/// made again), `before`'s rules written back, the jumps that were inserted deleted (or those
+/// that were deleted inserted again), and the chains that were created deleted (an empty
+/// chain of another tool that was taken over is left, empty, as it was). `None` when the nat
+/// table was up to date (nothing was changed there).
 pub fn render_undo(family: Family, before: &Tables, routes: &[AppRoute]) -> Option<String> {
     if nat_up_to_date(family, before, routes) {
         return None;
     }
     let was = &before.nat;
+    let any = nat_wanted_at_all(family, routes);
     let wanted = nat_wanted(family, routes);
     let all: BTreeSet<&String> = was.chains.iter().chain(&wanted).collect();
     let mut out = String::from("*nat\n");
@@ -598,8 +514,16 @@ pub fn render_undo(family: Family, before: &Tables, routes: &[AppRoute]) -> Opti
             let _ = writeln!(out, "-A {chain} {rule}");
         }
     }
-    for hook in NAT_HOOKS.iter().filter(|h| !was.hooks.contains(**h)) {
-        let _ = writeln!(out, "-D {hook} {JUMP}");
+    for hook in NAT_HOOKS {
+        match (any, was.hooks.contains(hook)) {
+            (true, false) => {
+                let _ = writeln!(out, "-D {hook} {JUMP}");
+            }
+            (false, true) => {
+                let _ = writeln!(out, "-I {hook} 1 {JUMP}");
+            }
+            _ => {}
+        }
     }
     for chain in all.iter().filter(|c| !was.chains.contains(**c) && !was.foreign.contains_key(**c)) {
         let _ = writeln!(out, "-X {chain}");

@@ -218,6 +218,13 @@ impl Rule {
                     rule.target = Some(Ext { name: format!("{flag} {}", values[0]), options: Vec::new() });
                     into = Into::Target;
                 }
+                // A second target (iptables refuses one): kept among the first's options, where
+                // it prints after the first and so reads back there, not as the target.
+                "-j" | "-g" if values.len() == 1 && !negated => {
+                    if let Some(t) = rule.target.as_mut() {
+                        t.options.push(opt(flag, values));
+                    }
+                }
                 f if GENERIC.iter().any(|(_, s)| *s == f) => {
                     if f == "-s" || f == "-d" {
                         values = values.iter().map(|v| address(v)).collect();
@@ -250,6 +257,20 @@ impl Rule {
     pub fn jumps_to(&self) -> Option<&str> {
         let name = &self.target.as_ref()?.name;
         name.strip_prefix("-j ").or_else(|| name.strip_prefix("-g "))
+    }
+
+    /// The set a rule matches the source against (`-m set --match-set NAME src`), if any.
+    pub fn match_set(&self) -> Option<&str> {
+        let m = self.matches.iter().find(|m| m.name == "set")?;
+        let o = m.options.iter().find(|o| o.flag == "--match-set" && !o.negated)?;
+        o.values.first().map(String::as_str)
+    }
+
+    /// The set a `-j SET` rule adds to or deletes from, if this is such a rule.
+    pub fn set_target(&self) -> Option<&str> {
+        let t = self.target.as_ref().filter(|t| t.name == "-j SET")?;
+        let o = t.options.iter().find(|o| (o.flag == "--add-set" || o.flag == "--del-set") && !o.negated)?;
+        o.values.first().map(String::as_str)
     }
 
     /// The port of `-j REDIRECT --to-ports P` (a single port), if this is such a rule.

@@ -8,6 +8,7 @@ fn route(app: &str, listen: &[&str], bands: &[&[u16]]) -> AppRoute {
         listen: listen.iter().map(|l| l.parse().unwrap()).collect(),
         bands: bands.iter().map(|b| b.to_vec()).collect(),
         guarded: bands.iter().flat_map(|b| b.iter().copied()).collect(),
+        sessions: None,
     }
 }
 
@@ -101,8 +102,49 @@ fn no_apps_installs_nothing() {
     assert_eq!(render(V4, &Tables::default(), &[]).unwrap(), "");
     let ours = Tables::parse(V4, "*nat\n:IPCLUSTER - [0:0]\nCOMMIT\n");
     assert!(!family_up_to_date(V4, &ours, &[]), "an empty chain of ours is still reconciled");
-    let after = Tables::parse(V4, &render(V4, &ours, &[]).unwrap());
-    assert!(family_up_to_date(V4, &after, &[]), "and then it is up to date");
+    assert_eq!(render(V4, &ours, &[]).unwrap(), "*nat\n:IPCLUSTER - [0:0]\n-X IPCLUSTER\nCOMMIT\n");
+}
+
+/// Issue 20: once no app is routed or guarded, nothing of ours stays behind: an empty guard
+/// chain and its jump (left in the IPv6 tables by an IPv4-only app, or in both by the last
+/// app) are not "up to date", they are removed, jumps first.
+#[test]
+fn the_last_apps_chains_and_jumps_are_removed() {
+    let web = route("web", &["0.0.0.0:80"], &[&[20000], &[20001]]);
+    for family in [V4, V6] {
+        let before = Tables::after(family, std::slice::from_ref(&web));
+        assert!(!before.is_empty());
+        assert!(!family_up_to_date(family, &before, &[]), "{family}: {before:?}");
+        let text = render(family, &before, &[]).unwrap();
+        let jump = family.guard_jump();
+        assert!(
+            text.starts_with(&format!(
+                "*filter\n:IPCLUSTER - [0:0]\n-D INPUT {jump}\n-X IPCLUSTER\nCOMMIT\n"
+            )),
+            "{text}"
+        );
+        if family == V4 {
+            assert!(
+                text.ends_with(
+                    "*nat\n:IPC-web - [0:0]\n:IPCLUSTER - [0:0]\n\
+                     -D PREROUTING -m addrtype --dst-type LOCAL -j IPCLUSTER\n\
+                     -D OUTPUT -m addrtype --dst-type LOCAL -j IPCLUSTER\n\
+                     -X IPC-web\n-X IPCLUSTER\nCOMMIT\n"
+                ),
+                "{text}"
+            );
+            // Taken back when the other family fails: the chains, rules and jumps as they were.
+            let undo = render_undo(family, &before, &[]).unwrap();
+            assert!(undo.contains("-A IPC-web ") && undo.contains("-I PREROUTING 1 -m addrtype"), "{undo}");
+            assert!(!undo.contains("-X"), "{undo}");
+        } else {
+            assert!(!text.contains("*nat"), "IPv4-only: nothing of ours in the IPv6 nat table: {text}");
+        }
+    }
+    // A route that guards no port (every worker gone) wants no guard either.
+    let unguarded = AppRoute { guarded: vec![], ..web };
+    assert_eq!(render(V6, &Tables::default(), std::slice::from_ref(&unguarded)).unwrap(), "");
+    assert!(family_up_to_date(V6, &Tables::default(), &[unguarded]));
 }
 
 /// Item 10 of issue 12: iptables-save prints `-s` before `-d`; the rules were rewritten every
