@@ -28,7 +28,9 @@ const BPF_K: u8 = 0x00;
 const BPF_X: u8 = 0x08;
 // ALU operations.
 pub const ADD: u8 = 0x00;
+pub const SUB: u8 = 0x10;
 pub const AND: u8 = 0x50;
+pub const LSH: u8 = 0x60;
 pub const RSH: u8 = 0x70;
 pub const MOV: u8 = 0xb0;
 const BPF_END: u8 = 0xd0;
@@ -36,6 +38,7 @@ const BPF_TO_BE: u8 = 0x08;
 // Jump operations.
 const JA: u8 = 0x00;
 pub const JEQ: u8 = 0x10;
+pub const JGT: u8 = 0x20;
 pub const JNE: u8 = 0x50;
 pub const JLT: u8 = 0xa0;
 const CALL: u8 = 0x80;
@@ -140,6 +143,16 @@ impl Asm {
         self.push(Insn::new(BPF_STX | BPF_MEM | BPF_W, dst, src, off, 0))
     }
 
+    /// `*(u64 *)(dst + off) = src`.
+    pub fn store64(&mut self, dst: Reg, off: i16, src: Reg) -> &mut Self {
+        self.push(Insn::new(BPF_STX | BPF_MEM | BPF_DW, dst, src, off, 0))
+    }
+
+    /// `*(u64 *)(dst + off) = imm` (sign-extended).
+    pub fn store64_imm(&mut self, dst: Reg, off: i16, imm: i32) -> &mut Self {
+        self.push(Insn::new(BPF_ST | BPF_MEM | BPF_DW, dst, R0, off, imm))
+    }
+
     /// `*(u32 *)(dst + off) = imm`.
     pub fn store32_imm(&mut self, dst: Reg, off: i16, imm: i32) -> &mut Self {
         self.push(Insn::new(BPF_ST | BPF_MEM | BPF_W, dst, R0, off, imm))
@@ -160,6 +173,12 @@ impl Asm {
     pub fn jmp_imm(&mut self, op: u8, dst: Reg, imm: i32, label: &'static str) -> &mut Self {
         self.fixups.push((self.insns.len(), label));
         self.push(Insn::new(BPF_JMP | op | BPF_K, dst, R0, 0, imm))
+    }
+
+    /// `if dst op src goto label` (64-bit comparison; unsigned for `JGT` and `JLT`).
+    pub fn jmp_reg(&mut self, op: u8, dst: Reg, src: Reg, label: &'static str) -> &mut Self {
+        self.fixups.push((self.insns.len(), label));
+        self.push(Insn::new(BPF_JMP | op | BPF_X, dst, src, 0, 0))
     }
 
     /// `goto label`.
