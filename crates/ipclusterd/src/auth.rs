@@ -74,6 +74,46 @@ trait Authority {
     ) -> zbus::Result<(bool, bool, HashMap<String, String>)>;
 }
 
+/// Proof that a change was authorized, and for what: only [`authorize`] makes one for a caller
+/// (and [`Authorized::daemon`] for the daemon's own requests: its Unix signals). Every command
+/// that changes something carries one, so no path reaches the supervisor with a change that
+/// skipped authorization; the supervisor's journal lines name the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorized {
+    action: Action,
+    caller: String,
+}
+
+impl Authorized {
+    /// What the caller was authorized for.
+    pub fn action(&self) -> Action {
+        self.action
+    }
+
+    /// Who asked: `uid U (:1.N)`, or what the daemon acts on.
+    pub fn caller(&self) -> &str {
+        &self.caller
+    }
+
+    /// The daemon's own request (a Unix signal only root or the service manager can send):
+    /// everything is allowed.
+    pub fn daemon(what: &str) -> Self {
+        Self { action: Action::Override, caller: what.to_owned() }
+    }
+
+    /// A caller with every right, for tests that drive the supervisor directly.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn test() -> Self {
+        Self::daemon("a test")
+    }
+
+    /// A caller authorized for `action` alone, for tests.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn test_for(action: Action) -> Self {
+        Self { action, caller: format!("a test ({})", action.id()) }
+    }
+}
+
 /// Authorizes the call behind `hdr` on `conn` for `action`, with `details` for polkit rules; a
 /// refusal is logged with its reason.
 pub async fn authorize(
@@ -81,22 +121,27 @@ pub async fn authorize(
     hdr: &Header<'_>,
     action: Action,
     details: &[(&str, &str)],
-) -> Result<(), Denied> {
+) -> Result<Authorized, Denied> {
     let result = check(conn, hdr, action, details).await;
-    if let Err(Denied::AccessDenied(why) | Denied::InteractionRequired(why)) = &result {
-        let method = hdr.member().map(|m| m.to_string()).unwrap_or_default();
-        let sender = hdr.sender().map(|s| s.to_string()).unwrap_or_default();
-        tracing::warn!("refused {method} from {sender}: {why}");
+    let sender = hdr.sender().map(|s| s.to_string()).unwrap_or_default();
+    match result {
+        Ok(uid) => Ok(Authorized { action, caller: format!("uid {uid} ({sender})") }),
+        Err(e) => {
+            let (Denied::AccessDenied(why) | Denied::InteractionRequired(why)) = &e;
+            let method = hdr.member().map(|m| m.to_string()).unwrap_or_default();
+            tracing::warn!("refused {method} from {sender}: {why}");
+            Err(e)
+        }
     }
-    result
 }
 
+/// The caller's uid when it may do `action`.
 async fn check(
     conn: &Connection,
     hdr: &Header<'_>,
     action: Action,
     details: &[(&str, &str)],
-) -> Result<(), Denied> {
+) -> Result<u32, Denied> {
     let id = action.id();
     let denied = |why: String| Denied::AccessDenied(format!("not authorized for {id}: {why}"));
     let sender = hdr.sender().ok_or_else(|| denied("the call has no sender".into()))?.to_owned();
@@ -106,7 +151,7 @@ async fn check(
         .await
         .map_err(|e| denied(format!("cannot identify the caller: {e}")))?;
     if uid == rustix::process::geteuid().as_raw() {
-        return Ok(());
+        return Ok(uid);
     }
     let interactive = hdr.primary().flags().contains(Flags::ALLOW_INTERACTIVE_AUTH);
     let _permit = PENDING.acquire().await.map_err(|e| denied(e.to_string()))?;
@@ -119,7 +164,7 @@ async fn check(
         details.iter().map(|(k, v)| (*k, v.chars().take(MAX_DETAIL).collect())).collect();
     let details: HashMap<&str, &str> = cut.iter().map(|(k, v)| (*k, v.as_str())).collect();
     match authority.check_authorization(&subject, id, details, flags, "").await {
-        Ok((true, _, _)) => Ok(()),
+        Ok((true, _, _)) => Ok(uid),
         Ok((false, true, _)) if !interactive => Err(Denied::InteractionRequired(format!(
             "{id} needs authentication; call with interactive authorization allowed (e.g. busctl --allow-interactive-authorization=yes, pkexec)"
         ))),

@@ -1,12 +1,18 @@
 //! The ipclusterd daemon: wires the domain ([`ipcluster_core`]) to systemd, D-Bus and netfilter.
 //!
-//! [`run`] takes everything from outside (config directory, which bus, which name, a shutdown
-//! future) so tests can run a daemon on a private bus.
+//! The supervisor is generic over one [`world::World`] that names every seam; [`run`] wires
+//! the real one, [`world::System`], and takes everything else from outside (config directory,
+//! which bus, which name, a shutdown future) so tests can run a daemon on a private bus.
 //!
 //! ```text
 //! D-Bus (dbus.rs) ──Command──▶  supervisor/  ──▶ Scopes (scopes.rs: systemd)
 //! signals (SIGUSR1, SIGHUP) ─▶   owns all     ──▶ Router (netfilter.rs: iptables-restore)
-//! exits, probes, notify ─Event▶   state       ──▶ Processes (processes.rs: fork, pidfds, /proc)
+//! exits, probes, notify ─Event▶   state       ──▶ Spawner, Inspector, Sampler (processes.rs:
+//!                                             │     fork, pidfds, /proc, probes, sampling)
+//!                                             ──▶ Steer (steering.rs: socket mode's eBPF)
+//!                                             ──▶ Files (files.rs: app files), Store (state.rs)
+//!                                             ──▶ Notifier (status.rs: sd_notify), Relay (relay.rs),
+//!                                                 Checker (checker.rs: HTTP health checks)
 //!                                             ──▶ Clock (clock.rs)
 //! ```
 //!
@@ -14,23 +20,32 @@
 //! through them.
 
 pub mod auth;
+pub mod checker;
 pub mod clock;
+pub mod confine;
 pub mod dbus;
+pub mod files;
 pub mod journal;
 pub mod launcher;
 pub mod logging;
 pub mod metrics;
 pub mod netfilter;
+pub mod nftgen;
 pub mod notify;
 pub mod orphan;
 pub mod process;
 pub mod processes;
+pub mod relay;
 pub mod sampler;
 pub mod scopes;
 pub mod state;
+pub mod status;
 pub mod steering;
 pub mod supervisor;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod trusted;
+pub mod world;
 
 use std::{future::Future, path::PathBuf};
 
@@ -128,16 +143,23 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let (signals_tx, signals_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(dbus::forward_signals(connection.clone(), OBJECT_PATH, signals_rx));
     let daemon_config = load_daemon_config(&options.config_dir);
-    let deps = supervisor::Deps {
+    let store = state::StateFile::new(state_dir().join("state.json"));
+    let deps = supervisor::Deps::<world::System> {
         sample_interval: daemon_config.sample_interval,
         launcher: PathBuf::from("/proc/self/exe"),
         scopes,
         router: netfilter::Iptables::new(),
-        processes: processes::Host,
+        spawner: processes::Host,
+        inspector: processes::Host,
+        sampler: processes::Host,
         steer: steering::Kernel,
+        files: files::Disk::new(&options.config_dir),
+        store: store.clone(),
+        notifier: status::Systemd,
+        relay: relay::Orphans,
+        checker: checker::Http,
         clock: std::sync::Arc::new(clock::SystemClock),
         config_dir: options.config_dir.clone(),
-        state_file: state_dir().join("state.json"),
         notify,
         notify_socket,
         signals: signals_tx,
@@ -160,6 +182,16 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     drop(handle);
     supervisor_task.abort();
+    // Once the supervisor is gone (no save can follow), what it saved last is written before
+    // the process ends: the writer thread may not have run yet (a loaded host), and a restart
+    // right after a cutover must find the generations as they were (a draining one with no
+    // record left is known only from the file).
+    if let Err(e) = supervisor_task.await
+        && e.is_panic()
+    {
+        tracing::error!("the supervisor had stopped: it panicked (its message is above)");
+    }
+    store.flush();
     info!("stopped; workers and rules stay in place");
     Ok(())
 }
@@ -168,13 +200,14 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
 /// invalid is reported and the defaults are used.
 fn load_daemon_config(config_dir: &std::path::Path) -> ipcluster_core::config::DaemonConfig {
     let path = config_dir.parent().unwrap_or(config_dir).join("ipclusterd.toml");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => ipcluster_core::config::DaemonConfig::parse(&path.display().to_string(), &text)
+    // Root's word only (as app files: see trusted.rs).
+    match trusted::read(&path, trusted::Kind::DaemonFile) {
+        Ok(Some(text)) => ipcluster_core::config::DaemonConfig::parse(&path.display().to_string(), &text)
             .unwrap_or_else(|e| {
                 tracing::error!("{e}; using the defaults");
                 ipcluster_core::config::DaemonConfig::default()
             }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ipcluster_core::config::DaemonConfig::default(),
+        Ok(None) => ipcluster_core::config::DaemonConfig::default(),
         Err(e) => {
             tracing::error!("cannot read {}: {e}; using the defaults", path.display());
             ipcluster_core::config::DaemonConfig::default()
@@ -193,13 +226,15 @@ async fn unix_signals(handle: supervisor::Handle) {
     loop {
         tokio::select! {
             _ = usr1.recv() => {
-                match handle.call(|reply| supervisor::Command::KillRetired { app: String::new(), reply }).await {
+                let auth = auth::Authorized::daemon("SIGUSR1");
+                match handle.call(|reply| supervisor::Command::KillRetired { app: String::new(), auth, reply }).await {
                     Ok(n) => info!(count = n, "SIGUSR1 received: {n} retired workers asked to stop"),
                     Err(e) => warn!("SIGUSR1: {e}"),
                 }
             }
             _ = hup.recv() => {
-                if let Err(e) = handle.call(|reply| supervisor::Command::Reload { reply }).await {
+                let auth = auth::Authorized::daemon("SIGHUP");
+                if let Err(e) = handle.call(|reply| supervisor::Command::Reload { auth, reply }).await {
                     warn!("SIGHUP: {e}");
                 }
             }

@@ -9,11 +9,25 @@
 //! drops a datagram whose sender is in no ipcluster scope after one cheap lookup (its cgroup),
 //! logging at most one line per [`DROP_LOG_EVERY`], and passes the others on with the sender's
 //! cgroup, by which the supervisor finds the worker.
+//!
+//! One worker must not be able to starve the others (issue 21, item 5), so the notify thread
+//! does the filtering itself and the supervisor sees a bounded stream ([`Gate`]):
+//! - a datagram with neither `READY=1` nor `WATCHDOG=1` is dropped before anything else (no
+//!   lookup, no queue slot, no supervisor turn);
+//! - a sender PID that said the same within the last [`WINDOW`] is dropped before its cgroup is
+//!   read (the notification it would make is already on its way);
+//! - per sender cgroup, a notification that says something new (`READY=1` first of all) goes
+//!   at once; the same again within [`WINDOW`] is merged into one that goes when the window
+//!   ends. So each cgroup costs the supervisor at most a few turns a second, however many
+//!   processes flood from it, and a notification waiting for room in the queue is kept (merged),
+//!   never dropped.
 
 use std::{
+    collections::HashMap,
     io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
@@ -24,8 +38,12 @@ const MAX_DATAGRAM: usize = 4096;
 const MAX_FDS: usize = 8;
 /// At most one line about dropped datagrams this often.
 pub const DROP_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-/// Notifications waiting for the supervisor; beyond this a flood from a worker is dropped.
+/// Notifications waiting for the supervisor (each from another cgroup, or saying something new).
 const QUEUE: usize = 1024;
+/// Per sender cgroup (and PID), the same notification at most once per window.
+pub const WINDOW: Duration = Duration::from_millis(100);
+/// Most senders and cgroups remembered; beyond it the oldest are forgotten.
+const REMEMBERED: usize = 65_536;
 /// Where every scope of ours lives in the cgroup hierarchy.
 const OUR_SLICE: &str = "/ipcluster.slice/";
 
@@ -46,6 +64,23 @@ pub struct Message {
     pub ready: bool,
     /// `WATCHDOG=1`.
     pub watchdog: bool,
+}
+
+impl Message {
+    /// Whether it says anything the daemon acts on.
+    pub fn any(&self) -> bool {
+        self.ready || self.watchdog
+    }
+
+    /// Whether everything it says, `other` says too.
+    fn within(&self, other: &Message) -> bool {
+        (!self.ready || other.ready) && (!self.watchdog || other.watchdog)
+    }
+
+    fn merge(&mut self, other: &Message) {
+        self.ready |= other.ready;
+        self.watchdog |= other.watchdog;
+    }
 }
 
 /// Parses a notification datagram. Other assignments (`STATUS=`, `MAINPID=`, …) are ignored,
@@ -120,30 +155,44 @@ impl Receiver {
 }
 
 /// Reads `receiver` on a thread of its own (so a flood costs that thread, not the daemon's
-/// runtime) and forwards each datagram from a process in one of our scopes (see the module
-/// docs); the rest are dropped.
+/// runtime) and forwards what processes in our scopes say, filtered, coalesced and paced per
+/// sender cgroup (see the module docs); the rest is dropped.
 pub fn forward(receiver: Receiver) -> tokio::sync::mpsc::Receiver<Notification> {
     let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
     let spawned = std::thread::Builder::new().name("notify".into()).spawn(move || {
         let mut dropped = DropLog::default();
+        let mut gate = Gate::default();
+        let mut timeout = None;
         loop {
-            let (pid, message) = match receiver.recv() {
-                Ok(m) => m,
+            // Wake up for what waits (a merged notification whose window ends), else sleep.
+            let wait = gate
+                .next_due()
+                .map(|due| due.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+            if wait != timeout {
+                let _ = receiver.socket.set_read_timeout(wait);
+                timeout = wait;
+            }
+            match receiver.recv() {
+                Ok((pid, message)) => {
+                    if let Verdict::Foreign =
+                        gate.offer(pid, message, Instant::now(), crate::process::cgroup_of)
+                    {
+                        dropped.note(pid, "not in an ipcluster scope");
+                    }
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                 Err(e) => {
                     tracing::warn!("notify socket: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    continue;
+                    std::thread::sleep(Duration::from_millis(100));
                 }
-            };
-            match crate::process::cgroup_of(pid).filter(|c| c.starts_with(OUR_SLICE)) {
-                Some(cgroup) => match tx.try_send(Notification { pid, cgroup, message }) {
+            }
+            for n in gate.due(Instant::now()) {
+                match tx.try_send(n) {
                     Ok(()) => {}
                     Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
-                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                        dropped.note(pid, "the queue is full")
-                    }
-                },
-                None => dropped.note(pid, "not in an ipcluster scope"),
+                    // Kept, and tried again shortly: a notification is never lost to a full queue.
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(n)) => gate.requeue(n, Instant::now()),
+                }
             }
         }
     });
@@ -151,6 +200,137 @@ pub fn forward(receiver: Receiver) -> tokio::sync::mpsc::Receiver<Notification> 
         tracing::error!("cannot start the notify thread: {e}; ready = \"notify\" workers will not be seen");
     }
     rx
+}
+
+/// What [`Gate::offer`] did with a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Queued (alone, or merged into what waits for its cgroup).
+    Taken,
+    /// Dropped: it says nothing the daemon uses, or its sender said the same just before.
+    Redundant,
+    /// Dropped: its sender is in no ipcluster scope.
+    Foreign,
+}
+
+/// The notify thread's filter (see the module docs): what is due for the supervisor, per sender
+/// cgroup, at most once per [`WINDOW`] unless it says something new.
+#[derive(Debug, Default)]
+pub struct Gate {
+    /// Per sender PID: when it last got through, and what it said.
+    senders: HashMap<u32, (Instant, Message)>,
+    /// Per cgroup: when a notification last went, what it said, and what waits (merged).
+    cgroups: HashMap<String, CgroupState>,
+}
+
+#[derive(Debug)]
+struct CgroupState {
+    sent_at: Instant,
+    sent: Message,
+    waiting: Option<Notification>,
+}
+
+impl Gate {
+    /// Takes one datagram from `pid`; `cgroup_of` is asked only when it may matter.
+    pub fn offer(
+        &mut self,
+        pid: u32,
+        message: Message,
+        now: Instant,
+        cgroup_of: impl FnOnce(u32) -> Option<String>,
+    ) -> Verdict {
+        if !message.any() {
+            return Verdict::Redundant;
+        }
+        if let Some((at, said)) = self.senders.get(&pid)
+            && now.duration_since(*at) < WINDOW
+            && message.within(said)
+        {
+            return Verdict::Redundant;
+        }
+        let Some(cgroup) = cgroup_of(pid).filter(|c| c.starts_with(OUR_SLICE)) else {
+            return Verdict::Foreign;
+        };
+        forget_oldest(&mut self.senders, |(at, _)| *at);
+        let said = match self.senders.get(&pid) {
+            // Within its window: what it said before still stands (an alternating flood of
+            // READY=1 and WATCHDOG=1 is as cheap as a flood of either).
+            Some((at, said)) if now.duration_since(*at) < WINDOW => {
+                let mut both = said.clone();
+                both.merge(&message);
+                (*at, both)
+            }
+            _ => (now, message.clone()),
+        };
+        self.senders.insert(pid, said);
+        let n = Notification { pid, cgroup: cgroup.clone(), message };
+        match self.cgroups.get_mut(&cgroup) {
+            Some(c) => match &mut c.waiting {
+                Some(w) => {
+                    w.message.merge(&n.message);
+                    w.pid = n.pid;
+                }
+                None => c.waiting = Some(n),
+            },
+            None => {
+                forget_oldest(&mut self.cgroups, |c| c.sent_at);
+                self.cgroups.insert(
+                    cgroup,
+                    CgroupState { sent_at: before(now), sent: Message::default(), waiting: Some(n) },
+                );
+            }
+        }
+        Verdict::Taken
+    }
+
+    /// The notifications due now: a cgroup's waiting one when it says something its last did
+    /// not, or when its window has ended.
+    pub fn due(&mut self, now: Instant) -> Vec<Notification> {
+        let mut out = Vec::new();
+        for c in self.cgroups.values_mut() {
+            let Some(w) = &c.waiting else { continue };
+            if !w.message.within(&c.sent) || now.duration_since(c.sent_at) >= WINDOW {
+                let w = c.waiting.take().expect("checked above");
+                c.sent_at = now;
+                c.sent = w.message.clone();
+                out.push(w);
+            }
+        }
+        out
+    }
+
+    /// A due notification the queue had no room for: it waits again (merged with anything new).
+    pub fn requeue(&mut self, n: Notification, now: Instant) {
+        if let Some(c) = self.cgroups.get_mut(&n.cgroup) {
+            c.sent = Message::default();
+            c.sent_at = before(now);
+            match &mut c.waiting {
+                Some(w) => w.message.merge(&n.message),
+                None => c.waiting = Some(n),
+            }
+        }
+    }
+
+    /// When the next waiting notification is due, if any waits.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.cgroups.values().filter(|c| c.waiting.is_some()).map(|c| c.sent_at + WINDOW).min()
+    }
+}
+
+/// A moment one [`WINDOW`] before `now` (so what comes next is due at once).
+fn before(now: Instant) -> Instant {
+    now.checked_sub(WINDOW).unwrap_or(now)
+}
+
+/// Keeps `map` under [`REMEMBERED`] entries by forgetting the oldest half when it is full.
+fn forget_oldest<K: Clone + Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, at: impl Fn(&V) -> Instant) {
+    if map.len() < REMEMBERED {
+        return;
+    }
+    let mut times: Vec<Instant> = map.values().map(&at).collect();
+    times.sort_unstable();
+    let cut = times[times.len() / 2];
+    map.retain(|_, v| at(v) > cut);
 }
 
 /// Counts dropped datagrams and says so at most once per [`DROP_LOG_EVERY`].
@@ -189,15 +369,47 @@ mod tests {
     }
 
     mod props {
-        use proptest::{prelude::*, test_runner::Config};
+        use ipcluster_core::prop_config::{config, mutated_bytes};
+        use proptest::prelude::*;
 
-        use super::super::{MAX_DATAGRAM, parse};
+        use super::super::{MAX_DATAGRAM, Message, parse};
+
+        /// `m` as a sender writes it (sd_notify(3)): its assignments among `others`, one a
+        /// line, the last line ended or not.
+        fn datagram(m: &Message, others: &[String], at: usize, end: bool) -> Vec<u8> {
+            let mut lines: Vec<String> = others.to_vec();
+            let said = [(m.ready, "READY=1"), (m.watchdog, "WATCHDOG=1")];
+            for (_, line) in said.into_iter().filter(|(on, _)| *on) {
+                lines.insert(at % (lines.len() + 1), line.to_owned());
+            }
+            let mut text = lines.join("\n");
+            if end {
+                text.push('\n');
+            }
+            text.into_bytes()
+        }
+
+        /// Other assignments a sender may add (none of them one the daemon acts on).
+        fn others() -> impl Strategy<Value = Vec<String>> {
+            let line = prop_oneof![
+                "(STATUS|MAINPID|RELOADING|STOPPING|ERRNO|EXTEND_TIMEOUT_USEC)=[ -~]{0,20}",
+                Just("READY=0".to_owned()),
+                Just("WATCHDOG=trigger".to_owned()),
+                Just("READY=1 ".to_owned()),
+                Just(String::new()),
+            ];
+            prop::collection::vec(line, 0..4)
+        }
+
+        fn message() -> impl Strategy<Value = Message> {
+            (any::<bool>(), any::<bool>()).prop_map(|(ready, watchdog)| Message { ready, watchdog })
+        }
 
         const LINES: [&[u8]; 7] =
             [b"READY=1", b"WATCHDOG=1", b"READY=0", b"READY=1 ", b"\n", b"\xff", b"STATUS=x"];
 
         proptest! {
-            #![proptest_config(Config { cases: 1024, failure_persistence: None, ..Config::default() })]
+            #![proptest_config(config(1024))]
 
             /// Any datagram (at most MAX_DATAGRAM bytes, as recv reads them): no panic, and
             /// exactly the lines `READY=1` and `WATCHDOG=1` count.
@@ -205,13 +417,104 @@ mod tests {
             fn any_datagram_is_parsed_without_panicking(bytes in prop_oneof![
                 prop::collection::vec(any::<u8>(), 0..MAX_DATAGRAM),
                 prop::collection::vec(prop::sample::select(LINES.to_vec()), 0..20).prop_map(|p| p.concat()),
+                mutated_bytes((message(), others(), 0usize..8, any::<bool>())
+                    .prop_map(|(m, o, at, end)| datagram(&m, &o, at, end))),
             ]) {
                 let m = parse(&bytes);
                 let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
                 prop_assert_eq!(m.ready, lines.contains(&&b"READY=1"[..]));
                 prop_assert_eq!(m.watchdog, lines.contains(&&b"WATCHDOG=1"[..]));
+                // What it read, said again, reads the same.
+                let again = datagram(&m, &[], 0, true);
+                prop_assert_eq!(parse(&again), m);
+            }
+
+            /// What a sender says, among any other assignments and in any order, is what is
+            /// read.
+            #[test]
+            fn what_a_sender_says_is_read(
+                m in message(), others in others(), at in 0usize..8, end in any::<bool>(),
+            ) {
+                prop_assert_eq!(parse(&datagram(&m, &others, at, end)), m);
             }
         }
+    }
+
+    fn ready() -> Message {
+        Message { ready: true, watchdog: false }
+    }
+    fn ping() -> Message {
+        Message { ready: false, watchdog: true }
+    }
+
+    /// Issue 21, item 5: app A floods from 8 processes (WATCHDOG=1, READY=1 and STATUS= lines)
+    /// for a simulated second, one datagram every 10 µs; B's 64 workers each say READY=1 once,
+    /// in the middle. Every one of B's READY=1 is due at once, A's cgroup costs the supervisor
+    /// about one notification per window, and A's cgroup is looked up about once per sender,
+    /// window and flag.
+    #[test]
+    fn a_flood_from_one_cgroup_is_coalesced_and_another_cgroups_ready_goes_at_once() {
+        let mut gate = Gate::default();
+        let t0 = Instant::now();
+        let a = "/ipcluster.slice/ipcluster-a.slice/ipcluster-a-1.scope/worker-100".to_owned();
+        let mut lookups = 0;
+        let mut to_supervisor: Vec<(Duration, Notification)> = Vec::new();
+        for i in 0..100_000u32 {
+            let now = t0 + Duration::from_micros(u64::from(i) * 10);
+            let pid = 100 + i % 8;
+            let message = match i % 3 {
+                0 => ping(),
+                1 => parse(b"STATUS=busy"),
+                _ => Message { ready: true, watchdog: true },
+            };
+            gate.offer(pid, message, now, |_| {
+                lookups += 1;
+                Some(a.clone())
+            });
+            if i == 50_000 {
+                for w in 0..64 {
+                    let b =
+                        format!("/ipcluster.slice/ipcluster-b.slice/ipcluster-b-1.scope/worker-{}", 1000 + w);
+                    assert_eq!(gate.offer(1000 + w, ready(), now, |_| Some(b)), Verdict::Taken);
+                }
+            }
+            to_supervisor.extend(gate.due(now).into_iter().map(|n| (now - t0, n)));
+        }
+        let b: Vec<&(Duration, Notification)> =
+            to_supervisor.iter().filter(|(_, n)| n.cgroup.contains("ipcluster-b-1")).collect();
+        assert_eq!(b.len(), 64, "every READY=1 of B");
+        assert!(b.iter().all(|(at, n)| *at == Duration::from_millis(500) && n.message.ready), "at once");
+        let from_a = to_supervisor.len() - 64;
+        assert!((10..=12).contains(&from_a), "A: {from_a} notifications for a second of flood");
+        // At most once per sender, per window and per flag it adds: 8 × 2 × 10.
+        assert!(lookups <= 8 * 2 * 11, "A's cgroup looked up {lookups} times");
+        assert!(to_supervisor.iter().any(|(_, n)| n.cgroup == a && n.message.ready && n.message.watchdog));
+    }
+
+    #[test]
+    fn nothing_useful_or_foreign_is_dropped_and_a_full_queue_loses_nothing() {
+        let mut gate = Gate::default();
+        let now = Instant::now();
+        let c = "/ipcluster.slice/x.slice/x-1.scope/worker-7".to_owned();
+        assert_eq!(gate.offer(7, parse(b"STATUS=hi"), now, |_| panic!("no lookup")), Verdict::Redundant);
+        assert_eq!(gate.offer(8, ready(), now, |_| Some("/user.slice/u.scope".into())), Verdict::Foreign);
+        assert_eq!(gate.offer(9, ready(), now, |_| None), Verdict::Foreign);
+        assert_eq!(gate.offer(7, ping(), now, |_| Some(c.clone())), Verdict::Taken);
+        let due = gate.due(now);
+        assert_eq!(due.len(), 1);
+        // The queue was full: it waits, merged with what comes next, and goes at once.
+        gate.requeue(due.into_iter().next().unwrap(), now);
+        assert_eq!(gate.offer(10, ready(), now, |_| Some(c.clone())), Verdict::Taken);
+        let again = gate.due(now);
+        assert_eq!(again.len(), 1);
+        assert!(again[0].message.ready && again[0].message.watchdog, "{again:?}");
+        // The same again within the window waits for its end.
+        assert_eq!(gate.offer(7, ping(), now + WINDOW / 2, |_| Some(c.clone())), Verdict::Redundant);
+        assert_eq!(gate.offer(11, ping(), now + WINDOW / 2, |_| Some(c.clone())), Verdict::Taken);
+        assert!(gate.due(now + WINDOW / 2).is_empty());
+        assert_eq!(gate.next_due(), Some(now + WINDOW));
+        assert_eq!(gate.due(now + WINDOW).len(), 1);
+        assert_eq!(gate.next_due(), None);
     }
 
     #[test]

@@ -58,27 +58,34 @@ fn connections_of(pids: &[u32], established: &HashSet<u64>) -> u32 {
 /// Small kernel files (/proc, cgroupfs) read round after round: each is opened once and read
 /// again from offset 0 with `pread` (the kernel makes its text anew), so a read is one system
 /// call instead of the four of `fs::read_to_string` (open, statx, read to the end, close). A
-/// file not read in a round is closed at its end. The descriptors are close-on-exec.
+/// file not read for [`KEEP_ROUNDS`] rounds is closed (its worker is gone: a worker in the
+/// rotating share is read every few rounds). The descriptors are close-on-exec.
 #[derive(Debug, Default)]
 struct Reader {
-    open: std::collections::HashMap<std::path::PathBuf, fs::File>,
-    used: HashSet<std::path::PathBuf>,
+    /// Each open file and the round it was last read in.
+    open: std::collections::HashMap<std::path::PathBuf, (fs::File, u64)>,
+    round: u64,
     buf: Vec<u8>,
 }
+
+/// Rounds a kept file may go unread before it is closed: longer than the rotating share's
+/// cycle ([`SHARE`] workers a round) up to 8,192 workers.
+const KEEP_ROUNDS: u64 = 64;
 
 impl Reader {
     /// The text of `path`, from its kept descriptor or a new one (once more if the kept one
     /// fails: its process ended, its cgroup was removed).
     fn read(&mut self, path: std::path::PathBuf) -> Option<&str> {
         use std::os::unix::fs::FileExt;
-        let Reader { open, used, buf } = self;
-        used.insert(path.clone());
+        let Reader { open, round, buf } = self;
         let mut len = 0;
         for fresh in [false, true] {
             if fresh || !open.contains_key(&path) {
-                open.insert(path.clone(), fs::File::open(&path).ok()?);
+                open.insert(path.clone(), (fs::File::open(&path).ok()?, *round));
             }
-            let f = &open[&path];
+            let entry = open.get_mut(&path)?;
+            entry.1 = *round;
+            let f = &entry.0;
             buf.clear();
             buf.resize(4096, 0);
             len = 0;
@@ -105,10 +112,11 @@ impl Reader {
         std::str::from_utf8(&buf[..len]).ok()
     }
 
-    /// Closes what this round did not read.
+    /// Closes what was not read for [`KEEP_ROUNDS`] rounds, and starts the next round.
     fn end_round(&mut self) {
-        let used = std::mem::take(&mut self.used);
-        self.open.retain(|p, _| used.contains(p));
+        let round = self.round;
+        self.open.retain(|_, (_, last)| round - *last < KEEP_ROUNDS);
+        self.round += 1;
     }
 }
 
@@ -138,7 +146,8 @@ pub fn sample(scopes: &[std::path::PathBuf], workers: &[(u64, u32)]) -> Vec<(u64
     static READER: std::sync::Mutex<Option<Reader>> = std::sync::Mutex::new(None);
     let mut guard = READER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let reader = guard.get_or_insert_with(Reader::default);
-    let procs: std::collections::HashMap<u32, (u32, u64, u64)> = cgroup_pids(scopes, reader)
+    let wanted: HashSet<u32> = workers.iter().map(|(_, pid)| *pid).collect();
+    let procs: std::collections::HashMap<u32, (u32, u64, u64)> = cgroup_pids(scopes, &wanted, reader)
         .into_iter()
         .filter_map(|pid| Some((pid, stat(pid, page, reader)?)))
         .collect();
@@ -179,11 +188,11 @@ pub fn sample(scopes: &[std::path::PathBuf], workers: &[(u64, u32)]) -> Vec<(u64
         .collect()
 }
 
-/// The processes in `scopes` and in the cgroups right below them: each worker's own
-/// (`worker-<pid>`). A cgroup a worker made below its own is not read (one directory listing
-/// per worker would cost as much as the rest of a round); only a root worker can make one,
-/// since the daemon owns the tree.
-fn cgroup_pids(scopes: &[std::path::PathBuf], reader: &mut Reader) -> Vec<u32> {
+/// The processes in `scopes` and in the cgroups right below them of the `wanted` workers
+/// (`worker-<pid>`; a round may sample only a share of the workers, see [`due`]). A cgroup a
+/// worker made below its own is not read (one directory listing per worker would cost as much
+/// as the rest of a round); only a root worker can make one, since the daemon owns the tree.
+fn cgroup_pids(scopes: &[std::path::PathBuf], wanted: &HashSet<u32>, reader: &mut Reader) -> Vec<u32> {
     let mut pids = Vec::new();
     let mut read = |dir: &std::path::Path, pids: &mut Vec<u32>| {
         if let Some(list) = reader.read(dir.join("cgroup.procs")) {
@@ -194,10 +203,32 @@ fn cgroup_pids(scopes: &[std::path::PathBuf], reader: &mut Reader) -> Vec<u32> {
         read(scope, &mut pids);
         let Ok(entries) = fs::read_dir(scope) else { continue };
         for e in entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
-            read(&e.path(), &mut pids);
+            let name = e.file_name();
+            let worker = name.to_str().and_then(|n| n.strip_prefix("worker-")?.parse::<u32>().ok());
+            if worker.is_none_or(|pid| wanted.contains(&pid)) {
+                read(&e.path(), &mut pids);
+            }
         }
     }
     pids
+}
+
+/// At most this many workers are sampled in a round for numbers only shown (ListWorkers,
+/// /metrics, `ipclusterctl top`): with more, each round takes the next share, so each worker's
+/// numbers are at most `ceil(n / SHARE)` rounds old. Workers a memory policy watches, and
+/// workers not sampled yet, are sampled every round ([`crate::supervisor`]'s health).
+pub const SHARE: usize = 128;
+
+/// Whether the worker at `index` of `total` is in round `round`'s share.
+pub fn due(index: usize, total: usize, round: u64) -> bool {
+    let rounds = total.div_ceil(SHARE).max(1) as u64;
+    index as u64 % rounds == round % rounds
+}
+
+/// The next round's number (one sampling round at a time per daemon).
+pub fn next_round() -> u64 {
+    static ROUND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Established TCP connections held by each `(id, pid)`'s process tree.
@@ -247,11 +278,29 @@ mod tests {
             std::fs::write(dir.join(sub).join("cgroup.procs"), pids).unwrap();
         }
         let mut reader = Reader::default();
-        let mut pids = cgroup_pids(std::slice::from_ref(&dir), &mut reader);
+        let all: HashSet<u32> = [11, 13, 14].into();
+        let mut pids = cgroup_pids(std::slice::from_ref(&dir), &all, &mut reader);
         pids.sort_unstable();
         let want: Vec<u32> = [10, 11, 13].into_iter().chain(1000..3000).collect();
         assert_eq!(pids, want, "a listing longer than one read is read whole");
+        let mut pids = cgroup_pids(std::slice::from_ref(&dir), &[13].into(), &mut reader);
+        pids.sort_unstable();
+        assert_eq!(pids, [10, 13], "only the cgroups of the workers asked for (and the scope's own)");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn every_worker_is_in_one_share_of_each_cycle() {
+        for total in [1, 64, SHARE, SHARE + 1, 1024, 1500] {
+            let rounds = total.div_ceil(SHARE) as u64;
+            let mut seen = vec![0; total];
+            for round in 7..7 + rounds {
+                let share = (0..total).filter(|&i| due(i, total, round)).inspect(|&i| seen[i] += 1).count();
+                assert!(share <= SHARE, "{total}: {share} in round {round}");
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{total}: each worker once per {rounds} rounds");
+        }
+        assert!((0..100).all(|i| due(i, 100, 3)), "up to SHARE workers: all, every round");
     }
 
     #[test]
@@ -263,10 +312,13 @@ mod tests {
         assert_eq!(r.read(path.clone()), Some("one"));
         std::fs::write(&path, "two, longer").unwrap();
         assert_eq!(r.read(path.clone()), Some("two, longer"), "the same descriptor, read again from 0");
+        // Read in round 0; rounds 1..=KEEP_ROUNDS read nothing.
+        for _ in 0..KEEP_ROUNDS {
+            r.end_round();
+            assert_eq!(r.open.len(), 1, "kept while its worker may come round again");
+        }
         r.end_round();
-        assert_eq!(r.open.len(), 1);
-        r.end_round();
-        assert!(r.open.is_empty(), "a file not read in a round is closed");
+        assert!(r.open.is_empty(), "a file not read for KEEP_ROUNDS rounds is closed");
         let me = std::process::id();
         for _ in 0..2 {
             let text = r.read(format!("/proc/{me}/stat").into()).unwrap().to_owned();

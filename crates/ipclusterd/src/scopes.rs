@@ -33,7 +33,7 @@ pub struct ScopeSpec {
 }
 
 /// Transient scopes. Implementations: [`Systemd`]; a recording fake in tests.
-pub trait Scopes: Send + Sync {
+pub trait Scopes: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// Creates the scope around `spec.pids` and returns once systemd has started it.
     /// On failure no scope is left.
     fn start(&self, spec: &ScopeSpec) -> impl Future<Output = Result<(), ScopeError>> + Send;

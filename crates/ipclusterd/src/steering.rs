@@ -3,9 +3,10 @@
 //! a restarted daemon reads back. [`Kernel`] implements it with [`ipcluster_steer`] (an
 //! `sk_reuseport` eBPF program pinned in bpffs); the supervisor's unit tests use a fake.
 
-use std::{fmt::Debug, net::SocketAddr, os::fd::OwnedFd, path::Path, sync::OnceLock};
+use std::{fmt::Debug, net::SocketAddr, os::fd::OwnedFd, path::Path, sync::OnceLock, time::Duration};
 
 use ipcluster_core::name::AppName;
+pub use ipcluster_steer::Attachment;
 use ipcluster_steer::{SockArray, Steering};
 
 /// Connections queued per socket before the kernel refuses more (the worker accepts them).
@@ -15,6 +16,12 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// What socket mode needs of the kernel. Every error is a sentence for `DeployFailed` and the
 /// journal (a program the verifier refuses comes with the verifier's log).
+///
+/// A group has eight *slots*, each one generation's band → socket table (or nothing), and a
+/// *live* slot: new clients go to the live slot's table, unless their band has an *override*
+/// (a canary's slot) or they hold a *session* recorded with another slot (session affinity).
+/// Putting a table in a slot is slow (the kernel waits for a grace period); making a slot live
+/// is one 4-byte update.
 pub trait Steer: Clone + Send + Sync + Debug + 'static {
     /// The steering of one group: one public address of one app.
     type Group: Send + Sync + Debug + 'static;
@@ -22,8 +29,14 @@ pub trait Steer: Clone + Send + Sync + Debug + 'static {
     type Table: Send + Sync + Debug + 'static;
 
     /// Loads the steering of `app`'s group `listen`, or re-opens it (after a restart: the pins
-    /// keep it). Idempotent.
-    fn group(&self, app: &AppName, listen: SocketAddr) -> Result<Self::Group, String>;
+    /// keep it), with room for `sessions` records. Idempotent.
+    fn group(&self, app: &AppName, listen: SocketAddr, sessions: u32) -> Result<Self::Group, String>;
+    /// How many session records the group has room for.
+    fn sessions_capacity(&self, group: &Self::Group) -> u32;
+    /// Whether the group must be attached at once through one of its sockets: its program was
+    /// replaced (a new version, a resized sessions map) or the first version's pins await their
+    /// upgrade. Until then the previous program steers, and no change reaches traffic.
+    fn needs_attach(&self, group: &Self::Group) -> bool;
     /// A new listening socket of the group (`SO_REUSEPORT`, bound, listening, steered).
     fn bind(&self, group: &Self::Group, listen: SocketAddr) -> Result<OwnedFd, String>;
     /// An empty table.
@@ -33,24 +46,58 @@ pub trait Steer: Clone + Send + Sync + Debug + 'static {
     fn insert(&self, table: &Self::Table, band: u32, socket: &OwnedFd) -> Result<(), String>;
     /// Empties `band`'s slot: its clients go to a neighbour band. Idempotent.
     fn remove(&self, table: &Self::Table, band: u32) -> Result<(), String>;
-    /// Prepares a switch to `table` (the slow part; changes no traffic).
-    fn stage(&self, group: &Self::Group, table: &Self::Table) -> Result<(), String>;
-    /// The cutover: new connections go by `table` from now on (one atomic update).
-    fn switch(&self, group: &Self::Group, table: &Self::Table) -> Result<(), String>;
-    /// The table in force, if any.
-    fn current(&self, group: &Self::Group) -> Result<Option<Self::Table>, String>;
-    /// The table switched from last (or staged), if any: the previous generation's, which a
-    /// rollback switches back to.
-    fn standby(&self, group: &Self::Group) -> Result<Option<Self::Table>, String>;
+    /// Puts `table` (of a generation of `bands` bands) in `slot` (the slow part; changes no
+    /// traffic unless the slot is live or overridden). The records of the slot stop counting
+    /// when the table is another one.
+    fn put(&self, group: &Self::Group, slot: u8, table: &Self::Table, bands: u32) -> Result<(), String>;
+    /// Empties `slot` (refused for the live slot): its clients' records stop counting.
+    fn clear_slot(&self, group: &Self::Group, slot: u8) -> Result<(), String>;
+    /// The cutover: new clients go by `slot`'s table from now on (one atomic update).
+    fn set_live(&self, group: &Self::Group, slot: u8, bands: u32) -> Result<(), String>;
+    /// The live slot and its band count, if any.
+    fn live(&self, group: &Self::Group) -> Result<Option<(u8, u32)>, String>;
+    /// What each slot holds.
+    fn slots(&self, group: &Self::Group) -> Result<Vec<(u8, Self::Table)>, String>;
+    /// New clients of `band` go to `slot` (a canary), or back to the live slot (`None`).
+    fn set_override(&self, group: &Self::Group, band: u32, slot: Option<u8>) -> Result<(), String>;
+    /// The bands with an override, and their slot.
+    fn overrides(&self, group: &Self::Group) -> Result<Vec<(u32, u8)>, String>;
+    /// Session affinity: a client's record counts for `timeout` after its last connection
+    /// (zero: off).
+    fn set_session_timeout(&self, group: &Self::Group, timeout: Duration) -> Result<(), String>;
+    /// The session timeout in force.
+    fn session_timeout(&self, group: &Self::Group) -> Result<Duration, String>;
+    /// The records that count, per slot.
+    fn session_counts(&self, group: &Self::Group) -> Result<[u32; 8], String>;
     /// Whether two handles are the same table.
     fn same(&self, a: &Self::Table, b: &Self::Table) -> bool;
     /// The filled slots: band and the socket's cookie.
     fn entries(&self, table: &Self::Table) -> Result<Vec<(u32, u64)>, String>;
     /// A socket's cookie (what [`Steer::entries`] names it by).
     fn cookie(&self, socket: &OwnedFd) -> Result<u64, String>;
+    /// Whether the group still runs the program the daemon attached: `Gone` when a holder of
+    /// one of its sockets detached or replaced it (or the group ended); `Unknown` when this
+    /// daemon attached none yet (after a restart). Cheap: one system call.
+    fn attachment(&self, group: &Self::Group) -> Result<Attachment, String>;
+    /// Attaches the group's program again through `socket` (any socket of the group); atomic
+    /// for traffic, idempotent.
+    fn attach(&self, group: &Self::Group, socket: &OwnedFd) -> Result<(), String>;
     /// Stops steering the group (connections to it are refused) and forgets its pins.
     fn forget(&self, app: &AppName, listen: SocketAddr, group: Self::Group) -> Result<(), String>;
 }
+
+/// The source address a health check connects from to reach band `band` of the table in
+/// `slot` through the group's public address, whatever is live (the program's probe path).
+pub fn probe_source(slot: u8, band: u32) -> Result<std::net::IpAddr, String> {
+    ipcluster_steer::probe_source(u32::from(slot), band).map(std::net::IpAddr::V4).map_err(|e| e.to_string())
+}
+
+/// Records a group without session affinity keeps room for (a sessions map is allocated whole:
+/// about 96 bytes a record).
+pub const SMALL_SESSIONS: u32 = 1024;
+/// Records a group with session affinity keeps room for (6 MiB; the least recently seen are
+/// evicted first when it is full).
+pub const SESSIONS: u32 = ipcluster_steer::DEFAULT_SESSIONS;
 
 /// [`Steer`] with the kernel: pins under `/sys/fs/bpf/ipcluster`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -81,7 +128,7 @@ impl Steer for Kernel {
     type Group = Steering;
     type Table = SockArray;
 
-    fn group(&self, app: &AppName, listen: SocketAddr) -> Result<Steering, String> {
+    fn group(&self, app: &AppName, listen: SocketAddr, sessions: u32) -> Result<Steering, String> {
         match ipcluster_steer::is_bpffs(Path::new(BPFFS)) {
             Ok(true) => {}
             _ => {
@@ -92,10 +139,18 @@ impl Steer for Kernel {
         }
         std::fs::create_dir_all(Self::base())
             .map_err(|e| format!("cannot create {}: {e}", Self::base().display()))?;
+        // Whoever could change the pin directory could replace the pinned program and maps.
+        crate::trusted::check_dir(Self::base(), crate::trusted::Kind::PinDirectory)?;
         enable_migration();
         let name = ipcluster_steer::group_name(app.as_str(), listen);
-        Steering::load(Self::base(), &name)
+        Steering::open(Self::base(), &name, &ipcluster_steer::Options { sessions })
             .map_err(|e| format!("cannot load the steering program for {listen}: {e}"))
+    }
+    fn sessions_capacity(&self, group: &Steering) -> u32 {
+        group.sessions_capacity()
+    }
+    fn needs_attach(&self, group: &Steering) -> bool {
+        group.program_replaced() || group.upgrade_pending()
     }
     fn bind(&self, group: &Steering, listen: SocketAddr) -> Result<OwnedFd, String> {
         group.listen(listen, BACKLOG).map_err(|e| format!("cannot listen on {listen}: {e}"))
@@ -109,17 +164,43 @@ impl Steer for Kernel {
     fn remove(&self, table: &SockArray, band: u32) -> Result<(), String> {
         table.remove(band).map(|_| ()).map_err(|e| e.to_string())
     }
-    fn stage(&self, group: &Steering, table: &SockArray) -> Result<(), String> {
-        group.stage(table).map_err(|e| e.to_string())
+    fn put(&self, group: &Steering, slot: u8, table: &SockArray, bands: u32) -> Result<(), String> {
+        group.put(u32::from(slot), table, bands).map_err(|e| e.to_string())
     }
-    fn switch(&self, group: &Steering, table: &SockArray) -> Result<(), String> {
-        group.switch_to(table).map_err(|e| e.to_string())
+    fn clear_slot(&self, group: &Steering, slot: u8) -> Result<(), String> {
+        group.clear_slot(u32::from(slot)).map(|_| ()).map_err(|e| e.to_string())
     }
-    fn current(&self, group: &Steering) -> Result<Option<SockArray>, String> {
-        group.current().map_err(|e| e.to_string())
+    fn set_live(&self, group: &Steering, slot: u8, bands: u32) -> Result<(), String> {
+        group.set_live(u32::from(slot), bands).map_err(|e| e.to_string())
     }
-    fn standby(&self, group: &Steering) -> Result<Option<SockArray>, String> {
-        group.standby().map_err(|e| e.to_string())
+    fn live(&self, group: &Steering) -> Result<Option<(u8, u32)>, String> {
+        let live = group.live().map_err(|e| e.to_string())?;
+        Ok(live.and_then(|(s, b)| u8::try_from(s).ok().map(|s| (s, b))))
+    }
+    fn slots(&self, group: &Steering) -> Result<Vec<(u8, SockArray)>, String> {
+        let mut out = Vec::new();
+        for slot in 0..ipcluster_steer::SLOTS {
+            if let Some(t) = group.slot_table(slot).map_err(|e| e.to_string())? {
+                out.push((slot as u8, t));
+            }
+        }
+        Ok(out)
+    }
+    fn set_override(&self, group: &Steering, band: u32, slot: Option<u8>) -> Result<(), String> {
+        group.set_override(band, slot.map(u32::from)).map_err(|e| e.to_string())
+    }
+    fn overrides(&self, group: &Steering) -> Result<Vec<(u32, u8)>, String> {
+        let o = group.overrides().map_err(|e| e.to_string())?;
+        Ok(o.into_iter().filter_map(|(b, s)| u8::try_from(s).ok().map(|s| (b, s))).collect())
+    }
+    fn set_session_timeout(&self, group: &Steering, timeout: Duration) -> Result<(), String> {
+        group.set_session_timeout(timeout).map_err(|e| e.to_string())
+    }
+    fn session_timeout(&self, group: &Steering) -> Result<Duration, String> {
+        group.session_timeout().map_err(|e| e.to_string())
+    }
+    fn session_counts(&self, group: &Steering) -> Result<[u32; 8], String> {
+        group.session_counts().map_err(|e| e.to_string())
     }
     fn same(&self, a: &SockArray, b: &SockArray) -> bool {
         a.id() == b.id()
@@ -129,6 +210,12 @@ impl Steer for Kernel {
     }
     fn cookie(&self, socket: &OwnedFd) -> Result<u64, String> {
         ipcluster_steer::socket_cookie(socket).map_err(|e| e.to_string())
+    }
+    fn attachment(&self, group: &Steering) -> Result<Attachment, String> {
+        group.attachment().map_err(|e| e.to_string())
+    }
+    fn attach(&self, group: &Steering, socket: &OwnedFd) -> Result<(), String> {
+        group.attach(socket).map_err(|e| e.to_string())
     }
     fn forget(&self, app: &AppName, listen: SocketAddr, group: Steering) -> Result<(), String> {
         group.clear().map_err(|e| e.to_string())?;

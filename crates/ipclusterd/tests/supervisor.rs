@@ -7,9 +7,31 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use ipcluster_core::config::Overrides;
 use ipclusterd::{
-    supervisor::{self, BusSignal, Command, Deps, Error, Handle, Supervisor},
-    testing::{FakeRouter, FakeScopes},
+    files::Disk,
+    processes::Host,
+    state::StateFile,
+    supervisor::{self, Authorized, BusSignal, Command, Deps, Error, Handle, Supervisor},
+    testing::{FakeNotifier, FakeRelay, FakeRouter, FakeScopes, FakeSteer},
+    world::World,
 };
+
+/// Real processes, app files and state file; systemd, netfilter and the rest faked.
+#[derive(Debug)]
+struct RealProcesses;
+
+impl World for RealProcesses {
+    type Scopes = FakeScopes;
+    type Router = FakeRouter;
+    type Spawner = Host;
+    type Inspector = Host;
+    type Sampler = Host;
+    type Steer = FakeSteer;
+    type Files = Disk;
+    type Store = StateFile;
+    type Notifier = FakeNotifier;
+    type Relay = FakeRelay;
+    type Checker = ipclusterd::checker::Http;
+}
 
 struct Harness {
     handle: Handle,
@@ -40,14 +62,20 @@ fn start(name: &str, apps: &[(&str, String)]) -> Harness {
     let (signals_tx, signals) = tokio::sync::mpsc::unbounded_channel();
     let scopes = FakeScopes::with_pidfds();
     let router = FakeRouter::default();
-    let deps = Deps {
+    let deps = Deps::<RealProcesses> {
         scopes: scopes.clone(),
         router: router.clone(),
-        processes: ipclusterd::processes::Host,
-        steer: ipclusterd::testing::FakeSteer::default(),
+        spawner: Host,
+        inspector: Host,
+        sampler: Host,
+        steer: FakeSteer::default(),
+        files: Disk::new(dir.join("apps")),
+        store: StateFile::new(dir.join("state.json")),
+        notifier: FakeNotifier::default(),
+        relay: FakeRelay::default(),
+        checker: ipclusterd::checker::Http,
         clock: Arc::new(ipclusterd::clock::SystemClock),
         config_dir: dir.join("apps"),
-        state_file: dir.join("state.json"),
         notify: None,
         notify_socket: None,
         signals: signals_tx,
@@ -59,7 +87,7 @@ fn start(name: &str, apps: &[(&str, String)]) -> Harness {
 }
 
 async fn deploy(h: &Handle, app: &str, overrides: Overrides) -> Result<u64, Error> {
-    h.call(|reply| Command::Deploy { app: app.into(), overrides, reply }).await
+    h.call(|reply| Command::Deploy { app: app.into(), overrides, auth: Authorized::test(), reply }).await
 }
 
 async fn workers(h: &Handle, app: &str) -> Vec<supervisor::WorkerInfo> {
@@ -86,7 +114,11 @@ async fn deploy_cutover_and_retirement_through_the_traits() {
     let new_ports: Vec<u16> = rows.iter().filter(|w| w.generation == 2).map(|w| w.ports[0].1).collect();
     assert!(routes[0].bands.iter().all(|b| new_ports.contains(&b[0])), "routes point at generation 2");
 
-    let n = h.handle.call(|reply| Command::KillRetired { app: String::new(), reply }).await.unwrap();
+    let n = h
+        .handle
+        .call(|reply| Command::KillRetired { app: String::new(), auth: Authorized::test(), reply })
+        .await
+        .unwrap();
     assert_eq!(n, 2);
     tokio::time::timeout(Duration::from_secs(5), async {
         while workers(&h.handle, "web").await.iter().any(|w| w.generation == 1) {
@@ -102,7 +134,8 @@ async fn deploy_cutover_and_retirement_through_the_traits() {
         }
     }
     assert!(states.contains(&(1, "stopped")) && states.contains(&(2, "live")), "{states:?}");
-    let _ = h.handle.call(|reply| Command::StopApp { app: "web".into(), reply }).await;
+    let _ =
+        h.handle.call(|reply| Command::StopApp { app: "web".into(), auth: Authorized::test(), reply }).await;
     let _ = std::fs::remove_dir_all(&h.dir);
 }
 
@@ -118,7 +151,8 @@ async fn failed_deploys_stop_their_scope_and_route_nothing() {
     assert!(matches!(&e, Error::DeployFailed(m) if m.contains("band 0: not ready after 3s")), "{e:?}");
     let stopped = h.scopes.stopped.lock().unwrap().clone();
     assert_eq!(stopped, ["ipcluster-exits-1.scope", "ipcluster-hangs-1.scope"]);
-    assert!(h.router.applied.lock().unwrap().iter().all(Vec::is_empty), "no route for a failed generation");
+    let applied = h.router.applied.lock().unwrap().clone();
+    assert!(applied.iter().flatten().all(|r| r.bands.is_empty()), "no route for a failed generation");
     assert!(workers(&h.handle, "").await.is_empty());
     let _ = std::fs::remove_dir_all(&h.dir);
 }

@@ -46,11 +46,12 @@ pub enum Format {
 }
 
 /// Every action the policies count, each shown (at zero if need be) for every present app.
-const POLICY_ACTIONS: [PolicyAction; 5] = [
+const POLICY_ACTIONS: [PolicyAction; 6] = [
     PolicyAction::MemoryReplacement,
     PolicyAction::WatermarkStop,
     PolicyAction::WatermarkKill,
     PolicyAction::Watchdog,
+    PolicyAction::Health,
     PolicyAction::HeldBack,
 ];
 
@@ -119,7 +120,7 @@ impl Collector for Exposition {
 
         let mut m = encoder.encode_descriptor(
             "ipcluster_generation",
-            "A generation of an app and its state (starting, live, retired, failed, stopped); always 1. \
+            "A generation of an app and its state (starting, canary, live, draining, retired, failed, stopped); always 1. \
              Finished generations stay listed for a while, as in ListGenerations.",
             None,
             MetricType::Info,
@@ -130,6 +131,19 @@ impl Collector for Exposition {
                 ("generation", g.generation.to_string().into()),
                 ("state", g.state.as_str().into()),
             ])?;
+        }
+
+        let mut m = encoder.encode_descriptor(
+            "ipcluster_generation_sessions",
+            "Session records of a generation with session_affinity: clients whose next connection \
+             goes to it (a draining generation stops once this and its connections reach 0).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for x in &s.sessions {
+            let labels: Labels<2> =
+                [("app", Cow::Borrowed(x.app.as_str())), ("generation", x.generation.to_string().into())];
+            m.encode_family(&labels)?.encode_gauge(&i64::from(x.records))?;
         }
 
         // One series per label set: workers that share one are summed (see the module's doc).
@@ -180,13 +194,14 @@ impl Collector for Exposition {
 
         let mut m = encoder.encode_descriptor(
             "ipcluster_deploys",
-            "Deploys since the daemon started, by result: ok (the generation went live) or failed.",
+            "Deploys since the daemon started, by result: ok (the generation went live), failed, \
+             promoted (a canary went live) or rolled_back (a canary was rolled back).",
             None,
             MetricType::Counter,
         )?;
         for app in &present {
-            let (ok, failed) = s.metrics.deploys.get(*app).copied().unwrap_or_default();
-            for (result, n) in [("ok", ok), ("failed", failed)] {
+            let deploys = s.metrics.deploys.get(*app).copied().unwrap_or_default();
+            for (result, n) in deploys.by_result() {
                 let labels: Labels<2> = [("app", Cow::Borrowed(*app)), ("result", result.into())];
                 m.encode_family(&labels)?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
             }
@@ -205,6 +220,19 @@ impl Collector for Exposition {
             m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets(h), None)?;
         }
 
+        let mut m = encoder.encode_descriptor(
+            "ipcluster_steering_restored",
+            "Socket mode: steering programs found detached or replaced through a socket of their \
+             group, and attached again, since the daemon started.",
+            None,
+            MetricType::Counter,
+        )?;
+        for app in &present {
+            let n = s.metrics.steering_restored.get(*app).copied().unwrap_or_default();
+            let labels: Labels<1> = [("app", Cow::Borrowed(*app))];
+            m.encode_family(&labels)?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+
         let mut actions: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for app in &present {
             for action in POLICY_ACTIONS {
@@ -219,7 +247,8 @@ impl Collector for Exposition {
         let mut m = encoder.encode_descriptor(
             "ipcluster_policy_actions",
             "What the memory and health policies did since the daemon started: memory_replacement, \
-             watermark_stop, watermark_kill, watchdog, held_back (an action held back by retire_rate, \
+             watermark_stop, watermark_kill, watchdog, health (a live worker failing its health \
+             checks replaced), held_back (an action held back by retire_rate, \
              or live workers alone over cluster_memory_max).",
             None,
             MetricType::Counter,

@@ -35,14 +35,18 @@ use ipcluster_core::{
 };
 use tracing::{info, warn};
 
-use super::{Supervisor, model::Generation};
+use super::{
+    Supervisor,
+    model::{Canary, Generation, Plumbing, WorkerId},
+};
 use crate::{
     clock::from_usec,
     netfilter::Router,
     process::worker_cgroup_name,
-    processes::{Inspected, Processes},
+    processes::{Inspected, Inspector, Spawner},
     scopes::Scopes,
     steering::Steer,
+    world::{ProcHandle, World},
 };
 
 /// One worker found in a scope, its claim accepted.
@@ -77,33 +81,41 @@ enum Refused {
     Claim(String),
 }
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
+impl<W: World> Supervisor<W> {
     /// Takes over every running generation (see the module docs).
     pub(super) async fn adopt(&mut self) {
         // What the previous daemon saved, as it was: saving as we go rewrites `self.saved`.
         let saved_apps = self.saved.apps.clone();
         let found = self.find_running(&saved_apps).await;
-        let routed = match self.deps.router.current().await {
-            Ok(existing) => existing.routed_ports(),
+        let (routed, draining, slots) = match self.deps.router.current().await {
+            Ok(existing) => (existing.live_ports(), existing.draining_ports(), existing.session_slots()),
             Err(e) => {
                 warn!("cannot read the NAT rules: {e}");
-                BTreeSet::new()
+                Default::default()
             }
         };
-        let steered = self.steered_cookies(&found);
+        let steered = self.steered(&steer_entries(&found, &saved_apps));
         let (mut generations, mut workers) = (0, 0);
         for (app, gens) in found {
             let saved_app = saved_apps.get(&app).cloned().unwrap_or_default();
+            // Socket mode: the slot holding each generation's sockets.
+            let slot_of = |fg: &FoundGen<ProcHandle<W>>| {
+                steered.slot(&app, fg.workers.iter().flat_map(|w| w.cookies.clone()))
+            };
             let witnesses: Vec<Found> = gens
                 .iter()
                 .map(|(g, fg)| Found {
                     generation: *g,
                     complete: fg.workers.iter().map(|w| w.band).collect::<BTreeSet<_>>().len() as u32
                         == fg.bands,
-                    routed: fg.workers.iter().any(|w| {
-                        w.ports.iter().any(|p| routed.contains(p))
-                            || w.cookies.iter().any(|c| steered.contains(&(app.clone(), *c)))
-                    }),
+                    routed: fg.workers.iter().any(|w| w.ports.iter().any(|p| routed.contains(p)))
+                        || slot_of(fg).is_some_and(|s| steered.routed(&app, s)),
+                    draining: fg.workers.iter().any(|w| w.ports.iter().any(|p| draining.contains(p)))
+                        || slot_of(fg).is_some_and(|s| {
+                            let saved =
+                                saved_app.generations.get(g).is_some_and(|r| r.state == GenState::Draining);
+                            steered.draining(&app, s, saved)
+                        }),
                 })
                 .collect();
             let verdicts = adoption::decide(&witnesses, &saved_app.generations);
@@ -111,12 +123,46 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                 match verdicts[&g] {
                     Verdict::Stop => {
                         warn!(app = %app, generation = g, "{app}: generation {g} was still starting when the previous daemon stopped; stopping it");
-                        self.stop_unit_in_background(fg.unit);
+                        self.unit_job(&app, g, fg.unit, super::ScopeJob::Stop);
                     }
                     verdict => {
                         workers += fg.workers.len();
                         generations += 1;
-                        self.adopt_generation(&app, g, fg, verdict, &saved_app);
+                        // Its slot: the one the rules name beside its ports, or the steering's
+                        // slot holding its sockets (else the saved one).
+                        let slot = fg
+                            .workers
+                            .iter()
+                            .flat_map(|w| &w.ports)
+                            .find_map(|p| slots.get(p).copied())
+                            .or_else(|| slot_of(&fg));
+                        // A canary's bands: the ones the rules route to it (or the steering
+                        // overrides to its slot), else the saved ones.
+                        let mut canary_bands: Vec<u32> = fg
+                            .workers
+                            .iter()
+                            .filter(|w| w.ports.iter().any(|p| routed.contains(p)))
+                            .map(|w| w.band)
+                            .collect();
+                        if let Some(bands) = slot.and_then(|s| steered.overridden.get(&(app.clone(), s))) {
+                            canary_bands.extend(bands.iter().copied());
+                        }
+                        canary_bands.sort_unstable();
+                        canary_bands.dedup();
+                        let saved_canary = saved_app.generations.get(&g).and_then(|s| s.canary.clone());
+                        if canary_bands.is_empty() {
+                            canary_bands = saved_canary.as_ref().map(|c| c.bands.clone()).unwrap_or_default();
+                        }
+                        let canary = (verdict == Verdict::Canary).then(|| Canary {
+                            bands: canary_bands,
+                            canary_for: saved_canary
+                                .as_ref()
+                                .and_then(|c| c.canary_for_secs)
+                                .map(Duration::from_secs),
+                            deadline: saved_canary.as_ref().and_then(|c| c.deadline_usec).map(from_usec),
+                            promoting: false,
+                        });
+                        self.adopt_generation(&app, g, fg, verdict, &saved_app, slot, canary);
                     }
                 }
             }
@@ -135,8 +181,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
     async fn find_running(
         &mut self,
         saved: &BTreeMap<AppName, SavedApp>,
-    ) -> BTreeMap<AppName, BTreeMap<u64, FoundGen<P::Handle>>> {
-        let mut found: BTreeMap<AppName, BTreeMap<u64, FoundGen<P::Handle>>> = BTreeMap::new();
+    ) -> BTreeMap<AppName, BTreeMap<u64, FoundGen<ProcHandle<W>>>> {
+        let mut found: BTreeMap<AppName, BTreeMap<u64, FoundGen<ProcHandle<W>>>> = BTreeMap::new();
         let units = match self.deps.scopes.list().await {
             Ok(u) => u,
             Err(e) => {
@@ -199,7 +245,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                     Err(Refused::Claim(why)) => {
                         // It sits in a cgroup of ours but will not be managed: it goes.
                         warn!(app = %app, generation = g, pid, "{app}: pid {pid} in {unit} is not adopted: it {why}; stopping it");
-                        self.deps.processes.kill_cgroup(&cgroup);
+                        self.deps.spawner.kill_cgroup(&cgroup);
                     }
                 }
             }
@@ -229,7 +275,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         bands: u32,
         listen_ports: Vec<u16>,
         port_range: (u16, u16),
-    ) -> Result<FoundWorker<P::Handle>, Refused> {
+    ) -> Result<FoundWorker<ProcHandle<W>>, Refused> {
         let own = cgroup.strip_suffix(&format!("/{}", worker_cgroup_name(pid)));
         let isolated = own.is_some_and(|scope| scope.ends_with(&format!("/{unit}")));
         let in_scope_root = cgroup.ends_with(&format!("/{unit}"));
@@ -237,7 +283,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             return Err(Refused::NotAWorker);
         }
         let (handle, Inspected { env, cgroup: now_in, parent, start_usec }) =
-            self.deps.processes.inspect(pid).ok_or(Refused::NotAWorker)?;
+            self.deps.inspector.inspect(pid).ok_or(Refused::NotAWorker)?;
         if now_in != cgroup {
             return Err(Refused::NotAWorker);
         }
@@ -276,8 +322,8 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
     /// Socket mode: takes back duplicates of the sockets a found worker holds, one per listen
     /// entry. A worker that no longer holds every one is adopted without them (its band's
     /// clients go to a neighbour) and said so.
-    fn take_sockets(&self, app: &AppName, g: u64, listen: &[SocketAddr], w: &mut FoundWorker<P::Handle>) {
-        let mut taken = self.deps.processes.sockets(w.pid, w.cgroup.as_deref(), listen);
+    fn take_sockets(&self, app: &AppName, g: u64, listen: &[SocketAddr], w: &mut FoundWorker<ProcHandle<W>>) {
+        let mut taken = self.deps.inspector.sockets(w.pid, w.cgroup.as_deref(), listen);
         let mut sockets = Vec::new();
         for l in listen {
             match taken.iter().position(|(a, _)| a == l) {
@@ -293,30 +339,6 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             Ok(c) => (w.sockets, w.cookies) = (sockets, c),
             Err(e) => warn!(app = %app, pid = w.pid, "{app}: cannot identify pid {}'s sockets: {e}", w.pid),
         }
-    }
-
-    /// The sockets the kernel steers to now: (app, cookie) of every slot of the table in force
-    /// of each socket-mode group found. The witness for socket mode that the rules are for NAT.
-    fn steered_cookies(
-        &mut self,
-        found: &BTreeMap<AppName, BTreeMap<u64, FoundGen<P::Handle>>>,
-    ) -> BTreeSet<(AppName, u64)> {
-        let mut out = BTreeSet::new();
-        let entries: BTreeSet<(AppName, SocketAddr)> = found
-            .iter()
-            .flat_map(|(app, gens)| {
-                gens.values()
-                    .filter(|fg| fg.routing == Routing::Socket)
-                    .flat_map(move |fg| fg.listen.iter().map(move |l| (app.clone(), *l)))
-            })
-            .collect();
-        for (app, listen) in entries {
-            match self.steering_now(&app, listen) {
-                Ok(cookies) => out.extend(cookies.into_iter().map(|c| (app.clone(), c))),
-                Err(e) => warn!(app = %app, "{app}: cannot read the steering of {listen}: {e}"),
-            }
-        }
-        out
     }
 
     /// Generations the previous daemon knew that no longer run join the history as finished
@@ -347,20 +369,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                         waiting: vec![],
                         failure: None,
                         held: Default::default(),
+                        slot: None,
+                        canary: None,
                     },
                 );
             }
             self.trim_history(app);
         }
-    }
-
-    fn stop_unit_in_background(&self, unit: String) {
-        let scopes = self.deps.scopes.clone();
-        tokio::spawn(async move {
-            if let Err(e) = scopes.stop(&unit).await {
-                warn!("cannot stop {unit}: {e}");
-            }
-        });
     }
 
     /// Apps stopped with StopApp stay stopped; a stop a crash interrupted is finished.
@@ -369,11 +384,15 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         for name in stopped {
             let a = self.m.apps.entry(name.clone()).or_default();
             a.stopped = true;
-            let units: Vec<String> =
-                a.generations.values().filter(|g| g.state.is_running()).map(|g| g.scope.clone()).collect();
-            for unit in units {
+            let running: Vec<(u64, String)> = a
+                .generations
+                .iter()
+                .filter(|(_, g)| g.state.is_running())
+                .map(|(n, g)| (*n, g.scope.clone()))
+                .collect();
+            for (g, unit) in running {
                 warn!(app = %name, "{name}: was being stopped when the previous daemon stopped; stopping {unit}");
-                self.stop_unit_in_background(unit);
+                self.scope_job(&name, g, super::ScopeJob::Stop);
             }
             let ids: Vec<_> = self.m.workers_of_app(&name).map(|(id, _)| id).collect();
             for id in ids {
@@ -384,13 +403,16 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
     }
 
+    #[allow(clippy::too_many_arguments, reason = "one generation's witnesses, gathered in one place")]
     fn adopt_generation(
         &mut self,
         app: &AppName,
         g: u64,
-        fg: FoundGen<P::Handle>,
+        fg: FoundGen<ProcHandle<W>>,
         verdict: Verdict,
         saved_app: &SavedApp,
+        slot_in_rules: Option<u8>,
+        canary: Option<Canary>,
     ) {
         let saved = saved_app.generations.get(&g);
         let from_file = self.m.apps.get(app).and_then(|a| a.config.clone()).and_then(Result::ok);
@@ -407,15 +429,18 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         config.listen = fg.listen.clone();
         config.routing = fg.routing;
         let config = Arc::new(config);
-        let p = self.deps.processes.clone();
-        let first_start = fg.workers.iter().filter_map(|w| p.start_time_usec(w.pid)).min();
+        let (p, inspector) = (self.deps.spawner.clone(), self.deps.inspector.clone());
+        let first_start = fg.workers.iter().filter_map(|w| inspector.start_time_usec(w.pid)).min();
         let started = saved.map(|s| s.started_usec).or(first_start).map_or_else(|| self.now(), from_usec);
         let (state, finish_retirement) = match verdict {
             Verdict::Live => (GenState::Live, false),
             Verdict::Retired { finish } => (GenState::Retired, finish),
+            Verdict::Draining => (GenState::Draining, false),
+            Verdict::Canary => (GenState::Canary, false),
             Verdict::Stop => return,
         };
-        let retired_at = (state == GenState::Retired)
+        let retired_at = state
+            .is_retired()
             .then(|| saved.and_then(|s| s.retired_usec).map_or_else(|| self.now(), from_usec));
         self.m.apps.entry(app.clone()).or_default().generations.insert(
             g,
@@ -428,21 +453,28 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                 waiting: vec![],
                 failure: None,
                 held: Default::default(),
+                slot: saved.and_then(|s| s.session_slot).or(slot_in_rules),
+                canary: canary.clone(),
             },
         );
         let retired_nice = self.base_nice + config.retire_nice;
         for w in fg.workers {
-            let ports = fg.listen.iter().copied().zip(w.ports.iter().copied()).collect();
-            let id = self.add_worker(app, g, w.band, w.pid, ports, w.handle, w.cgroup, started);
-            let worker_ports = self.m.workers[&id].worker_ports();
-            let listeners = p.listeners(w.pid, self.m.workers[&id].cgroup.as_deref(), &worker_ports);
-            let nice = p.nice_of(w.pid).unwrap_or(self.base_nice);
+            let plumbing = match fg.routing {
+                Routing::Nat => Plumbing::Nat {
+                    listeners: inspector.listeners(w.pid, w.cgroup.as_deref(), &w.ports),
+                    ports: fg.listen.iter().copied().zip(w.ports.iter().copied()).collect(),
+                },
+                Routing::Socket => Plumbing::Socket { sockets: w.sockets, cookies: w.cookies },
+            };
+            let id = self.add_worker(app, g, w.band, w.pid, plumbing, w.handle, w.cgroup, started);
+            let nice = inspector.nice_of(w.pid).unwrap_or(self.base_nice);
             let worker = self.m.workers.get_mut(&id).expect("just added");
-            worker.state = if state == GenState::Live { WorkerState::Live } else { WorkerState::Retired };
+            worker.state = match state {
+                GenState::Live | GenState::Canary => WorkerState::Live,
+                _ => WorkerState::Retired,
+            };
             worker.ready = true;
-            worker.listeners = listeners;
             worker.nice = nice;
-            (worker.sockets, worker.cookies) = (w.sockets, w.cookies);
             if finish_retirement {
                 worker.nice = retired_nice;
                 if let Err(e) = p.renice_tree(w.pid, retired_nice) {
@@ -455,7 +487,26 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
         info!(app = %app, generation = g, "{app}: adopted generation {g} ({state}) from {}", fg.unit);
         self.adopt_steering(app, g, state);
-        if state != GenState::Live {
+        self.start_health(app, g);
+        if let Some(c) = &canary {
+            // Workers of bands it does not serve: a promotion cut short by the restart (Promote
+            // again, or canary_for does).
+            let extra: Vec<WorkerId> = self
+                .m
+                .workers_of(app, g)
+                .filter(|(_, w)| !c.bands.contains(&w.band))
+                .map(|(id, _)| id)
+                .collect();
+            if !extra.is_empty() {
+                warn!(app = %app, generation = g, "{app}: canary generation {g} was being promoted when the previous daemon stopped; stopping the {} workers of its other bands", extra.len());
+            }
+            for id in extra {
+                self.stop_worker(id, "promotion cut short");
+            }
+            info!(app = %app, generation = g, "{app}: generation {g} is a canary on bands {:?}", c.bands);
+            self.resume_canary(app, g);
+        }
+        if !matches!(state, GenState::Live | GenState::Canary) {
             return;
         }
         // Crash loops stay slow across restarts, at this generation's own restart_backoff.
@@ -464,10 +515,34 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             self.backoff.insert((app.clone(), *band), Backoff::resumed(min, max, Duration::from_millis(*ms)));
         }
         // Bands whose worker died while no daemon watched, or whose process was refused: respawn.
-        for band in 0..config.workers {
+        let bands: Vec<u32> = match &canary {
+            Some(c) => c.bands.clone(),
+            None => (0..config.workers).collect(),
+        };
+        for band in bands {
             if !self.m.workers_of(app, g).any(|(_, w)| w.band == band) {
                 self.schedule_respawn(app, g, band, Duration::ZERO);
             }
         }
     }
+}
+
+/// The groups adoption reads: every listen entry of every socket-mode generation found, with
+/// room for sessions if the app kept any (as the saved state says; with no saved state, room
+/// for them all the same: opening a group with less room shrinks its pinned map, losing
+/// records the kernel still steers by).
+fn steer_entries<H>(
+    found: &BTreeMap<AppName, BTreeMap<u64, FoundGen<H>>>,
+    saved: &BTreeMap<AppName, SavedApp>,
+) -> BTreeSet<(AppName, SocketAddr, u32)> {
+    let mut out = BTreeSet::new();
+    for (app, gens) in found {
+        let sessions =
+            saved.get(app).is_none_or(|a| a.generations.values().any(|g| g.session_affinity_secs.is_some()));
+        let room = if sessions { crate::steering::SESSIONS } else { crate::steering::SMALL_SESSIONS };
+        for fg in gens.values().filter(|fg| fg.routing == Routing::Socket) {
+            out.extend(fg.listen.iter().map(|l| (app.clone(), *l, room)));
+        }
+    }
+    out
 }

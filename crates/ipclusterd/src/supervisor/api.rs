@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
+    time::Duration,
 };
 
 use ipcluster_core::{
@@ -18,6 +19,8 @@ use ipcluster_core::{
     name::AppName,
 };
 use tokio::sync::{mpsc, oneshot, watch};
+
+pub use crate::auth::Authorized;
 
 /// Errors the supervisor answers with; the D-Bus adapter maps each to a bus error name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,22 +47,83 @@ pub enum Error {
 pub type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 /// A request to the supervisor. Each carries the sender of its reply; the supervisor answers
-/// every one itself, at once or when the event that completes it arrives.
+/// every one itself, at once or when the event that completes it arrives. Every command that
+/// changes something carries the proof that it was authorized ([`Authorized`]), which only the
+/// authorization check makes.
 #[derive(Debug)]
 pub enum Command {
     /// A new generation of `app`; answered with its number once it is live.
-    Deploy { app: String, overrides: Overrides, reply: Reply<u64> },
+    Deploy { app: String, overrides: Overrides, auth: Authorized, reply: Reply<u64> },
+    /// A canary generation of `app` on some bands; answered with its number once those bands
+    /// are cut over to it.
+    DeployCanary {
+        app: String,
+        overrides: Overrides,
+        canary: CanaryRequest,
+        auth: Authorized,
+        reply: Reply<u64>,
+    },
+    /// Starts the canary's other bands and cuts them over; answered with its number once live.
+    Promote { app: String, auth: Authorized, reply: Reply<u64> },
     /// Retire a generation; a live one is replaced first (answered once the replacement is live).
-    Retire { app: String, generation: u64, reply: Reply<()> },
-    /// Go back to an earlier generation (0: the newest that was live before the live one):
-    /// answered with the generation now live (the same, or a new one running its config).
-    Rollback { app: String, generation: u64, reply: Reply<u64> },
+    Retire { app: String, generation: u64, auth: Authorized, reply: Reply<()> },
+    /// What a Rollback of `app` to `generation` would do (changes nothing): the D-Bus adapter
+    /// authorizes a Rollback by its plan.
+    PlanRollback { app: String, generation: u64, reply: Reply<RollbackPlan> },
+    /// Go back to an earlier generation (0: the newest that was live before the live one), as
+    /// `plan` says: answered with the generation now live (the same, or a new one running its
+    /// config). Refused if the plan changed since it was authorized.
+    Rollback { app: String, generation: u64, plan: RollbackPlan, auth: Authorized, reply: Reply<u64> },
     /// Stop the retired workers of `app` ("" = every app); answered with how many.
-    KillRetired { app: String, reply: Reply<u32> },
+    KillRetired { app: String, auth: Authorized, reply: Reply<u32> },
     /// Re-read the app files.
-    Reload { reply: Reply<()> },
+    Reload { auth: Authorized, reply: Reply<()> },
     /// Stop every generation of `app` and remove its rules; answered once every scope is gone.
-    StopApp { app: String, reply: Reply<()> },
+    StopApp { app: String, auth: Authorized, reply: Reply<()> },
+}
+
+/// The `canary` and `canary_for` options of a Deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CanaryRequest {
+    /// How many bands the canary takes.
+    pub bands: u32,
+    /// Promote by itself after this long if nothing went wrong (roll back at the first thing
+    /// that does).
+    pub canary_for: Option<Duration>,
+}
+
+/// What a Rollback would do. An instant rollback runs nothing new; a redeploy runs what the
+/// target generation ran, which is an override where it differs from the app file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollbackPlan {
+    /// The generation that will be live.
+    pub target: u64,
+    pub how: RollbackHow,
+}
+
+/// How a Rollback reaches its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RollbackHow {
+    /// The target is live already: nothing changes.
+    AlreadyLive,
+    /// Its workers still run: they are live again in one cutover.
+    Instant,
+    /// Its workers are gone: a new generation runs what it ran. `overrides` are the keys in
+    /// which that differs from the app file ([`ipcluster_core::config::AppConfig::override_keys`]).
+    Redeploy { overrides: Vec<&'static str> },
+    /// The canary `canary` is rolled back: its bands go back to the live generation (the
+    /// target), which never stopped serving; the canary's workers stop.
+    Canary { canary: u64 },
+}
+
+impl RollbackPlan {
+    /// The keys that make this rollback an override (none: what a plain Deploy could do).
+    pub fn overrides(&self) -> &[&'static str] {
+        match &self.how {
+            RollbackHow::Redeploy { overrides } => overrides,
+            RollbackHow::AlreadyLive | RollbackHow::Instant | RollbackHow::Canary { .. } => &[],
+        }
+    }
 }
 
 /// One row of ListWorkers.
@@ -90,6 +154,33 @@ pub struct GenerationInfo {
     pub scope: String,
 }
 
+/// One row of ListSessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub app: String,
+    pub generation: u64,
+    /// Live records: clients whose next connection goes to this generation.
+    pub records: u32,
+}
+
+/// One row of ListHealth: a worker of a generation with health checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthInfo {
+    pub app: String,
+    pub generation: u64,
+    pub band: u32,
+    pub pid: u32,
+    /// Failed checks in a row.
+    pub failures: u32,
+    /// The last check's outcome (`HTTP 200`, `cannot connect: …`), "" before the first.
+    pub last: String,
+    /// When it came back (µs since the epoch), 0 before the first.
+    pub last_usec: u64,
+    /// What happened to its band before it (`replaced pid 812: 3 failed health checks in a
+    /// row (HTTP 500)`), or "".
+    pub note: String,
+}
+
 /// Signals for the bus, emitted by the D-Bus adapter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BusSignal {
@@ -118,6 +209,13 @@ pub enum BusSignal {
         generation: u64,
         band: u32,
         pid: u32,
+        reason: String,
+    },
+    /// A canary ended: `promoted` or `rolled_back`, and why.
+    CanaryEnded {
+        app: String,
+        generation: u64,
+        result: &'static str,
         reason: String,
     },
 }
@@ -160,6 +258,8 @@ pub enum PolicyAction {
     WatermarkKill,
     /// A hung worker replaced or stopped.
     Watchdog,
+    /// A live worker that failed `health_failures` checks in a row replaced.
+    Health,
     /// An action held back by `retire_rate`, or live workers alone over budget.
     HeldBack,
 }
@@ -171,22 +271,50 @@ impl PolicyAction {
             PolicyAction::WatermarkStop => "watermark_stop",
             PolicyAction::WatermarkKill => "watermark_kill",
             PolicyAction::Watchdog => "watchdog",
+            PolicyAction::Health => "health",
             PolicyAction::HeldBack => "held_back",
         }
+    }
+}
+
+/// Deploys of an app by result (`ipcluster_deploys_total{result}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deploys {
+    /// Went live (a plain deploy, or a rollback's redeploy).
+    pub ok: u64,
+    /// Failed before going live (canaries included).
+    pub failed: u64,
+    /// Canaries promoted (live).
+    pub promoted: u64,
+    /// Canaries rolled back, by hand or by themselves.
+    pub rolled_back: u64,
+}
+
+impl Deploys {
+    /// (result label, count), in the order /metrics shows them.
+    pub fn by_result(&self) -> [(&'static str, u64); 4] {
+        [
+            ("ok", self.ok),
+            ("failed", self.failed),
+            ("promoted", self.promoted),
+            ("rolled_back", self.rolled_back),
+        ]
     }
 }
 
 /// Counters since the daemon started, for `/metrics`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Metrics {
-    /// Per app: deploys that went live, deploys that failed.
-    pub deploys: BTreeMap<String, (u64, u64)>,
+    /// Per app: deploys by result.
+    pub deploys: BTreeMap<String, Deploys>,
     /// Respawns of crashed workers, per (app, band).
     pub restarts: BTreeMap<(String, u32), u64>,
     /// Policy actions, per (app, action).
     pub policy_actions: BTreeMap<(String, PolicyAction), u64>,
     /// Cutover durations, per app.
     pub cutover: BTreeMap<String, Histogram>,
+    /// Socket mode: steering programs found detached or replaced and attached again, per app.
+    pub steering_restored: BTreeMap<String, u64>,
 }
 
 /// What readers see: the state as of the supervisor's last turn.
@@ -194,6 +322,10 @@ pub struct Metrics {
 pub struct Snapshot {
     pub workers: Vec<WorkerInfo>,
     pub generations: Vec<GenerationInfo>,
+    /// Session records of the generations with session affinity.
+    pub sessions: Vec<SessionInfo>,
+    /// The health checks of the workers of generations with a `health_path`.
+    pub health: Vec<HealthInfo>,
     /// Counters since the daemon started.
     pub metrics: Metrics,
     /// Every app the supervisor knows (with a file, valid or not, or with running generations).
@@ -205,6 +337,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The rows of `app` ("" = every app) among `rows`, whose app `app_of` says.
+    fn rows_of<T: Clone>(&self, app: &str, rows: &[T], app_of: impl Fn(&T) -> &str) -> Result<Vec<T>, Error> {
+        let filter = self.matching(app)?;
+        Ok(rows.iter().filter(|r| filter.as_ref().is_none_or(|a| a.as_str() == app_of(r))).cloned().collect())
+    }
+
     /// Resolves a caller's app filter: "" is every app; malformed → InvalidArgs, unknown →
     /// NoSuchApp.
     pub fn matching(&self, app: &str) -> Result<Option<AppName>, Error> {
@@ -223,24 +361,22 @@ impl Snapshot {
 
     /// ListWorkers.
     pub fn workers_of(&self, app: &str) -> Result<Vec<WorkerInfo>, Error> {
-        let filter = self.matching(app)?;
-        Ok(self
-            .workers
-            .iter()
-            .filter(|w| filter.as_ref().is_none_or(|a| a.as_str() == w.app))
-            .cloned()
-            .collect())
+        self.rows_of(app, &self.workers, |w| &w.app)
+    }
+
+    /// ListSessions.
+    pub fn sessions_of(&self, app: &str) -> Result<Vec<SessionInfo>, Error> {
+        self.rows_of(app, &self.sessions, |s| &s.app)
+    }
+
+    /// ListHealth.
+    pub fn health_of(&self, app: &str) -> Result<Vec<HealthInfo>, Error> {
+        self.rows_of(app, &self.health, |h| &h.app)
     }
 
     /// ListGenerations.
     pub fn generations_of(&self, app: &str) -> Result<Vec<GenerationInfo>, Error> {
-        let filter = self.matching(app)?;
-        Ok(self
-            .generations
-            .iter()
-            .filter(|g| filter.as_ref().is_none_or(|a| a.as_str() == g.app))
-            .cloned()
-            .collect())
+        self.rows_of(app, &self.generations, |g| &g.app)
     }
 }
 

@@ -6,53 +6,28 @@ use std::{collections::BTreeSet, sync::Arc};
 use ipcluster_core::{
     config::{AppConfig, ConfigError, Overrides},
     name::AppName,
-    ownership::{self, Kind},
     ports,
 };
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::{Error, Supervisor, model::Waiter};
-use crate::{netfilter::Router, processes::Processes, scopes::Scopes, steering::Steer};
+use crate::{
+    files::{AppFile, Files},
+    world::World,
+};
 
-/// Whether `path` is root's alone ([`ownership::check`]); a path that cannot be read is left to
-/// the read that follows to report. The daemon's own user counts as root (it is root in
-/// production; a test runs it as the user who owns its files): the daemon trusts what it could
-/// have written itself, nobody else.
-fn unsafe_path(path: &std::path::Path, kind: Kind) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(path) {
-        Ok(m) => {
-            let owner = if m.uid() == rustix::process::geteuid().as_raw() { 0 } else { m.uid() };
-            ownership::check(&path.display().to_string(), kind, owner, m.mode())
-        }
-        Err(_) => Ok(()),
-    }
-}
-
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
+impl<W: World> Supervisor<W> {
     /// (Re)reads every app file. Invalid files are logged and kept as errors (Deploy answers
     /// InvalidConfig); the others are unaffected.
     pub(super) fn load_configs(&mut self) {
-        let dir = &self.deps.config_dir;
         let mut seen = BTreeSet::new();
-        // Files anyone but root could have written are not taken as root's word (StrictModes).
-        let dir_unsafe = unsafe_path(dir, Kind::AppsDirectory).err();
-        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|t| ports::parse_ephemeral(&t).ok());
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e.flatten().collect::<Vec<_>>(),
-            Err(e) => {
-                warn!("cannot read {}: {e}", dir.display());
-                Vec::new()
-            }
-        };
-        for entry in entries {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "toml") {
-                continue;
-            }
+        let ephemeral = self.deps.files.ephemeral_ports();
+        let files = self.deps.files.app_files().unwrap_or_else(|e| {
+            warn!("{e}");
+            Vec::new()
+        });
+        for AppFile { path, text } in files {
             let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
             let file = path.display().to_string();
             let name = match AppName::new(stem) {
@@ -62,14 +37,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                     continue;
                 }
             };
-            let refused =
-                |message: String| ConfigError { file: file.clone(), location: None, key: None, message };
-            let parsed = match dir_unsafe.clone().map_or_else(|| unsafe_path(&path, Kind::AppFile), Err) {
-                Err(why) => Err(refused(why)),
-                Ok(()) => match std::fs::read_to_string(&path) {
-                    Ok(text) => AppConfig::parse(&file, stem, &text).map(Arc::new),
-                    Err(e) => Err(refused(e.to_string())),
-                },
+            let parsed = match text {
+                Ok(text) => AppConfig::parse(&file, stem, &text).map(Arc::new),
+                Err(message) => Err(ConfigError { file: file.clone(), location: None, key: None, message }),
             };
             if let (Ok(c), Some(eph)) = (&parsed, ephemeral)
                 && let Some((lo, hi)) = ports::ephemeral_overlap(c.port_range, eph)
@@ -88,6 +58,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                 app.config = None;
             }
         }
+        self.prune_metrics();
     }
 
     /// The apps with a valid file.

@@ -4,30 +4,29 @@
 //! A failed deploy changes nothing a user sees: the generation's scope is stopped, its workers
 //! leave ListWorkers, no rule ever named it, and only then is `DeployFailed` answered.
 
-use std::{collections::BTreeSet, net::SocketAddr, os::fd::OwnedFd, path::PathBuf, sync::Arc};
+use std::{collections::BTreeSet, sync::Arc};
 
 use ipcluster_core::{
-    config::{AppConfig, Overrides, Ready, Routing},
-    model::{GenState, WorkerIdentity, WorkerState, scope_name, slice_name},
+    config::{AppConfig, Overrides, Routing},
+    model::{GenState, WorkerState},
     name::AppName,
     saved::SavedGeneration,
 };
 use tracing::{info, warn};
 
 use super::{
-    BusSignal, Error, Supervisor,
+    BusSignal, CanaryRequest, Error, Supervisor,
+    launch::scope_spec,
     model::{Generation, HeldBand, Waiter, WorkerId},
-    sockets::BandSockets,
     timers::TimerKey,
 };
 use crate::{
     clock::usec,
     netfilter::Router,
-    process::SpawnSpec,
-    processes::{Gated, Processes},
-    scopes::{ScopeSpec, Scopes},
-    state,
-    steering::Steer,
+    processes::{Gated as _, Inspector},
+    scopes::Scopes,
+    state::Store,
+    world::World,
 };
 
 /// What a new generation runs.
@@ -39,38 +38,22 @@ pub(super) enum Source<'a> {
     Config(Arc<AppConfig>),
 }
 
-/// A launcher held at its gate, with the daemon's copies of its sockets (socket mode).
-#[derive(Debug)]
-pub(super) struct Spawned<G> {
-    pub gated: G,
-    pub sockets: Vec<OwnedFd>,
-    pub cookies: Vec<u64>,
-}
-
-/// Who a generation's workers run as and where they send notifications.
-#[derive(Debug, Clone)]
-pub(super) struct Launch {
-    user: Option<(u32, u32)>,
-    notify_socket: Option<String>,
-    launcher: PathBuf,
-}
-
-/// The spec of a new scope for generation `g` of `config`'s app around `pids`.
-pub(super) fn scope_spec(config: &AppConfig, g: u64, pids: Vec<u32>) -> ScopeSpec {
-    ScopeSpec {
-        unit: scope_name(&config.name, g),
-        slice: slice_name(&config.name),
-        description: format!("ipcluster {} generation {g}", config.name),
-        pids,
-        kill_signal: config.stop_signal.number(),
-        stop_timeout: config.stop_timeout,
-    }
-}
-
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
+impl<W: World> Supervisor<W> {
     /// Starts a deploy; `waiter` is answered at the cutover or once a failure is cleaned up.
     pub(super) async fn deploy(&mut self, app: &str, source: Source<'_>, waiter: Waiter) {
-        match self.start_generation(app, source).await {
+        self.deploy_with(app, source, None, waiter).await;
+    }
+
+    /// Starts a deploy, of a canary with `canary`; `waiter` is answered at the (canary's)
+    /// cutover or once a failure is cleaned up.
+    pub(super) async fn deploy_with(
+        &mut self,
+        app: &str,
+        source: Source<'_>,
+        canary: Option<CanaryRequest>,
+        waiter: Waiter,
+    ) {
+        match self.start_generation(app, source, canary).await {
             Ok((name, g)) => {
                 if let Some(gen_) = self.m.generation_mut(&name, g) {
                     gen_.waiting.push(waiter);
@@ -88,11 +71,23 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
 
     /// Steps 1–2 of a deploy. On error nothing is left behind: no generation, no process, no
     /// scope, no saved record.
-    async fn start_generation(&mut self, app: &str, source: Source<'_>) -> Result<(AppName, u64), Error> {
+    async fn start_generation(
+        &mut self,
+        app: &str,
+        source: Source<'_>,
+        canary: Option<CanaryRequest>,
+    ) -> Result<(AppName, u64), Error> {
         let name = self.app_name(app)?;
         let a = &self.m.apps[&name];
         if let Some(g) = a.deploying() {
             return Err(Error::Busy(format!("{name} is already deploying generation {g}")));
+        }
+        if let Some(c) = a.canary()
+            && canary.is_none()
+        {
+            return Err(Error::Busy(format!(
+                "{name} generation {c} is a canary: promote it (ipclusterctl promote {name}), roll it back (ipclusterctl rollback {name}), or deploy a new canary (--canary K), which replaces it"
+            )));
         }
         let config = match source {
             Source::File(overrides) => Arc::new(
@@ -102,13 +97,41 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             ),
             Source::Config(c) => c,
         };
+        let split = match canary {
+            Some(req) => Some(self.canary_split(&name, &config, req)?),
+            None => None,
+        };
+        // The bands it starts with: a canary's, or every band.
+        let bands: Vec<u32> = match &split {
+            Some(c) => c.bands.clone(),
+            None => (0..config.workers).collect(),
+        };
+        let a = &self.m.apps[&name];
         let launch = self.launch_context(&config)?;
         // A generation that could never be routed is not started (socket mode needs no rules:
         // its steering is loaded with the first socket, and a failure there fails the deploy).
         if config.routing == Routing::Nat {
             self.deps.router.check().map_err(|e| Error::DeployFailed(format!("cannot route {name}: {e}")))?;
         }
-        let mut ports = self.allocate_ports(&config, config.workers as usize)?.into_iter();
+        // Its slot: in socket mode always (its tables), in NAT mode with session affinity (its
+        // session sets). The live generation, this one and at most max_draining ≤ 6 draining
+        // ones leave one free; in socket mode a merely retired generation gives its slot up.
+        let slot = if config.routing == Routing::Socket {
+            Some(self.socket_slot(&name)?)
+        } else if config.session_affinity.is_some() {
+            Some(a.free_slot().ok_or_else(|| {
+                Error::Busy(format!(
+                    "{name}: every session slot is held by a running generation; reap one (KillRetired)"
+                ))
+            })?)
+        } else {
+            None
+        };
+        let ports = self.allocate_ports(&config, bands.len())?;
+        // Other hosts must never reach a worker port, not even in the moment a new worker
+        // listens before the rules say so: its ports are guarded before it can run.
+        self.guard_before_launch(&name, &ports).await;
+        let mut ports = ports.into_iter();
 
         // Saved as starting before any process exists: a daemon killed from here on finds it on
         // restart and stops it. A number that could not be saved is never used.
@@ -120,18 +143,18 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             .or_default()
             .generations
             .insert(g, SavedGeneration::of(GenState::Starting, usec(now), &config));
-        if let Err(e) = state::save(&self.deps.state_file, &self.saved) {
+        if let Err(e) = self.deps.store.save_now(&self.saved) {
             self.forget_start(&name, g);
             return Err(Error::DeployFailed(format!("cannot save the generation counter: {e}")));
         }
 
         // Fork every band's launcher, held at its gate; with spawn_interval only the first band
         // now, the others one by one into the scope later.
-        let first = if config.spawn_interval.is_zero() { config.workers } else { 1 };
+        let first = if config.spawn_interval.is_zero() { bands.len() } else { 1 };
         let mut gated = Vec::new();
-        for (band, my_ports) in (0..first).zip(ports.by_ref()) {
+        for (band, my_ports) in bands[..first].iter().copied().zip(ports.by_ref()) {
             match self.spawn_band(&config, g, band, &my_ports, &launch) {
-                Ok(p) => gated.push((band, my_ports, p)),
+                Ok(p) => gated.push((band, p)),
                 // Dropping `gated` closes every gate: the launchers exit without running anything.
                 Err(e) => {
                     self.forget_start(&name, g);
@@ -139,13 +162,14 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                 }
             }
         }
-        let spec = scope_spec(&config, g, gated.iter().map(|(_, _, p)| p.gated.pid()).collect());
+        let spec = scope_spec(&config, g, gated.iter().map(|(_, p)| p.gated.pid()).collect());
         if let Err(e) = self.deps.scopes.start(&spec).await {
             self.forget_start(&name, g);
             return Err(Error::DeployFailed(format!("cannot create scope {}: {e}", spec.unit)));
         }
 
-        let held = (first..config.workers).zip(ports).map(|(band, ports)| HeldBand { band, ports }).collect();
+        let held =
+            bands[first..].iter().copied().zip(ports).map(|(band, ports)| HeldBand { band, ports }).collect();
         let generation = Generation {
             state: GenState::Starting,
             config: config.clone(),
@@ -155,9 +179,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             waiting: vec![],
             failure: None,
             held,
+            slot,
+            canary: split,
         };
         self.m.apps.get_mut(&name).expect("checked above").generations.insert(g, generation);
         self.enter(&name, g, GenState::Starting);
+        self.start_health(&name, g);
 
         let mut failure = None;
         if config.routing == Routing::Socket
@@ -165,17 +192,18 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         {
             failure = Some(format!("cannot prepare the steering: {e}"));
         }
-        for (band, my_ports, p) in gated {
-            if let Err(e) = self.release(&name, g, band, my_ports, p, &config) {
+        for (band, p) in gated {
+            if let Err(e) = self.release(&name, g, band, p, &config) {
                 failure.get_or_insert(e);
             }
         }
-        if !config.spawn_interval.is_zero() && config.workers > 1 {
+        self.launched(&name);
+        if !config.spawn_interval.is_zero() && bands.len() > 1 {
             self.timers
                 .set(TimerKey::ReleaseNext { app: name.clone(), generation: g }, config.spawn_interval);
         }
         // Every band gets ready_timeout from its own start.
-        let timeout = config.ready_timeout + config.spawn_interval * config.workers.saturating_sub(1);
+        let timeout = config.ready_timeout + config.spawn_interval * (bands.len() as u32).saturating_sub(1);
         self.timers.set(TimerKey::ReadyTimeout { app: name.clone(), generation: g }, timeout);
         if let Some(reason) = failure {
             self.fail(&name, g, reason);
@@ -185,187 +213,43 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
 
     /// Undoes step 1 of a start that went no further.
     fn forget_start(&mut self, app: &AppName, g: u64) {
+        self.launched(app);
         if let Some(a) = self.saved.apps.get_mut(app) {
             a.generations.remove(&g);
         }
-        if let Err(e) = state::save(&self.deps.state_file, &self.saved) {
-            warn!("cannot write {}: {e}", self.deps.state_file.display());
-        }
+        self.deps.store.save(&self.saved);
+        self.unsaved = true;
     }
 
-    /// Who workers run as and where they notify: resolved once per generation.
-    pub(super) fn launch_context(&self, config: &AppConfig) -> Result<Launch, Error> {
-        let user = match &config.user {
-            Some(u) => Some(self.deps.processes.user(u).map_err(Error::InvalidConfig)?),
-            None => None,
-        };
-        let notify_socket = match config.ready {
-            Ready::Notify => Some(
-                self.deps
-                    .notify_socket
-                    .as_ref()
-                    .ok_or_else(|| {
-                        Error::DeployFailed(
-                            "ready = \"notify\" but the notify socket is not available".into(),
-                        )
-                    })?
-                    .display()
-                    .to_string(),
-            ),
-            Ready::Tcp => None,
-        };
-        Ok(Launch { user, notify_socket, launcher: self.deps.launcher.clone() })
-    }
-
-    /// Worker ports for `workers` workers: distinct from every port a worker of any app holds,
-    /// and free on the host. One list per worker, in `listen` order (empty in socket mode).
-    pub(super) fn allocate_ports(
-        &mut self,
-        config: &AppConfig,
-        workers: usize,
-    ) -> Result<Vec<Vec<(SocketAddr, u16)>>, Error> {
-        if config.routing == Routing::Socket {
-            return Ok(vec![Vec::new(); workers]);
-        }
-        let held: BTreeSet<u16> = self.m.workers.values().flat_map(|w| w.ports.iter().map(|p| p.1)).collect();
-        let per = config.listen.len();
-        let processes = &self.deps.processes;
-        let ports = self
-            .ports
-            .allocate(config.port_range, workers * per, &held, |p| processes.port_is_free(p))
-            .ok_or_else(|| {
-                Error::DeployFailed(format!(
-                    "not enough free ports in {}-{} for {workers} workers",
-                    config.port_range.0, config.port_range.1
-                ))
-            })?;
-        Ok(ports
-            .chunks(per)
-            .map(|c| config.listen.iter().copied().zip(c.iter().copied()).collect())
-            .collect())
-    }
-
-    /// Forks the launcher of one worker, held at its gate (in socket mode with its sockets,
-    /// bound here).
-    pub(super) fn spawn_band(
-        &mut self,
-        config: &AppConfig,
-        generation: u64,
-        band: u32,
-        ports: &[(SocketAddr, u16)],
-        launch: &Launch,
-    ) -> Result<Spawned<P::Gated>, String> {
-        let BandSockets { kept, handed, cookies } = self.bind_band(config)?;
-        let identity = WorkerIdentity {
-            app: config.name.clone(),
-            generation,
-            band,
-            bands: config.workers,
-            ports: ports.to_vec(),
-        };
-        let gated = self
-            .deps
-            .processes
-            .spawn(&SpawnSpec {
-                argv: config.command.clone(),
-                env: identity.environment(config, launch.notify_socket.as_deref()),
-                cwd: config.working_directory.clone(),
-                user: launch.user,
-                identifier: config.name.to_string(),
-                unit: scope_name(&config.name, generation),
-                launcher: launch.launcher.clone(),
-                fds: handed,
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(Spawned { gated, sockets: kept, cookies })
-    }
-
-    /// Lets a held launcher (already in its scope) run, in a cgroup of its own, and starts
-    /// following it (and probing it, for `ready = "tcp"`).
-    pub(super) fn release(
-        &mut self,
-        app: &AppName,
-        g: u64,
-        band: u32,
-        ports: Vec<(SocketAddr, u16)>,
-        spawned: Spawned<P::Gated>,
-        config: &AppConfig,
-    ) -> Result<WorkerId, String> {
-        let Spawned { gated, sockets, cookies } = spawned;
-        let pid = gated.pid();
-        let cgroup = match self.deps.processes.isolate(pid) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                warn!(app = %app, generation = g, band, pid, "cannot give the worker a cgroup of its own ({e}); stopping it will not reach what it forks");
-                None
-            }
-        };
-        let handle = gated.release().map_err(|e| format!("band {band}: cannot start: {e}"))?;
-        let id = self.add_worker(app, g, band, pid, ports, handle, cgroup, self.now());
-        if let Some(w) = self.m.workers.get_mut(&id) {
-            (w.sockets, w.cookies) = (sockets, cookies);
-        }
-        self.ports_changed();
-        if config.ready == Ready::Tcp {
-            self.start_probe(id);
-        }
-        Ok(id)
-    }
-
-    /// Starts one worker of an existing generation inside its scope: forked at its gate, moved
-    /// into the scope (created again if every worker died and systemd removed it), released.
-    pub(super) async fn launch_into_scope(
-        &mut self,
-        app: &AppName,
-        generation: u64,
-        band: u32,
-        ports: Vec<(SocketAddr, u16)>,
-    ) -> Result<WorkerId, String> {
-        let Some(gen_) = self.m.generation(app, generation) else { return Err("no such generation".into()) };
-        let (config, scope) = (gen_.config.clone(), gen_.scope.clone());
-        let launch = self.launch_context(&config).map_err(|e| e.to_string())?;
-        let spawned = self.spawn_band(&config, generation, band, &ports, &launch)?;
-        let pid = spawned.gated.pid();
-        if let Err(e) = self.deps.scopes.attach(&scope, &[pid]).await {
-            let spec = scope_spec(&config, generation, vec![pid]);
-            self.deps.scopes.start(&spec).await.map_err(|e2| format!("{e}; {e2}"))?;
-        }
-        let id = self.release(app, generation, band, ports, spawned, &config)?;
-        let pid = self.m.workers.get(&id).map_or(0, |w| w.pid);
-        info!(app = %app, generation, band, pid, "{app}: started pid {pid} for band {band} of generation {generation}");
-        Ok(id)
-    }
-
-    /// Starts the next held band of a paced generation (spawn_interval).
-    pub(super) async fn release_next(&mut self, app: &AppName, generation: u64) {
-        let Some(gen_) = self.m.generation_mut(app, generation) else { return };
-        let Some(HeldBand { band, ports }) = gen_.held.pop_front() else { return };
-        let (more, interval) = (!gen_.held.is_empty(), gen_.config.spawn_interval);
-        if let Err(e) = self.launch_into_scope(app, generation, band, ports).await {
-            self.fail(app, generation, format!("band {band}: cannot start: {e}"));
-            return;
-        }
-        if more {
-            self.timers.set(TimerKey::ReleaseNext { app: app.clone(), generation }, interval);
-        }
-    }
-
-    /// When every band of a starting generation is ready: cutover.
+    /// When every band of a starting generation is ready: cutover (of a canary's bands, for a
+    /// canary; of every band, for a canary being promoted).
     pub(super) async fn check_ready(&mut self, app: &AppName, g: u64) {
         let Some(gen_) = self.m.generation(app, g) else { return };
-        if gen_.state != GenState::Starting {
+        let needed = match (&gen_.canary, gen_.state) {
+            (Some(c), GenState::Starting) => c.bands.len(),
+            (Some(c), GenState::Canary) if c.promoting => gen_.config.workers as usize,
+            (None, GenState::Starting) => gen_.config.workers as usize,
+            _ => return,
+        };
+        let canary_start = gen_.state == GenState::Starting && gen_.canary.is_some();
+        let ready: BTreeSet<u32> =
+            self.m.workers_of(app, g).filter(|(_, w)| w.ready).map(|(_, w)| w.band).collect();
+        if ready.len() < needed {
             return;
         }
-        let bands = gen_.config.workers as usize;
-        if self.m.workers_of(app, g).filter(|(_, w)| w.ready).count() == bands {
+        if canary_start {
+            self.canary_cutover(app, g).await;
+        } else {
             self.cutover(app, g).await;
         }
     }
 
     /// Steps 4–5: one transaction switches every band to generation `g`; once it is applied,
-    /// `g`'s workers are live and the previous live generation is retired.
+    /// `g`'s workers are live and the previous live generation is retired. A canary's cutover
+    /// here is its promotion.
     async fn cutover(&mut self, app: &AppName, g: u64) {
         let previous = self.m.apps[app].live_except(g);
+        let promoted = self.m.gen_state(app, g) == Some(GenState::Canary);
         let started = tokio::time::Instant::now();
         if let Err(e) = self.route_to(app, g).await {
             self.fail(app, g, format!("cutover failed: {e}"));
@@ -373,7 +257,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
         info!(app = %app, generation = g, "{app}: cutover to generation {g} in {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
         self.metrics.cutover.entry(app.to_string()).or_default().observe(started.elapsed().as_secs_f64());
-        self.metrics.deploys.entry(app.to_string()).or_default().0 += 1;
+        let counts = self.metrics.deploys.entry(app.to_string()).or_default();
+        if promoted {
+            counts.promoted += 1
+        } else {
+            counts.ok += 1
+        }
         self.timers.cancel(&TimerKey::ReadyTimeout { app: app.clone(), generation: g });
         for id in self.m.ids_of(app, g) {
             if let Some(w) = self.m.workers.get_mut(&id) {
@@ -383,10 +272,14 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         if let Some(a) = self.m.apps.get_mut(app) {
             a.stopped = false;
         }
+        if promoted {
+            self.canary_promoted(app, g);
+        }
         self.enter(app, g, GenState::Live);
         for p in previous {
             self.retire_generation(app, p);
         }
+        self.limit_draining(app);
         let waiting: Vec<Waiter> =
             self.m.generation_mut(app, g).map(|x| x.waiting.drain(..).collect()).unwrap_or_default();
         for w in waiting {
@@ -420,18 +313,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             self.m.workers_of(app, g).filter(|(_, w)| !w.ready).min_by_key(|(_, w)| w.band).map(|(_, w)| w);
         let reason = match late {
             Some(w) => {
-                let own: Vec<u16> = self
-                    .deps
-                    .processes
-                    .listeners(w.pid, w.cgroup.as_deref(), &w.worker_ports())
-                    .into_iter()
-                    .map(|(p, _)| p)
-                    .collect();
-                format!(
-                    "band {}: not ready after {timeout:?}{}",
-                    w.band,
-                    self.ports_taken(&w.worker_ports(), &own)
-                )
+                let ports = w.worker_ports();
+                let mut why = self.ports_taken(&ports, Some((w.pid, w.cgroup.as_deref())));
+                let own = self.deps.inspector.listeners(w.pid, w.cgroup.as_deref(), &ports);
+                if why.is_empty() && !ports.is_empty() && own.len() == ports.len() {
+                    why = " (it listens on its ports, but not in every address family the app routes to them: listen on [::]:$PORT)".into();
+                }
+                format!("band {}: not ready after {timeout:?}{why}", w.band)
             }
             None => format!("not ready after {timeout:?}"),
         };
@@ -441,11 +329,15 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
     /// A starting generation failed: stop its scope; the callers are answered once it is gone.
     pub(super) fn fail(&mut self, app: &AppName, g: u64, reason: String) {
         let Some(gen_) = self.m.generation_mut(app, g) else { return };
+        if gen_.state == GenState::Canary {
+            self.promotion_failed(app, g, reason);
+            return;
+        }
         if gen_.state != GenState::Starting {
             return;
         }
         warn!(app = %app, generation = g, "{app}: deploy of generation {g} failed: {reason}");
-        self.metrics.deploys.entry(app.to_string()).or_default().1 += 1;
+        self.metrics.deploys.entry(app.to_string()).or_default().failed += 1;
         gen_.failure = Some(reason);
         gen_.held.clear();
         self.timers.cancel(&TimerKey::ReadyTimeout { app: app.clone(), generation: g });

@@ -21,9 +21,7 @@ use ipcluster_core::{
 use tracing::{info, warn};
 
 use super::{BusSignal, Event, PolicyAction, Supervisor, model::WorkerId};
-use crate::{
-    clock::usec, netfilter::Router, processes::Processes, sampler::Sample, scopes::Scopes, steering::Steer,
-};
+use crate::{clock::usec, processes::Sampler, sampler::Sample, world::World};
 
 /// Which workers a policy may act on, by state.
 fn mem_state(s: WorkerState) -> MemState {
@@ -34,10 +32,22 @@ fn mem_state(s: WorkerState) -> MemState {
     }
 }
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
+impl<W: World> Supervisor<W> {
     /// Starts a sampling round on a blocking thread.
     pub(super) fn start_sampling(&mut self) {
-        let targets: Vec<(WorkerId, u32)> = self.m.workers.iter().map(|(id, w)| (*id, w.pid)).collect();
+        // A share of the workers per round, but every round those a memory policy watches and
+        // those not sampled yet (sampler::due).
+        let (round, n) = (crate::sampler::next_round(), self.m.workers.len());
+        let targets: Vec<(WorkerId, u32)> = (self.m.workers.iter().enumerate())
+            .filter(|(i, (_, w))| {
+                let watched = self
+                    .m
+                    .config(&w.app, w.generation)
+                    .is_some_and(|c| c.worker_memory_max.is_some() || c.cluster_memory_max.is_some());
+                w.sample.rss == 0 || watched || crate::sampler::due(*i, n, round)
+            })
+            .map(|(_, (id, w))| (*id, w.pid))
+            .collect();
         let pressured: Vec<(WorkerId, u32)> = self
             .m
             .workers
@@ -58,11 +68,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                     .map(move |g| (slice.clone(), g.scope.clone()))
             })
             .collect();
-        let (processes, tx) = (self.deps.processes.clone(), self.events_tx.clone());
+        let (sampler, tx) = (self.deps.sampler.clone(), self.events_tx.clone());
         tokio::task::spawn_blocking(move || {
-            let samples = processes.sample(&scopes, &targets);
-            let connections =
-                if pressured.is_empty() { Vec::new() } else { processes.connections(&pressured) };
+            let samples = sampler.sample(&scopes, &targets);
+            let connections = if pressured.is_empty() { Vec::new() } else { sampler.connections(&pressured) };
             let _ = tx.send(Event::Samples { samples, connections });
         });
     }
@@ -89,7 +98,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
     }
 
     /// Whether the app's retire_rate allows one more memory or health retirement now.
-    fn retirement_allowed(&mut self, app: &AppName, rate: (u32, Duration)) -> bool {
+    pub(super) fn retirement_allowed(&mut self, app: &AppName, rate: (u32, Duration)) -> bool {
         let now = tokio::time::Instant::now();
         let a = self.m.apps.entry(app.clone()).or_default();
         let limit = a.retire_limit.get_or_insert_with(|| RateLimiter::new(rate.0, rate.1));
@@ -98,11 +107,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
     }
 
     /// Counts a policy action for /metrics.
-    fn count(&mut self, app: &AppName, action: PolicyAction) {
+    pub(super) fn count(&mut self, app: &AppName, action: PolicyAction) {
         *self.metrics.policy_actions.entry((app.to_string(), action)).or_default() += 1;
     }
 
-    fn held_back(&mut self, app: &AppName, generation: u64, band: u32, pid: u32, reason: String) {
+    pub(super) fn held_back(&mut self, app: &AppName, generation: u64, band: u32, pid: u32, reason: String) {
         self.count(app, PolicyAction::HeldBack);
         warn!(app = %app, generation, band, pid, "{app}: band {band} pid {pid}: {reason}");
         self.signal(BusSignal::PolicyHeldBack { app: app.to_string(), generation, band, pid, reason });
@@ -175,6 +184,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             .map(|(id, w)| MemWorker {
                 id,
                 rss: w.sample.rss,
+                sessions: self.sessions.get(&(app.clone(), w.generation)).copied().unwrap_or(0),
                 connections: connections.get(&id).copied().unwrap_or(0),
                 started: usec(w.started),
                 state: mem_state(w.state),

@@ -33,12 +33,18 @@
 mod adopt;
 mod api;
 mod apps;
+mod canary;
+mod checks;
 mod deploy;
 mod health;
+mod launch;
 mod model;
+mod record;
 mod respawn;
 mod retire;
 mod rollback;
+mod sessions;
+mod snapshot;
 mod sockets;
 #[cfg(test)]
 mod tests;
@@ -53,44 +59,49 @@ use std::{
 };
 
 pub use api::{
-    BusSignal, CUTOVER_BUCKETS, Command, Error, GenerationInfo, Handle, Histogram, Mailbox, Metrics,
-    PolicyAction, Reply, Snapshot, WorkerInfo, channel,
+    Authorized, BusSignal, CUTOVER_BUCKETS, CanaryRequest, Command, Deploys, Error, GenerationInfo, Handle,
+    HealthInfo, Histogram, Mailbox, Metrics, PolicyAction, Reply, RollbackHow, RollbackPlan, SessionInfo,
+    Snapshot, WorkerInfo, channel,
 };
-use ipcluster_core::{
-    model::GenState,
-    name::AppName,
-    policy::Backoff,
-    ports::PortAllocator,
-    saved::{SavedGeneration, SavedState, SavedWorker},
-};
+use ipcluster_core::{name::AppName, policy::Backoff, ports::PortAllocator, saved::SavedState};
 use model::{Model, WorkerId};
 use timers::{TimerKey, Timers};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    clock::{Clock, usec},
+    clock::Clock,
     netfilter::{Applied, Router},
     notify,
     process::Exit,
-    processes::Processes,
+    processes::Spawner,
     sampler::Sample,
     scopes::Scopes,
-    state,
-    steering::Steer,
+    state::Store,
+    status::Notifier,
+    world::{ProcHandle, World},
 };
 
-/// What the supervisor needs from outside.
+/// What the supervisor needs from outside: the seams of its world (see [`crate::world`]), and
+/// the settings it runs with.
 #[derive(Debug)]
-pub struct Deps<S, R, P, T> {
-    pub scopes: S,
-    pub router: R,
-    pub processes: P,
+pub struct Deps<W: World> {
+    pub scopes: W::Scopes,
+    pub router: W::Router,
+    pub spawner: W::Spawner,
+    pub inspector: W::Inspector,
+    pub sampler: W::Sampler,
     /// Socket mode's kernel side.
-    pub steer: T,
+    pub steer: W::Steer,
+    pub files: W::Files,
+    pub store: W::Store,
+    pub notifier: W::Notifier,
+    pub relay: W::Relay,
+    /// HTTP health checks.
+    pub checker: W::Checker,
     pub clock: Arc<dyn Clock>,
+    /// Where app files live (for messages: the files are read through `files`).
     pub config_dir: PathBuf,
-    pub state_file: PathBuf,
     /// Datagrams of the workers' notify socket, from processes in our scopes.
     pub notify: Option<mpsc::Receiver<notify::Notification>>,
     /// The notify socket's path, for workers' `NOTIFY_SOCKET` (`None`: not available).
@@ -127,6 +138,12 @@ pub enum Event {
     ScopeJob { app: AppName, generation: u64, job: ScopeJob, result: Result<(), String> },
     /// A sampling round finished: samples, and connections where they were asked for.
     Samples { samples: Vec<(WorkerId, Sample)>, connections: Vec<(WorkerId, u32)> },
+    /// A crashed worker's socket for `port` was drained and closed.
+    Drained { app: AppName, port: u16 },
+    /// A draining generation's established connections, counted (see sessions.rs).
+    DrainCheck { app: AppName, generation: u64, connections: u32 },
+    /// A health check of a worker came back (see checks.rs).
+    Checked { id: WorkerId, outcome: ipcluster_core::checks::Outcome },
 }
 
 /// Finished generations kept for ListGenerations, per app.
@@ -140,12 +157,12 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
 /// Owner of all state.
 #[derive(Debug)]
-pub struct Supervisor<S, R, P: Processes, T: Steer> {
-    deps: Deps<S, R, P, T>,
+pub struct Supervisor<W: World> {
+    deps: Deps<W>,
     commands: mpsc::Receiver<Command>,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
-    m: Model<P::Handle>,
+    m: Model<ProcHandle<W>>,
     timers: Timers,
     ports: PortAllocator,
     saved: SavedState,
@@ -163,7 +180,19 @@ pub struct Supervisor<S, R, P: Processes, T: Steer> {
     /// Counters for /metrics.
     metrics: api::Metrics,
     /// Socket mode's groups and tables.
-    groups: sockets::Groups<T>,
+    groups: sockets::Groups<W::Steer>,
+    /// Live session records of each generation with session affinity (its set in NAT mode,
+    /// its slot in socket mode), as last counted.
+    sessions: BTreeMap<(AppName, u64), u32>,
+    /// Draining generations whose connections are being counted.
+    drain_checks: std::collections::BTreeSet<(AppName, u64)>,
+    /// State saved in the background (its writer thread may not have written it yet) since
+    /// the last write made before answering.
+    unsaved: bool,
+    /// Ports of NAT workers that exited while not live: once a rule change is in force (no
+    /// rule names them any more), the connections they reset are forgotten (see
+    /// netfilter/conntrack.rs).
+    forget_after_sync: Vec<u16>,
 }
 
 /// Answers waiting for the end of the supervisor's turn.
@@ -176,16 +205,16 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
+impl<W: World> Supervisor<W> {
     /// A supervisor serving `mailbox` with `deps`.
-    pub fn new(mailbox: api::Mailbox, deps: Deps<S, R, P, T>) -> Self {
+    pub fn new(mailbox: api::Mailbox, deps: Deps<W>) -> Self {
         let api::Mailbox { commands, snapshot } = mailbox;
         let (events_tx, events) = mpsc::unbounded_channel();
-        let saved = state::load(&deps.state_file).unwrap_or_else(|e| {
-            warn!("state file {}: {e}; rebuilding from reality", deps.state_file.display());
+        let saved = deps.store.load().unwrap_or_else(|e| {
+            warn!("{e}; rebuilding from reality");
             SavedState::default()
         });
-        let base_nice = deps.processes.own_nice();
+        let base_nice = deps.spawner.own_nice();
         Self {
             timers: Timers::new(events_tx.clone()),
             deps,
@@ -203,6 +232,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             outbox: Outbox::default(),
             metrics: api::Metrics::default(),
             groups: sockets::Groups::default(),
+            sessions: BTreeMap::new(),
+            drain_checks: Default::default(),
+            unsaved: false,
+            forget_after_sync: Vec::new(),
         }
     }
 
@@ -221,6 +254,26 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
     /// Ends a turn: the snapshot for readers, then the answers, then the status line.
     fn end_turn(&mut self) {
         self.snapshot.send_replace(Some(Arc::new(self.build_snapshot())));
+        self.end_quiet_turn();
+    }
+
+    /// Ends a turn that changed nothing readers see (a sampling round started, the rules
+    /// checked): the snapshot stays as it is (rebuilding it costs more than the rest at 1024
+    /// workers).
+    fn end_quiet_turn(&mut self) {
+        // An answer leaves once the state its call made is on disk: a daemon killed right
+        // after a Deploy, a Rollback or a Promote returned finds on restart what the caller was
+        // told (a canary's deadline, a draining generation with no record left, and the like,
+        // which reality cannot show). Turns that answer nobody leave it to the writer thread.
+        if self.unsaved && !self.outbox.0.is_empty() {
+            self.unsaved = false;
+            if let Err(e) = self.deps.store.save_now(&self.saved) {
+                // The answers still leave (what they report happened); the writer thread and
+                // the stop retry the write.
+                error!("cannot save the state: {e}");
+                self.deps.store.save(&self.saved);
+            }
+        }
         for send in self.outbox.0.drain(..) {
             send();
         }
@@ -248,11 +301,12 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
         let pending = self.autostart().await;
         self.end_turn();
+        let notifier = self.deps.notifier.clone();
         tokio::spawn(async move {
             for rx in pending {
                 let _ = rx.await;
             }
-            crate::notify_systemd(&[sd_notify::NotifyState::Ready]);
+            notifier.ready();
         });
         let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2).unwrap_or(Duration::from_secs(3600));
         let mut tick = tokio::time::interval(watchdog);
@@ -261,6 +315,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         let mut sample = tokio::time::interval(self.deps.sample_interval);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sampling = false;
+        let mut quiet = false;
         loop {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
@@ -276,31 +331,68 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                 _ = sample.tick(), if !sampling => {
                     sampling = true;
                     self.start_sampling();
+                    quiet = true;
                 }
-                _ = tick.tick() => crate::notify_systemd(&[sd_notify::NotifyState::Watchdog]),
-                _ = reconcile.tick() => self.reconcile().await,
+                _ = tick.tick() => {
+                    self.deps.notifier.watchdog();
+                    quiet = true;
+                }
+                _ = reconcile.tick() => {
+                    self.reconcile().await;
+                    // Session counts are published (ListSessions, /metrics).
+                    quiet = !self.keeps_sessions();
+                }
             }
-            self.end_turn();
+            if std::mem::take(&mut quiet) { self.end_quiet_turn() } else { self.end_turn() }
         }
     }
 
+    /// The D-Bus adapter refuses malformed app names before they get here; names are still
+    /// logged quoted (`{app:?}`), so no caller's string is ever a raw journal line.
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Deploy { app, overrides, reply } => {
+            Command::Deploy { app, overrides, auth, reply } => {
+                info!(app, "Deploy of {app:?} by {}", auth.caller());
                 self.deploy(&app, deploy::Source::File(&overrides), model::Waiter::Deploy(reply)).await;
             }
-            Command::Retire { app, generation, reply } => self.retire(&app, generation, reply).await,
-            Command::Rollback { app, generation, reply } => self.rollback(&app, generation, reply).await,
-            Command::KillRetired { app, reply } => {
-                let n = self.kill_retired(&app);
+            Command::DeployCanary { app, overrides, canary, auth, reply } => {
+                info!(app, "Deploy of a canary of {app:?} on {} bands by {}", canary.bands, auth.caller());
+                let source = deploy::Source::File(&overrides);
+                self.deploy_with(&app, source, Some(canary), model::Waiter::Deploy(reply)).await;
+            }
+            Command::Promote { app, auth, reply } => {
+                info!(app, "Promote of {app:?} by {}", auth.caller());
+                self.promote(&app, reply).await;
+            }
+            Command::Retire { app, generation, auth, reply } => {
+                info!(
+                    app,
+                    generation,
+                    "RetireGeneration of {app:?} generation {generation} by {}",
+                    auth.caller()
+                );
+                self.retire(&app, generation, reply).await;
+            }
+            Command::PlanRollback { app, generation, reply } => {
+                let plan = self.plan_rollback(&app, generation).map(|(_, plan)| plan);
+                self.reply(reply, plan);
+            }
+            Command::Rollback { app, generation, plan, auth, reply } => {
+                self.rollback(&app, generation, &plan, &auth, reply).await;
+            }
+            Command::KillRetired { app, auth, reply } => {
+                let n = self.kill_retired(&app, &auth).await;
                 self.reply(reply, n);
             }
-            Command::StopApp { app, reply } => self.stop_app(&app, reply).await,
-            Command::Reload { reply } => {
+            Command::StopApp { app, auth, reply } => {
+                info!(app, "StopApp of {app:?} by {}", auth.caller());
+                self.stop_app(&app, reply).await;
+            }
+            Command::Reload { auth, reply } => {
                 self.load_configs();
                 self.sync_rules().await;
                 let _ = self.autostart().await;
-                info!("configuration reloaded");
+                info!("configuration reloaded (by {})", auth.caller());
                 self.reply(reply, Ok(()));
             }
         }
@@ -320,6 +412,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                 self.scope_job_done(app, generation, job, result)
             }
             Event::Samples { samples, connections } => self.apply_samples(samples, connections).await,
+            Event::Drained { app, port } => self.drained(&app, port),
+            Event::DrainCheck { app, generation, connections } => {
+                self.drain_checked(&app, generation, connections);
+            }
+            Event::Checked { id, outcome } => self.checked(id, outcome).await,
         }
     }
 
@@ -332,6 +429,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             TimerKey::RespawnTimeout(id) => self.respawn_timeout(id),
             TimerKey::ReapNext(app) => self.reap_next(&app),
             TimerKey::SyncRules => self.sync_rules().await,
+            TimerKey::CanaryDeadline { app, generation } => self.canary_deadline(&app, generation).await,
+            TimerKey::HealthRound { app, generation } => self.health_round(&app, generation),
+            TimerKey::ReadyCheck(id) => self.check_worker(id),
         }
     }
 
@@ -345,7 +445,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             line.push_str(&format!("; cannot route: {e}"));
         }
         if line != self.last_status {
-            crate::notify_systemd(&[sd_notify::NotifyState::Status(&line)]);
+            self.deps.notifier.status(&line);
             self.last_status = line;
         }
     }
@@ -356,79 +456,6 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
 
     fn now(&self) -> SystemTime {
         self.deps.clock.wall()
-    }
-
-    /// The one way a generation changes state: checked against the legal transitions, logged,
-    /// saved, and signalled on the bus.
-    fn enter(&mut self, app: &AppName, g: u64, state: GenState) {
-        let now = self.now();
-        let Some(gen_) = self.m.generation_mut(app, g) else { return };
-        if gen_.state == state && state != GenState::Starting {
-            return;
-        }
-        if gen_.state != state && !gen_.state.can_become(state) {
-            warn!(app = %app, generation = g, "unexpected transition {} -> {}", gen_.state, state);
-        }
-        gen_.state = state;
-        if state == GenState::Retired {
-            gen_.retired_at = Some(now);
-        }
-        match state {
-            GenState::Starting => {
-                info!(app = %app, generation = g, "{app}: deploying generation {g} ({} workers) in {}", gen_.config.workers, gen_.scope)
-            }
-            _ => info!(app = %app, generation = g, "{app}: generation {g} is {state}"),
-        }
-        self.persist();
-        self.signal(BusSignal::GenerationStateChanged { app: app.to_string(), generation: g, state });
-        if state == GenState::Stopped {
-            // Its workers are gone; whatever they left behind goes with the scope.
-            self.scope_job(app, g, ScopeJob::Stop);
-        }
-        if !state.is_running() {
-            self.drop_tables(app, g);
-        }
-        if !state.is_running() {
-            self.trim_history(app);
-        }
-    }
-
-    /// Saves what reality cannot tell a restarted daemon: generation counters, the state of
-    /// every running generation, crash backoffs, stopped apps. A failure is logged: the daemon
-    /// keeps serving, and adoption trusts reality (scopes, processes, rules) first anyway.
-    fn persist(&mut self) {
-        self.saved.apps.clear();
-        for ((name, band), b) in &self.backoff {
-            if let Some(last) = b.current() {
-                let ms = u64::try_from(last.as_millis()).unwrap_or(u64::MAX);
-                self.saved.apps.entry(name.clone()).or_default().backoff_ms.insert(*band, ms);
-            }
-        }
-        for (name, app) in &self.m.apps {
-            if app.stopped {
-                self.saved.apps.entry(name.clone()).or_default().stopped = true;
-            }
-            // Every generation in the history, finished ones too: a rollback after a restart still
-            // knows what they ran.
-            for (g, x) in &app.generations {
-                let mut record = SavedGeneration::of(x.state, usec(x.started), &x.config);
-                record.retired_usec = x.retired_at.map(usec);
-                record.processes = self
-                    .m
-                    .workers_of(name, *g)
-                    .map(|(_, w)| SavedWorker {
-                        pid: w.pid,
-                        start_usec: usec(w.started),
-                        band: w.band,
-                        ports: w.worker_ports(),
-                    })
-                    .collect();
-                self.saved.apps.entry(name.clone()).or_default().generations.insert(*g, record);
-            }
-        }
-        if let Err(e) = state::save(&self.deps.state_file, &self.saved) {
-            error!("cannot write {}: {e}", self.deps.state_file.display());
-        }
     }
 
     /// The ports workers hold changed (a worker started or left): the rules that guard them are
@@ -445,7 +472,20 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         match self.deps.router.apply(&self.routes(None)).await {
             Ok(Applied::Changed) => tracing::debug!("rules updated"),
             Ok(Applied::Unchanged) => {}
-            Err(e) => error!("cannot change the NAT rules: {e}"),
+            Err(e) => {
+                error!("cannot change the NAT rules: {e}");
+                return;
+            }
+        }
+        self.rules_in_force();
+    }
+
+    /// The rules match the model: the ports of workers that left are named by none, so what
+    /// their connections left in connection tracking can go.
+    fn rules_in_force(&mut self) {
+        if !self.forget_after_sync.is_empty() {
+            let ports = std::mem::take(&mut self.forget_after_sync);
+            self.deps.router.forget(&ports);
         }
     }
 
@@ -453,30 +493,32 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
     /// something else had changed them.
     async fn reconcile(&mut self) {
         match self.deps.router.apply(&self.routes(None)).await {
-            Ok(Applied::Changed) => warn!(
-                "NAT rules did not match the live workers (flushed or changed by another tool?); repaired in one transaction"
-            ),
-            Ok(Applied::Unchanged) => {}
+            Ok(applied) => {
+                if applied == Applied::Changed {
+                    warn!(
+                        "NAT rules did not match the live workers (flushed or changed by another tool?); repaired in one transaction"
+                    );
+                }
+                self.rules_in_force();
+            }
             Err(e) => error!("cannot check the NAT rules: {e}"),
         }
-    }
-
-    fn trim_history(&mut self, app: &AppName) {
-        let Some(a) = self.m.apps.get_mut(app) else { return };
-        let finished: Vec<u64> = a
-            .generations
-            .iter()
-            .filter(|(_, g)| !g.state.is_running() && g.waiting.is_empty())
-            .map(|(n, _)| *n)
-            .collect();
-        for n in finished.iter().take(finished.len().saturating_sub(HISTORY)) {
-            a.generations.remove(n);
+        self.guard_steering();
+        if self.keeps_sessions() {
+            self.count_sessions().await;
         }
     }
 
-    /// Runs a scope call in the background; its outcome comes back as [`Event::ScopeJob`].
+    /// Runs a scope call on a generation's scope in the background; its outcome comes back as
+    /// [`Event::ScopeJob`].
     fn scope_job(&self, app: &AppName, generation: u64, job: ScopeJob) {
         let Some(unit) = self.m.generation(app, generation).map(|g| g.scope.clone()) else { return };
+        self.unit_job(app, generation, unit, job);
+    }
+
+    /// [`Self::scope_job`] on `unit`, which may belong to a generation the model does not hold
+    /// (one adoption stops without taking it over).
+    fn unit_job(&self, app: &AppName, generation: u64, unit: String, job: ScopeJob) {
         let (scopes, tx, app) = (self.deps.scopes.clone(), self.events_tx.clone(), app.clone());
         tokio::spawn(async move {
             let result = match job {

@@ -31,8 +31,8 @@ pub struct Worker<H> {
     pub generation: u64,
     pub band: u32,
     pub pid: u32,
-    /// (public address, worker port), in `listen` order; none in socket mode.
-    pub ports: Vec<(SocketAddr, u16)>,
+    /// How its band's connections reach it: its routing mode's part.
+    pub plumbing: Plumbing,
     pub state: WorkerState,
     pub started: SystemTime,
     /// How the supervisor holds it (a pidfd).
@@ -57,20 +57,77 @@ pub struct Worker<H> {
     pub reap_queued: bool,
     /// When it was retired on its own (a memory or health replacement), not with its generation.
     pub retired_at: Option<SystemTime>,
-    /// Duplicates of its listening sockets, taken when it became ready (see orphan.rs).
-    pub listeners: Vec<(u16, OwnedFd)>,
-    /// Socket mode: the daemon's copies of the sockets it handed the worker, in `listen` order,
-    /// until they join its generation's tables (when it is ready). Then only the worker holds
-    /// them, so they close when it ends and their queued connections move to another band.
-    pub sockets: Vec<OwnedFd>,
-    /// Socket mode: the cookies of its sockets, in `listen` order (how a table names them).
-    pub cookies: Vec<u64>,
+    /// Its health checks (`health_path`).
+    pub health: WorkerHealth,
+}
+
+/// A worker's health checks.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerHealth {
+    /// Failed checks in a row.
+    pub failures: u32,
+    /// The last check's outcome, and when it came back.
+    pub last: Option<(ipcluster_core::checks::Outcome, SystemTime)>,
+    /// A check of it is running.
+    pub in_flight: bool,
+    /// `ready = "http"`: it holds its ports (or sent READY=1) and waits for a check to pass.
+    pub waiting: bool,
+    /// `ready = "http"`: a check passed before it was ready.
+    pub passed: bool,
+    /// What happened to its band before it (a health replacement), for `ipclusterctl status`.
+    pub note: Option<String>,
 }
 
 impl<H> Worker<H> {
-    /// Its worker ports, in `listen` order.
+    /// Its worker ports, in `listen` order (none in socket mode).
     pub fn worker_ports(&self) -> Vec<u16> {
-        self.ports.iter().map(|p| p.1).collect()
+        self.plumbing.ports().iter().map(|p| p.1).collect()
+    }
+}
+
+/// How a worker's connections reach it, by routing mode: a NAT worker holds no socket of the
+/// daemon's, a socket-mode worker has no port of its own.
+#[derive(Debug)]
+pub enum Plumbing {
+    /// NAT: the worker listens on ports of its own, and the rules redirect its band to them.
+    Nat {
+        /// (public address, worker port), in `listen` order.
+        ports: Vec<(SocketAddr, u16)>,
+        /// Duplicates of its listening sockets, taken when it became ready: a crashed worker's
+        /// queued connections are relayed from them (see orphan.rs).
+        listeners: Vec<(u16, OwnedFd)>,
+    },
+    /// Socket mode: the daemon bound its sockets and handed them over.
+    Socket {
+        /// The daemon's copies of the sockets it handed the worker, in `listen` order, until
+        /// they join its generation's tables (when it is ready). Then only the worker holds
+        /// them, so they close when it ends and their queued connections move to another band.
+        sockets: Vec<OwnedFd>,
+        /// The cookies of its sockets, in `listen` order (how a table names them).
+        cookies: Vec<u64>,
+    },
+}
+
+impl Plumbing {
+    /// A NAT worker on `ports`, before it is ready.
+    pub fn nat(ports: Vec<(SocketAddr, u16)>) -> Self {
+        Plumbing::Nat { ports, listeners: Vec::new() }
+    }
+
+    /// (public address, worker port), in `listen` order; none in socket mode.
+    pub fn ports(&self) -> &[(SocketAddr, u16)] {
+        match self {
+            Plumbing::Nat { ports, .. } => ports,
+            Plumbing::Socket { .. } => &[],
+        }
+    }
+
+    /// The cookies of a socket-mode worker's sockets; none in NAT mode.
+    pub fn cookies(&self) -> &[u64] {
+        match self {
+            Plumbing::Nat { .. } => &[],
+            Plumbing::Socket { cookies, .. } => cookies,
+        }
     }
 }
 
@@ -119,6 +176,25 @@ pub struct Generation {
     pub failure: Option<String>,
     /// Bands not started yet (spawn_interval), in order.
     pub held: VecDeque<HeldBand>,
+    /// Its slot while it runs: in NAT mode with session affinity, among the app's session sets
+    /// (`ipc4-<app>-<slot>`); in socket mode, always, among its groups' eight slots (its
+    /// tables). `None` otherwise, or once a socket-mode generation gave its slot up.
+    pub slot: Option<u8>,
+    /// A canary deploy's split (issue 24): the bands it serves while it is a canary.
+    pub canary: Option<Canary>,
+}
+
+/// A canary generation's split: it serves `bands`, the live generation the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canary {
+    /// The bands it serves, ascending.
+    pub bands: Vec<u32>,
+    /// `canary_for`: how long it runs before it promotes itself, if nothing goes wrong.
+    pub canary_for: Option<std::time::Duration>,
+    /// When it promotes itself (set at its cutover; kept across daemon restarts).
+    pub deadline: Option<SystemTime>,
+    /// Promote was asked: its other bands are starting (answered in `waiting` at the cutover).
+    pub promoting: bool,
 }
 
 /// A StopApp call waiting for the app's scopes to be gone.
@@ -148,6 +224,14 @@ pub struct App {
     pub live_over_budget: bool,
     /// A StopApp in progress.
     pub stopping: Option<Stopping>,
+    /// Worker ports of launchers about to run (not yet in the model's workers): guarded
+    /// before any of them can listen.
+    pub launching: Vec<u16>,
+    /// Ports of crashed workers whose sockets the daemon still drains (see orphan.rs): guarded
+    /// until the drain has closed them. `Some` until the drain is told to finish.
+    pub draining: BTreeMap<u16, Option<crate::relay::Drain>>,
+    /// More than half of its live workers fail their health checks at once (reported once).
+    pub health_shared: bool,
 }
 
 impl App {
@@ -163,6 +247,33 @@ impl App {
             .filter(|(n, x)| **n != g && x.state == GenState::Live)
             .map(|(n, _)| *n)
             .collect()
+    }
+
+    /// The canary generation (serving some bands beside the live one).
+    pub fn canary(&self) -> Option<u64> {
+        self.generations.iter().rev().find(|(_, g)| g.state == GenState::Canary).map(|(n, _)| *n)
+    }
+
+    /// The draining generations, newest first.
+    pub fn draining(&self) -> Vec<u64> {
+        self.generations
+            .iter()
+            .rev()
+            .filter(|(_, g)| g.state == GenState::Draining)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// A slot no running generation of the app holds.
+    pub fn free_slot(&self) -> Option<u8> {
+        self.free_slot_but(&BTreeSet::new())
+    }
+
+    /// [`Self::free_slot`], `busy` excepted (slots the kernel still steers to).
+    pub fn free_slot_but(&self, busy: &BTreeSet<u8>) -> Option<u8> {
+        let taken: BTreeSet<u8> =
+            self.generations.values().filter(|g| g.state.is_running()).filter_map(|g| g.slot).collect();
+        (0..ipcluster_core::routing::SET_SLOTS).find(|s| !taken.contains(s) && !busy.contains(s))
     }
 
     /// The generation being deployed.

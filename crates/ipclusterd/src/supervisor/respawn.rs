@@ -17,9 +17,9 @@ use ipcluster_core::{
 use tracing::{info, warn};
 
 use super::{Supervisor, model::WorkerId, timers::TimerKey};
-use crate::{netfilter::Router, processes::Processes, scopes::Scopes, steering::Steer};
+use crate::{processes::Spawner, world::World};
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
+impl<W: World> Supervisor<W> {
     /// Schedules a respawn of `band` after its backoff delay (the generation's
     /// `restart_backoff`, doubling while it keeps crashing).
     pub(super) fn schedule_respawn(&mut self, app: &AppName, generation: u64, band: u32, up_for: Duration) {
@@ -61,6 +61,10 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         old: WorkerId,
         reason: &'static str,
     ) {
+        let why = format!("band {band} needed a replacement ({reason})");
+        if self.canary_trouble(app, generation, why).await {
+            return;
+        }
         if let Some(w) = self.m.workers.get_mut(&old) {
             w.stop_reason = Some(reason);
         }
@@ -79,7 +83,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         replaces: Option<WorkerId>,
     ) -> Result<(), String> {
         let Some(gen_) = self.m.generation(app, generation) else { return Err("no such generation".into()) };
-        if gen_.state != GenState::Live {
+        if !matches!(gen_.state, GenState::Live | GenState::Canary) {
             return Err(format!("generation {generation} is {}", gen_.state));
         }
         let config = gen_.config.clone();
@@ -129,11 +133,11 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         let (old_id, old_pid) = (replaces.unwrap_or_default(), old.pid);
         if let Some(config) = self.m.config(&app, g) {
             let nice = self.base_nice + config.retire_nice;
-            if let Err(e) = self.deps.processes.renice_tree(old_pid, nice) {
+            if let Err(e) = self.deps.spawner.renice_tree(old_pid, nice) {
                 warn!(app = %app, pid = old_pid, "cannot renice: {e}");
             }
             if let Some(sig) = config.retire_signal {
-                let _ = self.deps.processes.signal(&old.handle, sig.number());
+                let _ = self.deps.spawner.signal(&old.handle, sig.number());
             }
             if let Some(w) = self.m.workers.get_mut(&old_id) {
                 w.nice = nice;

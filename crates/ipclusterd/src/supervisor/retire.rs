@@ -10,13 +10,13 @@ use ipcluster_core::{
 use tracing::{info, warn};
 
 use super::{
-    Error, Reply, ScopeJob, Supervisor,
+    Authorized, Error, Reply, ScopeJob, Supervisor,
     model::{Stopping, Waiter, WorkerId},
     timers::TimerKey,
 };
-use crate::{netfilter::Router, processes::Processes, scopes::Scopes, steering::Steer};
+use crate::{processes::Spawner, world::World};
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
+impl<W: World> Supervisor<W> {
     /// RetireGeneration: idempotent for a generation that is no longer live; a live one is
     /// replaced first (a band is never left without a worker on purpose): a deploy from the
     /// current config, whose cutover retires it and answers the call.
@@ -37,7 +37,18 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
                 let _ = reply
                     .send(Err(Error::Busy(format!("{name} generation {generation} is still deploying"))));
             }
+            Some(GenState::Canary) => {
+                let _ = reply.send(Err(Error::Busy(format!(
+                    "{name} generation {generation} is a canary: promote it (Promote) or roll it back (Rollback)"
+                ))));
+            }
             Some(GenState::Retired | GenState::Stopped | GenState::Failed) => {
+                self.reply(reply, Ok(()));
+            }
+            // Its clients go to the live generation now; its workers keep their connections.
+            Some(GenState::Draining) => {
+                self.cut_sessions(&name, generation, "RetireGeneration");
+                self.sync_rules().await;
                 self.reply(reply, Ok(()));
             }
             Some(GenState::Live) => {
@@ -51,10 +62,42 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
     }
 
+    /// A generation's clients no longer stick to it (draining → retired): the next rule change
+    /// sends them to the live generation, and its session set goes. Its workers keep the
+    /// connections they have.
+    pub(super) fn cut_sessions(&mut self, app: &AppName, g: u64, why: &str) {
+        if self.m.gen_state(app, g) != Some(GenState::Draining) {
+            return;
+        }
+        let records = self.sessions.get(&(app.clone(), g)).copied().unwrap_or(0);
+        info!(app = %app, generation = g, "{app}: generation {g} no longer keeps its clients ({why}; {records} sessions go to the live generation)");
+        // Socket mode: its slot goes now, and with it what its records count (before the state
+        // change, which saves the state: a restart must not find the slot still its).
+        self.give_up_slot(app, g);
+        self.enter(app, g, GenState::Retired);
+        self.sessions.remove(&(app.clone(), g));
+        // The rules stop sending them there (and its set goes) shortly.
+        self.ports_changed();
+    }
+
+    /// At most `max_draining` (the live generation's) generations of `app` drain: the oldest
+    /// beyond it are retired at once, their clients sent to the live one.
+    pub(super) fn limit_draining(&mut self, app: &AppName) {
+        let Some(a) = self.m.apps.get(app) else { return };
+        let max = a.live().and_then(|g| self.m.config(app, g)).map_or(0, |c| c.max_draining) as usize;
+        let over: Vec<u64> = a.draining().into_iter().skip(max).collect();
+        for g in over {
+            self.cut_sessions(app, g, &format!("more than max_draining = {max} generations drain"));
+        }
+    }
+
     /// Retires every live worker of a generation: renice (every thread), `retire_signal`, a low
-    /// CPU weight for its scope.
+    /// CPU weight for its scope. With session affinity it is draining (its recorded clients
+    /// still reach it) rather than retired.
     pub(super) fn retire_generation(&mut self, app: &AppName, g: u64) {
         let Some(config) = self.m.config(app, g) else { return };
+        let keeps_sessions =
+            config.session_affinity.is_some() && self.m.generation(app, g).is_some_and(|x| x.slot.is_some());
         for id in self.m.ids_of(app, g) {
             let Some(w) = self.m.workers.get_mut(&id).filter(|w| w.state == WorkerState::Live) else {
                 continue;
@@ -62,16 +105,16 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             w.state = WorkerState::Retired;
             let (pid, nice) = (w.pid, self.base_nice + config.retire_nice);
             w.nice = nice;
-            if let Err(e) = self.deps.processes.renice_tree(pid, nice) {
+            if let Err(e) = self.deps.spawner.renice_tree(pid, nice) {
                 warn!(app = %app, generation = g, pid, "cannot renice: {e}");
             }
             if let Some(sig) = config.retire_signal
-                && let Err(e) = self.deps.processes.signal(&w.handle, sig.number())
+                && let Err(e) = self.deps.spawner.signal(&w.handle, sig.number())
             {
                 warn!(app = %app, generation = g, pid, "cannot send {sig}: {e}");
             }
         }
-        self.enter(app, g, GenState::Retired);
+        self.enter(app, g, if keeps_sessions { GenState::Draining } else { GenState::Retired });
         // Retired generations yield the CPU to the live one.
         self.scope_job(app, g, ScopeJob::CpuWeight(super::RETIRED_CPU_WEIGHT));
         if self.m.workers_of(app, g).next().is_none() {
@@ -79,9 +122,24 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
     }
 
-    /// KillRetired: queues every retired worker of `app` ("" = all) for stopping.
-    pub(super) fn kill_retired(&mut self, app: &str) -> Result<u32, Error> {
+    /// KillRetired: queues every retired worker of `app` ("" = all) for stopping. A draining
+    /// generation's clients are sent to the live one first, in one rule change made before any
+    /// of its workers is told to stop: none of them reaches a worker that is going away.
+    pub(super) async fn kill_retired(&mut self, app: &str, auth: &Authorized) -> Result<u32, Error> {
         let apps = self.apps_matching(app)?;
+        let draining: Vec<(AppName, u64)> = apps
+            .iter()
+            .filter_map(|a| self.m.apps.get(a).map(|x| (a, x.draining())))
+            .flat_map(|(a, gens)| gens.into_iter().map(move |g| (a.clone(), g)))
+            .collect();
+        for (a, g) in &draining {
+            self.cut_sessions(a, *g, "KillRetired");
+        }
+        // The rules first: a worker told to stop before its clients are sent elsewhere would
+        // refuse the new connections they open meanwhile (seen in the soak).
+        if !draining.is_empty() {
+            self.sync_rules().await;
+        }
         let ids: Vec<WorkerId> = self
             .m
             .workers
@@ -94,7 +152,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         }
         if !ids.is_empty() {
             let which = if app.is_empty() { "all apps" } else { app };
-            info!(app, "stopping {} retired workers of {which}", ids.len());
+            info!(app, "stopping {} retired workers of {which} (asked by {})", ids.len(), auth.caller());
         }
         Ok(ids.len() as u32)
     }
@@ -120,6 +178,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             let Some(w) = self.m.workers.get(&id) else { continue };
             let reason = w.stop_reason.unwrap_or("reaped");
             let interval = self.m.config(app, w.generation).map(|c| c.reap_interval).unwrap_or_default();
+            info!(app = %app, generation = w.generation, band = w.band, pid = w.pid, "{app}: stopping retired pid {} of generation {} band {} ({reason})", w.pid, w.generation, w.band);
             self.stop_worker(id, reason);
             if !interval.is_zero() {
                 self.timers.set(TimerKey::ReapNext(app.clone()), interval);
@@ -139,7 +198,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         w.stop_reason = w.stop_reason.or(Some(reason));
         w.state = WorkerState::Stopping;
         // Every process of the worker gets the stop signal (as systemd's KillMode=control-group).
-        self.deps.processes.signal_all(&w.handle, w.cgroup.as_deref(), config.stop_signal.number());
+        self.deps.spawner.signal_all(&w.handle, w.cgroup.as_deref(), config.stop_signal.number());
         self.timers.set(TimerKey::StopTimeout(id), config.stop_timeout);
     }
 
@@ -147,9 +206,9 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
     pub(super) fn kill_worker(&self, id: WorkerId) {
         let Some(w) = self.m.workers.get(&id) else { return };
         match &w.cgroup {
-            Some(c) => self.deps.processes.kill_cgroup(c),
+            Some(c) => self.deps.spawner.kill_cgroup(c),
             None => {
-                let _ = self.deps.processes.signal(&w.handle, libc::SIGKILL);
+                let _ = self.deps.spawner.signal(&w.handle, libc::SIGKILL);
             }
         }
     }

@@ -7,6 +7,16 @@
 //! weight back, and the generation that was live is retired. Otherwise (reaped, or told to wind
 //! down) the rollback is a deploy of the effective config that generation ran with — its command
 //! and environment, overrides included — as a new generation.
+//!
+//! During a canary, a rollback (to generation 0, or to the live generation) rolls the canary
+//! back (see canary.rs): its bands go back to the live generation, which never stopped serving.
+//!
+//! A Rollback is authorized by what it will do: the D-Bus adapter asks for the plan
+//! ([`RollbackPlan`]) first, then authorizes it: `org.ipcluster1.manage` for an instant rollback
+//! or a redeploy of what the app file says, `org.ipcluster1.override` for a redeploy that runs
+//! another command, environment, user or working directory (an earlier Deploy's overrides,
+//! replayed). The rollback itself plans again and refuses if the plan changed in between, so no
+//! window lets a manage-only caller replay an override.
 
 use ipcluster_core::{
     model::{GenState, WorkerState},
@@ -15,26 +25,41 @@ use ipcluster_core::{
 use tracing::{info, warn};
 
 use super::{
-    DEFAULT_CPU_WEIGHT, Error, Reply, ScopeJob, Supervisor,
+    Authorized, DEFAULT_CPU_WEIGHT, Error, Reply, RollbackHow, RollbackPlan, ScopeJob, Supervisor,
     deploy::Source,
     model::{Waiter, WorkerId},
 };
-use crate::{netfilter::Router, processes::Processes, scopes::Scopes, steering::Steer};
+use crate::{auth::Action, processes::Spawner, world::World};
 
-impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> Supervisor<S, R, P, T> {
-    /// Rollback(app, generation): `generation` 0 is the newest generation, other than the live
-    /// one, that was live before (retired or reaped since).
-    pub(super) async fn rollback(&mut self, app: &str, generation: u64, reply: Reply<u64>) {
-        let name = match self.app_name(app) {
-            Ok(n) => n,
-            Err(e) => return self.reply(reply, Err(e)),
-        };
+impl<W: World> Supervisor<W> {
+    /// What Rollback(app, generation) would do: `generation` 0 is the newest generation, other
+    /// than the live one, that was live before (retired or reaped since). Changes nothing.
+    pub(super) fn plan_rollback(&self, app: &str, generation: u64) -> Result<(AppName, RollbackPlan), Error> {
+        let name = self.app_name(app)?;
         let a = &self.m.apps[&name];
         if let Some(g) = a.deploying() {
-            return self.reply(reply, Err(Error::Busy(format!("{name} is deploying generation {g}"))));
+            return Err(Error::Busy(format!("{name} is deploying generation {g}")));
         }
         let live = a.live();
-        let was_live = |s: GenState| matches!(s, GenState::Retired | GenState::Stopped);
+        // During a canary, a rollback rolls the canary back: its bands go back to the live
+        // generation.
+        if let Some(c) = a.canary() {
+            return match (generation, live) {
+                (0, Some(l)) => {
+                    Ok((name, RollbackPlan { target: l, how: RollbackHow::Canary { canary: c } }))
+                }
+                (g, Some(l)) if g == l => {
+                    Ok((name, RollbackPlan { target: l, how: RollbackHow::Canary { canary: c } }))
+                }
+                (g, _) if g == c => Err(Error::InvalidArgs(format!(
+                    "{name} generation {c} is the canary: Rollback with generation 0 rolls it back"
+                ))),
+                _ => Err(Error::Busy(format!(
+                    "{name} generation {c} is a canary: roll it back (Rollback with generation 0) or promote it first"
+                ))),
+            };
+        }
+        let was_live = |s: GenState| matches!(s, GenState::Retired | GenState::Draining | GenState::Stopped);
         let target = match generation {
             0 => a
                 .generations
@@ -47,28 +72,78 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         let state = target.and_then(|g| a.generations.get(&g)).map(|g| g.state);
         let target = match (target, state) {
             (Some(g), Some(GenState::Live)) => {
-                info!(app = %name, generation = g, "{name}: rollback to generation {g}: it is live already");
-                return self.reply(reply, Ok(g));
+                return Ok((name, RollbackPlan { target: g, how: RollbackHow::AlreadyLive }));
             }
             (Some(g), Some(s)) if was_live(s) => g,
             (Some(g), Some(s)) => {
-                let why = format!(
+                return Err(Error::NoSuchGeneration(format!(
                     "{name} generation {g} is {s}: only a generation that was live can be rolled back to"
-                );
-                return self.reply(reply, Err(Error::NoSuchGeneration(why)));
+                )));
             }
-            (Some(g), None) => {
-                return self
-                    .reply(reply, Err(Error::NoSuchGeneration(format!("{name} has no generation {g}"))));
-            }
+            (Some(g), None) => return Err(Error::NoSuchGeneration(format!("{name} has no generation {g}"))),
             (None, _) => {
-                let why = format!("{name} has no earlier generation to roll back to");
-                return self.reply(reply, Err(Error::NoSuchGeneration(why)));
+                return Err(Error::NoSuchGeneration(format!(
+                    "{name} has no earlier generation to roll back to"
+                )));
             }
         };
-        match self.instant_workers(&name, target) {
-            Some(workers) => self.roll_back_instantly(&name, target, workers, reply).await,
-            None => {
+        let how = if self.instant_workers(&name, target).is_some() {
+            RollbackHow::Instant
+        } else {
+            let ran = self.m.config(&name, target).expect("checked above");
+            let file = a.file_config(&name).ok();
+            RollbackHow::Redeploy { overrides: ran.override_keys(file.as_deref()) }
+        };
+        Ok((name, RollbackPlan { target, how }))
+    }
+
+    /// Rollback(app, generation) as `plan` says, which the caller was authorized for (`auth`);
+    /// refused when the plan changed in between (its workers were reaped, the app file changed)
+    /// or needs more than the caller was authorized for.
+    pub(super) async fn rollback(
+        &mut self,
+        app: &str,
+        generation: u64,
+        plan: &RollbackPlan,
+        auth: &Authorized,
+        reply: Reply<u64>,
+    ) {
+        let (name, now) = match self.plan_rollback(app, generation) {
+            Ok(p) => p,
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        if now != *plan {
+            let why = format!(
+                "{name}: what the rollback would do changed while it was being authorized ({plan:?}, now {now:?}); nothing changed, call again"
+            );
+            return self.reply(reply, Err(Error::Busy(why)));
+        }
+        if !now.overrides().is_empty() && auth.action() != Action::Override {
+            let why = format!(
+                "{name}: rolling back to generation {} runs another {} than the app file: that needs {}",
+                now.target,
+                now.overrides().join(", "),
+                Action::Override.id()
+            );
+            return self.reply(reply, Err(Error::InvalidArgs(why)));
+        }
+        let target = now.target;
+        info!(app = %name, generation = target, "{name}: rollback to generation {target} by {}", auth.caller());
+        match now.how {
+            RollbackHow::AlreadyLive => {
+                info!(app = %name, generation = target, "{name}: rollback to generation {target}: it is live already");
+                self.reply(reply, Ok(target));
+            }
+            RollbackHow::Instant => {
+                let workers = self.instant_workers(&name, target).expect("planned as instant");
+                self.roll_back_instantly(&name, target, workers, reply).await;
+            }
+            RollbackHow::Canary { canary } => {
+                let why = format!("Rollback by {}", auth.caller());
+                self.roll_back_canary(&name, canary, why).await;
+                self.reply(reply, Ok(target));
+            }
+            RollbackHow::Redeploy { .. } => {
                 let config = self.m.config(&name, target).expect("checked above");
                 info!(app = %name, generation = target, "{name}: rollback to generation {target}: its workers are gone; deploying what it ran");
                 self.deploy(name.as_str(), Source::Config(config), Waiter::Deploy(reply)).await;
@@ -79,7 +154,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
     /// The worker of each band that can serve again at once, if every band has one.
     fn instant_workers(&self, app: &AppName, g: u64) -> Option<Vec<WorkerId>> {
         let gen_ = self.m.generation(app, g)?;
-        if gen_.state != GenState::Retired || gen_.config.retire_signal.is_some() {
+        if !gen_.state.is_retired() || gen_.config.retire_signal.is_some() {
             return None;
         }
         (0..gen_.config.workers)
@@ -119,7 +194,7 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
             w.state = WorkerState::Live;
             w.retired_at = None;
             w.nice = self.base_nice;
-            if let Err(e) = self.deps.processes.renice_tree(w.pid, self.base_nice) {
+            if let Err(e) = self.deps.spawner.renice_tree(w.pid, self.base_nice) {
                 warn!(app = %app, pid = w.pid, "cannot renice: {e}");
             }
         }
@@ -129,11 +204,13 @@ impl<S: Scopes + Clone + 'static, R: Router + 'static, P: Processes, T: Steer> S
         if let Some(gen_) = self.m.generation_mut(app, g) {
             gen_.retired_at = None;
         }
+        self.sessions.remove(&(app.clone(), g));
         self.enter(app, g, GenState::Live);
         self.scope_job(app, g, ScopeJob::CpuWeight(DEFAULT_CPU_WEIGHT));
         for p in previous {
             self.retire_generation(app, p);
         }
+        self.limit_draining(app);
         self.reply(reply, Ok(g));
     }
 }

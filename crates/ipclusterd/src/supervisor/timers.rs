@@ -30,6 +30,12 @@ pub enum TimerKey {
     ReapNext(AppName),
     /// The rules are brought up to date with the workers' ports (changes coalesce).
     SyncRules,
+    /// A canary's `canary_for` passed: it promotes itself.
+    CanaryDeadline { app: AppName, generation: u64 },
+    /// The next round of health checks of a generation's workers (`health_interval`).
+    HealthRound { app: AppName, generation: u64 },
+    /// A worker with `ready = "http"` is checked again (its last check failed).
+    ReadyCheck(WorkerId),
 }
 
 /// The running timers.

@@ -8,7 +8,9 @@ use ipcluster_core::{
 };
 
 use super::{Format, render};
-use crate::supervisor::{GenerationInfo, Histogram, PolicyAction, Snapshot, WorkerInfo};
+use crate::supervisor::{
+    Deploys, GenerationInfo, Histogram, PolicyAction, SessionInfo, Snapshot, WorkerInfo,
+};
 
 fn worker(
     app: &str,
@@ -70,8 +72,8 @@ fn fixture() -> Arc<Snapshot> {
         ..Snapshot::default()
     };
     let m = &mut s.metrics;
-    m.deploys.insert("web".into(), (2, 1));
-    m.deploys.insert("old".into(), (5, 0));
+    m.deploys.insert("web".into(), Deploys { ok: 2, failed: 1, promoted: 1, rolled_back: 0 });
+    m.deploys.insert("old".into(), Deploys { ok: 5, ..Deploys::default() });
     m.restarts.insert(("web".into(), 1), 3);
     m.restarts.insert(("old".into(), 0), 9);
     m.policy_actions.insert(("web".into(), PolicyAction::MemoryReplacement), 1);
@@ -98,9 +100,10 @@ fn assert_has(text: &str, expected: &[&str]) {
     }
 }
 
-const FAMILIES: [(&str, &str); 8] = [
+const FAMILIES: [(&str, &str); 9] = [
     ("ipcluster_build_info", "gauge"),
     ("ipcluster_generation_info", "gauge"),
+    ("ipcluster_generation_sessions", "gauge"),
     ("ipcluster_worker_resident_memory_bytes", "gauge"),
     ("ipcluster_worker_cpu_seconds_total", "counter"),
     ("ipcluster_worker_restarts_total", "counter"),
@@ -132,6 +135,8 @@ fn the_text_format_has_help_type_and_the_values_of_the_snapshot() {
             "ipcluster_worker_restarts_total{app=\"web\",band=\"1\"} 3",
             "ipcluster_deploys_total{app=\"web\",result=\"ok\"} 2",
             "ipcluster_deploys_total{app=\"web\",result=\"failed\"} 1",
+            "ipcluster_deploys_total{app=\"web\",result=\"promoted\"} 1",
+            "ipcluster_deploys_total{app=\"web\",result=\"rolled_back\"} 0",
             "ipcluster_policy_actions_total{app=\"web\",action=\"memory_replacement\"} 1",
             "ipcluster_policy_actions_total{app=\"web\",action=\"held_back\"} 2",
             "ipcluster_policy_actions_total{app=\"web\",action=\"watchdog\"} 0",
@@ -337,4 +342,30 @@ fn the_accept_header_chooses_openmetrics_only_when_preferred() {
     }
     assert_eq!(Prometheus.content_type(), "text/plain; version=0.0.4; charset=utf-8");
     assert!(OpenMetrics.content_type().starts_with("application/openmetrics-text; version=1.0.0"));
+}
+
+#[test]
+fn a_draining_generation_and_the_session_records_of_each_generation_are_shown() {
+    let mut s = (*fixture()).clone();
+    s.generations.push(generation("chat", 4, GenState::Draining));
+    s.generations.push(generation("chat", 5, GenState::Live));
+    s.sessions = vec![
+        SessionInfo { app: "chat".into(), generation: 4, records: 17 },
+        SessionInfo { app: "chat".into(), generation: 5, records: 3 },
+    ];
+    for format in [Format::Prometheus, Format::OpenMetrics] {
+        let text = render(&Arc::new(s.clone()), format).unwrap();
+        assert_has(
+            &text,
+            &[
+                "ipcluster_generation_info{app=\"chat\",generation=\"4\",state=\"draining\"} 1",
+                "ipcluster_generation_sessions{app=\"chat\",generation=\"4\"} 17",
+                "ipcluster_generation_sessions{app=\"chat\",generation=\"5\"} 3",
+            ],
+        );
+        assert!(
+            !text.contains("ipcluster_generation_sessions{app=\"web\""),
+            "web keeps no sessions:\n{text}"
+        );
+    }
 }

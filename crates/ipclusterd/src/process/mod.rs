@@ -12,7 +12,7 @@ use std::{
         fd::{AsFd, AsRawFd, OwnedFd},
         unix::process::CommandExt,
     },
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
 };
 
@@ -69,6 +69,11 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
     drop(gate_r);
     let raw: Vec<i32> = sources.iter().map(AsRawFd::as_raw_fd).collect();
     let gate_raw = gate_src.as_raw_fd();
+    // Built before the fork: the child may only make async-signal-safe calls (no allocation).
+    let filter = crate::confine::worker_filter(!spec.fds.is_empty())?;
+    let cwd = std::ffi::CString::new(spec.cwd.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let user = spec.user;
     let mut cmd = Command::new(&spec.launcher);
     cmd.arg0("ipclusterd-launch")
         .arg(crate::launcher::ARG)
@@ -79,18 +84,19 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
         .args(spec.argv.iter().map(OsString::from))
         .env_clear()
         .env("PATH", WORKER_PATH)
-        .current_dir(&spec.cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    if let Some((uid, gid)) = spec.user {
-        // std drops supplementary groups when it changes the uid as root.
-        cmd.uid(uid).gid(gid);
-    }
     let nofile = WORKER_NOFILE.get().copied();
-    // SAFETY: only async-signal-safe calls between fork and exec: dup2, setsid, setrlimit. Every
-    // source fd is above every target (see above), so no dup2 overwrites a source; dup2 clears
-    // CLOEXEC on each copy, which is what the exec must keep.
+    // SAFETY: only async-signal-safe calls between fork and exec: dup2, setsid, setrlimit,
+    // seccomp, setgroups, setgid, setuid, chdir; nothing allocates (the filter and the path were
+    // built before the fork). Every source fd is above every target (see above), so no dup2
+    // overwrites a source; dup2 clears CLOEXEC on each copy, which is what the exec must keep.
+    //
+    // The order matters: the seccomp filter is installed while the child is still root (without
+    // no_new_privs, only root may), then the child becomes the worker's user (std's `uid()` and
+    // `gid()` would switch before this closure runs), then it enters the working directory as
+    // that user, so a directory the user cannot enter fails the spawn as it would for the user.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(lim) = &nofile {
@@ -106,6 +112,19 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
             }
             // Its own session: a worker never shares the daemon's process group or terminal.
             libc::setsid();
+            crate::confine::install(&filter)?;
+            if let Some((uid, gid)) = user {
+                // No supplementary groups (the daemon's are root's), then the group, then the user.
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             Ok(())
         });
     }
@@ -357,90 +376,6 @@ pub fn usage_of_pids(pids: &[u32]) -> (u64, u64) {
     (rss, cpu)
 }
 
-/// Where the cgroup2 hierarchy is mounted: `/sys/fs/cgroup` on a unified host (and in the
-/// sandbox), `/sys/fs/cgroup/unified` on a hybrid one; read once from /proc/self/mountinfo.
-pub fn cgroup_fs() -> &'static Path {
-    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ROOT.get_or_init(|| cgroup2_mount(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()))
-}
-
-/// The cgroup2 mount point in `mountinfo`: among mounts of the hierarchy's root as this process
-/// sees it (a mount of an ancestor, root `/..`, belongs to another cgroup namespace), the one at
-/// `/sys/fs/cgroup` if there is one, else the last.
-fn cgroup2_mount(mountinfo: &str) -> PathBuf {
-    let mounts: Vec<&str> = mountinfo
-        .lines()
-        .filter_map(|l| {
-            let (before, after) = l.split_once(" - ")?;
-            let f: Vec<&str> = before.split_whitespace().collect();
-            (after.starts_with("cgroup2 ") && f.get(3) == Some(&"/")).then_some(*f.get(4)?)
-        })
-        .collect();
-    let best = mounts.iter().find(|m| **m == "/sys/fs/cgroup").or(mounts.last());
-    PathBuf::from(best.copied().unwrap_or("/sys/fs/cgroup"))
-}
-
-/// The cgroup2 path of `pid` (`/ipcluster.slice/…/ipcluster-web-1.scope`), from /proc.
-pub fn cgroup_of(pid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
-}
-
-/// The directory of a cgroup2 path.
-pub fn cgroup_dir(cgroup: &str) -> PathBuf {
-    cgroup_fs().join(cgroup.trim_start_matches('/'))
-}
-
-/// The name of a worker's own cgroup inside its scope: `worker-<pid>`.
-pub fn worker_cgroup_name(pid: u32) -> String {
-    format!("worker-{pid}")
-}
-
-/// Moves `pid` (a launcher held at its gate, already in its scope) into a cgroup of its own
-/// below the scope's (the scope is delegated to us): the worker and everything it forks stay
-/// together, so stopping the worker can stop its whole tree. Returns the new cgroup's path.
-pub fn isolate(pid: u32) -> io::Result<String> {
-    let scope = cgroup_of(pid).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
-    // Only ever below a scope of ours: never a cgroup anywhere else on the host.
-    let ours = scope.starts_with("/ipcluster.slice/")
-        && scope.rsplit('/').next().is_some_and(|s| s.starts_with("ipcluster-") && s.ends_with(".scope"));
-    if !ours {
-        return Err(io::Error::other(format!("pid {pid} is in {scope}, not in an ipcluster scope")));
-    }
-    let cgroup = format!("{}/{}", scope.trim_end_matches('/'), worker_cgroup_name(pid));
-    let dir = cgroup_dir(&cgroup);
-    match fs::create_dir(&dir) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-        _ => {}
-    }
-    fs::write(dir.join("cgroup.procs"), pid.to_string())?;
-    Ok(cgroup)
-}
-
-/// PIDs in `cgroup` (not its children).
-pub fn cgroup_procs(cgroup: &str) -> Vec<u32> {
-    fs::read_to_string(cgroup_dir(cgroup).join("cgroup.procs"))
-        .map(|t| t.split_whitespace().filter_map(|p| p.parse().ok()).collect())
-        .unwrap_or_default()
-}
-
-/// Sends `sig` to every process in `cgroup`, each through a pidfd opened just before.
-pub fn signal_cgroup(cgroup: &str, sig: i32) {
-    for pid in cgroup_procs(cgroup) {
-        if let Ok(fd) = adopt(pid) {
-            let _ = signal(&fd, sig);
-        }
-    }
-}
-
-/// SIGKILLs everything in `cgroup` at once (`cgroup.kill`, Linux 5.14), then removes it once
-/// empty (a cgroup whose processes are still dying stays; the scope's stop removes it).
-pub fn kill_cgroup(cgroup: &str) {
-    let dir = cgroup_dir(cgroup);
-    let _ = fs::write(dir.join("cgroup.kill"), "1");
-    let _ = fs::remove_dir(&dir);
-}
-
 /// Looks up a user's uid and primary gid.
 pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
     match nix::unistd::User::from_name(name) {
@@ -450,97 +385,15 @@ pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
     }
 }
 
-/// Duplicates into this process the listening sockets on `ports` held by `pids` (pidfd_getfd,
-/// Linux 5.6). Held by the daemon, a listening socket outlives a crashed worker: connections
-/// that arrive before the rules move its band queue there instead of being refused.
-pub fn grab_listeners(pids: &[u32], ports: &[u16]) -> Vec<(u16, OwnedFd)> {
-    let mut out: Vec<(u16, OwnedFd)> = Vec::new();
-    grab_listening(pids, |addr, dup| {
-        if ports.contains(&addr.port()) && !out.iter().any(|(p, _)| *p == addr.port()) {
-            out.push((addr.port(), dup));
-        }
-    });
-    out
-}
+mod cgroups;
+mod sockets;
 
-/// Duplicates into this process the listening sockets bound to exactly `addrs` held by `pids`
-/// (socket mode: the sockets the daemon handed a worker), one per address.
-pub fn grab_bound(pids: &[u32], addrs: &[std::net::SocketAddr]) -> Vec<(std::net::SocketAddr, OwnedFd)> {
-    let mut out: Vec<(std::net::SocketAddr, OwnedFd)> = Vec::new();
-    grab_listening(pids, |addr, dup| {
-        if addrs.contains(&addr) && !out.iter().any(|(a, _)| *a == addr) {
-            out.push((addr, dup));
-        }
-    });
-    out
-}
-
-/// Calls `take` with a duplicate of every listening TCP socket `pids` hold, and its address.
-fn grab_listening(pids: &[u32], mut take: impl FnMut(std::net::SocketAddr, OwnedFd)) {
-    // Each socket is duplicated and asked directly (SO_ACCEPTCONN, getsockname): cheaper than
-    // /proc/net/tcp, which walks the kernel's whole TCP hash table.
-    for &p in pids {
-        let Ok(fds) = fs::read_dir(format!("/proc/{p}/fd")) else { continue };
-        let Ok(pidfd) = adopt(p) else { continue };
-        for fd in fds.flatten() {
-            let is_socket =
-                fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:["));
-            let Some(num) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-            if !is_socket {
-                continue;
-            }
-            let Ok(dup) =
-                rustix::process::pidfd_getfd(&pidfd, num, rustix::process::PidfdGetfdFlags::empty())
-            else {
-                continue;
-            };
-            let listening = rustix::net::sockopt::socket_acceptconn(&dup).unwrap_or(false);
-            let addr = rustix::net::getsockname(&dup).ok().and_then(|a| {
-                use rustix::net::SocketAddrAny;
-                let a: SocketAddrAny = a;
-                std::net::SocketAddr::try_from(a).ok()
-            });
-            if let Some(addr) = addr.filter(|_| listening) {
-                take(addr, dup);
-            }
-        }
-    }
-}
+pub use cgroups::*;
+pub use sockets::*;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grabs_only_listening_sockets_on_the_given_ports() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = std::net::TcpStream::connect(other.local_addr().unwrap()).unwrap();
-        let grabbed = grab_listeners(&[std::process::id()], &[port]);
-        assert_eq!(grabbed.len(), 1, "{grabbed:?}");
-        assert_eq!(grabbed[0].0, port);
-        // The duplicate is the same listening socket: it accepts what was queued for the original.
-        drop(listener);
-        let _c =
-            std::net::TcpStream::connect(("127.0.0.1", port)).expect("still listening through the duplicate");
-        let dup = std::net::TcpListener::from(grabbed.into_iter().next().unwrap().1);
-        assert!(dup.accept().is_ok());
-    }
-
-    #[test]
-    fn grabs_the_listening_sockets_bound_to_exactly_the_given_addresses() {
-        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
-        let (a4, a6) = (v4.local_addr().unwrap(), v6.local_addr().unwrap());
-        let other: std::net::SocketAddr = format!("127.0.0.2:{}", a4.port()).parse().unwrap();
-        let grabbed = grab_bound(&[std::process::id()], &[a6, other, a4]);
-        let mut addrs: Vec<_> = grabbed.iter().map(|(a, _)| *a).collect();
-        addrs.sort();
-        let mut want = vec![a4, a6];
-        want.sort();
-        assert_eq!(addrs, want, "the same port on another address is not taken");
-    }
 
     #[test]
     fn a_pidfd_tells_whether_its_process_still_runs() {
@@ -552,17 +405,6 @@ mod tests {
         assert!(!alive(&fd), "a reaped process is not alive");
         let me = adopt(std::process::id()).unwrap();
         assert!(alive(&me));
-    }
-
-    #[test]
-    fn the_cgroup2_mount_is_the_one_this_namespace_sees() {
-        let sandbox = "57 47 0:38 /.. /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
-                       76 47 0:38 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount(sandbox), Path::new("/sys/fs/cgroup"));
-        let hybrid = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
-                      42 31 0:39 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
-        assert_eq!(cgroup2_mount(hybrid), Path::new("/sys/fs/cgroup/unified"));
-        assert_eq!(cgroup2_mount(""), Path::new("/sys/fs/cgroup"));
     }
 
     #[test]
