@@ -57,6 +57,24 @@ pub fn file(path: &Path, apps_dir: &Path, ephemeral: Option<(u16, u16)>) -> Repo
         _ => false,
     };
     if in_apps_dir {
+        // Every directory above the apps directory too, as the daemon checks them (each on what
+        // it opened; here, offline, by name).
+        if let Ok(real) = std::fs::canonicalize(dir) {
+            let mut above: Vec<&Path> = real.ancestors().skip(1).collect();
+            above.reverse();
+            for a in above {
+                match std::fs::symlink_metadata(a) {
+                    Ok(m) => {
+                        if let Err(e) =
+                            ownership::check(&a.display().to_string(), Kind::Ancestor, m.uid(), m.mode())
+                        {
+                            r.errors.push(e);
+                        }
+                    }
+                    Err(e) => r.errors.push(format!("{}: {e}", a.display())),
+                }
+            }
+        }
         for (p, kind) in [(dir, Kind::AppsDirectory), (path, Kind::AppFile)] {
             match std::fs::metadata(p) {
                 Ok(m) => {
@@ -151,6 +169,30 @@ mod tests {
         assert!(file(&g, &apps, None).errors.is_empty());
         std::fs::remove_dir_all(&apps).unwrap();
         std::fs::remove_dir_all(&elsewhere).unwrap();
+    }
+
+    /// Issue 21, item 8: as the daemon, every directory above the apps directory counts.
+    #[test]
+    fn a_directory_above_the_apps_directory_that_others_can_change_is_refused() {
+        let base = std::fs::canonicalize(dir("above")).unwrap();
+        let apps = base.join("apps");
+        std::fs::create_dir(&apps).unwrap();
+        std::fs::set_permissions(&apps, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let f = apps.join("chat.toml");
+        write(&f, APP, 0o644);
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let r = file(&f, &apps, None);
+        let want =
+            format!("{}: refused: the directory is writable by its group and by others", base.display());
+        assert!(r.errors.iter().any(|e| e.starts_with(&want)), "{:?}", r.errors);
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let r = file(&f, &apps, None);
+        assert!(
+            !r.errors.iter().any(|e| e.starts_with(&base.display().to_string())),
+            "sticky: {:?}",
+            r.errors
+        );
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -60,6 +60,8 @@ enum Cmd {
     /// Go back to an earlier generation (default: the one live before): the same workers at
     /// once when they still run, else a new generation running what it ran.
     Rollback { app: String, generation: Option<u64> },
+    /// Promote APP's canary: its other bands start, then every band moves to it.
+    Promote { app: String },
     /// Retire a generation (a live one is replaced first).
     Retire { app: String, generation: u64 },
     /// Stop every retired worker of APP (of every app without APP).
@@ -115,6 +117,17 @@ fn main() -> ExitCode {
         _ => {}
     }
     let rolling = matches!(&args.command, Cmd::Deploy { roll, .. } if !roll.hosts.is_empty());
+    if let Cmd::Deploy { options, .. } = &args.command
+        && rolling
+        && options.canary.is_some()
+    {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--canary cannot be used with --hosts (a canary is split by band on one host: deploy it there with -H)",
+            )
+            .exit();
+    }
     if args.host.is_some() && (args.user || rolling) {
         let other = if args.user { "--user" } else { "--hosts" };
         Args::command()
@@ -133,11 +146,16 @@ fn main() -> ExitCode {
     {
         return rt.block_on(fleet::deploy(app, options, roll, args.json));
     }
+    let json = args.json;
     match rt.block_on(session(args)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err((code, text)) => {
-            eprintln!("ipclusterctl: {text}");
-            ExitCode::from(code)
+        Err(f) => {
+            if json {
+                println!("{}", serde_json::json!({"error": f.name, "message": f.message}));
+            } else {
+                eprintln!("ipclusterctl: {}", f.text);
+            }
+            ExitCode::from(f.code)
         }
     }
 }
@@ -164,24 +182,63 @@ fn local_only(command: &Cmd, host: &remote::Destination) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Runs the command against the local daemon, or over ssh against HOST's: an error as an exit
-/// status and a message.
-async fn session(args: Args) -> Result<(), (u8, String)> {
+/// A command that failed: its exit status, the message for people, and what `--json` prints
+/// instead, `{"error": <D-Bus error name>, "message": <the daemon's message>}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failure {
+    code: u8,
+    text: String,
+    /// The D-Bus error name; where the daemon was not reached, the standard name for that
+    /// (`org.freedesktop.DBus.Error.NoServer`, or `…Disconnected` when the connection broke).
+    name: String,
+    message: String,
+}
+
+impl Failure {
+    /// A failed call to the daemon on `host` (None: this host's).
+    fn of(e: &zbus::Error, host: Option<&remote::Destination>) -> Self {
+        let (code, text) = describe_at(e, host);
+        let (name, message) = match e {
+            zbus::Error::MethodError(name, message, _) => {
+                (name.to_string(), message.clone().unwrap_or_default())
+            }
+            zbus::Error::FDO(f) => (
+                zbus::DBusError::name(&**f).to_string(),
+                zbus::DBusError::description(&**f).unwrap_or("").to_owned(),
+            ),
+            _ => (NO_SERVER.to_owned(), text.clone()),
+        };
+        Failure { code, text, name, message }
+    }
+
+    /// The daemon could not be reached (exit status 3).
+    fn unreachable(name: &str, text: String) -> Self {
+        Failure { code: 3, name: name.to_owned(), message: text.clone(), text }
+    }
+}
+
+/// The standard D-Bus error names for a daemon not reached, and a connection that broke.
+const NO_SERVER: &str = "org.freedesktop.DBus.Error.NoServer";
+const DISCONNECTED: &str = "org.freedesktop.DBus.Error.Disconnected";
+
+/// Runs the command against the local daemon, or over ssh against HOST's.
+async fn session(args: Args) -> Result<(), Failure> {
     let Some(dest) = args.host.clone() else {
         let conn =
             if args.user { zbus::Connection::session().await } else { zbus::Connection::system().await };
-        let conn = conn.map_err(|e| describe(&e))?;
-        return run(args, &conn).await.map_err(|e| describe(&e));
+        let conn = conn.map_err(|e| Failure::of(&e, None))?;
+        return run(args, &conn).await.map_err(|e| Failure::of(&e, None));
     };
-    let (conn, mut tunnel) = remote::connect(&dest).await.map_err(|e| (3, e.to_string()))?;
+    let (conn, mut tunnel) =
+        remote::connect(&dest).await.map_err(|e| Failure::unreachable(NO_SERVER, e.to_string()))?;
     match run(args, &conn).await {
         Ok(()) => Ok(()),
         // The connection broke: ssh says why.
-        Err(e) if is_transport(&e) => Err((
-            3,
+        Err(e) if is_transport(&e) => Err(Failure::unreachable(
+            DISCONNECTED,
             format!("lost the connection to ipclusterd on {dest}: {}", tunnel.reason(&e.to_string())),
         )),
-        Err(e) => Err(describe_at(&e, Some(&dest))),
+        Err(e) => Err(Failure::of(&e, Some(&dest))),
     }
 }
 
@@ -201,6 +258,14 @@ fn describe_at(e: &zbus::Error, host: Option<&remote::Destination>) -> (u8, Stri
             zbus::DBusError::description(&**f).unwrap_or(""),
             host,
         ),
+        // An outcome this client found (a canary rolled back while it waited), named like the
+        // daemon's errors.
+        zbus::Error::Failure(m)
+            if let Some((name, message)) = m.split_once(": ")
+                && ErrorName::parse(name).is_some() =>
+        {
+            describe_named(name, message, host)
+        }
         other => match host {
             None => (3, format!("cannot reach ipclusterd: {other}")),
             Some(h) => (3, format!("cannot reach ipclusterd on {h}: {other}")),
@@ -225,6 +290,16 @@ fn describe_named(name: &str, message: &str, host: Option<&remote::Destination>)
                 }
             }
         }
+        // D-Bus activation of a masked unit: the daemon cannot be reached, as when it is stopped.
+        None if name == "org.freedesktop.systemd1.UnitMasked" => match host {
+            None => (3, "ipclusterd is masked, so it cannot start (systemctl unmask ipclusterd)".into()),
+            Some(h) => (
+                3,
+                format!(
+                    "ipclusterd is masked on {h}, so it cannot start (systemctl -H {h} unmask ipclusterd)"
+                ),
+            ),
+        },
         None => (1, format!("{name}: {message}")),
     }
 }
@@ -257,6 +332,17 @@ fn logs(app: &str, generation: Option<u64>, follow: bool) -> ExitCode {
     ExitCode::from(3)
 }
 
+/// What the bus answers a method the daemon does not have.
+pub(crate) const UNKNOWN_METHOD: &str = "org.freedesktop.DBus.Error.UnknownMethod";
+
+/// ListSessions of `app`; none from a daemon older than the method (its apps keep no sessions).
+async fn sessions(manager: &ManagerProxy<'_>, app: &str) -> zbus::Result<Vec<ipcluster_bus::SessionRow>> {
+    match manager.list_sessions(app).await {
+        Err(zbus::Error::MethodError(name, _, _)) if name.as_str() == UNKNOWN_METHOD => Ok(Vec::new()),
+        other => other,
+    }
+}
+
 async fn run(args: Args, conn: &zbus::Connection) -> zbus::Result<()> {
     let manager = ManagerProxy::new(conn).await?;
     let all = |a: &Option<String>| a.clone().unwrap_or_default();
@@ -266,7 +352,11 @@ async fn run(args: Args, conn: &zbus::Connection) -> zbus::Result<()> {
         Cmd::Status { app } => {
             let app = all(&app);
             let (gens, workers) = (manager.list_generations(&app).await?, manager.list_workers(&app).await?);
-            output::status(json, &gens, &workers);
+            let health = match manager.list_health(&app).await {
+                Err(zbus::Error::MethodError(name, _, _)) if name.as_str() == UNKNOWN_METHOD => Vec::new(),
+                other => other?,
+            };
+            output::status(json, &gens, &sessions(&manager, &app).await?, &workers, &health);
         }
         Cmd::Deploy { app, options, no_block, .. } => {
             progress::deploy(&manager, &app, options.to_bus()?, no_block, json).await?;
@@ -274,6 +364,7 @@ async fn run(args: Args, conn: &zbus::Connection) -> zbus::Result<()> {
         Cmd::Rollback { app, generation } => {
             progress::rollback(&manager, &app, generation.unwrap_or(0), json).await?;
         }
+        Cmd::Promote { app } => progress::promote(&manager, &app, json).await?,
         Cmd::Retire { app, generation } => {
             manager.retire_generation(&app, generation).await?;
             output::print_value(json, "retired", format!("{app} generation {generation}"));
@@ -283,7 +374,14 @@ async fn run(args: Args, conn: &zbus::Connection) -> zbus::Result<()> {
             output::print_value(json, "stopping", n);
         }
         Cmd::Workers { app } => output::workers(json, &manager.list_workers(&all(&app)).await?),
-        Cmd::Generations { app } => output::generations(json, &manager.list_generations(&all(&app)).await?),
+        Cmd::Generations { app } => {
+            let app = all(&app);
+            output::generations(
+                json,
+                &manager.list_generations(&app).await?,
+                &sessions(&manager, &app).await?,
+            );
+        }
         Cmd::Reload => {
             manager.reload().await?;
             output::print_value(json, "reloaded", true);
@@ -296,4 +394,48 @@ async fn run(args: Args, conn: &zbus::Connection) -> zbus::Result<()> {
         Cmd::Man | Cmd::Completions { .. } | Cmd::CheckConfig { .. } | Cmd::Logs { .. } => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// D-Bus activation of a masked ipclusterd fails with systemd's `UnitMasked`: the daemon is
+    /// not reachable (exit 3), like a stopped one, and the message says how to undo it.
+    #[test]
+    fn a_masked_daemon_is_not_reachable() {
+        let masked = "org.freedesktop.systemd1.UnitMasked";
+        let (code, message) = describe_named(masked, "Unit dbus-org.ipcluster1.service is masked.", None);
+        assert_eq!(code, 3, "{message}");
+        assert!(message.contains("systemctl unmask ipclusterd"), "{message}");
+        assert_eq!(describe_named("org.freedesktop.DBus.Error.ServiceUnknown", "", None).0, 3);
+        assert_eq!(describe_named("org.example.Other", "x", None).0, 1, "a refusal is exit 1");
+    }
+
+    /// The error the daemon (or the bus) answers a call with, as zbus hands it to us.
+    fn reply(name: &str, message: &str) -> zbus::Error {
+        let call = zbus::Message::method_call("/org/ipcluster1", "Deploy").build(&()).unwrap();
+        zbus::Message::error(&call.header(), name).build(&message).unwrap().into()
+    }
+
+    #[test]
+    fn json_errors_name_the_d_bus_error_and_keep_the_exit_status() {
+        let cases = [
+            ("org.ipcluster1.Error.NoSuchApp", "no app \"nope\"", 1),
+            ("org.ipcluster1.Error.DeployFailed", "web generation 3: band 0: exited", 1),
+            ("org.freedesktop.DBus.Error.InvalidArgs", "workers: 3: must be a power of two", 1),
+            ("org.freedesktop.DBus.Error.AccessDenied", "not authorized", 1),
+            ("org.freedesktop.DBus.Error.NoServer", "ipclusterd is stopping", 3),
+            ("org.freedesktop.DBus.Error.ServiceUnknown", "The name is not activatable", 3),
+        ];
+        for (name, message, code) in cases {
+            let f = Failure::of(&reply(name, message), None);
+            assert_eq!((f.name.as_str(), f.message.as_str(), f.code), (name, message, code), "{f:?}");
+            // People get the same exit status and message as before.
+            assert_eq!((f.code, f.text.clone()), describe(&reply(name, message)));
+        }
+        let f = Failure::of(&zbus::Error::InputOutput(std::io::Error::other("gone").into()), None);
+        assert_eq!((f.code, f.name.as_str()), (3, NO_SERVER), "{f:?}");
+        assert!(f.message.starts_with("cannot reach ipclusterd: "), "{f:?}");
+    }
 }

@@ -2,7 +2,7 @@
 
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::SystemTime};
 
-use ipcluster_bus::{GenerationRow, WorkerRow};
+use ipcluster_bus::{GenerationRow, HealthRow, SessionRow, WorkerRow};
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -32,6 +32,8 @@ pub(crate) struct Generation<'a> {
     generation: u64,
     state: &'a str,
     workers: u32,
+    /// Session records (generations of an app with session_affinity), else null.
+    sessions: Option<u32>,
     start_usec: u64,
     scope: &'a str,
 }
@@ -52,12 +54,13 @@ pub(crate) fn worker(w: &WorkerRow) -> Worker<'_> {
     }
 }
 
-pub(crate) fn generation(g: &GenerationRow) -> Generation<'_> {
+pub(crate) fn generation<'a>(g: &'a GenerationRow, sessions: &[SessionRow]) -> Generation<'a> {
     Generation {
         app: &g.app,
         generation: g.generation,
         state: &g.state,
         workers: g.workers,
+        sessions: records(g, sessions),
         start_usec: g.start_usec,
         scope: &g.scope,
     }
@@ -91,14 +94,21 @@ pub(crate) fn age_at(start_usec: u64, now_usec: u64) -> String {
     }
 }
 
-/// Where a state sorts: live first, then starting, retired, stopping, the rest.
+/// The session records of `g`, if its app keeps sessions.
+pub(crate) fn records(g: &GenerationRow, sessions: &[SessionRow]) -> Option<u32> {
+    sessions.iter().find(|s| s.app == g.app && s.generation == g.generation).map(|s| s.records)
+}
+
+/// Where a state sorts: live first, then canary, starting, draining, retired, stopping, the rest.
 pub(crate) fn rank(state: &str) -> u8 {
     match state {
         "live" => 0,
-        "starting" => 1,
-        "retired" => 2,
-        "stopping" => 3,
-        _ => 4,
+        "canary" => 1,
+        "starting" => 2,
+        "draining" => 3,
+        "retired" => 4,
+        "stopping" => 5,
+        _ => 6,
     }
 }
 
@@ -110,7 +120,9 @@ fn colored(state: &str, width: usize) -> String {
     }
     let code = match state {
         "live" => "32",
+        "canary" => "34",
         "starting" => "36",
+        "draining" => "35",
         "retired" | "stopping" => "33",
         "failed" => "31",
         _ => "2",
@@ -151,40 +163,97 @@ pub fn workers(json: bool, rows: &[WorkerRow]) {
     }
 }
 
-pub fn generations(json: bool, rows: &[GenerationRow]) {
+/// The generations; SESSIONS (when an app keeps sessions) is "-" for an app without session
+/// affinity.
+pub fn generations(json: bool, rows: &[GenerationRow], sessions: &[SessionRow]) {
     let mut rows: Vec<&GenerationRow> = rows.iter().collect();
     rows.sort_by_key(|g| (g.app.clone(), rank(&g.state), std::cmp::Reverse(g.generation)));
     if json {
-        let v: Vec<Generation<'_>> = rows.into_iter().map(generation).collect();
+        let v: Vec<Generation<'_>> = rows.into_iter().map(|g| generation(g, sessions)).collect();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
-    println!("{:<12} {:>4} {:<9} {:>7} {:>6}  SCOPE", "APP", "GEN", "STATE", "WORKERS", "AGE");
+    // SESSIONS only when an app keeps sessions.
+    let column = |text: &str| if sessions.is_empty() { String::new() } else { format!(" {text:>8}") };
+    println!(
+        "{:<12} {:>4} {:<9} {:>7}{} {:>6}  SCOPE",
+        "APP",
+        "GEN",
+        "STATE",
+        "WORKERS",
+        column("SESSIONS"),
+        "AGE"
+    );
     for g in rows {
+        let records = records(g, sessions).map_or_else(|| "-".to_owned(), |n| n.to_string());
         println!(
-            "{:<12} {:>4} {} {:>7} {:>6}  {}",
+            "{:<12} {:>4} {} {:>7}{} {:>6}  {}",
             g.app,
             g.generation,
             colored(&g.state, 9),
             g.workers,
+            column(&records),
             age(g.start_usec),
             g.scope
         );
     }
 }
 
-pub fn status(json: bool, gens: &[GenerationRow], rows: &[WorkerRow]) {
+pub fn status(
+    json: bool,
+    gens: &[GenerationRow],
+    sessions: &[SessionRow],
+    rows: &[WorkerRow],
+    health: &[HealthRow],
+) {
     if json {
         let v = serde_json::json!({
-            "generations": gens.iter().map(generation).collect::<Vec<_>>(),
+            "generations": gens.iter().map(|g| generation(g, sessions)).collect::<Vec<_>>(),
             "workers": rows.iter().map(worker).collect::<Vec<_>>(),
+            "health": health.iter().map(|h| serde_json::json!({
+                "app": h.app, "generation": h.generation, "band": h.band, "pid": h.pid,
+                "failures": h.failures, "last": h.last, "last_usec": h.last_usec, "note": h.note,
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
-    generations(false, gens);
+    generations(false, gens, sessions);
     println!();
     workers(false, rows);
+    let notes = health_notes(health);
+    if !notes.is_empty() {
+        println!("\nHEALTH");
+        for n in notes {
+            println!("{n}");
+        }
+    }
+}
+
+/// What `status` says about health checks: workers failing now, and health replacements.
+pub(crate) fn health_notes(health: &[HealthRow]) -> Vec<String> {
+    let mut rows: Vec<&HealthRow> = health.iter().filter(|h| h.failures > 0 || !h.note.is_empty()).collect();
+    rows.sort_by_key(|h| (h.app.clone(), std::cmp::Reverse(h.generation), h.band));
+    rows.into_iter()
+        .map(|h| {
+            let mut parts = Vec::new();
+            if h.failures > 0 {
+                let s = if h.failures == 1 { "" } else { "s" };
+                parts.push(format!("{} failed check{s} in a row ({})", h.failures, h.last));
+            }
+            if !h.note.is_empty() {
+                parts.push(h.note.clone());
+            }
+            format!(
+                "{} generation {} band {} pid {}: {}",
+                h.app,
+                h.generation,
+                h.band,
+                h.pid,
+                parts.join("; ")
+            )
+        })
+        .collect()
 }
 
 /// Validates app files offline (their contents, and who may change them); exit status 1 if

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use futures_util::{FutureExt, StreamExt};
 use zbus::wire::OwnedVariant;
 
-use ipcluster_bus::ManagerProxy;
+use ipcluster_bus::{ErrorName, ManagerProxy, option};
 
 /// A line of progress, in the order [`Progress`] emits them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,8 @@ pub enum Line {
     Live { generation: u64 },
     /// A rollback made a retired generation live again, with the same workers.
     LiveAgain { generation: u64 },
+    /// A canary serves its bands (Deploy with `canary` returned).
+    Canary { generation: u64, bands: usize },
 }
 
 impl Line {
@@ -40,6 +42,11 @@ impl Line {
             Line::Live { generation } => format!("{app}: generation {generation} is live"),
             Line::LiveAgain { generation } => {
                 format!("{app}: generation {generation} is live again (rolled back: the same workers)")
+            }
+            Line::Canary { generation, bands } => {
+                format!(
+                    "{app}: generation {generation} is a canary on {bands} bands (ipclusterctl promote {app}, or rollback {app})"
+                )
             }
         }
     }
@@ -89,9 +96,10 @@ impl Progress {
         self.generation.is_some()
     }
 
-    /// The reply: `generation` is live. `workers` are (band, pid) of its workers from ListWorkers,
-    /// for the bands whose signal has not arrived. Everything after this is ignored.
-    pub fn finish(&mut self, generation: u64, workers: &[(u32, u32)]) -> Vec<Line> {
+    /// The reply: `generation` is live (a canary, with `canary`). `workers` are (band, pid) of its
+    /// workers from ListWorkers, for the bands whose signal has not arrived. Everything after this
+    /// is ignored.
+    pub fn finish(&mut self, generation: u64, workers: &[(u32, u32)], canary: bool) -> Vec<Line> {
         if self.done {
             return Vec::new();
         }
@@ -105,7 +113,11 @@ impl Progress {
         for (band, pid) in missing {
             lines.extend(self.band(band, pid));
         }
-        lines.push(Line::Live { generation });
+        lines.push(if canary {
+            Line::Canary { generation, bands: self.shown.len() }
+        } else {
+            Line::Live { generation }
+        });
         self.done = true;
         lines
     }
@@ -142,6 +154,17 @@ pub async fn deploy(
     follow(manager, app, Call::Deploy(options), no_block, json).await
 }
 
+/// Calls Promote: the canary's other bands start, then every band moves.
+pub async fn promote(manager: &ManagerProxy<'_>, app: &str, json: bool) -> zbus::Result<()> {
+    let generation = manager.promote(app).await?;
+    if json {
+        println!("{}", serde_json::json!({"app": app, "generation": generation, "state": "live"}));
+    } else {
+        println!("{app}: generation {generation} is live (promoted)");
+    }
+    Ok(())
+}
+
 /// Calls Rollback (generation 0: the newest that was live before) and reports it like a deploy.
 pub async fn rollback(
     manager: &ManagerProxy<'_>,
@@ -169,7 +192,12 @@ async fn follow(
     // Subscribed before the call, so no signal of this deploy is missed.
     let mut states = manager.receive_generation_state_changed_with_args(&[(0, app)]).await?;
     let mut ready = manager.receive_worker_ready_with_args(&[(0, app)]).await?;
+    let mut ended = manager.receive_canary_ended_with_args(&[(0, app)]).await?;
     let rollback = matches!(call, Call::Rollback(_));
+    let (canary, canary_for) = match &call {
+        Call::Deploy(o) => (o.contains_key(option::CANARY), o.contains_key(option::CANARY_FOR)),
+        Call::Rollback(_) => (false, false),
+    };
     let call = async {
         match call {
             Call::Deploy(options) => manager.deploy(app, options).await,
@@ -184,7 +212,15 @@ async fn follow(
                 Line::Live { generation } | Line::LiveAgain { generation } if json => {
                     println!("{}", serde_json::json!({"app": app, "generation": generation, "state": "live"}))
                 }
-                Line::Live { .. } | Line::LiveAgain { .. } => println!("{}", line.text(app)),
+                Line::Canary { generation, .. } if json => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"app": app, "generation": generation, "state": "canary"})
+                    )
+                }
+                Line::Live { .. } | Line::LiveAgain { .. } | Line::Canary { .. } => {
+                    println!("{}", line.text(app))
+                }
                 _ if json => {}
                 _ => eprintln!("{}", line.text(app)),
             }
@@ -216,7 +252,10 @@ async fn follow(
                     let rows = manager.list_workers(app).await.unwrap_or_default();
                     rows.iter().filter(|w| w.generation == generation).map(|w| (w.band, w.pid)).collect()
                 };
-                show(progress.finish(generation, &workers));
+                show(progress.finish(generation, &workers, canary));
+                if canary_for {
+                    return canary_outcome(&mut ended, app, generation, json).await;
+                }
                 return Ok(());
             }
             Some(signal) = states.next() => {
@@ -240,6 +279,42 @@ async fn follow(
     }
 }
 
+/// `--canary-for`: waits until the canary ends and says how; a rolled back canary is a failed
+/// deploy (exit status 1).
+async fn canary_outcome(
+    ended: &mut ipcluster_bus::CanaryEndedStream,
+    app: &str,
+    generation: u64,
+    json: bool,
+) -> zbus::Result<()> {
+    if !json {
+        eprintln!("{app}: waiting for canary generation {generation} to promote itself or roll back");
+    }
+    while let Some(signal) = ended.next().await {
+        let Ok(a) = signal.args() else { continue };
+        if a.generation != generation {
+            continue;
+        }
+        if a.result == "promoted" {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"app": app, "generation": generation, "state": "live", "reason": a.reason})
+                );
+            } else {
+                println!("{app}: generation {generation} is live (promoted: {})", a.reason);
+            }
+            return Ok(());
+        }
+        return Err(zbus::Error::Failure(format!(
+            "{}: {app} generation {generation}: the canary was rolled back: {}",
+            ErrorName::DeployFailed.as_str(),
+            a.reason
+        )));
+    }
+    Err(zbus::Error::InputOutput(std::io::Error::other("the signal stream ended").into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,7 +334,7 @@ mod tests {
             out.extend(match *e {
                 Event::State(g, s) => p.on_state(g, s),
                 Event::Ready(g, b, pid) => p.on_ready(g, b, pid),
-                Event::Reply(g) => p.finish(g, list),
+                Event::Reply(g) => p.finish(g, list, false),
             });
         }
         out

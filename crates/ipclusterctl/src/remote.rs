@@ -371,3 +371,82 @@ mod tests {
         assert_eq!(last_words("1\n\n2\n3\n4\n5\n"), "2; 3; 4; 5");
     }
 }
+
+/// Property tests of `-H [USER@]HOST[:PORT]`: no string makes the parser panic; what it
+/// accepts shows as text that parses back to it, and gives ssh only fixed words, options and a
+/// host that no shell or option parser can misread; what it refuses says so briefly and
+/// printably; `ipclusterctl -H` takes exactly what the parser takes.
+#[cfg(test)]
+pub(crate) mod props {
+    use clap::Parser;
+    use ipcluster_core::prop_config::{config, mutated};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Destinations of every form, as people write them.
+    pub(crate) fn destination() -> impl Strategy<Value = String> {
+        let user = prop::option::of("[a-z_][a-z0-9_.-]{0,10}");
+        let host = prop_oneof![
+            "[a-z0-9][a-z0-9.-]{0,20}",
+            any::<[u8; 4]>().prop_map(|a| std::net::Ipv4Addr::from(a).to_string()),
+            any::<[u8; 16]>().prop_map(|a| format!("[{}]", Ipv6Addr::from(a))),
+        ];
+        let port = prop::option::of(prop_oneof![any::<u16>().prop_map(|p| p.to_string()), "[0-9+-]{0,6}"]);
+        (user, host, port).prop_map(|(user, host, port)| {
+            let user = user.map_or(String::new(), |u| format!("{u}@"));
+            let port = port.map_or(String::new(), |p| format!(":{p}"));
+            format!("{user}{host}{port}")
+        })
+    }
+
+    /// Near misses: shell words, options, quotes, spaces, brackets.
+    fn hostile() -> impl Strategy<Value = String> {
+        "[-a-z0-9@:\\[\\]._ ;|&$`'\"\\\\*?<>(){}!#~=,/\n\t]{0,24}"
+    }
+
+    proptest! {
+        #![proptest_config(config(1024))]
+
+        #[test]
+        fn host_strings_are_parsed_safely_or_refused_briefly(
+            s in prop_oneof![destination(), mutated(destination()), hostile(), any::<String>()],
+        ) {
+            match s.parse::<Destination>() {
+                Ok(d) => {
+                    prop_assert_eq!(d.to_string().parse::<Destination>(), Ok(d.clone()), "{:?}", s);
+                    let safe = |w: &str| {
+                        !w.is_empty()
+                            && !w.starts_with('-')
+                            && w.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
+                    };
+                    prop_assert!(safe(&d.host), "{:?}", d);
+                    prop_assert!(d.user.as_deref().is_none_or(safe), "{:?}", d);
+                    prop_assert!(d.port.is_none_or(|p| p > 0));
+                    let mut want = vec!["-xT".to_owned()];
+                    if let Some(p) = d.port {
+                        want.extend(["-p".to_owned(), p.to_string()]);
+                    }
+                    if let Some(u) = &d.user {
+                        want.extend(["-l".to_owned(), u.clone()]);
+                    }
+                    want.extend(["--".to_owned(), d.host.clone(), BRIDGE.to_owned()]);
+                    prop_assert_eq!(d.ssh_args(), want);
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    prop_assert!(e.chars().count() < 700, "{}", e);
+                    prop_assert!(!e.chars().any(char::is_control), "{:?}", e);
+                    prop_assert!(e.contains("[USER@]HOST[:PORT]"), "{}", e);
+                }
+            }
+            // `ipclusterctl -H S status` takes S exactly when the parser does.
+            let args = crate::Args::try_parse_from(["ipclusterctl", "-H", s.as_str(), "status"]);
+            match (args, s.parse::<Destination>()) {
+                (Ok(a), Ok(d)) => prop_assert_eq!(a.host, Some(d)),
+                (Err(_), Err(_)) => {}
+                (a, d) => prop_assert!(false, "{:?}: clap {:?}, parser {:?}", s, a.map(|a| a.host), d),
+            }
+        }
+    }
+}

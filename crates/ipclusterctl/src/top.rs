@@ -13,6 +13,7 @@
 //! must not undo `systemctl stop ipclusterd`.
 
 mod screen;
+mod table;
 mod view;
 
 use std::{
@@ -26,7 +27,7 @@ use std::{
 
 use crossterm::event::{Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use futures_util::StreamExt;
-use ipcluster_bus::{GenerationRow, ManagerProxy, WorkerRow};
+use ipcluster_bus::{GenerationRow, ManagerProxy, SessionRow, WorkerRow};
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 use zbus::proxy::MethodFlags;
@@ -70,8 +71,8 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 pub async fn run(manager: &ManagerProxy<'_>, args: TopArgs, json: bool) -> zbus::Result<()> {
     let app = args.app.unwrap_or_default();
     if json || !std::io::stdout().is_terminal() {
-        let (gens, workers) = fetch(manager, &app, true).await?;
-        snapshot(&app, args.interval, gens, workers, json);
+        let (gens, workers, sessions) = fetch(manager, &app, true).await?;
+        snapshot(&app, args.interval, (gens, workers, sessions), json);
         return Ok(());
     }
     live(manager, &app, args.interval).await
@@ -79,7 +80,7 @@ pub async fn run(manager: &ManagerProxy<'_>, args: TopArgs, json: bool) -> zbus:
 
 /// One snapshot: the tables as plain text, or JSON (`status --json` with each worker's
 /// `cpu_percent`, its average since it started: one sample has no rate).
-fn snapshot(app: &str, interval: Duration, gens: Vec<GenerationRow>, workers: Vec<WorkerRow>, json: bool) {
+fn snapshot(app: &str, interval: Duration, (gens, workers, sessions): Lists, json: bool) {
     let now = Now::current();
     if json {
         #[derive(Serialize)]
@@ -100,7 +101,7 @@ fn snapshot(app: &str, interval: Duration, gens: Vec<GenerationRow>, workers: Ve
             })
             .collect();
         let v = serde_json::json!({
-            "generations": gens.iter().map(crate::output::generation).collect::<Vec<_>>(),
+            "generations": gens.iter().map(|g| crate::output::generation(g, &sessions)).collect::<Vec<_>>(),
             "workers": workers,
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -108,24 +109,35 @@ fn snapshot(app: &str, interval: Duration, gens: Vec<GenerationRow>, workers: Ve
     }
     let mut v = View::new(app, interval);
     v.refreshed(gens, workers, now);
+    v.sessions(&sessions);
     for line in v.render(None, now) {
         println!("{}", line.text());
     }
 }
 
-type Lists = (Vec<GenerationRow>, Vec<WorkerRow>);
+type Lists = (Vec<GenerationRow>, Vec<WorkerRow>, Vec<SessionRow>);
 
-/// ListGenerations and ListWorkers of `app` ("" = every app); with `auto_start` false, a stopped
-/// daemon is not started by D-Bus activation (the bus answers that nobody owns the name).
+/// ListGenerations, ListWorkers and ListSessions of `app` ("" = every app); with `auto_start`
+/// false, a stopped daemon is not started by D-Bus activation (the bus answers that nobody owns
+/// the name). A daemon too old to list sessions has none.
 async fn fetch(manager: &ManagerProxy<'_>, app: &str, auto_start: bool) -> zbus::Result<Lists> {
     let flags = if auto_start { MethodFlags::empty() } else { MethodFlags::NO_AUTO_START };
     let (proxy, body) = (manager.inner(), (app,));
-    let (gens, workers) = tokio::try_join!(
+    let sessions = async {
+        match proxy.call_with_flags::<_, _, Vec<SessionRow>>("ListSessions", flags, &body).await {
+            Err(zbus::Error::MethodError(name, _, _)) if name.as_str() == crate::UNKNOWN_METHOD => {
+                Ok(Some(Vec::new()))
+            }
+            other => other,
+        }
+    };
+    let (gens, workers, sessions) = tokio::try_join!(
         proxy.call_with_flags::<_, _, Vec<GenerationRow>>("ListGenerations", flags, &body),
         proxy.call_with_flags::<_, _, Vec<WorkerRow>>("ListWorkers", flags, &body),
+        sessions,
     )?;
     let missing = || zbus::Error::Failure("no reply".into());
-    Ok((gens.ok_or_else(missing)?, workers.ok_or_else(missing)?))
+    Ok((gens.ok_or_else(missing)?, workers.ok_or_else(missing)?, sessions.ok_or_else(missing)?))
 }
 
 /// A signal of the interface, as the view takes it (`None`: another member, or malformed).
@@ -188,9 +200,10 @@ fn terminal_failed(e: &std::io::Error) -> ! {
 async fn live(manager: &ManagerProxy<'_>, app: &str, interval: Duration) -> zbus::Result<()> {
     // Subscribed before the first list: nothing that happens after it is missed.
     let mut signals = manager.inner().receive_all_signals().await?;
-    let (gens, workers) = fetch(manager, app, true).await?;
+    let (gens, workers, sessions) = fetch(manager, app, true).await?;
     let mut view = View::new(app, interval);
     view.refreshed(gens, workers, Now::current());
+    view.sessions(&sessions);
     let io = |e: std::io::Error| zbus::Error::InputOutput(e.into());
     let mut stops = [SignalKind::terminate(), SignalKind::hangup(), SignalKind::interrupt()]
         .map(|k| signal(k).map_err(io));
@@ -234,7 +247,10 @@ async fn live(manager: &ManagerProxy<'_>, app: &str, interval: Duration) -> zbus
             result = async { refresh.as_mut().expect("polled only when set").await }, if refresh.is_some() => {
                 refresh = None;
                 match result {
-                    Ok((gens, workers)) => view.refreshed(gens, workers, Now::current()),
+                    Ok((gens, workers, sessions)) => {
+                        view.refreshed(gens, workers, Now::current());
+                        view.sessions(&sessions);
+                    }
                     Err(e) => view.refresh_failed(crate::describe(&e).1, Now::current()),
                 }
                 dirty = true;

@@ -13,8 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ipcluster_bus::{GenerationRow, WorkerRow};
+use ipcluster_bus::{GenerationRow, SessionRow, WorkerRow};
 
+use super::table::{Cell, Col, Table, bytes, cut, plural, printable, seconds, shown};
+pub use super::table::{Line, Span, Style};
 use crate::output::{age_at, rank};
 
 /// How many recent events the view keeps (and shows, when there is room).
@@ -134,6 +136,8 @@ struct Gen {
     state: String,
     workers: u32,
     start_usec: Option<u64>,
+    /// Session records (an app with session affinity), as of the last refresh.
+    sessions: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -197,7 +201,12 @@ impl View {
         self.gens = gens
             .into_iter()
             .map(|g| {
-                let gen_ = Gen { state: g.state, workers: g.workers, start_usec: Some(g.start_usec) };
+                let gen_ = Gen {
+                    state: g.state,
+                    workers: g.workers,
+                    start_usec: Some(g.start_usec),
+                    sessions: None,
+                };
                 ((g.app, g.generation), gen_)
             })
             .collect();
@@ -255,6 +264,15 @@ impl View {
         }
     }
 
+    /// ListSessions' reply, with the refresh's: each generation's records.
+    pub fn sessions(&mut self, rows: &[SessionRow]) {
+        for r in rows {
+            if let Some(g) = self.gens.get_mut(&(r.app.clone(), r.generation)) {
+                g.sessions = Some(r.records);
+            }
+        }
+    }
+
     /// The effect of a signal on the rows: what the daemon did to its own model when it sent it.
     fn apply(&mut self, s: &Signal, now: Now) {
         match s {
@@ -265,13 +283,16 @@ impl View {
                     workers: 0,
                     // A generation first heard of as starting starts now.
                     start_usec: (state == "starting").then_some(now.usec),
+                    sessions: None,
                 });
                 gen_.state = state.clone();
                 let of_gen = |w: &Worker| w.app == *app && w.generation == *generation;
                 match state.as_str() {
                     // The cutover: every worker of the generation was ready.
                     "live" => self.set_states(of_gen, &["starting"], "live"),
-                    "retired" => self.set_states(of_gen, &["live", "starting"], "retired"),
+                    // A canary's cutover: its bands' workers serve.
+                    "canary" => self.set_states(of_gen, &["starting"], "live"),
+                    "retired" | "draining" => self.set_states(of_gen, &["live", "starting"], "retired"),
                     // A failed generation's workers are being stopped.
                     "failed" => self.set_states(of_gen, &["live", "starting", "retired"], "stopping"),
                     // Sent once the generation's last worker left.
@@ -430,7 +451,7 @@ impl View {
         let running = self
             .gens
             .values()
-            .filter(|g| matches!(g.state.as_str(), "starting" | "live" | "retired"))
+            .filter(|g| matches!(g.state.as_str(), "starting" | "live" | "canary" | "draining" | "retired"))
             .count();
         let live = self.workers.values().filter(|w| w.state == "live").count();
         let left = format!(
@@ -455,28 +476,39 @@ impl View {
 
     /// The generations table in `lines` rows (the last saying how many more, when not all fit).
     fn gens_table(&self, now: Now, width: Option<usize>, lines: usize) -> Table {
-        let cols = vec![
+        // SESSIONS only when an app keeps sessions.
+        let sessions = self.gens.values().any(|g| g.sessions.is_some());
+        let mut cols = vec![
             Col::left("APP", 9),
             Col::right("GEN", 9),
             Col::left("STATE", 10),
             Col::right("WORKERS", 6),
+            Col::right("SESSIONS", 7),
             Col::right("AGE", 4),
             Col::left("SCOPE", 2),
         ];
+        if !sessions {
+            cols.remove(4);
+        }
         let all = self.sorted_gens();
         let total = all.len();
         let rows = all
             .into_iter()
             .take(shown(lines, total))
             .map(|((app, n), g)| {
-                vec![
+                let mut row = vec![
                     Cell::plain(cut(app, APP_WIDTH)),
                     Cell::plain(n.to_string()),
                     Cell::state(&g.state),
                     Cell::plain(g.workers.to_string()),
+                    Cell::plain(g.sessions.map_or_else(|| "-".into(), |n| n.to_string())),
                     Cell::plain(g.start_usec.map_or_else(|| "-".into(), |s| age_at(s, now.usec))),
                     Cell::plain(format!("ipcluster-{app}-{n}.scope")),
-                ]
+                ];
+                if !sessions {
+                    row.remove(4);
+                }
+                row
             })
             .collect();
         Table::new(cols, rows, total, width, "generations")
@@ -520,244 +552,6 @@ impl View {
             })
             .collect();
         Table::new(cols, rows, total, width, "workers")
-    }
-}
-
-/// How many of `total` rows fit in `lines` lines: all, or one less, for the line that says how
-/// many more there are.
-fn shown(lines: usize, total: usize) -> usize {
-    if lines >= total { total } else { lines.saturating_sub(1) }
-}
-
-fn plural(n: usize) -> &'static str {
-    if n == 1 { "" } else { "s" }
-}
-
-/// A duration as people write a refresh interval: `1s`, `0.5s`.
-fn seconds(d: Duration) -> String {
-    let s = format!("{:.3}", d.as_secs_f64());
-    format!("{}s", s.trim_end_matches('0').trim_end_matches('.'))
-}
-
-/// A size in bytes, shortly, in powers of 1024 as `ps` and `top` count (`980K`, `12.3M`).
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1000.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if v < 10.0 && unit > 0 { format!("{v:.1}{}", UNITS[unit]) } else { format!("{v:.0}{}", UNITS[unit]) }
-}
-
-/// `s` cut to `n` characters, the last of them `…` when something was cut.
-fn cut(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        return s.to_owned();
-    }
-    let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
-    if n > 0 {
-        out.push('…');
-    }
-    out
-}
-
-/// Text from the daemon (an exit reason) as it may reach a terminal: no control characters.
-fn printable(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
-}
-
-/// How a span looks on a terminal (a snapshot for a pipe has no styles).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Style {
-    Plain,
-    Title,
-    /// A table's header.
-    Header,
-    Dim,
-    Error,
-    /// A state, colored as `status` colors it.
-    Live,
-    Starting,
-    Retired,
-    Failed,
-    Finished,
-}
-
-impl Style {
-    fn of_state(state: &str) -> Self {
-        match state {
-            "live" => Style::Live,
-            "starting" => Style::Starting,
-            "retired" | "stopping" => Style::Retired,
-            "failed" => Style::Failed,
-            _ => Style::Finished,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Span {
-    pub text: String,
-    pub style: Style,
-}
-
-impl Span {
-    fn new(text: impl Into<String>, style: Style) -> Self {
-        Self { text: text.into(), style }
-    }
-}
-
-/// One line of the frame.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Line(pub Vec<Span>);
-
-impl Line {
-    fn one(text: impl Into<String>, style: Style) -> Self {
-        Self(vec![Span::new(text, style)])
-    }
-
-    /// The text alone.
-    pub fn text(&self) -> String {
-        self.0.iter().map(|s| s.text.as_str()).collect()
-    }
-
-    /// At most `width` characters: the terminal would wrap a longer line and push the frame down.
-    fn cut(self, width: usize) -> Self {
-        let mut left = width;
-        let mut out = Vec::new();
-        for span in self.0 {
-            if left == 0 {
-                break;
-            }
-            let n = span.text.chars().count();
-            if n <= left {
-                left -= n;
-                out.push(span);
-            } else {
-                out.push(Span::new(cut(&span.text, left), span.style));
-                left = 0;
-            }
-        }
-        Self(out)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Col {
-    head: &'static str,
-    right: bool,
-    /// Columns of lower priority are left out first when the terminal is narrow.
-    priority: u8,
-}
-
-impl Col {
-    fn left(head: &'static str, priority: u8) -> Self {
-        Self { head, right: false, priority }
-    }
-    fn right(head: &'static str, priority: u8) -> Self {
-        Self { head, right: true, priority }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Cell {
-    text: String,
-    style: Style,
-}
-
-impl Cell {
-    fn plain(text: String) -> Self {
-        Self { text, style: Style::Plain }
-    }
-    fn state(state: &str) -> Self {
-        Self { text: printable(state), style: Style::of_state(state) }
-    }
-}
-
-/// A table with the columns that fit.
-#[derive(Debug)]
-struct Table {
-    cols: Vec<(Col, usize)>,
-    rows: Vec<Vec<Cell>>,
-    /// How many rows there are, shown or not.
-    total: usize,
-    what: &'static str,
-}
-
-impl Table {
-    /// Each column as wide as its widest cell; without `width`, every column; with it, the
-    /// columns of lowest priority are left out until the rest fits.
-    fn new(
-        cols: Vec<Col>,
-        rows: Vec<Vec<Cell>>,
-        total: usize,
-        width: Option<usize>,
-        what: &'static str,
-    ) -> Self {
-        let widths: Vec<usize> = cols
-            .iter()
-            .enumerate()
-            .map(|(i, c)| rows.iter().map(|r| r[i].text.chars().count()).max().unwrap_or(0).max(c.head.len()))
-            .collect();
-        let mut keep = vec![true; cols.len()];
-        if let Some(width) = width {
-            let total = |keep: &[bool]| {
-                let shown: Vec<usize> = (0..cols.len()).filter(|i| keep[*i]).map(|i| widths[i]).collect();
-                shown.iter().sum::<usize>() + shown.len().saturating_sub(1)
-            };
-            let mut order: Vec<usize> = (0..cols.len()).collect();
-            order.sort_by_key(|i| cols[*i].priority);
-            for i in order {
-                if total(&keep) <= width || keep.iter().filter(|k| **k).count() == 1 {
-                    break;
-                }
-                keep[i] = false;
-            }
-        }
-        let shown: Vec<usize> = (0..cols.len()).filter(|i| keep[*i]).collect();
-        Self {
-            cols: shown.iter().map(|i| (cols[*i].clone(), widths[*i])).collect(),
-            rows: rows.into_iter().map(|r| shown.iter().map(|i| r[*i].clone()).collect()).collect(),
-            total,
-            what,
-        }
-    }
-
-    /// The header and the rows; when some were left out, a last line says how many.
-    fn lines(&self) -> Vec<Line> {
-        let head: Vec<Cell> =
-            self.cols.iter().map(|(c, _)| Cell { text: c.head.into(), style: Style::Header }).collect();
-        let mut out = vec![self.line(&head, Style::Header)];
-        out.extend(self.rows.iter().map(|r| self.line(r, Style::Plain)));
-        let more = self.total - self.rows.len();
-        if more > 0 {
-            out.push(Line::one(format!("… {more} more {}", self.what), Style::Dim));
-        }
-        out
-    }
-
-    /// A row; `between` is the style of the blanks between cells (a header is one bar).
-    fn line(&self, cells: &[Cell], between: Style) -> Line {
-        let mut spans = Vec::new();
-        let last = self.cols.len().saturating_sub(1);
-        for (i, ((col, width), cell)) in self.cols.iter().zip(cells).enumerate() {
-            if i > 0 {
-                spans.push(Span::new(" ", between));
-            }
-            let pad = width.saturating_sub(cell.text.chars().count());
-            let text = if col.right {
-                format!("{}{}", " ".repeat(pad), cell.text)
-            } else if i == last {
-                // No trailing blanks after the last column.
-                cell.text.clone()
-            } else {
-                format!("{}{}", cell.text, " ".repeat(pad))
-            };
-            spans.push(Span::new(text, cell.style));
-        }
-        Line(spans)
     }
 }
 

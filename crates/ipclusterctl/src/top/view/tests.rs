@@ -451,3 +451,24 @@ fn sizes_and_intervals_read_shortly() {
     assert_eq!(seconds(Duration::from_millis(250)), "0.25s");
     assert_eq!(cut("chat-backend", 6), "chat-…");
 }
+
+#[test]
+fn sessions_are_a_column_only_when_an_app_keeps_them() {
+    let (mut v, now) = web_live();
+    v.refreshed(
+        vec![gen_row("web", 2, "live", 2, 10), gen_row("web", 1, "draining", 2, 60)],
+        vec![worker_row("web", 2, 0, 201, "live"), worker_row("web", 1, 0, 101, "retired")],
+        now,
+    );
+    let header = |v: &View| text(&v.render(None, now)).into_iter().find(|l| l.starts_with("APP ")).unwrap();
+    assert!(!header(&v).contains("SESSIONS"), "{}", header(&v));
+    v.sessions(&[
+        SessionRow { app: "web".into(), generation: 1, records: 17 },
+        SessionRow { app: "web".into(), generation: 2, records: 3 },
+    ]);
+    let lines = text(&v.render(None, now));
+    assert!(header(&v).contains("SESSIONS"), "{lines:#?}");
+    let row = |g: &str| lines.iter().find(|l| l.starts_with("web") && l.contains(g)).unwrap().clone();
+    assert!(row("draining").split_whitespace().any(|c| c == "17"), "{lines:#?}");
+    assert!(row("ipcluster-web-2.scope").split_whitespace().any(|c| c == "3"), "{lines:#?}");
+}
