@@ -9,13 +9,16 @@
 //! where IPv6 is off) for every worker port in `IPCLUSTER_PORTS` (else `$PORT`). It sends
 //! `READY=1` when `NOTIFY_SOCKET` is set, and keeps connections alive. Flags make it
 //! misbehave on purpose, for tests: `--exit-at-start CODE`, `--never-ready`, `--ignore-sigterm`,
-//! `--delay-ready MS`, `--exit-after MS` (exit 1 that long after becoming ready; with
+//! `--delay-ready MS`, `--delay-notify MS` (listen at once, send `READY=1` that long after),
+//! `--exit-after MS` (exit 1 that long after becoming ready; with
 //! `--armed-by PATH`, only once PATH exists, so a test decides when a crash loop begins),
 //! `--stop-watchdog-after MS`, `--fork-child` (starts a child process that outlives it and
 //! ignores SIGTERM), `--forge-identity` (re-execs itself claiming 2^32-1 bands and a route for
 //! port 22, as a hostile worker would); `--log-requests` prints a line per request (to the
 //! journal).
 //! `GET /alloc/N` makes the worker allocate (and touch) N more MiB, for memory tests.
+//! `GET /healthz` answers `200 ok`, or `500` while the file given with `--unhealthy-if PATH`
+//! exists, or `PATH.<its pid>` (one worker made sick), for health check tests.
 
 use std::{
     env,
@@ -32,12 +35,14 @@ struct Flags {
     never_ready: bool,
     ignore_sigterm: bool,
     delay_ready_ms: u64,
+    delay_notify_ms: u64,
     log_requests: bool,
     exit_after_ms: Option<u64>,
     armed_by: Option<std::path::PathBuf>,
     fork_child: bool,
     forge_identity: bool,
     stop_watchdog_after_ms: Option<u64>,
+    unhealthy_if: Option<std::path::PathBuf>,
 }
 
 fn parse_flags() -> Result<Flags, String> {
@@ -56,6 +61,7 @@ fn parse_flags() -> Result<Flags, String> {
                 f.exit_after_ms = Some(value("--exit-after")?.parse().map_err(|e| format!("{e}"))?)
             }
             "--armed-by" => f.armed_by = Some(value("--armed-by")?.into()),
+            "--unhealthy-if" => f.unhealthy_if = Some(value("--unhealthy-if")?.into()),
             "--fork-child" => f.fork_child = true,
             "--forge-identity" => f.forge_identity = true,
             "--stop-watchdog-after" => {
@@ -64,6 +70,9 @@ fn parse_flags() -> Result<Flags, String> {
             }
             "--delay-ready" => {
                 f.delay_ready_ms = value("--delay-ready")?.parse().map_err(|e| format!("{e}"))?
+            }
+            "--delay-notify" => {
+                f.delay_notify_ms = value("--delay-notify")?.parse().map_err(|e| format!("{e}"))?
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -137,7 +146,15 @@ fn main() -> ExitCode {
     let ports: Vec<String> =
         listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
     println!("ipcluster-demo {identity} listening on {ports:?}");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if flags.delay_notify_ms > 0 {
+        let ms = flags.delay_notify_ms;
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(ms));
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        });
+    } else {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         let stop_after = flags.stop_watchdog_after_ms.map(Duration::from_millis);
         thread::spawn(move || {
@@ -162,12 +179,18 @@ fn main() -> ExitCode {
     }
     let mut handles = Vec::new();
     let log = flags.log_requests;
+    let sick: Option<std::sync::Arc<[std::path::PathBuf; 2]>> = flags.unhealthy_if.map(|p| {
+        let mine = std::path::PathBuf::from(format!("{}.{}", p.display(), std::process::id()));
+        std::sync::Arc::new([p, mine])
+    });
     for l in listeners {
         let identity = identity.clone();
+        let sick = sick.clone();
         handles.push(thread::spawn(move || {
             for stream in l.incoming().flatten() {
                 let identity = identity.clone();
-                thread::spawn(move || serve(stream, &identity, log));
+                let sick = sick.clone();
+                thread::spawn(move || serve(stream, &identity, log, sick.as_deref()));
             }
         }));
     }
@@ -215,7 +238,7 @@ fn bind_ports() -> Result<Vec<TcpListener>, (u8, String)> {
 }
 
 /// Serves HTTP/1.1 requests on one connection until the client closes it.
-fn serve(stream: TcpStream, identity: &str, log: bool) {
+fn serve(stream: TcpStream, identity: &str, log: bool, sick: Option<&[std::path::PathBuf; 2]>) {
     let _ = stream.set_nodelay(true);
     // An IPv4 client of a dual-stack socket shows as itself, not as ::ffff:a.b.c.d.
     let peer = stream.peer_addr().map(|a| a.ip().to_canonical().to_string()).unwrap_or_default();
@@ -231,6 +254,7 @@ fn serve(stream: TcpStream, identity: &str, log: bool) {
             Ok(_) => {}
         }
         let mut close = line.starts_with("GET") && line.contains("HTTP/1.0");
+        let health = line.starts_with("GET /healthz ");
         if let Some(mb) = line
             .strip_prefix("GET /alloc/")
             .and_then(|r| r.split_whitespace().next())
@@ -268,9 +292,15 @@ fn serve(stream: TcpStream, identity: &str, log: bool) {
         if log {
             println!("request from {peer}");
         }
+        let unhealthy = health && sick.is_some_and(|paths| paths.iter().any(|p| p.exists()));
+        let (status, text) = match (health, unhealthy) {
+            (true, true) => ("500 Internal Server Error", "sick\n".to_owned()),
+            (true, false) => ("200 OK", "ok\n".to_owned()),
+            _ => ("200 OK", body.clone()),
+        };
         let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
-            body.len(),
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{text}",
+            text.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
         if writer.write_all(response.as_bytes()).is_err() || close {

@@ -211,31 +211,57 @@ pub fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Pins the calling thread to CPU `cpu` (`sched_setaffinity`); threads it starts later
+/// inherit it.
+pub fn pin_thread(cpu: usize) -> std::io::Result<()> {
+    pin_thread_to(&[cpu])
+}
+
+/// Pins the calling thread to the CPUs `cpus`.
+pub fn pin_thread_to(cpus: &[usize]) -> std::io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        set.set(c).map_err(std::io::Error::other)?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(std::io::Error::other)
+}
+
+/// Where a load's threads run: `Some(cpu)` pins them there, `None` leaves them to the scheduler.
+pub type Cpu = Option<usize>;
+
+fn pin(cpu: Cpu) {
+    if let Some(c) = cpu {
+        pin_thread(c).expect("sched_setaffinity of a load thread");
+    }
+}
+
 /// A closed-loop load: `clients` threads, each sending requests back to back for `duration`,
-/// over one keep-alive connection each or a new connection per request, cycling through
-/// `sources` (which decide the bands); client `c` talks to `dsts[c % dsts.len()]`. Runs inside
-/// `sb`'s network namespace.
+/// over one keep-alive connection each or a new connection per request. `targets` are
+/// `(source, destination)` pairs (the source decides the band; a control reaches the band's
+/// worker directly): with keep-alive client `c` holds one connection from `targets[c]`; with a
+/// new connection per request client `c` takes `targets[c]`, `targets[c + 1]`, … in turn.
+/// Failed requests are counted (and a keep-alive client reconnects). Runs inside `sb`'s
+/// network namespace, on CPU `cpu` when given.
 pub fn closed_loop(
     sb: &ipcluster_sandbox::Sandbox,
     clients: usize,
     duration: Duration,
     keepalive: bool,
-    sources: &[Ipv4Addr],
-    dsts: &[SocketAddrV4],
+    targets: &[(Ipv4Addr, SocketAddrV4)],
+    cpu: Cpu,
 ) -> Stats {
     let start = std::time::Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|c| {
-            let sources: Vec<Ipv4Addr> = sources.to_vec();
-            let dst = dsts[c % dsts.len()];
+            let targets: Vec<(Ipv4Addr, SocketAddrV4)> = targets.to_vec();
             sb.spawn_in_netns(move || {
+                pin(cpu);
                 let mut stats = Stats::default();
                 let deadline = std::time::Instant::now() + duration;
                 let mut i = c;
                 let mut conn: Option<TcpStream> = None;
                 while std::time::Instant::now() < deadline {
-                    let src = sources[i % sources.len()];
-                    i += 1;
+                    let (src, dst) = targets[i % targets.len()];
                     let t = std::time::Instant::now();
                     let result = if keepalive {
                         if conn.is_none() {
@@ -246,6 +272,7 @@ pub fn closed_loop(
                             None => Err(Failure::Refused),
                         }
                     } else {
+                        i += 1;
                         get(src, dst)
                     };
                     match result {
@@ -284,47 +311,46 @@ pub struct Record {
     pub outcome: Result<u32, Failure>,
 }
 
-/// An open-loop load: requests due at a fixed `rate` per second over new connections, cycling
-/// through `sources`, for `duration` from `start`; `workers` threads serve the schedule. Runs
-/// inside `sb`'s network namespace. Returns one record per request.
+/// An open-loop load: requests due at a fixed `rate` per second over new connections, taking
+/// `targets` (`(source, destination)` pairs) in turn, for `duration` from `start`. As in wrk2,
+/// each of the `workers` threads keeps a schedule of its own (request `n` is thread
+/// `n % workers`'s), sends each request when it is due or, when it is late, at once, and counts
+/// its latency from when it was due: a stall is charged to every request it delayed (no
+/// coordinated omission), and no queue is shared between threads. Runs inside `sb`'s network
+/// namespace, on CPU `cpu` when given. Returns one record per request.
 #[allow(clippy::too_many_arguments, reason = "each is a knob of the run")]
 pub fn open_loop(
     sb: &ipcluster_sandbox::Sandbox,
     start: std::time::Instant,
     rate: u32,
     duration: Duration,
-    sources: &[Ipv4Addr],
-    dst: SocketAddrV4,
+    targets: &[(Ipv4Addr, SocketAddrV4)],
     workers: usize,
+    cpu: Cpu,
 ) -> Vec<Record> {
-    let (tx, rx) = std::sync::mpsc::channel::<(Duration, Ipv4Addr)>();
-    let rx = Arc::new(std::sync::Mutex::new(rx));
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let total = (duration.as_secs_f64() * f64::from(rate)) as usize;
+    let workers = workers.max(1);
     let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            let rx = rx.clone();
+        .map(|w| {
+            let targets = targets.to_vec();
             sb.spawn_in_netns(move || {
+                pin(cpu);
                 let mut out = Vec::new();
-                loop {
-                    // A std Mutex: held only to take the next due request.
-                    let next = rx.lock().map(|r| r.recv());
-                    let Ok(Ok((due, src))) = next else { return out };
+                for n in (w..total).step_by(workers) {
+                    let due = interval.mul_f64(n as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                    let (src, dst) = targets[n % targets.len()];
                     let outcome = get(src, dst).map(|a| a.pid);
                     out.push(Record { due, latency: start.elapsed().saturating_sub(due), outcome });
                 }
+                out
             })
             .expect("client thread in the sandbox")
         })
         .collect();
-    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
-    let total = (duration.as_secs_f64() * f64::from(rate)) as u64;
-    for n in 0..total {
-        let due = interval * n as u32;
-        if let Some(wait) = due.checked_sub(start.elapsed()) {
-            std::thread::sleep(wait);
-        }
-        let _ = tx.send((due, sources[n as usize % sources.len()]));
-    }
-    drop(tx);
     let mut records: Vec<Record> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
     records.sort_by_key(|r| r.due);
     records

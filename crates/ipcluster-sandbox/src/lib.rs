@@ -35,6 +35,15 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+mod cleanup;
+mod paths;
+
+pub use cleanup::collect_stale;
+use cleanup::remove_cgroup;
+#[cfg(test)]
+use paths::cargo_target_dir;
+pub use paths::{TARGET_DIR_VAR, artifact, base_dir, bin_dir, target_dir, workspace_dir};
+
 const STAGE2: &str = include_str!("stage2.sh");
 /// Host cgroup2 hierarchy. On this machine the host runs in hybrid mode, so cgroup2 is at
 /// `unified/`; on a pure cgroup2 host it is the root itself.
@@ -51,29 +60,6 @@ pub const HOST_VIEW: &str = "/run/ipcluster-sandbox/host";
 const FALLBACK_BASE: &str = "/run/ipcluster-sandboxes";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// Where sandbox work directories live: `$IPCLUSTER_SANDBOX_DIR`, else `<workspace>/target/sandbox`,
-/// unless the workspace is under /etc, /usr or /var: an overlay's upper layer inside its own lower
-/// layer would show itself inside the sandbox (and /var/tmp is cleaned there), so such a
-/// workspace's sandboxes live in /run/ipcluster-sandboxes.
-pub fn base_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("IPCLUSTER_SANDBOX_DIR") {
-        return PathBuf::from(dir);
-    }
-    let workspace = workspace_dir();
-    if ["/etc", "/usr", "/var"].iter().any(|d| workspace.starts_with(d)) {
-        return PathBuf::from(FALLBACK_BASE);
-    }
-    workspace.join("target").join("sandbox")
-}
-
-/// The workspace root (this crate lives in `<root>/crates/ipcluster-sandbox`).
-pub fn workspace_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
-}
 
 /// Why end-to-end work cannot run on this machine, if it cannot: not root, or no systemd/unshare.
 pub fn unavailable_reason() -> Option<String> {
@@ -109,8 +95,8 @@ pub struct Build {
 }
 
 impl Build {
-    /// `$IPCLUSTER_XTASK` and `$IPCLUSTER_BIN_DIR`, else the workspace's `target/debug/xtask` and
-    /// `target/release`; fails unless both exist.
+    /// `$IPCLUSTER_XTASK` and `$IPCLUSTER_BIN_DIR`, else `debug/xtask` and `release` in the
+    /// [`target_dir`]; fails unless both exist.
     pub fn locate() -> Result<Self> {
         Ok(Build { xtask: artifact("IPCLUSTER_XTASK", "debug/xtask")?, bin_dir: bin_dir()? })
     }
@@ -305,6 +291,24 @@ impl Sandbox {
             .env("TERM", "dumb")
             .stdin(Stdio::null());
         cmd
+    }
+
+    /// Makes this a host without ipclusterd, for tests that install its Debian package:
+    /// removes what this machine's install from source shows through (the unit, the slice, the
+    /// bus policy, the binaries in /usr/local/bin) and the image's `policy-rc.d` (the package
+    /// starts and restarts the daemon).
+    pub fn without_source_install(&self) -> Result<()> {
+        self.check([
+            "rm",
+            "-f",
+            "/usr/sbin/policy-rc.d",
+            "/etc/systemd/system/ipclusterd.service",
+            "/etc/systemd/system/ipcluster.slice",
+            "/etc/dbus-1/system.d/org.ipcluster1.conf",
+            "/usr/local/bin/ipclusterd",
+            "/usr/local/bin/ipclusterctl",
+        ])
+        .map(drop)
     }
 
     /// Runs `argv` inside and captures its output and status (whatever the status is).
@@ -510,94 +514,21 @@ fn host_view(host: &Path) -> PathBuf {
     Path::new(HOST_VIEW).join(host.strip_prefix("/").unwrap_or(host))
 }
 
-/// Removes a cgroup tree once its processes are gone (children first).
-fn remove_cgroup(cgroup: &Path) -> Result<()> {
-    if !cgroup.exists() {
-        return Ok(());
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match remove_tree(cgroup) {
-            Ok(()) => return Ok(()),
-            // EBUSY while the killed processes are still exiting.
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot remove cgroup {}", cgroup.display()));
-            }
-        }
-    }
-}
-
-fn remove_tree(dir: &Path) -> std::io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            remove_tree(&entry.path())?;
-        }
-    }
-    match fs::remove_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-}
-
-/// Removes sandboxes whose owning process is gone (a test runner killed without unwinding).
-pub fn collect_stale() {
-    let Some(root) = cgroup2_root() else { return };
-    for dir in [root.to_path_buf(), base_dir()] {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(owner) = name
-                .strip_prefix(PREFIX)
-                .and_then(|r| r.split('-').next())
-                .and_then(|p| p.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            if Path::new(&format!("/proc/{owner}")).exists() {
-                continue;
-            }
-            let path = entry.path();
-            if dir == root {
-                // Kill whatever is left in it (cgroup.kill, Linux 5.14), then remove it.
-                let _ = fs::write(path.join("cgroup.kill"), "1");
-                let _ = remove_cgroup(&path);
-            } else {
-                let _ = fs::remove_dir_all(&path);
-            }
-        }
-    }
-}
-
-/// A built artifact: `$<env>` if set, else `<workspace>/target/<default>`.
-pub fn artifact(env: &str, default: &str) -> Result<PathBuf> {
-    let path = std::env::var_os(env)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_dir().join("target").join(default));
-    if !path.exists() {
-        bail!("{} not found: build first (`cargo xtask test` does), or set {env}", path.display());
-    }
-    Ok(path)
-}
-
-/// Directory of the release binaries to install: `$IPCLUSTER_BIN_DIR`, else `target/release`.
-pub fn bin_dir() -> Result<PathBuf> {
-    let dir = artifact("IPCLUSTER_BIN_DIR", "release")?;
-    if !dir.join("ipclusterd").exists() {
-        bail!("{}/ipclusterd not found: run `cargo build --release` first", dir.display());
-    }
-    Ok(dir)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_target_directory_is_where_cargo_builds() {
+        let cargo = || Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        let mut elsewhere = cargo();
+        elsewhere.env("CARGO_TARGET_DIR", "/nonexistent/ipcluster target");
+        assert_eq!(cargo_target_dir(elsewhere).unwrap(), Path::new("/nonexistent/ipcluster target"));
+        let mut default = cargo();
+        default.env_remove("CARGO_TARGET_DIR");
+        let dir = cargo_target_dir(default).unwrap();
+        assert!(dir.is_absolute() && dir.ends_with("target"), "{}", dir.display());
+    }
 
     #[test]
     fn shared_directories_are_bound_once_each_outermost_first() {
