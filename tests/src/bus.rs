@@ -115,3 +115,16 @@ pub fn opt<'a>(v: impl Into<Variant<'a>>) -> OwnedVariant {
 pub fn live_by_band(rows: &[WorkerRow]) -> std::collections::BTreeMap<u32, u32> {
     rows.iter().filter(|w| w.state == "live").map(|w| (w.band, w.pid)).collect()
 }
+
+/// `busctl call` of a Manager method, as an operator types it: the argv up to the method's
+/// signature and arguments.
+pub fn busctl(method: &str) -> Vec<&str> {
+    vec!["busctl", "call", "org.ipcluster1", "/org/ipcluster1", "org.ipcluster1.Manager", method]
+}
+
+/// `busctl call … Deploy sa{sv} APP 0`: a plain deploy of `app` from the command line.
+pub fn busctl_deploy(app: &str) -> Vec<&str> {
+    let mut argv = busctl("Deploy");
+    argv.extend(["sa{sv}", app, "0"]);
+    argv
+}

@@ -1,18 +1,17 @@
 //! Access control: reading is open, changing needs root or polkit's org.ipcluster1.manage,
 //! and bad or oversized arguments are refused without changing anything.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::LazyLock};
 
-use ipcluster_e2e::{bus::opt, cluster, nat_rules, text};
+use ipcluster_e2e::{
+    bus::{busctl, opt},
+    cluster,
+    fixture::Demo,
+    nat_rules, text,
+};
 
-const WEB: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo"]
-workers = 2
-listen = ["0.0.0.0:80"]
-autostart = false
-"#;
-
-const CALL: [&str; 4] = ["busctl", "call", "org.ipcluster1", "/org/ipcluster1"];
+/// The app most scenarios here deploy.
+static WEB: LazyLock<String> = LazyLock::new(|| Demo::new(2).toml());
 
 fn as_user<'a>(user: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["setpriv", "--reuid", user, "--regid", user, "--clear-groups", "--"];
@@ -22,27 +21,25 @@ fn as_user<'a>(user: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
 
 #[test]
 fn unprivileged_callers_can_read_but_not_change() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     sb.check(["useradd", "--system", "--user-group", "ipcreader"]).unwrap();
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     let before = (bus.list_generations(""), nat_rules(&sb));
-    let mut deploy = CALL.to_vec();
-    deploy.extend(["org.ipcluster1.Manager", "Deploy", "sa{sv}", "web", "0"]);
+    let deploy = ipcluster_e2e::bus::busctl_deploy("web");
     let out = sb.run(as_user("ipcreader", &deploy)).unwrap();
     assert!(!out.status.success());
     // busctl prints the standard error's meaning ("Access denied"); the daemon's journal says why.
     assert!(text(&out).contains("Access denied"), "{}", text(&out));
     for method in [vec!["KillRetired", "s", ""], vec!["RetireGeneration", "st", "web", "1"], vec!["Reload"]] {
-        let mut argv = CALL.to_vec();
-        argv.push("org.ipcluster1.Manager");
-        argv.extend(method.iter().copied());
+        let mut argv = busctl(method[0]);
+        argv.extend(method[1..].iter().copied());
         let out = sb.run(as_user("ipcreader", &argv)).unwrap();
         assert!(!out.status.success(), "{method:?} allowed: {}", text(&out));
         assert!(text(&out).contains("Access denied"), "{method:?}: {}", text(&out));
     }
     // Reading works.
-    let mut list = CALL.to_vec();
-    list.extend(["org.ipcluster1.Manager", "ListWorkers", "s", "web"]);
+    let mut list = busctl("ListWorkers");
+    list.extend(["s", "web"]);
     let out = sb.run(as_user("ipcreader", &list)).unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let ctl = sb.run(as_user("ipcreader", &["ipclusterctl", "workers", "web"])).unwrap();
@@ -58,7 +55,7 @@ fn unprivileged_callers_can_read_but_not_change() {
 
 #[test]
 fn a_polkit_rule_lets_a_user_deploy() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     sb.check(["useradd", "--system", "--user-group", "ipcdeployer"]).unwrap();
     sb.write_file(
         "/etc/polkit-1/rules.d/50-ipcluster-test.rules",
@@ -74,7 +71,7 @@ fn a_polkit_rule_lets_a_user_deploy() {
 
 #[test]
 fn oversized_and_malformed_arguments_are_refused_and_the_daemon_stays_responsive() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     let before = (bus.list_generations(""), nat_rules(&sb));
     let long = "a".repeat(10_000);

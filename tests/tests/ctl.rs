@@ -1,17 +1,12 @@
 //! ipclusterctl against the real daemon, as an operator uses it.
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
-use ipcluster_e2e::{bus::live_by_band, cluster, nat_rules, text, wait_for};
+use ipcluster_e2e::{bus::live_by_band, cluster, fixture::Demo, nat_rules, text, wait_for};
 
-const WEB: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo", "--log-requests"]
-workers = 4
-listen = ["0.0.0.0:80"]
-autostart = false
-stop_timeout = "2s"
-ready_timeout = "3s"
-"#;
+/// The app most scenarios here deploy.
+static WEB: LazyLock<String> =
+    LazyLock::new(|| Demo::new(4).args(&["--log-requests"]).ready_timeout("3s").toml());
 
 /// A field of a JSON value, as a test would read it.
 fn field<'a>(v: &'a serde_json::Value, k: &str) -> &'a serde_json::Value {
@@ -20,7 +15,7 @@ fn field<'a>(v: &'a serde_json::Value, k: &str) -> &'a serde_json::Value {
 
 #[test]
 fn every_command_works_against_the_daemon() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     let ctl = |args: &[&str]| {
         let mut argv = vec!["ipclusterctl"];
         argv.extend_from_slice(args);
@@ -97,6 +92,26 @@ fn every_command_works_against_the_daemon() {
     let out = ctl(&["deploy", "nope"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("no such app"), "{}", text(&out));
+    // With --json, the same failures as the D-Bus error name and the daemon's message, on stdout.
+    let json_error = |args: &[&str], name: &str, message: &str| {
+        let out = ctl(args);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(out.stderr.is_empty(), "{}", text(&out));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+        assert_eq!(field(&j, "error"), name, "{j}");
+        assert!(field(&j, "message").as_str().unwrap().starts_with(message), "{j}");
+    };
+    json_error(&["--json", "deploy", "nope"], "org.ipcluster1.Error.NoSuchApp", "no app \"nope\"");
+    json_error(
+        &["--json", "deploy", "web", "--workers", "3"],
+        "org.freedesktop.DBus.Error.InvalidArgs",
+        "Deploy options: workers: 3: must be a power of two",
+    );
+    json_error(
+        &["--json", "deploy", "web", "--command", "/usr/local/bin/ipcluster-demo", "--exit-at-start", "4"],
+        "org.ipcluster1.Error.DeployFailed",
+        "web generation 4: band",
+    );
 
     // retire, kill-retired, generations.
     let out = ctl(&["retire", "web", "2"]);
@@ -105,7 +120,7 @@ fn every_command_works_against_the_daemon() {
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(field(&j, "stopping"), &serde_json::Value::from(6), "4 of generation 1 and 2 of generation 2");
     let out = ctl(&["generations", "web"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ipcluster-web-4.scope"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ipcluster-web-5.scope"));
 
     // logs: the workers' journal.
     sb.in_netns(|| {
@@ -116,8 +131,10 @@ fn every_command_works_against_the_daemon() {
     })
     .unwrap()
     .unwrap();
-    let out = ctl(&["logs", "web", "4"]);
-    assert!(text(&out).contains("request from 127.0.0.5"), "{}", text(&out));
+    // The worker's line reaches the journal a moment after the answer.
+    wait_for("the request in the workers' journal", Duration::from_secs(10), || {
+        text(&ctl(&["logs", "web", "5"])).contains("request from 127.0.0.5").then_some(())
+    });
     let out = ctl(&["logs", "../x"]);
     assert_eq!(out.status.code(), Some(2));
 
@@ -160,8 +177,8 @@ fn check_config_reports_every_invalid_value_with_its_location() {
         ),
         (
             "b",
-            "command = [\"/x\"]\nlisten = [\"0.0.0.0:80\"]\nready = \"http\"\n",
-            Some("b.toml:3:9: ready: \"http\": must be \"tcp\" or \"notify\""),
+            "command = [\"/x\"]\nlisten = [\"0.0.0.0:80\"]\nready = \"https\"\n",
+            Some("b.toml:3:9: ready: \"https\": must be \"tcp\", \"notify\" or \"http\""),
         ),
         (
             "c",
@@ -181,7 +198,7 @@ fn check_config_reports_every_invalid_value_with_its_location() {
         (
             "f",
             "command = [\"/x\"]\nlisten = [\"0.0.0.0:80\"]\nfoo = 1\n",
-            Some("f.toml:3:1: foo: unknown field `foo`"),
+            Some("f.toml:3:1: foo: unknown key `foo`"),
         ),
         (
             "Bad-Name",

@@ -4,23 +4,20 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
+    sync::LazyLock,
     time::{Duration, Instant},
 };
 
 use ipcluster_e2e::{
     bus::{Bus, live_by_band, opt},
     client::{self, Load, loopback_sources},
-    cluster, environ, nat_rules, text, thread_nices, wait_for,
+    cluster, environ,
+    fixture::Demo,
+    journal_with, nat_rules, text, thread_nices, wait_for,
 };
 
-const WEB: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo"]
-workers = 4
-listen = ["0.0.0.0:80"]
-autostart = false
-ready_timeout = "3s"
-stop_timeout = "2s"
-"#;
+/// The app most scenarios here deploy.
+static WEB: LazyLock<String> = LazyLock::new(|| Demo::new(4).ready_timeout("3s").toml());
 
 const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
 
@@ -30,7 +27,7 @@ fn pids(rows: &[ipcluster_e2e::bus::WorkerRow], generation: u64) -> BTreeSet<u32
 
 #[test]
 fn deploy_runs_one_worker_per_band_in_its_own_scope() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
 
     let workers = bus.list_workers("web");
@@ -104,7 +101,7 @@ fn deploy_runs_one_worker_per_band_in_its_own_scope() {
 
 #[test]
 fn each_client_address_sticks_to_the_worker_of_its_band() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     let by_band = live_by_band(&bus.list_workers("web"));
     let answers = sb
@@ -134,7 +131,7 @@ fn each_client_address_sticks_to_the_worker_of_its_band() {
 
 #[test]
 fn redeploys_under_load_drop_nothing_and_keep_established_connections() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     // Eight long-lived keep-alive connections, opened before any redeploy.
     let mut long_lived = sb
@@ -173,7 +170,7 @@ fn redeploys_under_load_drop_nothing_and_keep_established_connections() {
 
 #[test]
 fn retired_workers_are_reniced_then_reaped_by_sigusr1_and_kill_retired() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     // Retiring the live generation first deploys its replacement.
     assert_eq!(bus.retire("web", 1), Ok(()));
@@ -228,14 +225,13 @@ fn retired_workers_are_reniced_then_reaped_by_sigusr1_and_kill_retired() {
         pids(&bus.list_workers("web"), 3).is_empty().then_some(())
     });
     assert!(start.elapsed() >= Duration::from_secs(2), "killed before stop_timeout: {:?}", start.elapsed());
-    let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
-    assert!(journal.contains("reaped (killed by signal SIGKILL)"), "{journal}");
+    journal_with(&sb, "ipclusterd", "reaped (killed by signal SIGKILL)");
     assert_eq!(bus.kill_retired(""), Ok(0), "nothing left to reap");
 }
 
 #[test]
 fn failed_deploys_leave_the_previous_generation_serving_and_no_scope() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     let load = Load::start(&sb, loopback_sources(8), PUBLIC);
 
@@ -294,7 +290,7 @@ fn snapshot(bus: &Bus) -> Snapshot {
 #[test]
 fn bad_input_gets_the_documented_error_and_changes_nothing() {
     let bad_file = "command = [\"/usr/local/bin/ipcluster-demo\"]\nlisten = [\"0.0.0.0:81\"]\nworkers = 6\n";
-    let (sb, bus) = cluster(&[("web", WEB), ("bad", bad_file)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str()), ("bad", bad_file)]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     let before = (snapshot(&bus), nat_rules(&sb));
     let err = |r: Result<u64, ipcluster_e2e::bus::CallError>| r.unwrap_err().name;
@@ -366,7 +362,7 @@ fn only_ipclusterd_chains_change_and_other_rules_survive() {
         sb.check(argv).unwrap();
     }
     let before = nat_rules(&sb);
-    sb.write_file("/etc/ipcluster/apps/web.toml", WEB, 0o644).unwrap();
+    sb.write_file("/etc/ipcluster/apps/web.toml", WEB.as_str(), 0o644).unwrap();
     sb.check(["systemctl", "start", "ipclusterd"]).unwrap();
     let bus = Bus::connect(&sb);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
@@ -432,8 +428,7 @@ fn autostart_apps_are_live_when_start_returns_and_reload_picks_up_new_files() {
     let answer = sb
         .in_netns(|| client::get(Ipv4Addr::new(127, 0, 0, 3), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)));
     assert_eq!(answer.unwrap().map(|a| (a.app, a.band)), Ok(("api".to_owned(), 1)));
-    let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
-    assert!(journal.contains("broken.toml:1:11: command: invalid type"), "{journal}");
+    journal_with(&sb, "ipclusterd", "broken.toml:1:11: command: invalid type");
     assert_eq!(bus.deploy_plain("broken").unwrap_err().name, "org.ipcluster1.Error.InvalidConfig");
     assert_eq!(pids(&bus.list_workers("web"), 1).len(), 4, "web untouched by the reload");
     let apps = ipcluster_e2e::manager_property(&sb, "Apps");

@@ -1,342 +1,27 @@
 //! A fleet (docs/fleet.md): three hosts, each a sandbox running sshd and ipclusterd, behind
 //! HAProxy with `balance source`, driven as an operator would with `ipclusterctl -H` and
-//! `ipclusterctl deploy --hosts`.
-//!
-//! ```text
-//!  netns cli (in lb)      sandbox lb: HAProxy, the operator            sandboxes h1, h2, h3
-//!  10.9.1.32..63 ─veth─ 10.9.1.1:80 (HAProxy)   br0 10.9.0.1 ─veth─ 10.9.0.11 sshd, ipclusterd
-//!  (the clients)                                              ─veth─ 10.9.0.12
-//!                                                             ─veth─ 10.9.0.13
-//! ```
-//!
-//! HAProxy's configuration and the balancer's routing are read from docs/fleet.md, so the doc's
-//! example is the one that runs. HAProxy connects to the hosts from each client's own address
-//! (transparent proxying); the hosts route replies through the balancer. The answers of the demo
-//! worker say which generation, band and pid served a client, and the address it saw; each host
-//! allocates pids from its own range ([`pid_base`]), so the pid also says which host.
-//!
-//! ssh's keys, `known_hosts` and both sides' configuration are made here, in each sandbox's own
-//! /etc; the sandboxes' /root (the machine's own) is covered by an empty tmpfs, so neither side
-//! reads or writes the machine's ~/.ssh.
+//! `ipclusterctl deploy --hosts`. The fleet itself is built by [`ipcluster_e2e::fleet`].
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4},
-    os::unix::net::UnixStream,
-    process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    thread,
+    net::Ipv4Addr,
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use ipcluster_e2e::{
-    Sandbox,
-    bus::{Bus, live_by_band},
-    client::{self, Answer, Failure},
-    installed_sandbox, text, wait_for,
+    fixture::Demo,
+    fleet::{Fleet, HOSTS, Load, ask_all, assert_banded, band, haproxy, host_of, servers},
+    text, wait_for,
 };
 
-const WEB: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo"]
-workers = 4
-listen = ["0.0.0.0:80"]
-autostart = false
-ready_timeout = "5s"
-stop_timeout = "2s"
-"#;
-
-/// The balancer's address on the hosts' link (the hosts' default route).
-const BALANCER: &str = "10.9.0.1";
-/// The hosts' addresses, as docs/fleet.md's HAProxy configuration names them.
-const HOSTS: [&str; 3] = ["10.9.0.11", "10.9.0.12", "10.9.0.13"];
-/// HAProxy's server names for them.
-const SERVERS: [&str; 3] = ["h1", "h2", "h3"];
-/// Where the clients connect: HAProxy's frontend.
-const FRONTEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 9, 1, 1), 80);
-/// The clients' addresses (in netns `cli`): 32 addresses, 8 in each of the 4 bands.
-const CLIENTS: std::ops::RangeInclusive<u8> = 32..=63;
-/// Where the test's ssh material lives, in each sandbox's own /etc.
-const SSH_DIR: &str = "/etc/ssh/ipcluster-test";
 /// A file whose presence makes `ipcluster-demo --armed-by` workers crash (on h2 only).
 const CRASH: &str = "/etc/ipcluster/fleet-test-crash";
-
-fn clients() -> Vec<Ipv4Addr> {
-    CLIENTS.map(|i| Ipv4Addr::new(10, 9, 1, i)).collect()
-}
-
-/// The first pid of host `i`'s range: its pid namespace's counter is moved there before the
-/// daemon starts, so a worker's pid says which host it is on.
-fn pid_base(i: usize) -> u32 {
-    (i as u32 + 1) * 10_000
-}
-
-/// The host a pid belongs to.
-fn host_of(pid: u32) -> usize {
-    let i = (pid / 10_000) as usize;
-    assert!((1..=HOSTS.len()).contains(&i), "pid {pid} is in no host's range");
-    i - 1
-}
-
-/// A fenced block of docs/fleet.md, the one after `<!-- fleet-test: NAME -->`.
-fn doc_block(name: &str) -> String {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/fleet.md");
-    let doc = std::fs::read_to_string(path).expect("docs/fleet.md");
-    let marker = format!("<!-- fleet-test: {name} -->");
-    let after = doc.split_once(&marker).unwrap_or_else(|| panic!("no {marker} in docs/fleet.md")).1;
-    let fenced = after.trim_start().strip_prefix("```").expect("a fenced block after the marker");
-    let body = fenced.split_once('\n').expect("the fence's line").1;
-    let (block, _) = body.split_once("\n```").expect("the fence's end");
-    format!("{block}\n")
-}
-
-/// The balancer, the hosts, and a bus connection to each host's daemon.
-#[derive(Debug)]
-struct Fleet {
-    lb: Sandbox,
-    hosts: Vec<Sandbox>,
-    buses: Vec<Bus>,
-}
-
-impl Fleet {
-    /// Boots and connects everything; each host has generation 1 of `web` live.
-    fn new() -> Self {
-        // Booting is mostly waiting for systemd: the four boot at once.
-        let mut all: Vec<Sandbox> = thread::scope(|s| {
-            let booting: Vec<_> = (0..4).map(|_| s.spawn(installed_sandbox)).collect();
-            booting.into_iter().map(|b| b.join().expect("a sandbox boots and installs")).collect()
-        });
-        let lb = all.remove(0);
-        let hosts = all;
-        for sb in hosts.iter().chain([&lb]) {
-            // The machine's /root (and its ~/.ssh) stays out of reach of ssh, sshd and the shell.
-            sb.check(["mount", "-t", "tmpfs", "-o", "mode=0700", "tmpfs", "/root"]).unwrap();
-            sb.check(["mkdir", "-p", "-m", "0700", SSH_DIR]).unwrap();
-        }
-        link(&lb, &hosts);
-        ssh(&lb, &hosts);
-        let mut buses = Vec::new();
-        for (i, sb) in hosts.iter().enumerate() {
-            sb.write_file("/etc/ipcluster/apps/web.toml", WEB, 0o644).unwrap();
-            let pids = format!("echo {} > /proc/sys/kernel/ns_last_pid", pid_base(i));
-            sb.check(["sh", "-c", &pids]).unwrap();
-            sb.check(["systemctl", "start", "ipclusterd"]).unwrap();
-            let bus = Bus::connect(sb);
-            assert_eq!(bus.deploy_plain("web"), Ok(1));
-            buses.push(bus);
-        }
-        balancer(&lb);
-        Fleet { lb, hosts, buses }
-    }
-
-    /// `ipclusterctl ARGS…` on the balancer, where the operator is.
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        let mut argv = vec!["ipclusterctl"];
-        argv.extend_from_slice(args);
-        self.lb.run(argv).unwrap()
-    }
-
-    /// Host `i`'s live generation.
-    fn live(&self, i: usize) -> u64 {
-        let gens = self.buses[i].list_generations("web");
-        gens.iter().find(|g| g.state == "live").map(|g| g.generation).expect("a live generation")
-    }
-
-    /// Host `i`'s generations and their states.
-    fn generations(&self, i: usize) -> Vec<(u64, String)> {
-        self.buses[i].list_generations("web").into_iter().map(|g| (g.generation, g.state)).collect()
-    }
-
-    /// Host `i`'s live workers, band → pid.
-    fn live_workers(&self, i: usize) -> BTreeMap<u32, u32> {
-        live_by_band(&self.buses[i].list_workers("web"))
-    }
-}
-
-/// The links, from the machine (only it sees both namespaces): a bridge in the balancer with a
-/// veth pair to each host, and the clients' namespace behind the balancer.
-fn link(lb: &Sandbox, hosts: &[Sandbox]) {
-    lb.check(["ip", "link", "add", "br0", "type", "bridge"]).unwrap();
-    for (i, h) in hosts.iter().enumerate() {
-        let port = format!("fl{i}");
-        let (lb_pid, h_pid) = (lb.init_pid().to_string(), h.init_pid().to_string());
-        let argv =
-            ["link", "add", &port, "netns", &lb_pid, "type", "veth", "peer", "name", "eth0", "netns", &h_pid];
-        let out = Command::new("/usr/sbin/ip").args(argv).output().unwrap();
-        assert!(out.status.success(), "ip {argv:?}: {}", text(&out));
-        lb.check(["ip", "link", "set", &port, "master", "br0", "up"]).unwrap();
-        let address = format!("{}/24", HOSTS[i]);
-        h.check(["ip", "addr", "add", &address, "dev", "eth0"]).unwrap();
-        h.check(["ip", "link", "set", "eth0", "up"]).unwrap();
-        // Replies to clients go back through the balancer, which proxies their connections.
-        h.check(["ip", "route", "add", "default", "via", BALANCER]).unwrap();
-    }
-    let balancer = format!(
-        "addr add {BALANCER}/24 dev br0\nlink set br0 up\nnetns add cli\n\
-         link add cl0 type veth peer name cl1 netns cli\naddr add {}/24 dev cl0\nlink set cl0 up\n",
-        FRONTEND.ip()
-    );
-    lb.write_file("/tmp/links", balancer, 0o644).unwrap();
-    lb.check(["ip", "-batch", "/tmp/links"]).unwrap();
-    let mut cli = vec!["link set lo up".to_owned(), "link set cl1 up".to_owned()];
-    cli.extend(clients().iter().map(|c| format!("addr add {c}/24 dev cl1")));
-    lb.write_file("/tmp/clients", cli.join("\n") + "\n", 0o644).unwrap();
-    lb.check(["ip", "-n", "cli", "-batch", "/tmp/clients"]).unwrap();
-}
-
-/// sshd on every host with a host key of its own, the balancer's key authorized for root; the
-/// balancer's client configuration and known_hosts.
-fn ssh(lb: &Sandbox, hosts: &[Sandbox]) {
-    let keygen = |sb: &Sandbox, file: &str, comment: &str| {
-        let path = format!("{SSH_DIR}/{file}");
-        sb.check(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", &path]).unwrap();
-        sb.read_file(format!("{path}.pub")).unwrap()
-    };
-    let operator = keygen(lb, "id_ed25519", "ipcluster-fleet-test");
-    let mut known_hosts = String::new();
-    for (i, h) in hosts.iter().enumerate() {
-        let host_key = keygen(h, "host_ed25519", SERVERS[i]);
-        let key: Vec<&str> = host_key.split_whitespace().take(2).collect();
-        known_hosts.push_str(&format!("{} {}\n", HOSTS[i], key.join(" ")));
-        h.write_file(format!("{SSH_DIR}/authorized_keys"), &operator, 0o600).unwrap();
-        let sshd = format!(
-            "HostKey {SSH_DIR}/host_ed25519\nAuthorizedKeysFile {SSH_DIR}/authorized_keys\n\
-             PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nPermitUserRC no\n"
-        );
-        h.write_file("/etc/ssh/sshd_config.d/ipcluster-test.conf", sshd, 0o644).unwrap();
-        h.check(["systemctl", "start", "ssh"]).unwrap();
-    }
-    lb.write_file(format!("{SSH_DIR}/known_hosts"), known_hosts, 0o644).unwrap();
-    let client = format!(
-        "Host 10.9.0.*\n    User root\n    IdentityFile {SSH_DIR}/id_ed25519\n    IdentitiesOnly yes\n    \
-         UserKnownHostsFile {SSH_DIR}/known_hosts\n    StrictHostKeyChecking yes\n    BatchMode yes\n    \
-         ConnectTimeout 5\n    GSSAPIAuthentication no\n"
-    );
-    lb.write_file("/etc/ssh/ssh_config.d/ipcluster-test.conf", client, 0o644).unwrap();
-}
-
-/// HAProxy as docs/fleet.md configures it, with the doc's routing for transparent proxying;
-/// returns once every server is up.
-fn balancer(lb: &Sandbox) {
-    lb.check(["sh", "-ec", &doc_block("balancer.sh")]).unwrap();
-    lb.write_file("/etc/haproxy/haproxy.cfg", doc_block("haproxy.cfg"), 0o644).unwrap();
-    lb.check(["systemctl", "restart", "haproxy"]).unwrap();
-    wait_for("HAProxy's servers to be up", Duration::from_secs(20), || {
-        let states = servers(lb);
-        SERVERS.iter().all(|s| states.get(*s).is_some_and(|st| st == "UP")).then_some(())
-    });
-}
-
-/// A command to HAProxy's runtime API (its stats socket); the answer.
-fn haproxy(lb: &Sandbox, command: &str) -> String {
-    let mut s = UnixStream::connect(lb.host_path("/run/haproxy/admin.sock")).expect("HAProxy's stats socket");
-    s.write_all(format!("{command}\n").as_bytes()).unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    answer
-}
-
-/// The status of each server of the `ipcluster` backend (`UP`, `DRAIN`, `DOWN`…).
-fn servers(lb: &Sandbox) -> BTreeMap<String, String> {
-    let csv = haproxy(lb, "show stat");
-    let mut lines = csv.lines();
-    let header: Vec<&str> = lines.next().unwrap_or_default().trim_start_matches("# ").split(',').collect();
-    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("{name}: {csv}"));
-    let (px, sv, status) = (col("pxname"), col("svname"), col("status"));
-    lines
-        .map(|l| l.split(',').collect::<Vec<_>>())
-        .filter(|f| f.len() > status && f[px] == "ipcluster" && SERVERS.contains(&f[sv]))
-        .map(|f| (f[sv].to_owned(), f[status].to_owned()))
-        .collect()
-}
-
-/// Runs `f` on a thread in the clients' namespace.
-fn in_clients<T: Send + 'static>(
-    lb: &Sandbox,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> thread::JoinHandle<T> {
-    let ns = std::fs::File::open(lb.host_path("/run/netns/cli")).expect("the clients' namespace");
-    thread::spawn(move || {
-        // Only this thread moves; a failure panics before `f` could run in the machine's namespace.
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the clients' namespace");
-        f()
-    })
-}
-
-/// One request from every client address, through HAProxy: who answered each.
-fn ask_all(lb: &Sandbox) -> BTreeMap<Ipv4Addr, Answer> {
-    let answers =
-        in_clients(lb, || clients().into_iter().map(|c| (c, client::get(c, FRONTEND))).collect::<Vec<_>>());
-    answers
-        .join()
-        .unwrap()
-        .into_iter()
-        .map(|(c, a)| (c, a.unwrap_or_else(|e| panic!("a request from {c} failed: {e:?}"))))
-        .collect()
-}
-
-/// Clients sending requests through HAProxy, each on a new connection, cycling through every
-/// client address, until finished.
-#[derive(Debug)]
-struct Load {
-    stop: Arc<AtomicBool>,
-    /// Requests answered or failed so far.
-    done: Arc<AtomicUsize>,
-    handle: thread::JoinHandle<Vec<(Ipv4Addr, Result<Answer, Failure>)>>,
-}
-
-impl Load {
-    fn start(lb: &Sandbox) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicUsize::new(0));
-        let (flag, count) = (stop.clone(), done.clone());
-        let handle = in_clients(lb, move || {
-            let mut out = Vec::new();
-            for c in clients().into_iter().cycle() {
-                if flag.load(Ordering::Relaxed) {
-                    break;
-                }
-                out.push((c, client::get(c, FRONTEND)));
-                count.fetch_add(1, Ordering::Relaxed);
-                thread::sleep(Duration::from_millis(2));
-            }
-            out
-        });
-        Load { stop, done, handle }
-    }
-
-    /// Waits until every client address has sent `rounds` more requests.
-    fn rounds(&self, rounds: usize) {
-        let until = self.done.load(Ordering::Relaxed) + rounds * clients().len();
-        wait_for("the load's requests", Duration::from_secs(30), || {
-            (self.done.load(Ordering::Relaxed) >= until).then_some(())
-        });
-    }
-
-    fn finish(self) -> Vec<(Ipv4Addr, Result<Answer, Failure>)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().unwrap()
-    }
-}
-
-/// The band of a client address: its low bits (4 workers).
-fn band(c: Ipv4Addr) -> u32 {
-    u32::from(c) & 3
-}
-
-/// Every answer came from the client's own band, and the worker saw the client's own address.
-fn assert_banded(c: Ipv4Addr, a: &Answer) {
-    assert_eq!(a.peer, c.to_string(), "the worker sees the client's address, not the balancer's: {a:?}");
-    assert_eq!(a.band, band(c), "{c} is in band {}: {a:?}", band(c));
-}
 
 #[test]
 fn a_fleet_behind_haproxy_is_controlled_over_ssh_and_deployed_host_by_host() {
     let started = Instant::now();
-    let fleet = Fleet::new();
+    let fleet = Fleet::new("web", &Demo::new(4).toml(), Vec::new());
     eprintln!("fleet up in {:?}", started.elapsed());
 
     let homes = remote_control(&fleet);
@@ -489,10 +174,10 @@ fn rolling_deploy_under_load(fleet: &Fleet, homes: &BTreeMap<Ipv4Addr, usize>) {
 fn draining_a_host(fleet: &Fleet, homes: &BTreeMap<Ipv4Addr, usize>) {
     let drain = "set server ipcluster/h2 state drain";
     let ready = "set server ipcluster/h2 state ready";
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/fleet.md")).unwrap();
+    let doc = ipcluster_e2e::fleet::fleet_doc();
     assert!(doc.contains(drain) && doc.contains(ready), "docs/fleet.md drains with the commands tested here");
     assert_eq!(haproxy(&fleet.lb, drain).trim(), "");
-    assert_eq!(servers(&fleet.lb)["h2"], "DRAIN");
+    assert_eq!(servers(&fleet.lb)["h2"].status, "DRAIN");
     for (c, a) in ask_all(&fleet.lb) {
         assert_banded(c, &a);
         let host = host_of(a.pid);
@@ -512,7 +197,8 @@ fn draining_a_host(fleet: &Fleet, homes: &BTreeMap<Ipv4Addr, usize>) {
 /// contacted, and with --rollback-on-failure h1 returns to the generation it had (the same
 /// workers). h2 keeps its generation, as after any failed deploy.
 fn a_failed_deploy_stops_the_roll_and_the_hosts_done_roll_back(fleet: &Fleet) {
-    let broken = WEB.replace("/usr/local/bin/ipcluster-demo", "/usr/local/bin/ipcluster-missing");
+    let web = Demo::new(4).toml();
+    let broken = web.replace("/usr/local/bin/ipcluster-demo", "/usr/local/bin/ipcluster-missing");
     fleet.hosts[1].write_file("/etc/ipcluster/apps/web.toml", broken, 0o644).unwrap();
     let out = fleet.ctl(&["-H", HOSTS[1], "reload"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -553,7 +239,7 @@ fn a_failed_deploy_stops_the_roll_and_the_hosts_done_roll_back(fleet: &Fleet) {
     assert_eq!(fleet.live_workers(1), h2_workers, "h2 never stopped serving generation 2");
     assert_eq!(fleet.generations(1).iter().find(|(g, _)| *g == 3).unwrap().1, "failed");
     assert_eq!(fleet.generations(2), h3_generations, "h3 was not touched");
-    fleet.hosts[1].write_file("/etc/ipcluster/apps/web.toml", WEB, 0o644).unwrap();
+    fleet.hosts[1].write_file("/etc/ipcluster/apps/web.toml", web, 0o644).unwrap();
     assert!(fleet.ctl(&["-H", HOSTS[1], "reload"]).status.success());
 }
 

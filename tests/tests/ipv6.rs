@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::LazyLock,
     time::Duration,
 };
 
@@ -17,18 +18,13 @@ use ipcluster_e2e::{
     bus::live_by_band,
     client::{self, Load},
     cluster,
+    fixture::Demo,
     netns::{add_addresses, client_namespace, curl, field},
     text,
 };
 
-const WEB: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo"]
-workers = 4
-listen = ["[::]:80"]
-autostart = false
-ready_timeout = "5s"
-stop_timeout = "2s"
-"#;
+/// The app most scenarios here deploy.
+static WEB: LazyLock<String> = LazyLock::new(|| Demo::new(4).listen(&["[::]:80"]).toml());
 
 /// IPv6 sources on the sandbox's loopback interface: `fd00::7:0:N`, last 32 bits `0x0007_0000 +
 /// N` (so the band is the low bits of those 32 bits, not of a short suffix that happens to be
@@ -44,7 +40,7 @@ fn last32(a: Ipv6Addr) -> u32 {
 
 #[test]
 fn ipv6_and_ipv4_clients_each_stick_to_the_worker_of_their_band() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     let v6 = sources(16);
     add_addresses(&sb, false, "lo", &v6.iter().map(|a| format!("{a}/128")).collect::<Vec<_>>());
     assert_eq!(bus.deploy_plain("web"), Ok(1));
@@ -108,7 +104,7 @@ fn ipv6_and_ipv4_clients_each_stick_to_the_worker_of_their_band() {
 /// reach the new generation as soon as it returns, and a load of both families loses nothing.
 #[test]
 fn redeploys_under_a_load_of_both_families_drop_nothing() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     let v6 = sources(8);
     add_addresses(&sb, false, "lo", &v6.iter().map(|a| format!("{a}/128")).collect::<Vec<_>>());
     assert_eq!(bus.deploy_plain("web"), Ok(1));
@@ -140,25 +136,11 @@ fn redeploys_under_a_load_of_both_families_drop_nothing() {
     assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), outcomes.len());
 }
 
-const TWO: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo"]
-workers = 4
-listen = ["[::]:80", "[fd09::2]:8080"]
-autostart = false
-ready_timeout = "5s"
-stop_timeout = "2s"
-"#;
+static TWO: LazyLock<String> = LazyLock::new(|| Demo::new(4).listen(&["[::]:80", "[fd09::2]:8080"]).toml());
 
 /// An IPv4-only app: its workers (the demo) still listen dual-stack, so its ports must be
 /// guarded from IPv6 hosts too.
-const FOUR: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo"]
-workers = 2
-listen = ["0.0.0.0:81"]
-autostart = false
-ready_timeout = "5s"
-stop_timeout = "2s"
-"#;
+static FOUR: LazyLock<String> = LazyLock::new(|| Demo::new(2).listen(&["0.0.0.0:81"]).toml());
 
 /// The sandbox's addresses on the link to the client namespace.
 const SERVER: [&str; 2] = ["fd09::1", "fd09::2"];
@@ -189,7 +171,7 @@ fn guard_drops(sb: &Sandbox) -> u64 {
 
 #[test]
 fn another_ipv6_host_reaches_the_public_addresses_but_no_worker_port() {
-    let (sb, bus) = cluster(&[("web", TWO), ("four", FOUR)]);
+    let (sb, bus) = cluster(&[("web", TWO.as_str()), ("four", FOUR.as_str())]);
     client_namespace(&sb, &SERVER, &["10.9.0.6", CLIENTS[0], CLIENTS[1], CLIENTS[2], CLIENTS[3]]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     assert_eq!(bus.deploy_plain("web"), Ok(2));
@@ -224,8 +206,9 @@ fn another_ipv6_host_reaches_the_public_addresses_but_no_worker_port() {
     let before = guard_drops(&sb);
     for (src, port) in [(CLIENTS[0], live), (CLIENTS[1], retired), (CLIENTS[2], four)] {
         let url = format!("http://[{}]:{port}/", SERVER[0]);
-        let (err, took) = curl(&sb, src, &url).expect_err(&format!("{src} reached {url}"));
-        assert!(took < Duration::from_secs(4), "{url} took {took:?} to fail: {err}");
+        // Dropped (a connect timeout), never answered; the guard's counters below say by whom.
+        let (err, _) = curl(&sb, src, &url).expect_err(&format!("{src} reached {url}"));
+        assert!(err.contains("Timeout") || err.contains("connect"), "{url}: {err}");
         let public = curl(&sb, src, &format!("http://[{}]/", SERVER[0]));
         assert!(public.is_ok(), "the public port from {src} right after: {public:?}");
     }

@@ -2,18 +2,15 @@
 //! and promtool see them, and a real Prometheus (Debian's package) inside the sandbox scraping
 //! the daemon every second, whose query API follows the live workers and the deploy counter.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::LazyLock,
+    time::{Duration, Instant},
+};
 
-use ipcluster_e2e::{Sandbox, installed_sandbox, text};
+use ipcluster_e2e::{Sandbox, fixture::Demo, installed_sandbox, journal_with, text};
 
-const WEB: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo"]
-workers = 4
-listen = ["0.0.0.0:80"]
-autostart = false
-ready_timeout = "5s"
-stop_timeout = "2s"
-"#;
+/// The app most scenarios here deploy.
+static WEB: LazyLock<String> = LazyLock::new(|| Demo::new(4).toml());
 
 const DAEMON_FILE: &str = "/etc/ipcluster/ipclusterd.toml";
 const METRICS: &str = "http://127.0.0.1:9464/metrics";
@@ -99,7 +96,7 @@ fn wait_query_for(sb: &Sandbox, promql: &str, what: &str, ok: impl Fn(f64) -> bo
 #[test]
 fn prometheus_scrapes_the_live_workers_and_sees_the_deploy_counter_move() {
     let sb = installed_sandbox();
-    sb.write_file("/etc/ipcluster/apps/web.toml", WEB, 0o644).unwrap();
+    sb.write_file("/etc/ipcluster/apps/web.toml", WEB.as_str(), 0o644).unwrap();
 
     // Without metrics_listen, no listener.
     sb.check(["systemctl", "start", "ipclusterd"]).unwrap();
@@ -109,12 +106,10 @@ fn prometheus_scrapes_the_live_workers_and_sees_the_deploy_counter_move() {
     // An invalid value is reported with its place, and nothing listens.
     sb.write_file(DAEMON_FILE, "metrics_listen = \"localhost:9464\"\n", 0o644).unwrap();
     sb.check(["systemctl", "restart", "ipclusterd"]).unwrap();
-    let j = journal(&sb, "ipclusterd");
-    assert!(
-        j.contains(&format!(
-            "{DAEMON_FILE}:1:18: metrics_listen: \"localhost:9464\" is not \"address:port\""
-        )),
-        "{j}"
+    journal_with(
+        &sb,
+        "ipclusterd",
+        &format!("{DAEMON_FILE}:1:18: metrics_listen: \"localhost:9464\" is not \"address:port\""),
     );
     assert_eq!(listening_on_9464(&sb).trim(), "");
 

@@ -9,62 +9,20 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::Duration,
 };
 
 use ipcluster_e2e::{
-    Sandbox,
+    Sandbox, bare_host, build_deb,
     bus::{Bus, WorkerRow},
     client::{Load, loopback_sources},
-    nat_rules, text, wait_for,
+    journal_with, nat_rules, text, wait_for,
 };
 
 const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// A booted sandbox that is a host without ipclusterd, whatever this machine has installed from
-/// source (the overlay keeps the machine's own files), and without policy-rc.d.
-fn bare_host() -> Sandbox {
-    if let Some(why) = ipcluster_sandbox::unavailable_reason() {
-        panic!("end-to-end test cannot run: {why}");
-    }
-    let sb = Sandbox::boot().expect("sandbox boots");
-    let out = sb.run(["dpkg-query", "-W", "ipclusterd"]).unwrap();
-    assert!(!out.status.success(), "ipclusterd is installed on this machine: {}", text(&out));
-    sb.check([
-        "rm",
-        "-f",
-        "/usr/sbin/policy-rc.d",
-        "/etc/systemd/system/ipclusterd.service",
-        "/etc/systemd/system/ipcluster.slice",
-        "/etc/dbus-1/system.d/org.ipcluster1.conf",
-        "/usr/local/bin/ipclusterd",
-        "/usr/local/bin/ipclusterctl",
-    ])
-    .unwrap();
-    sb
-}
-
-/// Builds the package of version `version` from the release binaries into the sandbox's
-/// /tmp/debs with `xtask deb` (run on the host); returns its path inside.
-fn build_deb(sb: &Sandbox, version: &str) -> String {
-    let build = sb.build().expect("the build");
-    let out = Command::new(&build.xtask)
-        .args(["deb", "--no-build", "--no-lintian", "--version", version, "--bin-dir"])
-        .arg(&build.bin_dir)
-        .arg("--out")
-        .arg(sb.host_path("/tmp/debs"))
-        .output()
-        .expect("xtask deb runs");
-    assert!(out.status.success(), "xtask deb failed: {}", text(&out));
-    let arch =
-        String::from_utf8(Command::new("dpkg").arg("--print-architecture").output().unwrap().stdout).unwrap();
-    let inside = format!("/tmp/debs/ipclusterd_{version}_{}.deb", arch.trim());
-    assert!(sb.host_path(&inside).exists(), "{inside} not built: {}", text(&out));
-    inside
-}
 
 /// `apt-get ARGS` inside, non-interactively; its output. Fails the test unless it succeeds.
 fn apt(sb: &Sandbox, args: &[&str]) -> String {
@@ -177,8 +135,7 @@ fn install_deploy_upgrade_under_load_remove_reinstall_purge() {
     let live2: BTreeSet<u32> = before.iter().filter(|w| w.1 == 2).map(|w| w.3).collect();
     assert_eq!(serving, live2, "generation 2's workers served throughout");
     assert_eq!(stable(bus.list_workers("")), before, "every worker adopted as it was");
-    let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
-    assert!(journal.contains("adopted 2 generations with 8 workers"), "{journal}");
+    journal_with(&sb, "ipclusterd", "adopted 2 generations with 8 workers");
     let out = sb.run(["ipclusterctl", "deploy", "web"]).unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "web: generation 3 is live", "{}", text(&out));
 
@@ -287,15 +244,15 @@ fn a_call_to_the_bus_name_starts_the_stopped_daemon() {
     sb.check(["systemctl", "stop", "ipclusterd"]).unwrap();
     sb.check(["systemctl", "mask", "ipclusterd"]).unwrap();
     let call = sb.run(["ipclusterctl", "version"]).unwrap();
-    assert!(!call.status.success() && text(&call).contains("masked"), "{}", text(&call));
+    assert_eq!(call.status.code(), Some(3), "not reachable: {}", text(&call));
+    assert!(text(&call).contains("masked"), "{}", text(&call));
     assert_eq!(unit_property(&sb, "ipclusterd", "ActiveState"), "inactive");
 }
 
 #[test]
 fn lintian_reports_no_error_on_the_package() {
     let build = ipcluster_sandbox::Build::locate().expect("the build");
-    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("../target/e2e-lintian-{}", std::process::id()));
+    let out_dir = ipcluster_sandbox::target_dir().join(format!("e2e-lintian-{}", std::process::id()));
     let out = Command::new(&build.xtask)
         .args(["deb", "--no-build", "--bin-dir"])
         .arg(&build.bin_dir)

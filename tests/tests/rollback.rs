@@ -4,29 +4,26 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
+    sync::LazyLock,
     time::Duration,
 };
 
 use ipcluster_e2e::{
     bus::opt,
     client::{self, Load, loopback_sources},
-    cluster, text, wait_for,
+    cluster,
+    fixture::Demo,
+    text, wait_for,
 };
 
-const WEB: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo"]
-workers = 4
-listen = ["0.0.0.0:80"]
-autostart = false
-ready_timeout = "10s"
-stop_timeout = "2s"
-"#;
+/// The app most scenarios here deploy.
+static WEB: LazyLock<String> = LazyLock::new(|| Demo::new(4).ready_timeout("10s").toml());
 
 const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
 
 #[test]
 fn a_rollback_under_load_is_instant_with_the_same_workers_and_fails_no_request() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     let none: Result<u64, _> = bus.call("Rollback", &("web", 0u64));
     assert_eq!(none.unwrap_err().name, "org.ipcluster1.Error.NoSuchGeneration", "nothing to roll back to");
     assert_eq!(bus.deploy_plain("web"), Ok(1));
@@ -63,7 +60,7 @@ fn a_rollback_under_load_is_instant_with_the_same_workers_and_fails_no_request()
 
 #[test]
 fn a_rollback_after_the_workers_were_reaped_redeploys_what_that_generation_ran() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     let marked =
         HashMap::from([("command", opt(vec!["/usr/local/bin/ipcluster-demo", "--delay-ready", "1"]))]);
     assert_eq!(bus.deploy("web", marked), Ok(1));

@@ -4,29 +4,22 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
+    sync::LazyLock,
     time::{Duration, Instant},
 };
 
 use ipcluster_e2e::{
     Sandbox,
     bus::{Bus, opt},
-    client, cluster, nat_rules, text, wait_for,
+    client, cluster,
+    fixture::Demo,
+    journal_until, journal_with, nat_rules, text, wait_for,
 };
 
-const WEB: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo"]
-workers = 2
-listen = ["0.0.0.0:80"]
-autostart = false
-ready_timeout = "10s"
-stop_timeout = "2s"
-"#;
+/// The app most scenarios here deploy.
+static WEB: LazyLock<String> = LazyLock::new(|| Demo::new(2).ready_timeout("10s").toml());
 
 const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
-
-fn journal(sb: &Sandbox) -> String {
-    sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap()
-}
 
 fn as_user<'a>(user: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["setpriv", "--reuid", user, "--regid", user, "--clear-groups", "--"];
@@ -34,10 +27,21 @@ fn as_user<'a>(user: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
+/// A user `webdeployer` whom a polkit rule grants `org.ipcluster1.manage` for app `web` only.
+fn grant_manage_of_web(sb: &Sandbox) {
+    sb.check(["useradd", "--system", "--user-group", "webdeployer"]).unwrap();
+    sb.write_file(
+        "/etc/polkit-1/rules.d/50-web.rules",
+        "polkit.addRule(function(action, subject) {\n  if (action.id == \"org.ipcluster1.manage\" && action.lookup(\"app\") == \"web\" && subject.user == \"webdeployer\")\n    return polkit.Result.YES;\n});\n",
+        0o644,
+    )
+    .unwrap();
+}
+
 /// Item 1: a worker that re-execs itself claiming 2^32-1 bands and a route for port 22.
 #[test]
 fn a_worker_that_forges_its_identity_is_refused_after_a_restart_and_routes_nothing() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     let forged = HashMap::from([("command", opt(vec!["/usr/local/bin/ipcluster-demo", "--forge-identity"]))]);
     assert_eq!(bus.deploy("web", forged), Ok(1));
     let liars: BTreeSet<u32> = bus.list_workers("web").iter().map(|w| w.pid).collect();
@@ -52,7 +56,9 @@ fn a_worker_that_forges_its_identity_is_refused_after_a_restart_and_routes_nothi
         "ready within its normal time: {:?}",
         started.elapsed()
     );
-    let j = journal(&sb);
+    let j = journal_until(&sb, "ipclusterd", "every forged pid refused", |j| {
+        liars.iter().all(|pid| j.contains(&format!("pid {pid} in ipcluster-web-1.scope is not adopted")))
+    });
     for pid in &liars {
         assert!(
             j.contains(&format!(
@@ -79,7 +85,7 @@ fn a_worker_that_forges_its_identity_is_refused_after_a_restart_and_routes_nothi
 /// Item 2: a worker that forks a child which ignores SIGTERM.
 #[test]
 fn stopping_a_worker_stops_what_it_forked_and_a_stopped_generation_leaves_no_scope() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     let forking = HashMap::from([("command", opt(vec!["/usr/local/bin/ipcluster-demo", "--fork-child"]))]);
     assert_eq!(bus.deploy("web", forking), Ok(1));
     let worker = bus.list_workers("web")[0].clone();
@@ -104,8 +110,20 @@ fn stopping_a_worker_stops_what_it_forked_and_a_stopped_generation_leaves_no_sco
             sb.check(["systemctl", "list-units", "--all", "--no-legend", "--plain", "ipcluster-*"]).ok()?;
         (!units.contains("ipcluster-web-1.scope")).then_some(())
     });
-    let gens = bus.list_generations("web");
-    assert!(gens.iter().any(|g| g.generation == 1 && g.state == "stopped"), "{gens:?}");
+    // The daemon learns of the last exit in its own turn, which may end after systemd removed
+    // the empty scope: what ListGenerations says follows within a moment, not at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let gens = bus.list_generations("web");
+        if gens.iter().any(|g| g.generation == 1 && g.state == "stopped") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "generation 1 is not listed as stopped 5 s after its scope went: {gens:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Item 3: 100 000 datagrams on the notify socket from an unprivileged user.
@@ -139,7 +157,10 @@ fn a_flood_on_the_notify_socket_is_dropped_cheaply_and_not_logged_line_by_line()
     );
     assert!(max < Duration::from_secs(1), "ListWorkers took {max:?} during the flood");
     // Rate-limited: one line per 10 s at most, not one per datagram.
-    let dropped = journal(&sb).lines().filter(|l| l.contains("notify socket: dropped")).count();
+    let dropped = journal_with(&sb, "ipclusterd", "notify socket: dropped")
+        .lines()
+        .filter(|l| l.contains("notify socket: dropped"))
+        .count();
     assert!(dropped >= 1 && dropped as u64 <= flood_time.as_secs() / 10 + 2, "{dropped} lines");
     assert_eq!(bus.deploy_plain("web"), Ok(2), "still serving");
 }
@@ -147,7 +168,7 @@ fn a_flood_on_the_notify_socket_is_dropped_cheaply_and_not_logged_line_by_line()
 /// Item 4: another local user binds a starting worker's port first.
 #[test]
 fn a_user_who_binds_a_workers_port_first_gets_no_traffic_and_the_deploy_says_why() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     let before = nat_rules(&sb);
     let first = bus.list_workers("web");
@@ -185,22 +206,28 @@ fn a_user_who_binds_a_workers_port_first_gets_no_traffic_and_the_deploy_says_why
     let _ = squatter.wait();
 }
 
-/// Item 5: floods of reads and 1 MiB Deploy calls from an unprivileged user.
+/// Floods of reads and 1 MiB Deploy calls from an unprivileged user (issue 21, item 6): the
+/// Deploys are refused by size before anything else is done with them (InvalidArgs, not even
+/// shown to polkit), authorized calls are served within a second, and `ListWorkers` of another
+/// app stays under 50 ms at the 99th percentile.
 #[test]
 fn floods_of_reads_and_huge_unauthorized_calls_leave_authorized_calls_served_within_a_second() {
     let web = WEB
+        .as_str()
         .replace("workers = 2", "workers = 64")
         .replace("ready_timeout = \"10s\"", "ready_timeout = \"30s\"");
-    let (sb, bus) = cluster(&[("web", &web)]);
+    let api = WEB.as_str().replace("0.0.0.0:80", "0.0.0.0:81");
+    let (sb, bus) = cluster(&[("web", &web), ("api", &api)]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
+    assert_eq!(bus.deploy_plain("api"), Ok(1));
     sb.check(["useradd", "--system", "--user-group", "ipcflood"]).unwrap();
     let script = "import dbus, time\n\
         m = dbus.Interface(dbus.SystemBus().get_object('org.ipcluster1', '/org/ipcluster1'), 'org.ipcluster1.Manager')\n\
         huge = dbus.Dictionary({'command': dbus.Array(['x' * (1 << 20)], signature='s', variant_level=1)}, signature='sv')\n\
         end = time.time() + 8\n\
-        reads = denied = 0\n\
-        while time.time() < end:\n    m.ListWorkers('')\n    reads += 1\n    try:\n        m.Deploy('web', huge)\n    except dbus.DBusException as e:\n        denied += e.get_dbus_name().endswith('AccessDenied') or e.get_dbus_name().endswith('InteractiveAuthorizationRequired')\n\
-        print(reads, denied)\n";
+        reads = refused = 0\n\
+        while time.time() < end:\n    m.ListWorkers('')\n    reads += 1\n    try:\n        m.Deploy('web', huge)\n    except dbus.DBusException as e:\n        refused += e.get_dbus_name().endswith('InvalidArgs')\n\
+        print(reads, refused)\n";
     let floods: Vec<_> = (0..4)
         .map(|_| {
             sb.command(as_user("ipcflood", &["python3", "-c", script]))
@@ -211,41 +238,45 @@ fn floods_of_reads_and_huge_unauthorized_calls_leave_authorized_calls_served_wit
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let mut worst = Duration::ZERO;
+    let mut reads_of_api = Vec::new();
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(6) {
         let t = Instant::now();
         assert_eq!(bus.kill_retired("web"), Ok(0), "an authorized call");
         assert_eq!(bus.list_workers("web").len(), 64);
         worst = worst.max(t.elapsed());
-        std::thread::sleep(Duration::from_millis(100));
+        for _ in 0..5 {
+            let t = Instant::now();
+            assert_eq!(bus.list_workers("api").len(), 2);
+            reads_of_api.push(t.elapsed());
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     let mut reads = 0;
-    let mut denied = 0;
+    let mut refused = 0;
     for f in floods {
         let out = f.wait_with_output().unwrap();
         let counts: Vec<u64> =
             String::from_utf8_lossy(&out.stdout).split_whitespace().map(|n| n.parse().unwrap()).collect();
         reads += counts[0];
-        denied += counts[1];
+        refused += counts[1];
     }
+    reads_of_api.sort();
+    let p99 = reads_of_api[reads_of_api.len() * 99 / 100];
     println!(
-        "flood: {reads} ListWorkers (64 workers) and {denied} denied 1 MiB Deploys by 4 clients in 8 s; worst authorized KillRetired+ListWorkers {worst:?}"
+        "flood: {reads} ListWorkers (64 workers) and {refused} refused 1 MiB Deploys by 4 clients in 8 s; worst authorized KillRetired+ListWorkers {worst:?}; ListWorkers of another app: p99 {p99:?} of {}",
+        reads_of_api.len()
     );
-    assert!(denied > 0 && reads > 0, "the flood really ran");
+    assert!(refused > 0 && reads > 0, "the flood really ran");
     assert!(worst < Duration::from_secs(1), "authorized calls took up to {worst:?}");
+    assert!(p99 < Duration::from_millis(50), "ListWorkers of another app: p99 {p99:?}");
 }
 
 /// Item 7: a grant of one app to one user, and overrides need more.
 #[test]
 fn a_grant_of_one_app_does_not_reach_other_apps_nor_overrides() {
-    let (sb, bus) = cluster(&[("web", WEB), ("api", &WEB.replace("0.0.0.0:80", "0.0.0.0:81"))]);
-    sb.check(["useradd", "--system", "--user-group", "webdeployer"]).unwrap();
-    sb.write_file(
-        "/etc/polkit-1/rules.d/50-web.rules",
-        "polkit.addRule(function(action, subject) {\n  if (action.id == \"org.ipcluster1.manage\" && action.lookup(\"app\") == \"web\" && subject.user == \"webdeployer\")\n    return polkit.Result.YES;\n});\n",
-        0o644,
-    )
-    .unwrap();
+    let (sb, bus) = cluster(&[("web", WEB.as_str()), ("api", &WEB.replace("0.0.0.0:80", "0.0.0.0:81"))]);
+    grant_manage_of_web(&sb);
     let run = |argv: &[&str]| sb.run(as_user("webdeployer", argv)).unwrap();
     let ok = run(&["ipclusterctl", "deploy", "web"]);
     assert!(ok.status.success(), "{}", text(&ok));
@@ -262,10 +293,53 @@ fn a_grant_of_one_app_does_not_reach_other_apps_nor_overrides() {
     assert!(!sb.host_path("/tmp/owned").exists());
 }
 
+/// Issue 21, item 2, as the audit ran it: root deployed with an environment override, then a
+/// plain deploy, then KillRetired; a caller granted only `org.ipcluster1.manage` for the app asks
+/// to roll back to the overridden generation. Before the fix a new generation started with the
+/// override's environment; now the rollback needs `org.ipcluster1.override` (polkit is asked with
+/// `environment` as the overrides detail), nothing starts, and an instant rollback stays
+/// `manage`.
+#[test]
+fn a_manage_only_caller_cannot_replay_an_override_through_rollback() {
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
+    grant_manage_of_web(&sb);
+    let env = HashMap::from([("environment", opt(vec!["SECRET_MODE=1"]))]);
+    assert_eq!(bus.deploy("web", env), Ok(1));
+    assert_eq!(bus.deploy_plain("web"), Ok(2));
+    let run = |argv: &[&str]| sb.run(as_user("webdeployer", argv)).unwrap();
+    // While generation 1 still runs, going back to it is instant: manage is enough.
+    let instant = run(&["ipclusterctl", "rollback", "web", "1"]);
+    assert!(instant.status.success(), "{}", text(&instant));
+    assert_eq!(bus.deploy_plain("web"), Ok(3));
+    assert_eq!(bus.kill_retired("web").map(|n| n > 0), Ok(true));
+    wait_for("generations 1 and 2 to stop", Duration::from_secs(15), || {
+        bus.list_workers("web").iter().all(|w| w.generation == 3).then_some(())
+    });
+    let replay = run(&["ipclusterctl", "rollback", "web", "1"]);
+    assert_eq!(replay.status.code(), Some(1), "{}", text(&replay));
+    assert!(text(&replay).contains("org.ipcluster1.override"), "{}", text(&replay));
+    let workers = bus.list_workers("web");
+    assert!(workers.iter().all(|w| w.generation == 3), "nothing started: {workers:?}");
+    for w in &workers {
+        let environ = sb.read_file(format!("/proc/{}/environ", w.pid)).unwrap();
+        assert!(!environ.contains("SECRET_MODE"), "the live workers never got the override");
+    }
+    journal_with(&sb, "ipclusterd", "org.ipcluster1.override");
+    // Root (override) may replay it.
+    let out = sb.run(["ipclusterctl", "rollback", "web", "1"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let g4: Vec<u32> = bus.list_workers("web").iter().filter(|w| w.generation == 4).map(|w| w.pid).collect();
+    assert!(!g4.is_empty());
+    for pid in g4 {
+        let environ = sb.read_file(format!("/proc/{pid}/environ")).unwrap();
+        assert!(environ.contains("SECRET_MODE=1"), "generation 1's environment, replayed");
+    }
+}
+
 /// Item 8: an override is what runs, after a restart too.
 #[test]
 fn a_deploy_override_survives_a_daemon_restart_and_a_respawn() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     let marked =
         HashMap::from([("command", opt(vec!["/usr/local/bin/ipcluster-demo", "--delay-ready", "1"]))]);
     assert_eq!(bus.deploy("web", marked), Ok(1));
@@ -286,7 +360,7 @@ fn a_deploy_override_survives_a_daemon_restart_and_a_respawn() {
 /// Item 9: an app file anyone but root could have written is refused, and said so.
 #[test]
 fn an_app_file_or_directory_writable_by_others_is_refused_with_the_fix() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     sb.check(["chmod", "666", "/etc/ipcluster/apps/web.toml"]).unwrap();
     sb.check(["systemctl", "reload", "ipclusterd"]).unwrap();
     let e = bus.deploy_plain("web").unwrap_err();
@@ -321,7 +395,9 @@ fn a_host_without_iptables_is_reported_at_start_and_by_every_deploy() {
     let bus = Bus::connect(&sb);
     let status = sb.check(["systemctl", "show", "-p", "StatusText", "--value", "ipclusterd"]).unwrap();
     assert!(status.contains("cannot route") && status.contains("iptables"), "{status}");
-    let j = journal(&sb);
+    let j = journal_until(&sb, "ipclusterd", "\"cannot route\" and the ephemeral ports' overlap", |j| {
+        j.contains("cannot route") && j.contains("overlaps the kernel's ephemeral ports")
+    });
     assert!(j.contains("cannot route") && j.contains("apt-get install iptables"), "{j}");
     assert!(j.contains("overlaps the kernel's ephemeral ports"), "{j}");
     let e = bus.deploy_plain("web").unwrap_err();

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
+    sync::LazyLock,
     time::{Duration, Instant},
 };
 
@@ -11,17 +12,13 @@ use ipcluster_e2e::{
     Sandbox,
     bus::{Bus, WorkerRow},
     client::{self, Load, loopback_sources},
-    cluster, wait_for,
+    cluster,
+    fixture::Demo,
+    journal_until, journal_with, wait_for,
 };
 
-const WEB: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo", "--log-requests"]
-workers = 4
-listen = ["0.0.0.0:80"]
-autostart = false
-ready_timeout = "5s"
-stop_timeout = "2s"
-"#;
+/// The app most scenarios here deploy.
+static WEB: LazyLock<String> = LazyLock::new(|| Demo::new(4).args(&["--log-requests"]).toml());
 
 const PUBLIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
 
@@ -57,7 +54,7 @@ fn kill_daemon(sb: &Sandbox) {
 
 #[test]
 fn restarts_and_crashes_keep_every_worker_and_every_request() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     assert_eq!(bus.deploy_plain("web"), Ok(2));
     let before = stable(bus.list_workers(""));
@@ -99,16 +96,18 @@ fn restarts_and_crashes_keep_every_worker_and_every_request() {
         by_source.entry(*src).or_default().insert(r.as_ref().unwrap().pid);
     }
     assert!(by_source.values().all(|p| p.len() == 1), "stickiness changed: {by_source:?}");
-    let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
-    assert_eq!(journal.matches("adopted 2 generations with 8 workers").count(), 6, "{journal}");
+    let adopted = "adopted 2 generations with 8 workers";
+    let journal = journal_until(&sb, "ipclusterd", "six adoptions", |j| j.matches(adopted).count() >= 6);
+    assert_eq!(journal.matches(adopted).count(), 6, "{journal}");
     // The same worker's output continues across the restarts.
-    let lines = sb.check(["journalctl", "-u", "ipcluster-web-2.scope", "-o", "cat", "--no-pager"]).unwrap();
-    assert!(lines.matches("request from").count() >= outcomes.len() / 2, "worker journal lines missing");
+    journal_until(&sb, "ipcluster-web-2.scope", "a line for at least half of the requests", |j| {
+        j.matches("request from").count() >= outcomes.len() / 2
+    });
 }
 
 #[test]
 fn adopted_workers_are_reaped_respawned_and_numbered_on() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     assert_eq!(bus.deploy_plain("web"), Ok(2));
     let old = main_pid(&sb);
@@ -152,7 +151,7 @@ fn adopted_workers_are_reaped_respawned_and_numbered_on() {
 
 #[test]
 fn rules_flushed_by_another_tool_are_restored() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     // Let the deploy's own rule refreshes (coalesced, 100 ms) pass: the flush below is then a
     // change nobody expected, which the periodic check finds and says so.
@@ -163,13 +162,12 @@ fn rules_flushed_by_another_tool_are_restored() {
     wait_for("the rules to be restored", Duration::from_secs(15), || {
         sb.in_netns(|| client::get(Ipv4Addr::new(127, 0, 0, 2), PUBLIC)).unwrap().ok()
     });
-    let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
-    assert!(journal.contains("repaired in one transaction"), "{journal}");
+    journal_with(&sb, "ipclusterd", "repaired in one transaction");
 }
 
 #[test]
 fn a_corrupt_state_file_is_reported_and_rebuilt_from_reality() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     assert_eq!(bus.deploy_plain("web"), Ok(2));
     let before = stable(bus.list_workers(""));
@@ -190,8 +188,7 @@ fn a_corrupt_state_file_is_reported_and_rebuilt_from_reality() {
         strip_time(&before),
         "adopted from reality: the rules say generation 2 is live"
     );
-    let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
-    assert!(journal.contains("state.json: corrupt"), "{journal}");
+    journal_with(&sb, "ipclusterd", "state.json: corrupt");
     assert_eq!(bus.deploy_plain("web"), Ok(3), "numbers never repeat, even without the state file");
 }
 
@@ -203,17 +200,7 @@ fn a_daemon_killed_during_deploys_leaves_one_live_generation_and_no_orphans() {
     for round in 0..20u64 {
         let old = main_pid(&sb);
         let deploy = sb
-            .command([
-                "busctl",
-                "call",
-                "org.ipcluster1",
-                "/org/ipcluster1",
-                "org.ipcluster1.Manager",
-                "Deploy",
-                "sa{sv}",
-                "web",
-                "0",
-            ])
+            .command(ipcluster_e2e::bus::busctl_deploy("web"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -256,11 +243,7 @@ fn a_daemon_killed_during_deploys_leaves_one_live_generation_and_no_orphans() {
     }
     // The kills landed on both sides of cutovers: some deploys were cut short and cleaned up,
     // some had gone live.
-    let journal = sb.check(["journalctl", "-u", "ipclusterd", "-o", "cat", "--no-pager"]).unwrap();
-    assert!(
-        journal.contains("was still starting when the previous daemon stopped; stopping it"),
-        "{journal}"
-    );
+    journal_with(&sb, "ipclusterd", "was still starting when the previous daemon stopped; stopping it");
     let live = bus.list_generations("web").into_iter().find(|g| g.state == "live").unwrap();
     assert!(live.generation > 2, "no deploy completed between kills: live generation {}", live.generation);
 }

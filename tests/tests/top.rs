@@ -5,21 +5,15 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
+    sync::LazyLock,
     time::{Duration, Instant},
 };
 
-use ipcluster_e2e::{Sandbox, bus::Bus, cluster, text, wait_for};
+use ipcluster_e2e::{Sandbox, bus::Bus, cluster, fixture::Demo, text, wait_for};
 
 /// Two workers; each takes 1 s to become ready, so a deploy's starting generation stays on the
 /// screen long enough to be seen.
-const WEB: &str = r#"
-command = ["/usr/local/bin/ipcluster-demo", "--delay-ready", "1000"]
-workers = 2
-listen = ["0.0.0.0:80"]
-autostart = false
-stop_timeout = "2s"
-ready_timeout = "5s"
-"#;
+static WEB: LazyLock<String> = LazyLock::new(|| Demo::new(2).args(&["--delay-ready", "1000"]).toml());
 
 const SOCKET: &str = "/tmp/top.tmux";
 const CONF: &str = "/tmp/top.tmux.conf";
@@ -130,7 +124,7 @@ fn pids(bus: &Bus, g: u64) -> Vec<u32> {
 
 #[test]
 fn a_deploy_shows_at_once_from_the_signals_and_q_restores_the_terminal() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     let old = pids(&bus, 1);
     let tmux = Tmux::new(&sb);
@@ -182,7 +176,7 @@ fn a_deploy_shows_at_once_from_the_signals_and_q_restores_the_terminal() {
 
 #[test]
 fn figures_refresh_and_a_stopped_daemon_is_not_started_again_and_ctrl_c_or_sigterm_quit() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     let worker = bus.list_workers("web")[0].clone();
     let tmux = Tmux::new(&sb);
@@ -234,7 +228,7 @@ fn figures_refresh_and_a_stopped_daemon_is_not_started_again_and_ctrl_c_or_sigte
 
 #[test]
 fn without_a_terminal_it_prints_one_snapshot_and_errors_exit_as_elsewhere() {
-    let (sb, bus) = cluster(&[("web", WEB)]);
+    let (sb, bus) = cluster(&[("web", WEB.as_str())]);
     assert_eq!(bus.deploy_plain("web"), Ok(1));
     let workers = bus.list_workers("web");
 
