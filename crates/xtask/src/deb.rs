@@ -27,7 +27,8 @@ const MAINTAINER: &str = "ipclusterd developers <ipclusterd@example.invalid>";
 /// Run-time dependencies besides the shared libraries: the NAT rules, the system bus (any
 /// implementation), the service manager the daemon creates scopes with, and polkit, which
 /// authorizes callers other than root.
-const DEPENDS: &str = "iptables, systemd, default-dbus-system-bus | dbus-system-bus, polkitd";
+const DEPENDS: &str =
+    "iptables, ipset, conntrack, systemd, default-dbus-system-bus | dbus-system-bus, polkitd";
 const DESCRIPTION: &str = "\
 network services as many processes, sticky sessions, zero-downtime deploys
  ipclusterd runs a network service, in any language, as N worker processes on
@@ -50,13 +51,13 @@ pub struct DebArgs {
     /// Do not build; package the binaries already built (in --bin-dir).
     #[arg(long)]
     no_build: bool,
-    /// Where the release binaries are (default: target/release).
+    /// Where the release binaries are (default: release/ in the target directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// The package's version (default: the workspace's).
     #[arg(long, value_name = "VERSION")]
     version: Option<String>,
-    /// Directory to write the package to (default: target/debian).
+    /// Directory to write the package to (default: debian/ in the target directory).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Skip lintian.
@@ -69,8 +70,8 @@ pub fn run(args: &DebArgs) -> Result<()> {
     if !args.no_build {
         crate::install::build_release()?;
     }
-    let bin_dir = args.bin_dir.clone().unwrap_or_else(|| crate::root().join("target/release"));
-    let out = args.out.clone().unwrap_or_else(|| crate::root().join("target/debian"));
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(|| crate::target().join("release"));
+    let out = args.out.clone().unwrap_or_else(|| crate::target().join("debian"));
     let version = args.version.clone().unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
     let deb = build(&bin_dir, &version, &out)?;
     let size = fs::metadata(&deb)?.len();

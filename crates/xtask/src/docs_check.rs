@@ -1,5 +1,6 @@
 //! The reference docs are kept true by these tests: every config key the parser accepts, and
-//! every method, signal, property and error name of the bus interface, is documented.
+//! every method, signal, property and error name of the bus interface, is documented; the
+//! architecture names every source file; no source file grows past 600 lines.
 
 use std::fs;
 
@@ -46,4 +47,65 @@ fn every_error_name_is_in_the_dbus_reference() {
     for name in ipcluster_bus::ErrorName::ALL {
         assert!(doc.contains(&format!("| `{name}` |")), "docs/dbus.md lacks error {name}");
     }
+}
+
+/// Every `.rs` file under `crates/<crate>/src`, as (crate, path below `src/`).
+fn source_files() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for krate in fs::read_dir(crate::root().join("crates")).unwrap().flatten() {
+        let src = krate.path().join("src");
+        let mut stack = vec![src.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let rel = p.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+                    out.push((krate.file_name().to_string_lossy().into_owned(), rel));
+                }
+            }
+        }
+    }
+    out.sort();
+    assert!(out.len() > 50, "found only {} source files", out.len());
+    out
+}
+
+/// docs/ARCHITECTURE.md's file tables name every source file: each crate has a `### ` section
+/// whose heading names it in backticks, and that section names each of its files by its path
+/// below `src/` (`supervisor/api.rs`).
+#[test]
+fn the_architecture_names_every_source_file() {
+    let doc = read("docs/ARCHITECTURE.md");
+    let sections: Vec<(&str, &str)> =
+        doc.split("\n### ").skip(1).map(|s| s.split_once('\n').unwrap_or((s, ""))).collect();
+    let mut missing = Vec::new();
+    for (krate, file) in source_files() {
+        let named = format!("`{krate}`");
+        let mine: Vec<&str> =
+            sections.iter().filter(|(h, _)| h.contains(&named)).map(|(_, body)| *body).collect();
+        if mine.is_empty() {
+            missing.push(format!("a `### ` section naming {named}"));
+        } else if !mine.iter().any(|body| body.contains(&format!("`{file}`"))) {
+            missing.push(format!("{krate}: `{file}`"));
+        }
+    }
+    missing.dedup();
+    assert!(missing.is_empty(), "docs/ARCHITECTURE.md does not name: {missing:#?}");
+}
+
+/// No source file grows past 600 lines (tests included): past that a file holds more than one
+/// subject, and the next change has to find its place in all of it.
+#[test]
+fn no_source_file_is_over_600_lines() {
+    let over: Vec<String> = source_files()
+        .into_iter()
+        .filter_map(|(krate, file)| {
+            let path = crate::root().join("crates").join(&krate).join("src").join(&file);
+            let n = fs::read_to_string(&path).unwrap().lines().count();
+            (n > 600).then(|| format!("crates/{krate}/src/{file}: {n} lines"))
+        })
+        .collect();
+    assert!(over.is_empty(), "split these: {over:#?}");
 }

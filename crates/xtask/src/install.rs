@@ -106,7 +106,7 @@ pub struct InstallArgs {
 }
 
 pub fn run(args: &InstallArgs) -> Result<()> {
-    let bin_dir = args.bin_dir.clone().unwrap_or_else(|| crate::root().join("target/release"));
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(|| crate::target().join("release"));
     if !args.no_build {
         build_release()?;
     }

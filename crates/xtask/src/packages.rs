@@ -13,11 +13,15 @@ use anyhow::{Result, bail};
 pub type Need = (&'static str, &'static str);
 
 /// What the daemon needs on a host (the package's dependencies): systemd, the system bus,
-/// iptables, and polkit, which authorizes callers other than root.
+/// iptables, ipset (session affinity in NAT mode), conntrack (a stopped worker's reset
+/// connections), and polkit, which authorizes callers other
+/// than root.
 pub const RUNTIME: &[Need] = &[
     ("systemd", "/lib/systemd/systemd"),
     ("dbus", "/usr/bin/dbus-daemon"),
     ("iptables", "/usr/sbin/iptables-restore"),
+    ("ipset", "/usr/sbin/ipset"),
+    ("conntrack", "/usr/sbin/conntrack"),
     ("polkitd", "/usr/lib/polkit-1/polkitd"),
 ];
 
@@ -27,9 +31,12 @@ pub const SANDBOX: &[Need] = &[("iproute2", "/usr/sbin/ip"), ("util-linux", "/us
 /// What the end-to-end tests run inside sandboxes besides: `kill` and `pgrep`; tmux, the real
 /// terminal `ipclusterctl top` is tested in; `curl`, and a Prometheus server and `promtool` that
 /// scrape and check `/metrics`; for the fleet (tests/tests/fleet.rs), sshd on each host, ssh and
-/// ssh-keygen on the operator's, and HAProxy in front. Their services start only where a test
-/// starts them: a sandbox boots none of the host's.
+/// ssh-keygen on the operator's, and HAProxy in front; Node.js and npm for the Socket.IO apps and
+/// clients of the session tests (their packages come from npm: `crate::npm`). Their services
+/// start only where a test starts them: a sandbox boots none of the host's.
 pub const TESTS: &[Need] = &[
+    ("nodejs", "/usr/bin/node"),
+    ("npm", "/usr/bin/npm"),
     ("procps", "/bin/kill"),
     ("tmux", "/usr/bin/tmux"),
     ("curl", "/usr/bin/curl"),
@@ -38,6 +45,11 @@ pub const TESTS: &[Need] = &[
     ("openssh-client", "/usr/bin/ssh"),
     ("haproxy", "/usr/sbin/haproxy"),
 ];
+
+/// What `cargo xtask ansible` needs: Python's `venv` and `ensurepip` (Ansible comes from PyPI into
+/// a virtual environment), git (`ansible-test` lists a collection's files with it).
+pub const ANSIBLE: &[Need] =
+    &[("python3-venv", "/usr/lib/python3.11/ensurepip/__init__.py"), ("git", "/usr/bin/git")];
 
 /// What `cargo xtask deb` runs: dpkg-shlibdeps, strip, lintian.
 pub const DEB: &[Need] = &[

@@ -1,6 +1,8 @@
 //! Deploys under load: an open-loop load (fixed rate, new connections from many source
-//! addresses) plus long-lived keep-alive connections, while ipclusterd deploys and restarts —
-//! and the same load while `pm2 reload` replaces PM2's workers.
+//! addresses, latency counted from when each request was due) plus long-lived keep-alive
+//! connections, while ipclusterd deploys, loses workers to `kill -9` and restarts — each kind
+//! in a window of its own, so that each kind's p99.9 rests on its own samples — and the same
+//! load while `pm2 reload` replaces PM2's workers.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -13,10 +15,10 @@ use std::{
 };
 
 use anyhow::Result;
-use ipcluster_load::{Failure, Record, connect, loopback_sources, open_loop, percentile, request};
+use ipcluster_load::{Failure, Record, connect, loopback_sources, open_loop, request};
 use ipcluster_sandbox::Sandbox;
 
-use super::{Plan, datapath::start_pm2, sandbox, wait_port};
+use super::{Plan, datapath::start_pm2, sandbox, stats, system, wait_port};
 
 /// What happened during one run.
 #[derive(Debug)]
@@ -29,6 +31,11 @@ pub struct Run {
     pub long_lived_failed: u64,
 }
 
+/// Around each operation, this much before its start and after its end is its window.
+pub const WINDOW: Duration = Duration::from_millis(500);
+/// The load's first second (its client threads starting) counts failures but no latency.
+pub const WARMUP: Duration = Duration::from_secs(1);
+
 /// Outcome counts and latency percentiles of a run.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
@@ -37,26 +44,43 @@ pub struct Summary {
     pub reset: usize,
     pub timeout: usize,
     pub other: usize,
-    pub steady_p99_us: u32,
-    pub steady_p999_us: u32,
-    pub cutover_p99_us: u32,
-    pub cutover_p999_us: u32,
+    /// p50, p99, p99.9 (µs) of the requests outside every operation's window.
+    pub steady_us: [u64; 3],
+    pub steady_samples: usize,
+    /// Per kind of operation: (kind, operations, samples in its windows, p50/p99/p99.9 µs).
+    pub kinds: Vec<(&'static str, usize, usize, [u64; 3])>,
+}
+
+impl Summary {
+    /// A kind's p99.9 over the steady p99.9.
+    pub fn p999_ratio(&self, kind: &str) -> Option<f64> {
+        let k = self.kinds.iter().find(|k| k.0 == kind)?;
+        (self.steady_us[2] > 0).then(|| k.3[2] as f64 / self.steady_us[2] as f64)
+    }
 }
 
 impl Run {
     pub fn summary(&self) -> Summary {
         let mut s = Summary { requests: self.records.len(), ..Summary::default() };
-        let in_window = |r: &Record| {
-            self.events.iter().any(|(a, b, _)| {
-                r.due + Duration::from_millis(500) >= *a && r.due <= *b + Duration::from_millis(500)
-            })
+        let kind_of = |r: &Record| {
+            self.events.iter().find(|(a, b, _)| r.due + WINDOW >= *a && r.due <= *b + WINDOW).map(|e| e.2)
         };
-        let (mut steady, mut cutover) = (Vec::new(), Vec::new());
+        let mut steady = Vec::new();
+        let mut by_kind: Vec<(&'static str, Vec<u64>)> = Vec::new();
+        for (_, _, kind) in &self.events {
+            if !by_kind.iter().any(|k| k.0 == *kind) {
+                by_kind.push((kind, Vec::new()));
+            }
+        }
         for r in &self.records {
             match &r.outcome {
+                Ok(_) if r.due < WARMUP => {}
                 Ok(_) => {
-                    let us = r.latency.as_micros().min(u32::MAX as u128) as u32;
-                    if in_window(r) { cutover.push(us) } else { steady.push(us) }
+                    let us = r.latency.as_micros().min(u64::MAX as u128) as u64;
+                    match kind_of(r) {
+                        Some(k) => by_kind.iter_mut().find(|x| x.0 == k).map(|x| x.1.push(us)).unwrap_or(()),
+                        None => steady.push(us),
+                    }
                 }
                 Err(Failure::Refused) => s.refused += 1,
                 Err(Failure::Reset) => s.reset += 1,
@@ -65,11 +89,13 @@ impl Run {
             }
         }
         steady.sort_unstable();
-        cutover.sort_unstable();
-        s.steady_p99_us = percentile(&steady, 99.0);
-        s.steady_p999_us = percentile(&steady, 99.9);
-        s.cutover_p99_us = percentile(&cutover, 99.0);
-        s.cutover_p999_us = percentile(&cutover, 99.9);
+        s.steady_us = stats::tail(&steady);
+        s.steady_samples = steady.len();
+        for (kind, mut v) in by_kind {
+            v.sort_unstable();
+            let ops = self.events.iter().filter(|e| e.2 == kind).count();
+            s.kinds.push((kind, ops, v.len(), stats::tail(&v)));
+        }
         s
     }
 
@@ -85,7 +111,8 @@ pub struct Deploys {
     pub ipclusterd: Run,
     /// Socket mode.
     pub socket: Run,
-    pub pm2: Run,
+    /// Not in a quick run.
+    pub pm2: Option<Run>,
 }
 
 /// The PID of a live worker of the bench app (from `ipclusterctl workers`).
@@ -102,20 +129,21 @@ fn a_live_worker(sb: &Sandbox, nth: usize) -> Result<u32> {
     Ok(live[nth % live.len()])
 }
 
-/// Deploys, then `kill -9` of live workers, then daemon restarts, under load.
+/// Under one load: a steady window, then `plan.events` deploys, then as many `kill -9` of live
+/// workers, then as many daemon restarts, each kind in its own window (they never overlap).
 fn ipclusterd_run(plan: &Plan, name: &str, routing: &str) -> Result<Run> {
     let app = format!(
         "command = [\"/usr/local/bin/ipcluster-demo\"]\nworkers = 8\nlisten = [\"0.0.0.0:80\"]\nstop_timeout = \"2s\"\nrouting = \"{routing}\"\n"
     );
     let sb = sandbox(Some(&app))?;
     wait_port(&sb, 80)?;
-    let duration = Duration::from_secs_f64(
-        3.0 + f64::from(plan.deploys) * 0.7 + f64::from(plan.kills) * 1.2 + f64::from(plan.restarts) * 1.5,
-    );
-    under_load(plan, &sb, name, duration, |start| {
+    let cpu = pin(&sb)?;
+    let n = f64::from(plan.events);
+    let duration = Duration::from_secs_f64(4.0 + n * (DEPLOY_GAP + KILL_GAP + RESTART_GAP + 0.6));
+    under_load(plan, &sb, name, duration, cpu, |start| {
         let mut events = Vec::new();
-        std::thread::sleep(Duration::from_millis(1500));
-        for _ in 0..plan.deploys {
+        std::thread::sleep(Duration::from_millis(2000));
+        for _ in 0..plan.events {
             events.push(timed(start, "deploy", || {
                 sb.check([
                     "busctl",
@@ -132,25 +160,41 @@ fn ipclusterd_run(plan: &Plan, name: &str, routing: &str) -> Result<Run> {
             })?);
             // Retired generations are left running (no KillRetired): the long-lived connections
             // stay on the workers they started on, as they would in production.
-            std::thread::sleep(Duration::from_millis(400));
+            std::thread::sleep(Duration::from_secs_f64(DEPLOY_GAP));
         }
         // A crash: the band's clients go to a neighbour until its replacement is ready.
-        for i in 0..plan.kills as usize {
+        for i in 0..plan.events as usize {
             let pid = a_live_worker(&sb, i * 3)?;
             events.push(timed(start, "kill -9", || {
                 sb.check(["kill", "-KILL", &pid.to_string()])?;
                 Ok(())
             })?);
-            std::thread::sleep(Duration::from_millis(1000));
+            std::thread::sleep(Duration::from_secs_f64(KILL_GAP));
         }
-        for _ in 0..plan.restarts {
+        for _ in 0..plan.events {
             events.push(timed(start, "restart", || {
                 sb.check(["systemctl", "restart", "ipclusterd"])?;
                 Ok(())
             })?);
-            std::thread::sleep(Duration::from_millis(1000));
+            std::thread::sleep(Duration::from_secs_f64(RESTART_GAP));
         }
         Ok(events)
+    })
+}
+
+/// Seconds between two operations of a kind (their windows, ±0.5 s, never overlap).
+const DEPLOY_GAP: f64 = 1.2;
+const KILL_GAP: f64 = 1.2;
+const RESTART_GAP: f64 = 1.2;
+
+/// Pins the sandbox's processes to the servers' CPU; the clients' CPU.
+fn pin(sb: &Sandbox) -> Result<ipcluster_load::Cpu> {
+    Ok(match system::cpus() {
+        Some((client, server)) => {
+            system::pin_sandbox(sb, &[server])?;
+            Some(client)
+        }
+        None => None,
     })
 }
 
@@ -188,6 +232,7 @@ fn under_load(
     sb: &Sandbox,
     name: &str,
     duration: Duration,
+    cpu: ipcluster_load::Cpu,
     act: impl FnOnce(Instant) -> Result<Vec<(Duration, Duration, &'static str)>>,
 ) -> Result<Run> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -196,15 +241,9 @@ fn under_load(
     let start = Instant::now();
     let records = std::thread::scope(|s| {
         let load = s.spawn(|| {
-            open_loop(
-                sb,
-                start,
-                plan.rate,
-                duration,
-                &loopback_sources(64),
-                SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80),
-                64,
-            )
+            let dst = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80);
+            let targets: Vec<_> = loopback_sources(64).into_iter().map(|s| (s, dst)).collect();
+            open_loop(sb, start, plan.rate, duration, &targets, 64, cpu)
         });
         let events = act(start);
         let records = load.join().unwrap_or_default();
@@ -221,8 +260,10 @@ fn under_load(
         long_lived_failed: failed.load(Ordering::Relaxed),
     };
     let s = run.summary();
+    let kinds: Vec<String> =
+        s.kinds.iter().map(|(k, ops, n, t)| format!("{k} ×{ops}: p99.9 {} µs ({n} samples)", t[2])).collect();
     eprintln!(
-        "   {name}: {} requests, {} refused, {} reset, {} timeout, {} other; long-lived {} ok {} failed; p99.9 steady {} µs, at cutover {} µs",
+        "   {name}: {} requests, {} refused, {} reset, {} timeout, {} other; long-lived {} ok {} failed; steady p99.9 {} µs ({} samples); {}",
         s.requests,
         s.refused,
         s.reset,
@@ -230,8 +271,9 @@ fn under_load(
         s.other,
         run.long_lived_ok,
         run.long_lived_failed,
-        s.steady_p999_us,
-        s.cutover_p999_us
+        s.steady_us[2],
+        s.steady_samples,
+        kinds.join("; ")
     );
     Ok(run)
 }
@@ -249,15 +291,20 @@ fn timed(
 pub fn run(plan: &Plan, pm2: &Path) -> Result<Deploys> {
     let ipclusterd = ipclusterd_run(plan, "ipclusterd", "nat")?;
     let socket = ipclusterd_run(plan, "ipclusterd socket", "socket")?;
+    if plan.quick {
+        // PM2 is the full run's comparison.
+        return Ok(Deploys { ipclusterd, socket, pm2: None });
+    }
 
     let sb = sandbox(None)?;
-    start_pm2(&sb, pm2)?;
+    start_pm2(&sb, pm2, 8)?;
+    let cpu = pin(&sb)?;
     let pm2_bin = sb.inside(pm2)?.to_string_lossy().into_owned();
-    let duration = Duration::from_secs_f64(3.0 + f64::from(plan.deploys) * 3.0);
-    let pm2_run = under_load(plan, &sb, "pm2", duration, |start| {
+    let duration = Duration::from_secs_f64(4.0 + f64::from(plan.events) * 3.0);
+    let pm2_run = under_load(plan, &sb, "pm2", duration, cpu, |start| {
         let mut events = Vec::new();
-        std::thread::sleep(Duration::from_millis(1500));
-        for _ in 0..plan.deploys {
+        std::thread::sleep(Duration::from_millis(2000));
+        for _ in 0..plan.events {
             events.push(timed(start, "reload", || {
                 let out = sb
                     .command(["/usr/bin/node", &pm2_bin, "reload", "bench"])
@@ -271,9 +318,62 @@ pub fn run(plan: &Plan, pm2: &Path) -> Result<Deploys> {
                 );
                 Ok(())
             })?);
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(1100));
         }
         Ok(events)
     })?;
-    Ok(Deploys { ipclusterd, socket, pm2: pm2_run })
+    Ok(Deploys { ipclusterd, socket, pm2: Some(pm2_run) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(due_ms: u64, latency_us: u64) -> Record {
+        Record {
+            due: Duration::from_millis(due_ms),
+            latency: Duration::from_micros(latency_us),
+            outcome: Ok(1),
+        }
+    }
+
+    /// Each request counts for the kind of the operation whose window (±0.5 s) holds it, or
+    /// as steady; a kind's p99.9 is divided by the steady one.
+    #[test]
+    fn requests_are_split_by_the_window_they_fall_in() {
+        let mut records: Vec<Record> = (0..10_000).map(|i| rec(i, 100)).collect();
+        // The load's first second: its latencies are not counted.
+        records[10] = rec(10, 1_000_000);
+        // Two slow requests in the deploy's window, two slower in the kill's: each window's
+        // p99.9 (nearest rank of ~1,100 samples) is its second slowest.
+        for (i, us) in [(2_000, 900), (2_001, 900), (6_200, 5_000), (6_201, 5_000)] {
+            records[i] = rec(i as u64, us);
+        }
+        records.push(Record {
+            due: Duration::from_millis(9_000),
+            latency: Duration::ZERO,
+            outcome: Err(Failure::Reset),
+        });
+        let run = Run {
+            name: "t".into(),
+            records,
+            events: vec![
+                (Duration::from_millis(2_000), Duration::from_millis(2_100), "deploy"),
+                (Duration::from_millis(6_000), Duration::from_millis(6_050), "kill -9"),
+            ],
+            long_lived_ok: 0,
+            long_lived_failed: 0,
+        };
+        let s = run.summary();
+        assert_eq!(s.reset, 1);
+        assert_eq!(s.steady_us, [100, 100, 100]);
+        let deploy = s.kinds.iter().find(|k| k.0 == "deploy").unwrap();
+        assert_eq!((deploy.1, deploy.2), (1, 1101), "1.1 s of window, one request a ms");
+        assert_eq!(deploy.3[2], 900);
+        assert_eq!(s.p999_ratio("deploy"), Some(9.0));
+        assert_eq!(s.p999_ratio("kill -9"), Some(50.0));
+        assert_eq!(s.p999_ratio("restart"), None);
+        assert_eq!(s.steady_samples, 10_000 - 1000 - 1101 - 1051);
+        assert_eq!(run.failures(), 1);
+    }
 }

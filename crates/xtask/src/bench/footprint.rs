@@ -11,9 +11,14 @@ use super::{Plan, sandbox};
 /// Idle daemon footprint with `workers` workers.
 #[derive(Debug, Clone)]
 pub struct Idle {
+    /// `nat` or `socket`.
+    pub routing: &'static str,
     pub workers: u32,
     pub rss_kib: u64,
+    /// The daemon process alone (% of a core).
     pub cpu_percent: f64,
+    /// The whole `ipclusterd.service` cgroup: the daemon and every program it runs (% of a core).
+    pub service_cpu_percent: f64,
     /// ListWorkers latency (median, max of 20 calls), ms.
     pub list_ms: (f64, f64),
     /// `systemctl restart ipclusterd` until READY=1 (adoption), ms.
@@ -34,15 +39,124 @@ pub struct DeployTime {
     pub rollback_ms: f64,
 }
 
+/// A restart with session records in the kernel (issue 23): how long the new daemon takes to
+/// adopt the workers and count the records again.
+#[derive(Debug, Clone)]
+pub struct SessionAdoption {
+    /// `nat` or `socket`.
+    pub routing: &'static str,
+    pub workers: u32,
+    /// Live records before the restart (ipset entries, or the steering program's map).
+    pub records: u32,
+    /// `systemctl restart ipclusterd` until READY=1 (adoption), ms.
+    pub ready_ms: f64,
+    /// Until `ListSessions` counts every record again, ms.
+    pub counted_ms: f64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Footprint {
     pub idle: Vec<Idle>,
     pub deploys: Vec<DeployTime>,
+    /// From `iptables -t nat -F` to the rules being back (NAT, the largest scale), ms.
+    pub flush_repaired_ms: Option<f64>,
+    pub sessions: Vec<SessionAdoption>,
+}
+
+/// The records a session-affinity restart is measured with: a full set (ipset's default
+/// `maxelem`) and as many in the steering program's map.
+pub const RECORDS: u32 = 65_536;
+
+/// The live records `ListSessions` counts for the bench app.
+fn sessions_counted(sb: &Sandbox) -> Result<u64> {
+    // `a(stu) N "bench" G R ...`
+    let out = busctl(sb, &["ListSessions", "s", "bench"])?;
+    let words: Vec<&str> = out.split_whitespace().skip(2).collect();
+    Ok(words.chunks(3).filter_map(|c| c.get(2)?.parse::<u64>().ok()).sum())
+}
+
+fn adopt_with_sessions(routing: &'static str, workers: u32) -> Result<SessionAdoption> {
+    let sb = sandbox(Some(&format!(
+        "{}routing = \"{routing}\"\nsession_affinity = \"1h\"\n",
+        app(workers, true)
+    )))?;
+    if let Some((_, server)) = super::system::cpus() {
+        super::system::pin_sandbox(&sb, &[server])?;
+    }
+    if routing == "nat" {
+        let sets = sb.check(["ipset", "list", "-n"])?;
+        let set = sets.lines().find(|l| l.starts_with("ipc4-bench-")).context("no session set")?.to_owned();
+        let mut input = String::new();
+        for i in 0..RECORDS {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+            input.push_str(&format!("add {set} {ip} timeout 3600\n"));
+        }
+        sb.write_file("/var/lib/ipcluster-bench/sessions.ipset", input, 0o644)?;
+        sb.check(["ipset", "-exist", "restore", "-file", "/var/lib/ipcluster-bench/sessions.ipset"])?;
+    } else {
+        let xtask = sb.inside(&sb.build()?.xtask)?;
+        sb.check([
+            xtask.to_string_lossy().as_ref(),
+            "bench-sessions",
+            "bench",
+            "0.0.0.0:80",
+            &RECORDS.to_string(),
+        ])?;
+    }
+    let all = u64::from(RECORDS);
+    let t = Instant::now();
+    while sessions_counted(&sb)? < all {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "the daemon never counted {all} records");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = Instant::now();
+    sb.check(["systemctl", "restart", "ipclusterd"])?;
+    let ready_ms = ms(t.elapsed());
+    while sessions_counted(&sb).unwrap_or(0) < all {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "the restarted daemon never counted {all} records"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let counted_ms = ms(t.elapsed());
+    eprintln!(
+        "   {workers:>5} workers ({routing}) with {RECORDS} session records: restart+adopt {ready_ms:.0} ms, every record counted after {counted_ms:.0} ms"
+    );
+    Ok(SessionAdoption { routing, workers, records: RECORDS, ready_ms, counted_ms })
+}
+
+/// CPU time (µs) of the whole `ipclusterd.service` cgroup so far (`usage_usec` of its
+/// cpu.stat, there without the cpu controller).
+fn service_usec(sb: &Sandbox) -> Result<u64> {
+    let cg = sb.check(["systemctl", "show", "-p", "ControlGroup", "--value", "ipclusterd.service"])?;
+    let stat = sb.read_file(format!("/sys/fs/cgroup{}/cpu.stat", cg.trim()))?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+        .context("usage_usec in cpu.stat")
+}
+
+/// Flushes the nat table as another tool would and waits until the daemon has put its rules
+/// back (PREROUTING's jump to its chain is there again); the time it took, ms.
+fn flush_repair(sb: &Sandbox) -> Result<f64> {
+    let ours = || -> Result<bool> {
+        Ok(sb.check(["iptables", "-t", "nat", "-S", "PREROUTING"])?.contains("-j IPCLUSTER"))
+    };
+    anyhow::ensure!(ours()?, "no rule of ours to flush");
+    let t = Instant::now();
+    sb.check(["iptables", "-t", "nat", "-F"])?;
+    while t.elapsed() < Duration::from_secs(15) {
+        if ours()? {
+            return Ok(ms(t.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("the rules were not repaired within 15 s of a flush")
 }
 
 fn app(workers: u32, autostart: bool) -> String {
     format!(
-        "command = [\"/usr/local/bin/ipcluster-demo\"]\nworkers = {workers}\nlisten = [\"0.0.0.0:80\"]\nautostart = {autostart}\nready_timeout = \"2min\"\n"
+        "command = [\"/usr/local/bin/ipcluster-demo\"]\nworkers = {workers}\nlisten = [\"0.0.0.0:80\"]\nautostart = {autostart}\nready_timeout = \"5min\"\n"
     )
 }
 
@@ -86,14 +200,25 @@ fn busctl(sb: &Sandbox, args: &[&str]) -> Result<String> {
 
 pub fn run(plan: &Plan) -> Result<Footprint> {
     let mut idle = Vec::new();
-    for &n in plan.scales {
-        let sb = sandbox(Some(&app(n, true)))?;
+    let mut flush_repaired_ms = None;
+    let largest = plan.scales.iter().copied().max().unwrap_or(0);
+    let cases = plan.scales.iter().map(|&n| ("nat", n)).chain([("socket", largest)]);
+    for (routing, n) in cases {
+        let sb = sandbox(Some(&format!("{}routing = \"{routing}\"\n", app(n, true))))?;
+        if let Some((_, server)) = super::system::cpus() {
+            super::system::pin_sandbox(&sb, &[server])?;
+        }
         let pid = sb.main_pid("ipclusterd")?;
-        std::thread::sleep(Duration::from_secs(2));
-        let (c0, t0) = (cpu_ticks(&sb, pid)?, Instant::now());
+        // Past the start-up: every worker ready, the first sampling rounds done.
+        std::thread::sleep(Duration::from_secs(3));
+        let (c0, s0, t0) = (cpu_ticks(&sb, pid)?, service_usec(&sb)?, Instant::now());
         std::thread::sleep(plan.idle);
-        let cpu_percent = (cpu_ticks(&sb, pid)? - c0) as f64 * 10.0 / ms(t0.elapsed()) * 100.0;
+        let elapsed = ms(t0.elapsed());
+        let cpu_percent = (cpu_ticks(&sb, pid)? - c0) as f64 * 10.0 / elapsed * 100.0;
+        let service_cpu_percent = (service_usec(&sb)? - s0) as f64 / 1000.0 / elapsed * 100.0;
         let rss = rss_kib(&sb, pid)?;
+        let flush = if routing == "nat" && n == largest { Some(flush_repair(&sb)?) } else { None };
+        flush_repaired_ms = flush_repaired_ms.or(flush);
         let mut calls = Vec::new();
         for _ in 0..20 {
             let t = Instant::now();
@@ -121,15 +246,25 @@ pub fn run(plan: &Plan) -> Result<Footprint> {
         sb.check(["systemctl", "restart", "ipclusterd"])?;
         let adopt_ms = ms(t.elapsed());
         eprintln!(
-            "   {n:>5} workers: daemon RSS {rss} KiB, CPU {cpu_percent:.2} %, ListWorkers {:.1} ms (max {:.1}), restart+adopt {adopt_ms:.0} ms",
-            list_ms.0, list_ms.1
+            "   {n:>5} workers ({routing}): daemon RSS {rss} KiB, CPU {cpu_percent:.2} % alone, {service_cpu_percent:.2} % with its children, ListWorkers {:.1} ms (max {:.1}), restart+adopt {adopt_ms:.0} ms{}",
+            list_ms.0,
+            list_ms.1,
+            flush.map_or(String::new(), |f| format!(", a flush repaired in {f:.0} ms"))
         );
-        idle.push(Idle { workers: n, rss_kib: rss, cpu_percent, list_ms, adopt_ms });
+        idle.push(Idle {
+            routing,
+            workers: n,
+            rss_kib: rss,
+            cpu_percent,
+            service_cpu_percent,
+            list_ms,
+            adopt_ms,
+        });
     }
     let mut deploys = Vec::new();
-    for (routing, bands) in
-        [("nat", 8u32), ("nat", 64), ("nat", 256), ("socket", 8), ("socket", 64), ("socket", 256)]
-    {
+    let sizes: &[u32] = if plan.quick { &[256] } else { &[8, 64, 256] };
+    let cases = ["nat", "socket"].into_iter().flat_map(|r| sizes.iter().map(move |&b| (r, b)));
+    for (routing, bands) in cases {
         let sb = sandbox(Some(&format!("{}routing = \"{routing}\"\n", app(bands, false))))?;
         let mut times = Vec::new();
         for _ in 0..3 {
@@ -167,5 +302,9 @@ pub fn run(plan: &Plan) -> Result<Footprint> {
         );
         deploys.push(d);
     }
-    Ok(Footprint { idle, deploys })
+    let mut sessions = Vec::new();
+    for routing in ["nat", "socket"] {
+        sessions.push(adopt_with_sessions(routing, largest)?);
+    }
+    Ok(Footprint { idle, deploys, flush_repaired_ms, sessions })
 }

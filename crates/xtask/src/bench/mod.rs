@@ -1,19 +1,26 @@
 //! `cargo xtask bench [--quick]`: ipclusterd against the alternatives, measured in the same run.
 //!
-//! 1. data path ([`datapath`]): requests/s and latency, keep-alive and new connections, direct
-//!    to a worker vs. ipclusterd (1, 8, 64 bands) vs. HAProxy vs. PM2 cluster mode;
-//! 2. deploys under load ([`deploys`]): an open-loop load during consecutive deploys and daemon
-//!    restarts, vs. `pm2 reload`;
-//! 3. footprint and scale ([`footprint`]).
+//! 1. data path ([`datapath`]): cells of a mode and its control (NAT against its own physical
+//!    limit, socket mode against a plain reuseport group of the same workers, ipclusterd
+//!    against HAProxy and PM2), each measured in interleaved rounds, keep-alive and new
+//!    connections, clients and servers pinned to separate CPUs; then latency at a constant
+//!    rate, 50 % and 80 % of each front's capacity;
+//! 2. deploys under load ([`deploys`]): an open-loop load during deploys, worker `kill -9` and
+//!    daemon restarts, each kind in its own window, vs. `pm2 reload`;
+//! 3. footprint and scale ([`footprint`]): the daemon's CPU with its children, idle, NAT and
+//!    socket, and how long its operations take.
 //!
-//! Every mode runs in a fresh sandbox (its own network namespace: no TIME_WAIT left by the
-//! previous mode). Results are compared as ratios within the run; [`report`] writes
-//! docs/bench/REPORT.md with SVG charts and the README's headline table.
+//! The statistics are [`stats`]' pure functions. Every front runs in a sandbox of its own (its
+//! own network namespace). Results are compared as ratios of paired rounds within the run;
+//! [`report`] writes docs/bench/REPORT.md with SVG charts and the README's headline table.
 
+mod charts;
 mod datapath;
 mod deploys;
 mod footprint;
 mod report;
+pub mod stats;
+pub mod system;
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
@@ -24,13 +31,17 @@ use ipcluster_sandbox::Sandbox;
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
     pub quick: bool,
-    /// Duration of each closed-loop measurement.
+    /// Interleaved rounds per cell (control, mode, control, mode, …).
+    pub rounds: usize,
+    /// Duration of each closed-loop measurement of a round.
     pub run: Duration,
+    /// Each front's warm-up before its cell's first round.
+    pub warmup: Duration,
+    /// Duration of each constant-rate latency measurement.
+    pub latency_run: Duration,
     pub clients: usize,
-    pub deploys: u32,
-    pub restarts: u32,
-    /// `kill -9` of live workers during the deploys-under-load run.
-    pub kills: u32,
+    /// Operations of each kind (deploy, worker kill -9, restart) under load.
+    pub events: u32,
     pub rate: u32,
     pub scales: &'static [u32],
     pub idle: Duration,
@@ -41,53 +52,93 @@ impl Plan {
         if quick {
             Plan {
                 quick,
-                run: Duration::from_millis(1500),
-                clients: 16,
-                deploys: 5,
-                restarts: 2,
-                kills: 2,
-                rate: 200,
-                scales: &[16, 256],
-                idle: Duration::from_secs(3),
+                rounds: 3,
+                run: Duration::from_millis(800),
+                warmup: Duration::from_millis(300),
+                latency_run: Duration::from_millis(800),
+                clients: 64,
+                events: 5,
+                rate: 300,
+                scales: &[256],
+                idle: Duration::from_secs(4),
             }
         } else {
             Plan {
                 quick,
-                run: Duration::from_secs(5),
-                clients: 32,
-                deploys: 20,
-                restarts: 5,
-                kills: 5,
+                rounds: 5,
+                run: Duration::from_secs(2),
+                warmup: Duration::from_secs(1),
+                latency_run: Duration::from_secs(4),
+                clients: 64,
+                events: 20,
                 rate: 300,
                 scales: &[16, 256, 1024],
-                idle: Duration::from_secs(10),
+                idle: Duration::from_secs(20),
             }
         }
     }
 }
 
-pub fn run(quick: bool) -> Result<()> {
+/// The sections of a run (`--only` picks some; the report is written only by a whole run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Datapath,
+    Events,
+    Footprint,
+}
+
+pub fn run(quick: bool, only: &[Section]) -> Result<()> {
     if let Some(why) = ipcluster_sandbox::unavailable_reason() {
         bail!("the benchmarks boot sandboxed systemd hosts: {why}");
     }
     let plan = Plan::new(quick);
-    let started = std::time::Instant::now();
+    let machine = system::machine();
     crate::packages::ensure(&[crate::packages::RUNTIME, crate::packages::SANDBOX, crate::packages::BENCH])?;
     let pm2 = ensure_pm2()?;
     crate::demo::build()?;
-    eprintln!("== data path");
-    let dp = datapath::run(&plan, &pm2)?;
-    eprintln!("== deploys under load");
-    let dl = deploys::run(&plan, &pm2)?;
-    eprintln!("== footprint and scale");
-    let fp = footprint::run(&plan)?;
-    report::write(&plan, &dp, &dl, &fp, started.elapsed())?;
-    Ok(())
+    // The run's own duration, without the build.
+    let started = std::time::Instant::now();
+    let (stat0, load0) = (system::proc_stat(), system::load1());
+    let wants = |s: Section| only.is_empty() || only.contains(&s);
+    let dp = if wants(Section::Datapath) {
+        eprintln!("== data path ({} rounds of {:?} per front and kind)", plan.rounds, plan.run);
+        Some(datapath::run(&plan, &pm2)?)
+    } else {
+        None
+    };
+    let dl = if wants(Section::Events) {
+        eprintln!("== deploys, kill -9 and restarts under load ({} of each)", plan.events);
+        Some(deploys::run(&plan, &pm2)?)
+    } else {
+        None
+    };
+    let fp = if wants(Section::Footprint) {
+        eprintln!("== footprint and scale");
+        Some(footprint::run(&plan)?)
+    } else {
+        None
+    };
+    let took = started.elapsed();
+    let env = report::Env {
+        machine,
+        steal: stats::steal_share(&stat0, &system::proc_stat()),
+        load: (load0, system::load1()),
+        took,
+        pinned: system::cpus(),
+    };
+    eprintln!("took {:.0} s", took.as_secs_f64());
+    match (dp, dl, fp) {
+        (Some(dp), Some(dl), Some(fp)) => report::write(&plan, &env, &dp, &dl, &fp),
+        _ => {
+            eprintln!("(a partial run: no report written)");
+            Ok(())
+        }
+    }
 }
 
 /// PM2 from the npm registry, installed under target/bench (the sandboxes see it there).
 fn ensure_pm2() -> Result<PathBuf> {
-    let prefix = crate::root().join("target/bench/pm2");
+    let prefix = crate::target().join("bench/pm2");
     let bin = prefix.join("node_modules/pm2/bin/pm2");
     if !bin.exists() {
         std::fs::create_dir_all(&prefix)?;
@@ -125,7 +176,7 @@ else server.listen(+(process.env.PORT || 3000), '0.0.0.0', ready);
 /// A sandbox with the build installed and, optionally, ipclusterd running `app` (a TOML body).
 pub fn sandbox(app: Option<&str>) -> Result<Sandbox> {
     // PM2 (under target/bench) is run from the host's build, like ipclusterd itself.
-    let share = vec![crate::root().join("target/bench")];
+    let share = vec![crate::target().join("bench")];
     let sb = Sandbox::boot_with(ipcluster_sandbox::Options { share, ..Default::default() })?;
     sb.install()?;
     sb.write_file(WORKER_JS, NODE_WORKER, 0o644)?;
