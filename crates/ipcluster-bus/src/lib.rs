@@ -45,13 +45,39 @@ pub struct WorkerRow {
 pub struct GenerationRow {
     pub app: String,
     pub generation: u64,
-    /// `starting`, `live`, `retired`, `stopped` or `failed`.
+    /// `starting`, `live`, `draining`, `retired`, `stopped` or `failed`.
     pub state: String,
     /// Workers it has now.
     pub workers: u32,
     /// Start time, µs since the epoch.
     pub start_usec: u64,
     pub scope: String,
+}
+
+/// One row of `ListSessions`: a running generation with session affinity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct SessionRow {
+    pub app: String,
+    pub generation: u64,
+    /// Live session records: clients whose next connection goes to this generation.
+    pub records: u32,
+}
+
+/// One row of `ListHealth`: a worker of a generation with health checks (`health_path`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct HealthRow {
+    pub app: String,
+    pub generation: u64,
+    pub band: u32,
+    pub pid: u32,
+    /// Failed checks in a row.
+    pub failures: u32,
+    /// The last check's outcome (`HTTP 200`, `cannot connect: …`), "" before the first.
+    pub last: String,
+    /// When it came back, µs since the epoch (0 before the first).
+    pub last_usec: u64,
+    /// What happened to its band before it (a health replacement), or "".
+    pub note: String,
 }
 
 /// Keys of Deploy's `a{sv}` options, with their D-Bus types.
@@ -64,10 +90,20 @@ pub mod option {
     pub const ENVIRONMENT: &str = "environment";
     /// `s`: an absolute working directory.
     pub const WORKING_DIRECTORY: &str = "working_directory";
+    /// `u`: a canary on this many bands (fewer than the app's); not an override.
+    pub const CANARY: &str = "canary";
+    /// `t`: seconds after which the canary promotes itself if nothing went wrong (it rolls
+    /// itself back at the first trouble); needs `canary`. Not an override.
+    pub const CANARY_FOR: &str = "canary_for";
     /// Every key, as listed in errors.
-    pub const ALL: [&str; 4] = [WORKERS, COMMAND, ENVIRONMENT, WORKING_DIRECTORY];
+    pub const ALL: [&str; 6] = [WORKERS, COMMAND, ENVIRONMENT, WORKING_DIRECTORY, CANARY, CANARY_FOR];
+    /// The keys that say how to deploy rather than what runs: they need
+    /// `org.ipcluster1.manage` only (the others are overrides).
+    pub const NOT_OVERRIDES: [&str; 2] = [CANARY, CANARY_FOR];
     /// Most options one call may carry.
     pub const MAX: usize = 16;
+    /// Longest option name, in bytes (the known ones are far shorter).
+    pub const MAX_KEY: usize = 64;
 }
 
 /// The errors the interface answers with. ipclusterd's own are `org.ipcluster1.Error.*`; the
@@ -164,8 +200,15 @@ pub trait Manager {
     fn rollback(&self, app: &str, generation: u64) -> zbus::Result<u64>;
     /// Stops retired workers of `app` ("" = every app); returns how many.
     fn kill_retired(&self, app: &str) -> zbus::Result<u32>;
+    /// Promotes `app`'s canary: its other bands start and every band moves to it; returns its
+    /// number once it is live.
+    fn promote(&self, app: &str) -> zbus::Result<u64>;
     fn list_workers(&self, app: &str) -> zbus::Result<Vec<WorkerRow>>;
     fn list_generations(&self, app: &str) -> zbus::Result<Vec<GenerationRow>>;
+    /// Live session records per generation of `app` ("" = every app).
+    fn list_sessions(&self, app: &str) -> zbus::Result<Vec<SessionRow>>;
+    /// The health checks of `app`'s workers ("" = every app).
+    fn list_health(&self, app: &str) -> zbus::Result<Vec<HealthRow>>;
     fn reload(&self) -> zbus::Result<()>;
     fn stop_app(&self, app: &str) -> zbus::Result<()>;
     #[zbus(property)]
@@ -194,6 +237,8 @@ pub trait Manager {
         pid: u32,
         reason: String,
     ) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn canary_ended(&self, app: String, generation: u64, result: String, reason: String) -> zbus::Result<()>;
 }
 
 #[cfg(test)]
@@ -204,6 +249,8 @@ mod tests {
     fn rows_have_the_documented_signatures() {
         assert_eq!(WorkerRow::SIGNATURE.to_string(), "(stuusa(qq)tttis)");
         assert_eq!(GenerationRow::SIGNATURE.to_string(), "(stsuts)");
+        assert_eq!(SessionRow::SIGNATURE.to_string(), "(stu)");
+        assert_eq!(HealthRow::SIGNATURE.to_string(), "(stuuusts)");
     }
 
     #[test]
