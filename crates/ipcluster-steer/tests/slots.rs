@@ -190,16 +190,21 @@ fn session_counts_of_a_full_map() {
         let st = Steering::open(&ns.bpffs, "full", &Options { sessions: 131_072 }).unwrap();
         let a = Gen::new(&st, addr, 4);
         st.put(3, &a.table, 4).unwrap();
-        st.set_session_timeout(HOUR).unwrap();
+        // Idle is measured on CLOCK_MONOTONIC, which starts at boot: a record idle for longer
+        // than the machine has been up cannot be written (a CI machine may be minutes old, and
+        // then a record "two hours" idle was seen at boot, within an hour's timeout).
+        let timeout = Duration::from_secs(60);
+        st.set_session_timeout(timeout).unwrap();
         let epoch = st.slots().unwrap()[3].epoch;
         let now = monotonic_now();
+        assert!(now > 2 * timeout, "up for {now:?}: too short to hold a record idle for {:?}", 2 * timeout);
         let n = 65_536u32;
         let t = Instant::now();
         for i in 0..n {
             let client = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, (i >> 16) as u16, i as u16));
-            // Every fourth record is of an older epoch, every eighth idle for two hours.
+            // Every fourth record is of an older epoch, every eighth idle for twice the timeout.
             let (e, seen) = match i % 8 {
-                0 => (epoch, now.saturating_sub(2 * HOUR)),
+                0 => (epoch, now - 2 * timeout),
                 1 | 5 => (epoch.wrapping_sub(1), now),
                 _ => (epoch, now),
             };
