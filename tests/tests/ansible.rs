@@ -439,7 +439,7 @@ fn a_host_that_fails_its_probe_is_rolled_back(fleet: &Fleet, ansible: &Ansible<'
 /// The modules against h3, each task's result read from Ansible's JSON output: a bad option
 /// value fails with the daemon's error and changes nothing; a new app with autostart starts on
 /// the Reload and the module waits for that generation (no second deploy); stopped, absent,
-/// each idempotent; info; deploy with overrides, rollback, kill_retired.
+/// each idempotent; info; deploy with overrides, rollback, kill_retired; a canary, promoted once.
 fn the_modules_fail_with_the_daemons_errors_and_wait_for_autostart(fleet: &Fleet, ansible: &Ansible<'_>) {
     let h3 = &fleet.hosts[2];
     let before = h3.read_file(WEB_FILE).unwrap();
@@ -477,6 +477,12 @@ fn the_modules_fail_with_the_daemons_errors_and_wait_for_autostart(fleet: &Fleet
       ipcluster.ipclusterd.deploy: {{app: web, action: rollback}}
     - name: kill retired
       ipcluster.ipclusterd.deploy: {{app: web, action: kill_retired}}
+    - name: a canary
+      ipcluster.ipclusterd.deploy: {{app: web, canary: 1}}
+    - name: promote
+      ipcluster.ipclusterd.deploy: {{app: web, action: promote}}
+    - name: promote again
+      ipcluster.ipclusterd.deploy: {{app: web, action: promote}}
     - name: values that try to be keys
       ipcluster.ipclusterd.app:
         name: esc
@@ -552,13 +558,28 @@ fn the_modules_fail_with_the_daemons_errors_and_wait_for_autostart(fleet: &Fleet
     let killed = r("kill retired");
     // Generation 1's 4 workers (retired by the rolling run) and generation 3's 2.
     assert_eq!((&killed["changed"], &killed["stopping"]), (&true.into(), &6.into()), "{killed}");
+    // A canary is waited for as a canary (not until a timeout for "live"), then promoted once.
+    let canary = r("a canary");
+    assert_eq!(
+        (&canary["changed"], &canary["generation_before"], &canary["generation"], &canary["state"]),
+        (&true.into(), &2.into(), &4.into(), &"canary".into()),
+        "{canary}"
+    );
+    let promoted = r("promote");
+    assert_eq!(
+        (&promoted["changed"], &promoted["generation"], &promoted["state"]),
+        (&true.into(), &4.into(), &"live".into()),
+        "{promoted}"
+    );
+    let again = r("promote again");
+    assert_eq!((&again["changed"], &again["generation"]), (&false.into(), &4.into()), "{again}");
 
     // web's file on h3 is as it was; the bad values made no generation, the overrides one.
     assert_eq!(h3.read_file(WEB_FILE).unwrap(), before);
     let now = fleet.generations(2);
     let new_ones: BTreeSet<u64> =
         now.iter().map(|(g, _)| *g).filter(|g| !generations.iter().any(|(o, _)| o == g)).collect();
-    assert_eq!(new_ones, BTreeSet::from([3, 4]), "{now:?}");
+    assert_eq!(new_ones, BTreeSet::from([3, 4, 5]), "{now:?}");
 
     // Values are TOML strings, escaped: no key was added. deploy: never made no generation.
     let esc = r("values that try to be keys");
@@ -582,8 +603,8 @@ fn the_modules_fail_with_the_daemons_errors_and_wait_for_autostart(fleet: &Fleet
     let late = r("a deploy that outlives its timeout");
     assert_eq!((&late["failed"], &late["error"]), (&true.into(), &"timeout".into()), "{late}");
     assert!(late["msg"].as_str().unwrap_or_default().contains("goes on"), "{late}");
-    ipcluster_e2e::wait_for("generation 4 to go live on h3", Duration::from_secs(15), || {
-        (fleet.live(2) == 4).then_some(())
+    ipcluster_e2e::wait_for("generation 5 to go live on h3", Duration::from_secs(15), || {
+        (fleet.live(2) == 5).then_some(())
     });
 }
 

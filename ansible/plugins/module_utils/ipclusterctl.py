@@ -29,6 +29,9 @@ FAILED = 'failed'  # it will not get there
 # for running.
 STATES = {
     'starting': (PENDING, True),
+    # Serves some bands beside the live generation until promoted (or rolled back): what a
+    # canary deploy waits for (see wait_outcome), and not yet live for any other wait.
+    'canary': (PENDING, True),
     'live': (REACHED, True),
     # It went live and was replaced since (another deploy): not what was asked for.
     'retired': (FAILED, True),
@@ -39,8 +42,11 @@ STATES = {
 }
 
 
-def wait_outcome(state):
-    """PENDING, REACHED or FAILED for a waiter of a generation in `state`."""
+def wait_outcome(state, canary=False):
+    """PENDING, REACHED or FAILED for a waiter of a generation in `state`; a waiter of a canary
+    deploy (`canary`) has what it waits for once the canary serves its bands."""
+    if canary and state == 'canary':
+        return REACHED
     return STATES.get(state, (PENDING, True))[0]
 
 
@@ -127,25 +133,25 @@ class Ctl(object):
             errors = [(err or out).strip()]
         return errors, report.get('warnings') or []
 
-    def deploy(self, app, args, deadline):
+    def deploy(self, app, args, deadline, canary=False):
         """ipclusterctl deploy APP ARGS (the `--command` override last); waits until the new
-        generation is in a state STATES calls reached, or until `deadline` (time.monotonic()).
-        Returns the generation and its state."""
+        generation is in a state STATES calls reached (`canary`: or serves as a canary), or until
+        `deadline` (time.monotonic()). Returns the generation and its state."""
         doc = self.run(['deploy', app] + list(args), timeout=deadline - time.monotonic())
         generation, state = doc['generation'], doc.get('state')
-        if wait_outcome(state) != REACHED:
-            state = self.wait_for(app, generation, deadline)
+        if wait_outcome(state, canary) != REACHED:
+            state = self.wait_for(app, generation, deadline, canary=canary)
         return generation, state
 
-    def wait_for(self, app, generation, deadline, interval=0.25):
-        """Waits until `generation` of `app` reaches a state STATES calls reached; its state.
-        Raises CtlError when it fails (the journal has the daemon's reason), WaitTimeout at
-        `deadline` (time.monotonic())."""
+    def wait_for(self, app, generation, deadline, interval=0.25, canary=False):
+        """Waits until `generation` of `app` reaches a state STATES calls reached (`canary`: or
+        serves as a canary); its state. Raises CtlError when it fails (the journal has the
+        daemon's reason), WaitTimeout at `deadline` (time.monotonic())."""
         state = None
         while True:
             rows = self.generations(app) or []
             state = next((g['state'] for g in rows if g['generation'] == generation), None)
-            outcome = wait_outcome(state)
+            outcome = wait_outcome(state, canary)
             if outcome == REACHED:
                 return state
             if outcome == FAILED:
@@ -161,6 +167,12 @@ def live_generation(rows):
     """The live generation of ListGenerations rows, or None."""
     live = [g for g in rows or [] if g['state'] == 'live']
     return live[-1] if live else None
+
+
+def canary_generation(rows):
+    """The generation of ListGenerations rows that is a canary, or None."""
+    canary = [g for g in rows or [] if g['state'] == 'canary']
+    return canary[-1] if canary else None
 
 
 def running(rows):

@@ -8,11 +8,15 @@ from __future__ import annotations
 DOCUMENTATION = r'''
 ---
 module: deploy
-short_description: Deploy, roll back or reap an ipclusterd app's generations
+short_description: Deploy (a canary too), promote, roll back or reap an ipclusterd app's generations
 version_added: 0.1.0
 description:
   - V(deploy) starts a new generation of the app from the configuration the daemon read last (with overrides for
     this generation only, as C(ipclusterctl deploy) takes them) and waits until it is live.
+  - With O(canary), V(deploy) starts the new generation on that many bands only and waits until it serves them as
+    a canary beside the live generation; V(promote) then moves every band to it, and V(rollback) ends it. With
+    O(canary_for) as well, the daemon promotes it by itself after that long unless one of its workers fails first
+    (then rolls it back, and the task fails), and the task waits for either.
   - V(rollback) goes back to an earlier generation (O(generation), or the one live before), with the same workers
     when they still run, else as a new generation running what it ran.
   - V(kill_retired) stops the app's retired workers, and draining ones (whose clients go to the live generation first).
@@ -38,7 +42,7 @@ options:
     description:
       - What to do.
     type: str
-    choices: [deploy, rollback, kill_retired]
+    choices: [deploy, promote, rollback, kill_retired]
     default: deploy
   generation:
     description:
@@ -61,6 +65,17 @@ options:
   workdir:
     description:
       - With O(action=deploy), the working directory of this generation.
+    type: str
+  canary:
+    description:
+      - With O(action=deploy), deploy a canary on this many bands (at least 1, fewer than the app's workers), spread
+        over the band space; the live generation keeps the other bands until V(promote) or V(rollback).
+    type: int
+  canary_for:
+    description:
+      - With O(canary), a duration (V(10m)) after which the daemon promotes the canary by itself if none of its
+        workers crashed, was replaced or failed a health check; it rolls it back at the first that does. O(timeout)
+        must cover it.
     type: str
   wait:
     description:
@@ -93,6 +108,18 @@ EXAMPLES = r'''
     action: rollback
     generation: 3
 
+- name: A canary of web on 2 bands, promoted by the daemon after 10 minutes unless it fails
+  ipcluster.ipclusterd.deploy:
+    app: web
+    canary: 2
+    canary_for: 10m
+    timeout: 900
+
+- name: Promote web's canary
+  ipcluster.ipclusterd.deploy:
+    app: web
+    action: promote
+
 - name: Reap web's retired workers
   ipcluster.ipclusterd.deploy:
     app: web
@@ -106,13 +133,14 @@ generation_before:
   type: int
   sample: 3
 generation:
-  description: The generation the action made live (V(deploy), V(rollback)), or the one live after (V(kill_retired)).
+  description: The generation the action made live (V(deploy), V(promote), V(rollback)), the canary (V(deploy) with
+    O(canary)), or the one live after (V(kill_retired)).
   returned: always
   type: int
   sample: 4
 state:
-  description: The new generation's state (V(live); V(starting) with O(wait=false)).
-  returned: when a generation was deployed or rolled back to
+  description: The new generation's state (V(live); V(canary) for a canary; V(starting) with O(wait=false)).
+  returned: when a generation was deployed, promoted or rolled back to
   type: str
   sample: live
 stopping:
@@ -139,6 +167,7 @@ from ansible_collections.ipcluster.ipclusterd.plugins.module_utils.ipclusterctl 
     Ctl,
     CtlError,
     WaitTimeout,
+    canary_generation,
     live_generation,
 )
 
@@ -153,6 +182,10 @@ def overrides(params):
         args += ['--env', '%s=%s' % (key, params['env'][key])]
     if params['workdir'] is not None:
         args += ['--workdir', params['workdir']]
+    if params['canary'] is not None:
+        args += ['--canary', str(params['canary'])]
+    if params['canary_for'] is not None:
+        args += ['--canary-for', params['canary_for']]
     if params['command']:
         args += ['--command'] + list(params['command'])
     return args
@@ -162,15 +195,18 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             app=dict(type='str', required=True),
-            action=dict(type='str', choices=['deploy', 'rollback', 'kill_retired'], default='deploy'),
+            action=dict(type='str', choices=['deploy', 'promote', 'rollback', 'kill_retired'], default='deploy'),
             generation=dict(type='int'),
             workers=dict(type='int'),
             env=dict(type='dict'),
             command=dict(type='list', elements='str'),
             workdir=dict(type='str'),
+            canary=dict(type='int'),
+            canary_for=dict(type='str'),
             wait=dict(type='bool', default=True),
             timeout=dict(type='int', default=300),
         ),
+        required_by=dict(canary_for='canary'),
         supports_check_mode=True,
     )
     p = module.params
@@ -178,7 +214,7 @@ def main():
     if not APP_NAME.match(app):
         module.fail_json(msg='app %r is not an app name (^[a-z][a-z0-9_]{0,23}$)' % app,
                          error='org.freedesktop.DBus.Error.InvalidArgs')
-    given = [k for k in ('workers', 'env', 'command', 'workdir') if p[k] is not None]
+    given = [k for k in ('workers', 'env', 'command', 'workdir', 'canary', 'canary_for') if p[k] is not None]
     if action != 'deploy' and given:
         module.fail_json(msg='%s apply to action=deploy only' % ', '.join(given))
     if action != 'rollback' and p['generation'] is not None:
@@ -225,6 +261,21 @@ def main():
             result['stopping'] = retired if module.check_mode else 0
         module.exit_json(**result)
 
+    if action == 'promote':
+        # Idempotent: with no canary there is nothing to promote, and nothing changes.
+        canary = canary_generation(rows)
+        result['changed'] = canary is not None
+        if canary is None or module.check_mode:
+            if canary is not None:
+                result['generation'], result['state'] = canary['generation'], 'live'
+            module.exit_json(**result)
+        try:
+            doc = ctl.run(['promote', app], timeout=deadline - time.monotonic())
+            result['generation'], result['state'] = doc['generation'], doc.get('state')
+        except (CtlError, WaitTimeout) as e:
+            fail(e, 'promoting the canary of')
+        module.exit_json(**result)
+
     if action == 'rollback':
         target = p['generation']
         if target is not None and target == result['generation_before']:
@@ -247,7 +298,8 @@ def main():
         module.exit_json(**result)
     try:
         if p['wait']:
-            result['generation'], result['state'] = ctl.deploy(app, overrides(p), deadline)
+            result['generation'], result['state'] = ctl.deploy(
+                app, overrides(p), deadline, canary=p['canary'] is not None and p['canary_for'] is None)
         else:
             doc = ctl.run(['deploy', app, '--no-block'] + overrides(p), timeout=deadline - time.monotonic())
             result['generation'], result['state'] = doc['generation'], doc.get('state')

@@ -1,6 +1,7 @@
 //! The reference docs are kept true by these tests: every config key the parser accepts, and
 //! every method, signal, property and error name of the bus interface, is documented; the
-//! architecture names every source file; no source file grows past 600 lines.
+//! architecture names every source file; no source file grows past 600 lines; the Ansible
+//! collection takes every app key, and its rolling playbook passes every one on.
 
 use std::fs;
 
@@ -108,4 +109,23 @@ fn no_source_file_is_over_600_lines() {
         })
         .collect();
     assert!(over.is_empty(), "split these: {over:#?}");
+}
+
+/// Every key of an app file is an option of the collection's `app` module and is passed on by
+/// the rolling playbook (a key the playbook leaves out is dropped without a word: the host's
+/// app file is written without it).
+#[test]
+fn the_ansible_app_module_and_the_rolling_playbook_take_every_app_key() {
+    let module = read("ansible/plugins/modules/app.py");
+    let playbook = read("ansible/playbooks/rolling.yml");
+    let mut missing = Vec::new();
+    for key in ipcluster_core::config::KEYS {
+        if !module.contains(&format!("('{key}', dict(")) {
+            missing.push(format!("app.py has no option {key}"));
+        }
+        if !playbook.contains(&format!("{key}: \"{{{{ ipcluster_app.{key} | default(omit) }}}}\"")) {
+            missing.push(format!("rolling.yml does not pass {key}"));
+        }
+    }
+    assert!(missing.is_empty(), "{missing:#?}");
 }
