@@ -9,6 +9,9 @@ pub trait Notifier: Clone + Send + Sync + std::fmt::Debug + 'static {
     fn ready(&self);
     /// Still alive (`WATCHDOG=1`).
     fn watchdog(&self);
+    /// How often the service manager wants [`Notifier::watchdog`] at the latest (its
+    /// `WatchdogSec=`), if it watches at all.
+    fn watchdog_timeout(&self) -> Option<std::time::Duration>;
     /// The one-line status `systemctl status` shows (`STATUS=`).
     fn status(&self, line: &str);
 }
@@ -23,6 +26,10 @@ impl Notifier for Systemd {
     }
     fn watchdog(&self) {
         crate::notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+    }
+    fn watchdog_timeout(&self) -> Option<std::time::Duration> {
+        // sd_watchdog_enabled(3): `$WATCHDOG_USEC`, if `$WATCHDOG_PID` is this process.
+        sd_notify::watchdog_enabled()
     }
     fn status(&self, line: &str) {
         crate::notify_systemd(&[sd_notify::NotifyState::Status(line)]);

@@ -185,6 +185,15 @@ impl Need {
         Self { action: Action::Manage, app: None, overrides: String::new() }
     }
 
+    /// What a Deploy with `options` needs. Overrides run code of the caller's choosing: a
+    /// second, stronger action. How to deploy (a canary) is not one.
+    fn deploy(app: &str, options: &HashMap<String, OwnedVariant>) -> Self {
+        let mut keys: Vec<&str> =
+            options.keys().map(String::as_str).filter(|k| !option::NOT_OVERRIDES.contains(k)).collect();
+        keys.sort_unstable();
+        Self::app(app).with_overrides(&keys)
+    }
+
     /// `org.ipcluster1.override` when `keys` name an override (a Deploy option that runs other
     /// code, or what a rollback replays), with them as the `overrides` detail.
     fn with_overrides(mut self, keys: &[&str]) -> Self {
@@ -336,12 +345,7 @@ impl Manager {
     ) -> Result<u64, BusError> {
         app_arg(&app, false)?;
         bound_options(&hdr, &options)?;
-        // Overrides run code of the caller's choosing: a second, stronger action. How to deploy
-        // (a canary) is not one.
-        let mut keys: Vec<&str> =
-            options.keys().map(String::as_str).filter(|k| !option::NOT_OVERRIDES.contains(k)).collect();
-        keys.sort_unstable();
-        let need = Need::app(&app).with_overrides(&keys);
+        let need = Need::deploy(&app, &options);
         let (overrides, canary) = parse_options(&options)?;
         match canary {
             None => {

@@ -29,6 +29,20 @@ fn options_of_the_documented_types_are_accepted() {
     assert_eq!(c, Some(CanaryRequest { bands: 1, canary_for: Some(std::time::Duration::from_secs(600)) }));
 }
 
+/// A canary (`canary`, `canary_for`) runs the app file's own code: `manage`, like a plain
+/// Deploy; any override makes it `override`, with the override keys (sorted) alone as the detail.
+#[test]
+fn a_canary_needs_manage_and_an_override_needs_override() {
+    let canary = HashMap::from([("canary".to_owned(), v(1u32)), ("canary_for".to_owned(), v(600u64))]);
+    assert_eq!(Need::deploy("web", &canary), Need::app("web"));
+    assert_eq!(Need::deploy("web", &HashMap::new()), Need::app("web"));
+    let mut both = canary.clone();
+    both.insert("workers".to_owned(), v(8u32));
+    both.insert("environment".to_owned(), v(vec!["A=1".to_owned()]));
+    let need = Need::deploy("web", &both);
+    assert_eq!((need.action, need.overrides.as_str()), (Action::Override, "environment,workers"));
+}
+
 #[test]
 fn wrong_types_unknown_keys_and_too_many_options_are_invalid_args() {
     for (key, value) in [

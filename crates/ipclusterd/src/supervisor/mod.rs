@@ -3,8 +3,11 @@
 //! Inputs arrive as messages: [`Command`]s from the D-Bus adapter and the signal handlers (each
 //! with its reply channel) and [`Event`]s from small helper tasks (process exits, readiness
 //! probes, notify datagrams, timers, background jobs, samples). The supervisor decides with the
-//! pure rules of [`ipcluster_core`] and acts through narrow traits: [`Scopes`] (systemd),
-//! [`Router`] (netfilter), [`Processes`] (fork, pidfds, /proc) and a [`Clock`].
+//! pure rules of [`ipcluster_core`] and acts through narrow traits, named together by
+//! `World` (world.rs): `Scopes` (systemd), `Router` (netfilter), `Steer` (socket mode's
+//! eBPF), `Spawner`, `Inspector` and `Sampler` (fork, pidfds, /proc, cgroups), `Files`, the
+//! `Store` of state.json, the `Notifier`, the `Relay` of crashed workers' sockets and a
+//! `Clock`.
 //!
 //! A deploy, step by step ([`deploy`]):
 //! 1. allocate generation `g` (saved first, so numbers never repeat) and worker ports;
@@ -308,7 +311,8 @@ impl<W: World> Supervisor<W> {
             }
             notifier.ready();
         });
-        let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2).unwrap_or(Duration::from_secs(3600));
+        let watchdog =
+            self.deps.notifier.watchdog_timeout().map(|d| d / 2).unwrap_or(Duration::from_secs(3600));
         let mut tick = tokio::time::interval(watchdog);
         let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -319,7 +323,12 @@ impl<W: World> Supervisor<W> {
         loop {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
-                    Some(cmd) => self.command(cmd).await,
+                    Some(cmd) => {
+                        // Asked before the caller is authorized (a plan): any local user can
+                        // ask, so it costs no snapshot.
+                        quiet = matches!(cmd, Command::PlanRollback { .. });
+                        self.command(cmd).await
+                    }
                     None => break,
                 },
                 Some(ev) = self.events.recv() => {

@@ -146,6 +146,9 @@ impl Notifier for FakeNotifier {
         *lock(&self.ready) = true;
     }
     fn watchdog(&self) {}
+    fn watchdog_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
     fn status(&self, line: &str) {
         lock(&self.status).push(line.to_owned());
     }

@@ -82,6 +82,25 @@ async fn a_rollback_to_a_reaped_generation_redeploys_what_it_ran() {
 /// plan that changes between its authorization and the rollback is refused.
 #[tokio::test(start_paused = true)]
 async fn a_rollback_is_authorized_by_what_it_will_run() {
+    // The plan is asked for before the caller is authorized: it rebuilds no snapshot.
+    {
+        let h = start("rollback_plan_quiet", &[("web", app("\"serve\"", ""))]).await;
+        assert_eq!(h.deploy("web").await, Ok(1));
+        assert_eq!(h.deploy("web").await, Ok(2));
+        // Another turn (a sample's results, say) may publish one in between: five tries.
+        let mut unchanged = false;
+        for _ in 0..5 {
+            let before = h.handle.snapshot().await.unwrap();
+            for _ in 0..3 {
+                assert_eq!(h.plan_rollback("web", 1).await.map(|p| p.how), Ok(RollbackHow::Instant));
+            }
+            if Arc::ptr_eq(&before, &h.handle.snapshot().await.unwrap()) {
+                unchanged = true;
+                break;
+            }
+        }
+        assert!(unchanged, "every plan rebuilt the snapshot");
+    }
     let h = start("rollback_auth", &[("web", app("\"serve\"", ""))]).await;
     let manage = || Authorized::test_for(crate::auth::Action::Manage);
     let env = Overrides { environment: Some(vec!["SECRET_MODE=1".into()]), ..Overrides::default() };
