@@ -5,9 +5,9 @@
 //! **The controls are the modes' own workers.** NAT mode's physical limit is the same
 //! sandbox, the same workers, reached through conntrack and one REDIRECT rule per worker
 //! (client → band as the rules map it). Socket mode's control is a second, identical
-//! ipclusterd sandbox whose reuseport group has had its steering program detached: the same
-//! workers under the same confinement in a plain `SO_REUSEPORT` group, picked by the kernel's
-//! hash. HAProxy and PM2 are the alternatives, run as services of the sandbox.
+//! ipclusterd sandbox whose reuseport group has had its steering program detached once its
+//! daemon was stopped (which would attach it again): the same workers under the same
+//! confinement in a plain `SO_REUSEPORT` group, picked by the kernel's hash. HAProxy and PM2 are the alternatives, run as services of the sandbox.
 //!
 //! **Adding a cell** is one entry of [`CELLS`]: a mode and a control, each a [`Front`]; an
 //! ipclusterd front takes extra app settings, so on/off comparisons of a setting (e.g. the
@@ -314,6 +314,12 @@ fn setup(
             let (sb, targets) = ipclusterd_front(cell, "socket", "", sbs)?;
             let xtask = sbs[sb].inside(&sbs[sb].build()?.xtask)?;
             let (_, pid, _) = live_workers(&sbs[sb])?[0];
+            // The daemon guards its groups' steering: a program detached through a worker's
+            // socket is attached again within 2 s (`ipcluster_steering_restored_total`), which
+            // made this control socket mode itself. Stopped (and masked, so no bus call starts it
+            // again), it leaves its workers running in their own scope, their group as it is.
+            sbs[sb].check(["systemctl", "stop", "ipclusterd"])?;
+            sbs[sb].check(["systemctl", "mask", "--runtime", "ipclusterd"])?;
             sbs[sb].check([xtask.to_string_lossy().as_ref(), "bench-detach", &pid.to_string()])?;
             Endpoint { sb, targets, steering: None }
         }
