@@ -45,7 +45,7 @@ pub struct WorkerRow {
 pub struct GenerationRow {
     pub app: String,
     pub generation: u64,
-    /// `starting`, `live`, `draining`, `retired`, `stopped` or `failed`.
+    /// `starting`, `canary`, `live`, `draining`, `retired`, `stopped` or `failed`.
     pub state: String,
     /// Workers it has now.
     pub workers: u32,

@@ -5,8 +5,8 @@
 //! which bus, which name, a shutdown future) so tests can run a daemon on a private bus.
 //!
 //! ```text
-//! D-Bus (dbus.rs) ──Command──▶  supervisor/  ──▶ Scopes (scopes.rs: systemd)
-//! signals (SIGUSR1, SIGHUP) ─▶   owns all     ──▶ Router (netfilter.rs: iptables-restore)
+//! D-Bus (dbus/)   ──Command──▶  supervisor/  ──▶ Scopes (scopes.rs: systemd)
+//! signals (SIGUSR1, SIGHUP) ─▶   owns all     ──▶ Router (netfilter/: iptables-restore)
 //! exits, probes, notify ─Event▶   state       ──▶ Spawner, Inspector, Sampler (processes.rs:
 //!                                             │     fork, pidfds, /proc, probes, sampling)
 //!                                             ──▶ Steer (steering.rs: socket mode's eBPF)

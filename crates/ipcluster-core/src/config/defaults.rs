@@ -1,5 +1,7 @@
-//! Every default of an app file, in one place: the parser, the fallback settings of a generation
-//! adopted without its file, and the policies all take them from here.
+//! Every default of an app file that is a number, a duration, a signal or a path, in one place:
+//! the parser, the fallback settings of a generation adopted without its file, and the policies
+//! all take them from here. The defaults of the enums and switches (`routing = "nat"`, `ready =
+//! "tcp"`, `autostart = true`) are in `AppConfig::with_defaults`, beside the type.
 
 use std::time::Duration;
 
