@@ -240,6 +240,32 @@ async fn a_socket_canary_overrides_its_bands_and_promote_makes_its_slot_live() {
     assert_eq!(h.steer.switches(), 2, "promote is one cutover");
 }
 
+/// A restarted daemon keeps a socket-mode canary as it was: its bands still overridden to its
+/// slot, every band on the same socket, the canary still a canary, and Promote still works.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_daemon_keeps_a_socket_canary_and_promotes_it() {
+    let mut h = start("sockets-canary-restart", &[("web", socket_eight(""))]).await;
+    let group = FakeSteer::name("web", LISTEN);
+    assert_eq!(h.deploy_notified("web").await, Ok(1));
+    assert_eq!(h.readying(h.spawn_canary(2)).await, Ok(2));
+    let (overridden, steered) = (h.steer.overridden(&group), h.steered());
+    assert_eq!(overridden.keys().copied().collect::<Vec<_>>(), [0, 4]);
+    h.restart().await;
+    assert_eq!(h.steer.overridden(&group), overridden, "the same bands to the same slot");
+    assert_eq!(h.steered(), steered, "every band on the same socket");
+    let snap = h.handle.snapshot().await.unwrap();
+    let mut states: Vec<(u64, GenState)> = snap.generations.iter().map(|x| (x.generation, x.state)).collect();
+    states.sort_unstable_by_key(|s| s.0);
+    assert_eq!(states, [(1, GenState::Live), (2, GenState::Canary)]);
+    let handle = h.handle.clone();
+    let promote = tokio::spawn(async move {
+        handle.call(|reply| Command::Promote { app: "web".into(), auth: Authorized::test(), reply }).await
+    });
+    assert_eq!(h.readying(promote).await, Ok(2));
+    assert!(h.steer.overridden(&group).is_empty());
+    assert_eq!(h.steered(), h.handed(2).await);
+}
+
 /// Issue 23 in socket mode: the program keeps the records (its LRU map, with the app's
 /// timeout); the previous generation drains while its slot has records or a connection, and is
 /// stopped once it has neither; its slot is given up.
