@@ -439,7 +439,8 @@ fn a_host_that_fails_its_probe_is_rolled_back(fleet: &Fleet, ansible: &Ansible<'
 /// The modules against h3, each task's result read from Ansible's JSON output: a bad option
 /// value fails with the daemon's error and changes nothing; a new app with autostart starts on
 /// the Reload and the module waits for that generation (no second deploy); stopped, absent,
-/// each idempotent; info; deploy with overrides, rollback, kill_retired; a canary, promoted once.
+/// each idempotent; info; deploy with overrides, rollback, kill_retired; a canary promoted once,
+/// one rolled back, one promoted by the daemon (`canary_for`).
 fn the_modules_fail_with_the_daemons_errors_and_wait_for_autostart(fleet: &Fleet, ansible: &Ansible<'_>) {
     let h3 = &fleet.hosts[2];
     let before = h3.read_file(WEB_FILE).unwrap();
@@ -483,6 +484,12 @@ fn the_modules_fail_with_the_daemons_errors_and_wait_for_autostart(fleet: &Fleet
       ipcluster.ipclusterd.deploy: {{app: web, action: promote}}
     - name: promote again
       ipcluster.ipclusterd.deploy: {{app: web, action: promote}}
+    - name: a canary that ends by a rollback
+      ipcluster.ipclusterd.deploy: {{app: web, canary: 2}}
+    - name: the canary rolled back
+      ipcluster.ipclusterd.deploy: {{app: web, action: rollback}}
+    - name: a canary promoted by the daemon
+      ipcluster.ipclusterd.deploy: {{app: web, canary: 1, canary_for: 2s}}
     - name: values that try to be keys
       ipcluster.ipclusterd.app:
         name: esc
@@ -573,13 +580,24 @@ fn the_modules_fail_with_the_daemons_errors_and_wait_for_autostart(fleet: &Fleet
     );
     let again = r("promote again");
     assert_eq!((&again["changed"], &again["generation"]), (&false.into(), &4.into()), "{again}");
+    // A rollback during a canary ends it (a change; generation 4 stays live).
+    assert_eq!(r("a canary that ends by a rollback")["generation"], 5);
+    let ended = r("the canary rolled back");
+    assert_eq!((&ended["changed"], &ended["generation"]), (&true.into(), &4.into()), "{ended}");
+    // canary_for: ipclusterctl --json waits for the outcome and prints one document.
+    let promoted = r("a canary promoted by the daemon");
+    assert_eq!(
+        (&promoted["changed"], &promoted["generation"], &promoted["state"]),
+        (&true.into(), &6.into(), &"live".into()),
+        "{promoted}"
+    );
 
     // web's file on h3 is as it was; the bad values made no generation, the overrides one.
     assert_eq!(h3.read_file(WEB_FILE).unwrap(), before);
     let now = fleet.generations(2);
     let new_ones: BTreeSet<u64> =
         now.iter().map(|(g, _)| *g).filter(|g| !generations.iter().any(|(o, _)| o == g)).collect();
-    assert_eq!(new_ones, BTreeSet::from([3, 4, 5]), "{now:?}");
+    assert_eq!(new_ones, BTreeSet::from([3, 4, 5, 6, 7]), "{now:?}");
 
     // Values are TOML strings, escaped: no key was added. deploy: never made no generation.
     let esc = r("values that try to be keys");
@@ -603,8 +621,8 @@ fn the_modules_fail_with_the_daemons_errors_and_wait_for_autostart(fleet: &Fleet
     let late = r("a deploy that outlives its timeout");
     assert_eq!((&late["failed"], &late["error"]), (&true.into(), &"timeout".into()), "{late}");
     assert!(late["msg"].as_str().unwrap_or_default().contains("goes on"), "{late}");
-    ipcluster_e2e::wait_for("generation 5 to go live on h3", Duration::from_secs(15), || {
-        (fleet.live(2) == 5).then_some(())
+    ipcluster_e2e::wait_for("generation 7 to go live on h3", Duration::from_secs(15), || {
+        (fleet.live(2) == 7).then_some(())
     });
 }
 

@@ -79,7 +79,8 @@ options:
     type: str
   wait:
     description:
-      - Wait until the new generation is live. Without it, a deploy returns once the generation has a number.
+      - Wait until the new generation is live (with O(canary) and no O(canary_for), until it serves as a canary).
+        Without it, a deploy returns once the generation has a number.
     type: bool
     default: true
   timeout:
@@ -278,7 +279,10 @@ def main():
 
     if action == 'rollback':
         target = p['generation']
-        if target is not None and target == result['generation_before']:
+        # During a canary a rollback ends it, whatever generation it names, and the live one
+        # stays live: a change, though the live generation is the same.
+        ends_canary = canary_generation(rows) is not None
+        if target is not None and target == result['generation_before'] and not ends_canary:
             module.exit_json(**result)
         result['changed'] = True
         if module.check_mode:
@@ -289,7 +293,7 @@ def main():
             result['generation'], result['state'] = doc['generation'], doc.get('state')
         except (CtlError, WaitTimeout) as e:
             fail(e, 'rolling back')
-        result['changed'] = result['generation'] != result['generation_before']
+        result['changed'] = ends_canary or result['generation'] != result['generation_before']
         module.exit_json(**result)
 
     # deploy: a new generation every time it runs.

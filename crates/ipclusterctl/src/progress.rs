@@ -212,6 +212,8 @@ async fn follow(
                 Line::Live { generation } | Line::LiveAgain { generation } if json => {
                     println!("{}", serde_json::json!({"app": app, "generation": generation, "state": "live"}))
                 }
+                // With --canary-for the outcome is the one document (--json prints one).
+                Line::Canary { .. } if json && canary_for => {}
                 Line::Canary { generation, .. } if json => {
                     println!(
                         "{}",

@@ -6,8 +6,8 @@
 //! pure rules of [`ipcluster_core`] and acts through narrow traits, named together by
 //! `World` (world.rs): `Scopes` (systemd), `Router` (netfilter), `Steer` (socket mode's
 //! eBPF), `Spawner`, `Inspector` and `Sampler` (fork, pidfds, /proc, cgroups), `Files`, the
-//! `Store` of state.json, the `Notifier`, the `Relay` of crashed workers' sockets and a
-//! `Clock`.
+//! `Store` of state.json, the `Notifier`, the `Relay` of crashed workers' sockets and the
+//! `Checker` of HTTP health checks; and a `Clock` (beside them, in `Deps`).
 //!
 //! A deploy, step by step ([`deploy`]):
 //! 1. allocate generation `g` (saved first, so numbers never repeat) and worker ports;
