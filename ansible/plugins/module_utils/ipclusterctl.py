@@ -163,16 +163,15 @@ class Ctl(object):
             time.sleep(interval)
 
 
+def newest_in(rows, state):
+    """The newest of ListGenerations rows (oldest first) in `state`, or None."""
+    found = [g for g in rows or [] if g['state'] == state]
+    return found[-1] if found else None
+
+
 def live_generation(rows):
     """The live generation of ListGenerations rows, or None."""
-    live = [g for g in rows or [] if g['state'] == 'live']
-    return live[-1] if live else None
-
-
-def canary_generation(rows):
-    """The generation of ListGenerations rows that is a canary, or None."""
-    canary = [g for g in rows or [] if g['state'] == 'canary']
-    return canary[-1] if canary else None
+    return newest_in(rows, 'live')
 
 
 def running(rows):

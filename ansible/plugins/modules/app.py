@@ -441,6 +441,14 @@ class App(object):
         os.chown(self.path, 0, 0)
         os.chmod(self.path, 0o644)
 
+    def put(self, content, changed):
+        """Writes the file when its content changed, else gives it back owner root and mode 0644
+        when only those changed."""
+        if changed:
+            self.write(content)
+        elif self.result['file_changed']:
+            self.fix_attributes()
+
     def restore(self, content, st):
         """Puts the file back as it was (its content and time stamp), or removes it, and reloads."""
         if content is None:
@@ -506,10 +514,7 @@ class App(object):
             return self.done()
         newest = rows[-1]['generation'] if rows else 0
         try:
-            if changed:
-                self.write(content)
-            elif self.result['file_changed']:
-                self.fix_attributes()
+            self.put(content, changed)
             # A Deploy uses the configuration read at the last Reload.
             if self.result['file_changed'] or deploy or rows is None:
                 self.ctl.run(['reload'])
@@ -555,10 +560,7 @@ class App(object):
             return self.done()
         newest = rows[-1]['generation'] if rows else 0
         try:
-            if changed:
-                self.write(content)
-            elif self.result['file_changed']:
-                self.fix_attributes()
+            self.put(content, changed)
             if self.result['file_changed'] or rows is None:
                 self.ctl.run(['reload'])
             rows = self.generations() or []

@@ -168,8 +168,8 @@ from ansible_collections.ipcluster.ipclusterd.plugins.module_utils.ipclusterctl 
     Ctl,
     CtlError,
     WaitTimeout,
-    canary_generation,
     live_generation,
+    newest_in,
 )
 
 
@@ -264,7 +264,7 @@ def main():
 
     if action == 'promote':
         # Idempotent: with no canary there is nothing to promote, and nothing changes.
-        canary = canary_generation(rows)
+        canary = newest_in(rows, 'canary')
         result['changed'] = canary is not None
         if canary is None or module.check_mode:
             if canary is not None:
@@ -281,7 +281,7 @@ def main():
         target = p['generation']
         # During a canary a rollback ends it, whatever generation it names, and the live one
         # stays live: a change, though the live generation is the same.
-        ends_canary = canary_generation(rows) is not None
+        ends_canary = newest_in(rows, 'canary') is not None
         if target is not None and target == result['generation_before'] and not ends_canary:
             module.exit_json(**result)
         result['changed'] = True
