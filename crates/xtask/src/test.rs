@@ -260,3 +260,30 @@ fn tree(dir: &Path) -> BTreeMap<PathBuf, (u64, i64)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every test that `.config/nextest.toml` names to run alone exists under that name: a
+    /// renamed test would otherwise drop out of the filter silently and run beside three
+    /// sandboxes again.
+    #[test]
+    fn every_test_named_in_the_nextest_config_exists() {
+        let root = crate::root();
+        let config = std::fs::read_to_string(root.join(".config/nextest.toml")).unwrap();
+        let names: Vec<&str> =
+            config.split("test(=").skip(1).map(|rest| rest.split(')').next().unwrap()).collect();
+        assert!(names.len() >= 6, "the config names the tests that run alone: {names:?}");
+        let mut sources = String::new();
+        for dir in ["tests/tests", "crates/ipcluster-steer/tests"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                sources += &std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+            }
+        }
+        for name in names {
+            assert!(
+                sources.contains(&format!("fn {name}()")),
+                "no test named {name}: fix .config/nextest.toml"
+            );
+        }
+    }
+}
