@@ -242,6 +242,11 @@ fn pin(cpu: Cpu) {
 /// new connection per request client `c` takes `targets[c]`, `targets[c + 1]`, … in turn.
 /// Failed requests are counted (and a keep-alive client reconnects). Runs inside `sb`'s
 /// network namespace, on CPU `cpu` when given.
+///
+/// Every thread measures the same window: they start together once all are up (a barrier),
+/// and a request counts only if it ended within `duration` of that start. The rate is what the
+/// window held (`ok / duration`), so neither starting 64 threads nor one request still waiting
+/// on a timeout at the end (a connect retried after 1 s) stretches the run and lowers its rate.
 pub fn closed_loop(
     sb: &ipcluster_sandbox::Sandbox,
     clients: usize,
@@ -250,14 +255,18 @@ pub fn closed_loop(
     targets: &[(Ipv4Addr, SocketAddrV4)],
     cpu: Cpu,
 ) -> Stats {
-    let start = std::time::Instant::now();
+    let ready = Arc::new(std::sync::Barrier::new(clients + 1));
+    let go: Arc<std::sync::OnceLock<std::time::Instant>> = Arc::new(std::sync::OnceLock::new());
     let handles: Vec<_> = (0..clients)
         .map(|c| {
             let targets: Vec<(Ipv4Addr, SocketAddrV4)> = targets.to_vec();
+            let (ready, go) = (ready.clone(), go.clone());
             sb.spawn_in_netns(move || {
                 pin(cpu);
+                ready.wait();
+                let start = *go.wait();
                 let mut stats = Stats::default();
-                let deadline = std::time::Instant::now() + duration;
+                let deadline = start + duration;
                 let mut i = c;
                 let mut conn: Option<TcpStream> = None;
                 while std::time::Instant::now() < deadline {
@@ -275,10 +284,15 @@ pub fn closed_loop(
                         i += 1;
                         get(src, dst)
                     };
+                    let ended = std::time::Instant::now();
+                    if ended > deadline && result.is_ok() {
+                        // Outside the window: neither counted nor charged.
+                        break;
+                    }
                     match result {
                         Ok(_) => {
                             stats.ok += 1;
-                            stats.latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            stats.latencies_us.push((ended - t).as_micros().min(u32::MAX as u128) as u32);
                         }
                         Err(_) => {
                             stats.failed += 1;
@@ -291,11 +305,13 @@ pub fn closed_loop(
             .expect("client thread in the sandbox")
         })
         .collect();
+    ready.wait();
+    go.set(std::time::Instant::now()).expect("set once");
     let mut total = Stats::default();
     for h in handles {
         total.merge(h.join().unwrap_or_default());
     }
-    total.elapsed = start.elapsed();
+    total.elapsed = duration;
     total.latencies_us.sort_unstable();
     total
 }

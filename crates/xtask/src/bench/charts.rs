@@ -157,6 +157,7 @@ mod tests {
             control,
             mode,
             program_ns: Some(120.0),
+            conntrack_drops: 0,
             load: (1.0, 1.0),
             seconds: 1.0,
         }

@@ -193,6 +193,9 @@ pub struct Measured {
     pub newconn: Spread,
     /// The steering program's own run time per call (new connection), ns.
     pub program_ns: Option<f64>,
+    /// Packets conntrack dropped in the cell's sandboxes during the rounds (a full table: new
+    /// connections wait for a SYN retransmit, so a round's rate would measure the table).
+    pub conntrack_drops: u64,
     /// 1-minute load average when the cell started and ended.
     pub load: (f64, f64),
     pub seconds: f64,
@@ -350,6 +353,15 @@ fn setup(
     })
 }
 
+/// Packets conntrack has dropped in `sbs`' network namespaces (`drop`, `early_drop` and
+/// `insert_failed` of /proc/net/stat/nf_conntrack, every CPU's row); 0 where it cannot be read.
+fn conntrack_drops(sbs: &[Sandbox]) -> u64 {
+    sbs.iter()
+        .filter_map(|sb| sb.run(["cat", "/proc/net/stat/nf_conntrack"]).ok())
+        .map(|out| system::conntrack_drops(&String::from_utf8_lossy(&out.stdout)))
+        .sum()
+}
+
 /// One closed-loop measurement.
 fn closed(plan: &Plan, sb: &Sandbox, ep: &Endpoint, keepalive: bool, cpu: Cpu) -> Stats {
     closed_loop(sb, plan.clients, plan.run, keepalive, &ep.targets, cpu)
@@ -424,13 +436,24 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         let _ = closed(&warm, &sbs[ep.sb], ep, true, client_cpu);
         let _ = closed(&warm, &sbs[ep.sb], ep, false, client_cpu);
     }
-    for _ in 0..plan.rounds {
-        for (i, (ep, side)) in [(&control, &mut c_side), (&mode, &mut m_side)].into_iter().enumerate() {
+    let drops0 = conntrack_drops(&sbs);
+    for round in 0..plan.rounds {
+        // Who goes first alternates: whatever a run leaves behind (TIME_WAIT sockets, conntrack
+        // entries, a warmer cache) falls on each side as often.
+        let mut order = [(0, &control, &mut c_side), (1, &mode, &mut m_side)];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (i, ep, side) in order {
             let ka = closed(plan, &sbs[ep.sb], ep, true, client_cpu);
             let nc = closed(plan, &sbs[ep.sb], ep, false, client_cpu);
             record(side, &ka, &nc);
             merged_nc[i].extend(&nc.latencies_us);
         }
+    }
+    let conntrack_drops = conntrack_drops(&sbs).saturating_sub(drops0);
+    if conntrack_drops > 0 {
+        eprintln!("   !! conntrack dropped {conntrack_drops} packets during the rounds (its table was full)");
     }
     // The program's own cost, from the kernel's statistics, in a run of its own after the
     // rounds (the statistics add their own clock reads to every run of the program).
@@ -466,20 +489,25 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         control: c_side,
         mode: m_side,
         program_ns,
+        conntrack_drops,
         load: (load0, system::load1()),
         seconds: started.elapsed().as_secs_f64(),
     };
     eprintln!(
-        "   {} vs {}{}: keep-alive {} (±{:.1} %), new conn {} (±{:.1} %), failed {}/{}{}; {:.0} s, load {:.1}",
+        "   {} vs {}{}: keep-alive {} (median ±{:.1} %, rounds ±{:.1} %), new conn {} (median ±{:.1} %, rounds ±{:.1} %), failed {}/{} (open loop {}/{}){}; {:.0} s, load {:.1}",
         m.mode.label,
         m.control.label,
         if cell.pinned { "" } else { " (unpinned)" },
         m.keepalive.show(),
+        m.keepalive.ci_half_range() * 100.0,
         m.keepalive.half_range() * 100.0,
         m.newconn.show(),
+        m.newconn.ci_half_range() * 100.0,
         m.newconn.half_range() * 100.0,
         m.mode.failed_keepalive + m.mode.failed_newconn,
         m.control.failed_keepalive + m.control.failed_newconn,
+        m.mode.open.iter().map(|o| o.failed).sum::<usize>(),
+        m.control.open.iter().map(|o| o.failed).sum::<usize>(),
         m.program_ns.map_or(String::new(), |ns| format!(", program {ns:.0} ns/connection")),
         m.seconds,
         m.load.1

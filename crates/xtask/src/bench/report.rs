@@ -49,7 +49,7 @@ impl Row {
         let v = if self.met { "met" } else { "**missed**" };
         match &self.spread {
             Some(s) if !s.tight(SPREAD_LIMIT) => {
-                format!("{v} (spread ±{:.1} % > ±3 %)", s.half_range() * 100.0)
+                format!("{v} (spread ±{:.1} % > ±3 %)", s.ci_half_range() * 100.0)
             }
             _ => v.to_owned(),
         }
@@ -259,12 +259,12 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
     );
     let _ = writeln!(
         md,
-        "| mode | control | pinned | keep-alive ratio | 95 % CI | new conn ratio | 95 % CI | mode req/s (ka / new) | control req/s (ka / new) | failed (mode / control) | new conn p50 / p99 µs, mode / control | program ns/conn | load avg | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| mode | control | pinned | keep-alive ratio | 95 % CI | new conn ratio | 95 % CI | mode req/s (ka / new) | control req/s (ka / new) | failed (mode / control) | conntrack drops | new conn p50 / p99 µs, mode / control | program ns/conn | load avg | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for c in dp {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.3}–{:.3} | {} | {:.3}–{:.3} | {} / {} | {} / {} | {} / {} | {} / {} — {} / {} | {} | {:.1}–{:.1} | {:.0} |",
+            "| {} | {} | {} | {} | {:.3}–{:.3} | {} | {:.3}–{:.3} | {} / {} | {} / {} | {} / {} | {} | {} / {} — {} / {} | {} | {:.1}–{:.1} | {:.0} |",
             c.mode.label,
             c.control.label,
             if c.cell.pinned { "yes" } else { "**no**" },
@@ -280,6 +280,7 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
             side_rates(&c.control.newconn),
             c.mode.failed_keepalive + c.mode.failed_newconn,
             c.control.failed_keepalive + c.control.failed_newconn,
+            c.conntrack_drops,
             c.mode.closed_tail_us[0],
             c.mode.closed_tail_us[1],
             c.control.closed_tail_us[0],
@@ -504,8 +505,8 @@ mod tests {
 
     #[test]
     fn a_wide_spread_is_flagged_whatever_the_verdict() {
-        let tight = Spread { median: 0.99, min: 0.98, max: 1.0, ci: (0.98, 1.0), rounds: 5 };
-        let wide = Spread { median: 0.99, min: 0.90, max: 1.05, ci: (0.9, 1.05), rounds: 5 };
+        let tight = Spread { median: 0.99, min: 0.90, max: 1.0, ci: (0.98, 1.0), rounds: 9 };
+        let wide = Spread { median: 0.99, min: 0.90, max: 1.05, ci: (0.9, 1.05), rounds: 9 };
         let row = |s: Spread, met| Row {
             what: String::new(),
             measured: String::new(),

@@ -214,3 +214,34 @@ pub fn load1() -> f64 {
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Packets conntrack dropped, from /proc/net/stat/nf_conntrack: the `drop`, `early_drop` and
+/// `insert_failed` columns (hexadecimal) summed over every CPU's row, found by the header's names.
+pub fn conntrack_drops(stat: &str) -> u64 {
+    let mut lines = stat.lines();
+    let Some(header) = lines.next() else { return 0 };
+    let wanted: Vec<usize> = header
+        .split_whitespace()
+        .enumerate()
+        .filter(|(_, name)| matches!(*name, "drop" | "early_drop" | "insert_failed"))
+        .map(|(i, _)| i)
+        .collect();
+    lines
+        .map(|row| {
+            let fields: Vec<&str> = row.split_whitespace().collect();
+            wanted.iter().filter_map(|&i| u64::from_str_radix(fields.get(i)?, 16).ok()).sum::<u64>()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn conntrack_drops_sum_their_columns_over_every_cpu() {
+        let stat = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart\n\
+            00000002  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000001 0000000a 00000000 00000000  00000000 00000000 00000000 00000000\n\
+            00000002  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000010 00000002 00000000  00000000 00000000 00000000 00000000\n";
+        assert_eq!(super::conntrack_drops(stat), 1 + 10 + 16 + 2);
+        assert_eq!(super::conntrack_drops(""), 0);
+    }
+}
