@@ -22,8 +22,8 @@ pub(super) fn ratios(path: &std::path::Path, dp: &[Measured]) -> Result<()> {
         ]
     };
     let all: Vec<f64> = dp.iter().flat_map(|m| pairs(m).into_iter().flat_map(|p| p.2)).collect();
-    let lo = all.iter().copied().fold(0.9, f64::min) - 0.02;
-    let hi = all.iter().copied().fold(1.1, f64::max) + 0.02;
+    let medians: Vec<f64> = dp.iter().flat_map(|m| [m.keepalive.median, m.newconn.median]).collect();
+    let (lo, hi) = axis(&all, &medians);
     let n = dp.len().max(1);
     let mut chart = ChartBuilder::on(&root)
         .caption(
@@ -50,7 +50,20 @@ pub(super) fn ratios(path: &std::path::Path, dp: &[Measured]) -> Result<()> {
         let (_, py) = chart.backend_coord(&(lo, y + 0.5));
         root.draw(&Text::new(name, (10, py - 6), ("sans-serif", 12)))?;
         for (offset, color, rounds, s) in pairs(m) {
-            chart.draw_series(rounds.iter().map(|r| Circle::new((*r, y + offset), 4, color.filled())))?;
+            let (inside, outside): (Vec<f64>, Vec<f64>) = rounds.iter().partition(|r| (lo..=hi).contains(*r));
+            chart.draw_series(inside.iter().map(|r| Circle::new((*r, y + offset), 4, color.filled())))?;
+            // A round beyond the axis: a hollow dot at its edge, with its value.
+            for r in outside {
+                let at = r.clamp(lo, hi);
+                chart.draw_series(std::iter::once(Circle::new(
+                    (at, y + offset),
+                    4,
+                    color.stroke_width(1),
+                )))?;
+                let (px, py) = chart.backend_coord(&(at, y + offset));
+                let dx = if r < lo { 8 } else { -44 };
+                root.draw(&Text::new(format!("{r:.2}"), (px + dx, py - 5), ("sans-serif", 10)))?;
+            }
             chart.draw_series(std::iter::once(PathElement::new(
                 vec![(s.median, y + offset - 0.15), (s.median, y + offset + 0.15)],
                 color.stroke_width(3),
@@ -59,6 +72,20 @@ pub(super) fn ratios(path: &std::path::Path, dp: &[Measured]) -> Result<()> {
     }
     root.present()?;
     Ok(())
+}
+
+/// The ratio axis: every median, 0.9–1.1 at least, and the rounds within half the lowest
+/// median and 1.5 × the highest (a round beyond, such as one of 0.00 or 25 in a broken cell, is
+/// drawn at the edge with its value instead of squeezing every other row to a line).
+fn axis(rounds: &[f64], medians: &[f64]) -> (f64, f64) {
+    let finite = |v: &[f64]| v.iter().copied().filter(|x| x.is_finite()).collect::<Vec<f64>>();
+    let (rounds, medians) = (finite(rounds), finite(medians));
+    let m_lo = medians.iter().copied().fold(0.9, f64::min);
+    let m_hi = medians.iter().copied().fold(1.1, f64::max);
+    let (floor, ceiling) = (m_lo * 0.5, m_hi * 1.5);
+    let lo = rounds.iter().copied().filter(|r| *r >= floor).fold(m_lo, f64::min);
+    let hi = rounds.iter().copied().filter(|r| *r <= ceiling).fold(m_hi, f64::max);
+    (lo - 0.02, hi + 0.02)
 }
 
 fn shade(kind: &str) -> RGBColor {
@@ -178,5 +205,27 @@ mod tests {
         assert!(svg.contains("mode vs. control"), "each row is named");
         assert_eq!(svg.matches("<circle").count(), 12, "a dot per round and kind");
         assert_eq!(dp[0].newconn.median, 0.96);
+    }
+
+    /// A broken round (0.00, 25.02) does not stretch the axis; it is drawn at the edge with its
+    /// value, and every round still has its dot.
+    #[test]
+    fn a_round_far_from_every_median_is_drawn_at_the_edge_not_in_the_axis() {
+        let (lo, hi) = axis(&[0.0, 0.97, 1.03, 25.02], &[0.99, 1.01]);
+        assert!((lo - 0.88).abs() < 1e-9 && (hi - 1.12).abs() < 1e-9, "{lo} {hi}");
+        let (lo, hi) = axis(&[1.6, 1.8, 3.9, 4.8], &[1.7, 3.8]);
+        assert!(lo <= 1.6 && hi >= 4.8, "rounds near the medians stay in: {lo} {hi}");
+        let dp = [measured(0, &[0.97, 0.0, 1.01], &[0.95, 25.02, 0.97])];
+        let dir = crate::root().join("target/bench-test");
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("datapath-outliers.svg");
+        ratios(&path, &dp).unwrap();
+        let svg = fs::read_to_string(&path).unwrap();
+        assert_eq!(svg.matches("<circle").count(), 6, "a dot per round and kind");
+        let texts: Vec<&str> =
+            svg.split("<text").skip(1).map(|t| t.split("</text>").next().unwrap()).collect();
+        for value in ["0.00", "25.02"] {
+            assert!(texts.iter().any(|t| t.trim_end().ends_with(value)), "{value} is written: {texts:?}");
+        }
     }
 }
