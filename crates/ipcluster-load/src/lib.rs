@@ -244,9 +244,12 @@ fn pin(cpu: Cpu) {
 /// network namespace, on CPU `cpu` when given.
 ///
 /// Every thread measures the same window: they start together once all are up (a barrier),
-/// and a request counts only if it ended within `duration` of that start. The rate is what the
-/// window held (`ok / duration`), so neither starting 64 threads nor one request still waiting
-/// on a timeout at the end (a connect retried after 1 s) stretches the run and lowers its rate.
+/// and a successful request counts in the rate only if it ended within `duration` of that
+/// start. The rate is what the window held (`ok / duration`), so neither starting 64 threads
+/// nor one request still waiting on a timeout at the end (a connect retried after 1 s) stretches
+/// the run and lowers its rate. A request that ended after the window still gives its latency
+/// (so a stall at the end is not hidden from the tail), and a failure is counted whenever it
+/// ends.
 pub fn closed_loop(
     sb: &ipcluster_sandbox::Sandbox,
     clients: usize,
@@ -262,9 +265,14 @@ pub fn closed_loop(
             let targets: Vec<(Ipv4Addr, SocketAddrV4)> = targets.to_vec();
             let (ready, go) = (ready.clone(), go.clone());
             sb.spawn_in_netns(move || {
-                pin(cpu);
+                // Pinned before the barrier, reported after it: a thread that cannot be pinned
+                // must not leave the others waiting for it.
+                let pinned = cpu.map_or(Ok(()), pin_thread);
                 ready.wait();
                 let start = *go.wait();
+                if let Err(e) = pinned {
+                    return Err(format!("sched_setaffinity of a load thread: {e}"));
+                }
                 let mut stats = Stats::default();
                 let deadline = start + duration;
                 let mut i = c;
@@ -286,7 +294,8 @@ pub fn closed_loop(
                     };
                     let ended = std::time::Instant::now();
                     if ended > deadline && result.is_ok() {
-                        // Outside the window: neither counted nor charged.
+                        // Outside the window: its latency counts, not in the rate.
+                        stats.latencies_us.push((ended - t).as_micros().min(u32::MAX as u128) as u32);
                         break;
                     }
                     match result {
@@ -300,7 +309,7 @@ pub fn closed_loop(
                         }
                     }
                 }
-                stats
+                Ok(stats)
             })
             .expect("client thread in the sandbox")
         })
@@ -308,9 +317,15 @@ pub fn closed_loop(
     ready.wait();
     go.set(std::time::Instant::now()).expect("set once");
     let mut total = Stats::default();
+    let mut failures = Vec::new();
     for h in handles {
-        total.merge(h.join().unwrap_or_default());
+        match h.join() {
+            Ok(Ok(stats)) => total.merge(stats),
+            Ok(Err(e)) => failures.push(e),
+            Err(_) => failures.push("a load thread panicked".to_owned()),
+        }
     }
+    assert!(failures.is_empty(), "closed loop: {failures:?}");
     total.elapsed = duration;
     total.latencies_us.sort_unstable();
     total

@@ -1,5 +1,5 @@
 //! Data path: each cell is a mode and its control, measured in interleaved rounds (control,
-//! mode, control, mode, …) in the same run, keep-alive and a new connection per request; then
+//! mode, then mode, control, …) in the same run, keep-alive and a new connection per request; then
 //! each front's latency at a constant rate, 50 % and 80 % of its measured capacity.
 //!
 //! **The controls are the modes' own workers.** NAT mode's physical limit is the same
@@ -193,7 +193,8 @@ pub struct Measured {
     pub newconn: Spread,
     /// The steering program's own run time per call (new connection), ns.
     pub program_ns: Option<f64>,
-    /// Packets conntrack dropped in the cell's sandboxes during the rounds (a full table: new
+    /// conntrack's drops in the cell's sandboxes during the rounds: packets dropped, entries
+    /// evicted early and inserts that failed (a full table: new
     /// connections wait for a SYN retransmit, so a round's rate would measure the table).
     pub conntrack_drops: u64,
     /// 1-minute load average when the cell started and ended.
@@ -353,7 +354,7 @@ fn setup(
     })
 }
 
-/// Packets conntrack has dropped in `sbs`' network namespaces (`drop`, `early_drop` and
+/// conntrack's drops in `sbs`' network namespaces (packets in `drop`, entries in `early_drop`,
 /// `insert_failed` of /proc/net/stat/nf_conntrack, every CPU's row); 0 where it cannot be read.
 fn conntrack_drops(sbs: &[Sandbox]) -> u64 {
     sbs.iter()
@@ -453,7 +454,7 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
     }
     let conntrack_drops = conntrack_drops(&sbs).saturating_sub(drops0);
     if conntrack_drops > 0 {
-        eprintln!("   !! conntrack dropped {conntrack_drops} packets during the rounds (its table was full)");
+        eprintln!("   !! conntrack: {conntrack_drops} drops during the rounds (its table was full)");
     }
     // The program's own cost, from the kernel's statistics, in a run of its own after the
     // rounds (the statistics add their own clock reads to every run of the program).

@@ -31,7 +31,8 @@ use ipcluster_sandbox::Sandbox;
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
     pub quick: bool,
-    /// Interleaved rounds per cell (control, mode, control, mode, …).
+    /// Interleaved rounds per cell (control, mode, then mode, control, …: as many of each
+    /// order when even).
     pub rounds: usize,
     /// Duration of each closed-loop measurement of a round.
     pub run: Duration,
@@ -65,7 +66,7 @@ impl Plan {
         } else {
             Plan {
                 quick,
-                rounds: 9,
+                rounds: 10,
                 run: Duration::from_secs(2),
                 warmup: Duration::from_secs(1),
                 latency_run: Duration::from_secs(4),

@@ -48,6 +48,7 @@ impl Row {
     fn verdict(&self) -> String {
         let v = if self.met { "met" } else { "**missed**" };
         match &self.spread {
+            Some(s) if s.rounds < 5 => format!("{v} ({} rounds: too few to judge the spread)", s.rounds),
             Some(s) if !s.tight(SPREAD_LIMIT) => {
                 format!("{v} (median's 95 % interval ±{:.1} % > ±3 %)", s.ci_half_range() * 100.0)
             }
@@ -233,7 +234,7 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
     );
     let _ = writeln!(
         md,
-        "**Method.** Each data-path cell sets up a mode and its control side by side and measures them in {} interleaved rounds (control, mode, then mode, control, …: the side that goes first alternates) of {:.1} s per kind (keep-alive, then a new connection per request), {} closed-loop clients from 64 source addresses, after a warm-up of each. Every client of a run starts together (a barrier) and only requests that ended within the run's window count, so the rate is what the window held. A ratio is each mode round over the control round of the same pair; a cell shows the median of those ratios with their min–max, and its spread is the 95 % bootstrap interval of that median (in the tables below): a target is judged on the median, and a spread wider than ±3 % is flagged as a defect of the measurement. The closed loop's latencies are corrected for coordinated omission as wrk2 does (for the interval each client's requests were due at, at the measured rate). Failed requests are counted in every row and never in the rates, and so are the packets conntrack dropped (every sandbox keeps a closed connection's conntrack entry 2 s instead of 120, or a table of 262 144 entries fills within 15 s at these rates).\n",
+        "**Method.** Each data-path cell sets up a mode and its control side by side and measures them in {} interleaved rounds (control, mode, then mode, control, …: the side that goes first alternates) of {:.1} s per kind (keep-alive, then a new connection per request), {} closed-loop clients from 64 source addresses, after a warm-up of each. Every client of a run starts together (a barrier) and only requests that ended within the run's window count, so the rate is what the window held. A ratio is each mode round over the control round of the same pair; a cell shows the median of those ratios with their min–max, and its spread is the 95 % bootstrap interval of that median (in the tables below): a target is judged on the median, and a spread wider than ±3 % is flagged as a defect of the measurement. The closed loop's latencies are corrected for coordinated omission as wrk2 does (for the interval each client's requests were due at, at the measured rate). Failed requests are counted in every row and never in the rates, and so are conntrack's drops (every sandbox keeps a closed connection's conntrack entry 2 s instead of 120, or a table of 262 144 entries fills within 15 s at these rates).\n",
         plan.rounds,
         plan.run.as_secs_f64(),
         plan.clients
@@ -517,5 +518,7 @@ mod tests {
         assert_eq!(row(tight, true).verdict(), "met");
         assert_eq!(row(wide, true).verdict(), "met (median's 95 % interval ±9.1 % > ±3 %)");
         assert_eq!(row(wide, false).verdict(), "**missed** (median's 95 % interval ±9.1 % > ±3 %)");
+        let quick = Spread { rounds: 3, ..tight };
+        assert_eq!(row(quick, true).verdict(), "met (3 rounds: too few to judge the spread)");
     }
 }

@@ -2,12 +2,12 @@
 //! rounds, a bootstrap interval, percentiles and the coordinated-omission correction.
 //!
 //! A ratio is never the quotient of two totals: each round of a mode is divided by the round of
-//! its control run just before it (control, mode, control, mode, …), so that whatever the
+//! its control run beside it (control, mode, then mode, control, …), so that whatever the
 //! machine does during the run (another build, a neighbour's steal) moves both halves of a
 //! pair together; the cell's ratio is the median of those per-round ratios, shown with their
 //! minimum and maximum, and its spread — what says how far the median can be trusted, and what
 //! the ±3 % bound judges — is the 95 % bootstrap interval of that median (one of the two spreads
-//! the benchmark's issue allows; min–max is the other, and with 9 rounds it measures the worst
+//! the benchmark's issue allows; min–max is the other, and with 10 rounds it measures the worst
 //! round, not the median).
 
 /// The median (the mean of the two middle values for an even count); 0 for nothing.
@@ -194,6 +194,7 @@ mod tests {
         assert!(s.tight(0.03));
         assert!(!spread(&[0.90, 1.00, 1.10, 0.95, 1.05]).tight(0.03), "±5 % or more is a defect");
         assert!(!spread(&[0.99, 1.00, 1.01]).tight(0.03), "3 rounds are too few to trust");
+        assert!(spread(&[0.99, 1.00, 1.01, 1.00, 0.99]).tight(0.03), "5 are enough");
         assert!(!Spread::default().tight(0.03), "no rounds: nothing to trust");
         assert_eq!(s.show(), "0.99 [0.97–1.01]");
         // One wild round among nine moves min–max, not the median's interval.

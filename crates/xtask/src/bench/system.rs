@@ -215,7 +215,8 @@ pub fn load1() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Packets conntrack dropped, from /proc/net/stat/nf_conntrack: the `drop`, `early_drop` and
+/// conntrack's drops, from /proc/net/stat/nf_conntrack: the `drop` (packets), `early_drop`
+/// (entries evicted to make room) and
 /// `insert_failed` columns (hexadecimal) summed over every CPU's row, found by the header's names.
 pub fn conntrack_drops(stat: &str) -> u64 {
     let mut lines = stat.lines();
