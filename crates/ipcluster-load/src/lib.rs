@@ -293,15 +293,16 @@ pub fn closed_loop(
                         get(src, dst)
                     };
                     let ended = std::time::Instant::now();
+                    let us = (ended - t).as_micros().min(u32::MAX as u128) as u32;
                     if ended > deadline && result.is_ok() {
                         // Outside the window: its latency counts, not in the rate.
-                        stats.latencies_us.push((ended - t).as_micros().min(u32::MAX as u128) as u32);
+                        stats.latencies_us.push(us);
                         break;
                     }
                     match result {
                         Ok(_) => {
                             stats.ok += 1;
-                            stats.latencies_us.push((ended - t).as_micros().min(u32::MAX as u128) as u32);
+                            stats.latencies_us.push(us);
                         }
                         Err(_) => {
                             stats.failed += 1;

@@ -44,8 +44,9 @@ const QUEUE: usize = 1024;
 pub const WINDOW: Duration = Duration::from_millis(100);
 /// Most senders and cgroups remembered; beyond it the oldest are forgotten.
 const REMEMBERED: usize = 65_536;
-/// How often the notify thread forgets senders and cgroups whose window has ended (see
-/// [`Gate::forget_idle`]).
+/// How often, at most, the notify thread forgets senders and cgroups whose window has ended
+/// (see [`Gate::forget_idle`]): when a datagram comes or a waiting notification falls due, so
+/// not while nothing is sent, when nothing is added either.
 const FORGET_EVERY: Duration = Duration::from_secs(1);
 /// Where every scope of ours lives in the cgroup hierarchy.
 const OUR_SLICE: &str = "/ipcluster.slice/";
@@ -325,17 +326,12 @@ impl Gate {
     /// that ever spoke stayed until [`REMEMBERED`] of them: the daemon's memory grew with every
     /// deploy (the chaos soak saw it) up to tens of MiB.
     pub fn forget_idle(&mut self, now: Instant) {
-        self.senders.retain(|_, (at, _)| now.duration_since(*at) < WINDOW);
-        self.cgroups.retain(|_, c| c.waiting.is_some() || now.duration_since(c.sent_at) < WINDOW);
-        if self.senders.capacity() > 4 * self.senders.len().max(64) {
-            self.senders.shrink_to_fit();
-        }
-        if self.cgroups.capacity() > 4 * self.cgroups.len().max(64) {
-            self.cgroups.shrink_to_fit();
-        }
+        keep(&mut self.senders, |(at, _)| now.duration_since(*at) < WINDOW);
+        keep(&mut self.cgroups, |c| c.waiting.is_some() || now.duration_since(c.sent_at) < WINDOW);
     }
 
     /// How many senders and cgroups are remembered.
+    #[cfg(test)]
     pub fn remembered(&self) -> (usize, usize) {
         (self.senders.len(), self.cgroups.len())
     }
@@ -349,6 +345,15 @@ impl Gate {
 /// A moment one [`WINDOW`] before `now` (so what comes next is due at once).
 fn before(now: Instant) -> Instant {
     now.checked_sub(WINDOW).unwrap_or(now)
+}
+
+/// Keeps the entries of `map` that `wanted` says, and gives back the room of a map that
+/// shrank to a quarter of it (a flood's thousands of senders gone).
+fn keep<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, wanted: impl Fn(&V) -> bool) {
+    map.retain(|_, v| wanted(v));
+    if map.capacity() > 4 * map.len().max(64) {
+        map.shrink_to_fit();
+    }
 }
 
 /// Keeps `map` under [`REMEMBERED`] entries by forgetting the oldest half when it is full.
