@@ -62,8 +62,9 @@ fn connections_of(pids: &[u32], established: &HashSet<u64>) -> u32 {
 /// rotating share is read every few rounds). The descriptors are close-on-exec.
 #[derive(Debug, Default)]
 struct Reader {
-    /// Each open file and the round it was last read in.
-    open: std::collections::HashMap<std::path::PathBuf, (fs::File, u64)>,
+    /// Each open file (by its path's bytes: a `Path` hashes and compares component by
+    /// component, which cost more than the read) and the round it was last read in.
+    open: std::collections::HashMap<std::ffi::OsString, (fs::File, u64)>,
     round: u64,
     buf: Vec<u8>,
 }
@@ -78,6 +79,7 @@ impl Reader {
     fn read(&mut self, path: std::path::PathBuf) -> Option<&str> {
         use std::os::unix::fs::FileExt;
         let Reader { open, round, buf } = self;
+        let path = path.into_os_string();
         let mut len = 0;
         for fresh in [false, true] {
             if fresh || !open.contains_key(&path) {
@@ -188,10 +190,13 @@ pub fn sample(scopes: &[std::path::PathBuf], workers: &[(u64, u32)]) -> Vec<(u64
         .collect()
 }
 
-/// The processes in `scopes` and in the cgroups right below them of the `wanted` workers
-/// (`worker-<pid>`; a round may sample only a share of the workers, see [`due`]). A cgroup a
-/// worker made below its own is not read (one directory listing per worker would cost as much
-/// as the rest of a round); only a root worker can make one, since the daemon owns the tree.
+/// The processes in `scopes` and in the cgroups of the `wanted` workers below them
+/// (`worker-<pid>`; a round may sample only a share of the workers, see [`next_share`]). Each worker's
+/// cgroup is read by its name, never by listing the scope (at 1,024 workers a listing cost as
+/// much as the rest of a round); with two scopes (during a deploy), a worker's name is one
+/// failed `open` in the scope it is not in.
+/// A cgroup a worker made below its own, or beside it, is not read: only a root worker can make
+/// one, since the daemon owns the tree.
 fn cgroup_pids(scopes: &[std::path::PathBuf], wanted: &HashSet<u32>, reader: &mut Reader) -> Vec<u32> {
     let mut pids = Vec::new();
     let mut read = |dir: &std::path::Path, pids: &mut Vec<u32>| {
@@ -201,13 +206,8 @@ fn cgroup_pids(scopes: &[std::path::PathBuf], wanted: &HashSet<u32>, reader: &mu
     };
     for scope in scopes {
         read(scope, &mut pids);
-        let Ok(entries) = fs::read_dir(scope) else { continue };
-        for e in entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
-            let name = e.file_name();
-            let worker = name.to_str().and_then(|n| n.strip_prefix("worker-")?.parse::<u32>().ok());
-            if worker.is_none_or(|pid| wanted.contains(&pid)) {
-                read(&e.path(), &mut pids);
-            }
+        for pid in wanted {
+            read(&scope.join(crate::process::worker_cgroup_name(*pid)), &mut pids);
         }
     }
     pids
@@ -215,20 +215,20 @@ fn cgroup_pids(scopes: &[std::path::PathBuf], wanted: &HashSet<u32>, reader: &mu
 
 /// At most this many workers are sampled in a round for numbers only shown (ListWorkers,
 /// /metrics, `ipclusterctl top`): with more, each round takes the next share, so each worker's
-/// numbers are at most `ceil(n / SHARE)` rounds old. Workers a memory policy watches, and
-/// workers not sampled yet, are sampled every round ([`crate::supervisor`]'s health).
+/// numbers are at most `ceil(n / SHARE)` rounds old. Workers a memory policy watches are
+/// sampled every round ([`crate::supervisor`]'s health).
 pub const SHARE: usize = 128;
 
-/// Whether the worker at `index` of `total` is in round `round`'s share.
-pub fn due(index: usize, total: usize, round: u64) -> bool {
-    let rounds = total.div_ceil(SHARE).max(1) as u64;
-    index as u64 % rounds == round % rounds
-}
-
-/// The next round's number (one sampling round at a time per daemon).
-pub fn next_round() -> u64 {
-    static ROUND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+/// The share of the round after the one that ended at worker `cursor`: the next [`SHARE`]
+/// workers by id, wrapping around (every worker when there are no more). Found in the map
+/// without walking it: at 1,024 workers a walk of them all each round cost as much as the
+/// round's reads.
+pub fn next_share<V>(workers: &std::collections::BTreeMap<u64, V>, cursor: u64) -> Vec<(u64, &V)> {
+    if workers.len() <= SHARE {
+        return workers.iter().map(|(id, v)| (*id, v)).collect();
+    }
+    let after = workers.range(cursor.saturating_add(1)..).chain(workers.range(..=cursor));
+    after.take(SHARE).map(|(id, v)| (*id, v)).collect()
 }
 
 /// Established TCP connections held by each `(id, pid)`'s process tree.
@@ -290,17 +290,30 @@ mod tests {
     }
 
     #[test]
-    fn every_worker_is_in_one_share_of_each_cycle() {
-        for total in [1, 64, SHARE, SHARE + 1, 1024, 1500] {
-            let rounds = total.div_ceil(SHARE) as u64;
-            let mut seen = vec![0; total];
-            for round in 7..7 + rounds {
-                let share = (0..total).filter(|&i| due(i, total, round)).inspect(|&i| seen[i] += 1).count();
-                assert!(share <= SHARE, "{total}: {share} in round {round}");
+    fn every_worker_is_in_a_share_within_a_cycle() {
+        for total in [1u64, 64, SHARE as u64, SHARE as u64 + 1, 1024, 1500] {
+            // Ids with gaps, as workers leave and new ones come.
+            let workers: std::collections::BTreeMap<u64, ()> = (0..total).map(|i| (i * 3 + 5, ())).collect();
+            let rounds = (total as usize).div_ceil(SHARE);
+            let mut seen: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+            let mut cursor = 0;
+            for _ in 0..rounds {
+                let share = next_share(&workers, cursor);
+                assert!(share.len() <= SHARE, "{total}: {} in a round", share.len());
+                share.iter().for_each(|(id, _)| *seen.entry(*id).or_default() += 1);
+                cursor = share.last().unwrap().0;
             }
-            assert!(seen.iter().all(|&n| n == 1), "{total}: each worker once per {rounds} rounds");
+            assert_eq!(seen.len() as u64, total, "{total}: every worker within {rounds} rounds");
         }
-        assert!((0..100).all(|i| due(i, 100, 3)), "up to SHARE workers: all, every round");
+        let few: std::collections::BTreeMap<u64, ()> = (0..100).map(|i| (i, ())).collect();
+        assert_eq!(next_share(&few, 40).len(), 100, "up to SHARE workers: all, every round");
+        let many: std::collections::BTreeMap<u64, ()> = (0..300).map(|i| (i, ())).collect();
+        let wrapped: Vec<u64> = next_share(&many, 250).iter().map(|(id, _)| *id).collect();
+        assert_eq!(
+            wrapped,
+            (251..300).chain(0..79).collect::<Vec<u64>>(),
+            "past the last id: from the first"
+        );
     }
 
     #[test]

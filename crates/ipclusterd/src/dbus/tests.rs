@@ -110,11 +110,10 @@ fn row(app: &str) -> supervisor::WorkerInfo {
 #[tokio::test]
 async fn the_wire_carries_named_rows_error_names_properties_and_signals() {
     let snapshot = supervisor::Snapshot {
-        workers: vec![row("web"), row("api")],
         known: ["web", "api"].into_iter().map(|a| ipcluster_core::name::AppName::new(a).unwrap()).collect(),
         valid: vec!["web".into()],
         config_dir: "/etc/ipcluster/apps".into(),
-        ..Default::default()
+        ..supervisor::Snapshot::with_workers(vec![row("web"), row("api")])
     };
     let (server, client) = served(snapshot, |_| {}).await;
     let proxy = ipcluster_bus::ManagerProxy::new(&client).await.unwrap();

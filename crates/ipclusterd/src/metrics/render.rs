@@ -148,10 +148,10 @@ impl Collector for Exposition {
 
         // One series per label set: workers that share one are summed (see the module's doc).
         let mut workers: BTreeMap<(&str, u64, u32, &str), (u64, u64)> = BTreeMap::new();
-        for w in &s.workers {
+        for (w, u) in s.workers() {
             let sums = workers.entry((&w.app, w.generation, w.band, w.state.as_str())).or_default();
-            sums.0 = sums.0.saturating_add(w.rss);
-            sums.1 = sums.1.saturating_add(w.cpu_usec);
+            sums.0 = sums.0.saturating_add(u.rss);
+            sums.1 = sums.1.saturating_add(u.cpu_usec);
         }
         let mut m = encoder.encode_descriptor(
             "ipcluster_worker_resident_memory",
@@ -175,7 +175,7 @@ impl Collector for Exposition {
         }
 
         let mut restarts: BTreeMap<(&str, u32), u64> =
-            s.workers.iter().map(|w| ((w.app.as_str(), w.band), 0)).collect();
+            s.rows.iter().map(|w| ((w.app.as_str(), w.band), 0)).collect();
         for ((app, band), n) in &s.metrics.restarts {
             if present.contains(app.as_str()) {
                 restarts.insert((app, *band), *n);
@@ -273,7 +273,7 @@ fn worker_label_set<'a>(app: &'a str, generation: u64, band: u32, state: &'a str
 /// The apps whose series are shown: a valid file, or something running (see the module's doc).
 fn present_apps(s: &Snapshot) -> BTreeSet<&str> {
     let mut apps: BTreeSet<&str> = s.valid.iter().map(String::as_str).collect();
-    apps.extend(s.workers.iter().map(|w| w.app.as_str()));
+    apps.extend(s.rows.iter().map(|w| w.app.as_str()));
     apps.extend(s.generations.iter().filter(|g| g.state.is_running()).map(|g| g.app.as_str()));
     apps
 }

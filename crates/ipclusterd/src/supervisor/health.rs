@@ -35,27 +35,37 @@ fn mem_state(s: WorkerState) -> MemState {
 impl<W: World> Supervisor<W> {
     /// Starts a sampling round on a blocking thread.
     pub(super) fn start_sampling(&mut self) {
-        // A share of the workers per round, but every round those a memory policy watches and
-        // those not sampled yet (sampler::due).
-        let (round, n) = (crate::sampler::next_round(), self.m.workers.len());
-        let targets: Vec<(WorkerId, u32)> = (self.m.workers.iter().enumerate())
-            .filter(|(i, (_, w))| {
-                let watched = self
-                    .m
-                    .config(&w.app, w.generation)
-                    .is_some_and(|c| c.worker_memory_max.is_some() || c.cluster_memory_max.is_some());
-                w.sample.rss == 0 || watched || crate::sampler::due(*i, n, round)
-            })
-            .map(|(_, (id, w))| (*id, w.pid))
+        // A share of the workers per round (sampler::next_share), and every round those a
+        // memory policy watches.
+        let share = crate::sampler::next_share(&self.m.workers, self.sample_cursor);
+        self.sample_cursor = share.last().map_or(0, |(id, _)| *id);
+        let mut targets: Vec<(WorkerId, u32)> = share.iter().map(|(id, w)| (*id, w.pid)).collect();
+        let watched: Vec<(&AppName, u64)> = (self.m.apps.iter())
+            .flat_map(|(name, a)| a.generations.iter().map(move |(g, x)| (name, *g, x)))
+            .filter(|(_, _, x)| x.config.worker_memory_max.is_some() || x.config.cluster_memory_max.is_some())
+            .map(|(name, g, _)| (name, g))
             .collect();
-        let pressured: Vec<(WorkerId, u32)> = self
-            .m
-            .workers
-            .iter()
-            .filter(|(_, w)| matches!(w.state, WorkerState::Retired | WorkerState::Stopping))
-            .filter(|(_, w)| self.m.apps.get(&w.app).is_some_and(|a| a.memory_pressure))
-            .map(|(id, w)| (*id, w.pid))
-            .collect();
+        if !watched.is_empty() {
+            let chosen: std::collections::HashSet<WorkerId> = targets.iter().map(|t| t.0).collect();
+            targets.extend(
+                (self.m.workers.iter())
+                    .filter(|(id, w)| {
+                        !chosen.contains(id)
+                            && watched.iter().any(|(a, g)| *g == w.generation && **a == w.app)
+                    })
+                    .map(|(id, w)| (*id, w.pid)),
+            );
+        }
+        // Connections are counted only for the retired workers of apps under memory pressure.
+        let pressured: Vec<(WorkerId, u32)> = if self.m.apps.values().any(|a| a.memory_pressure) {
+            (self.m.workers.iter())
+                .filter(|(_, w)| matches!(w.state, WorkerState::Retired | WorkerState::Stopping))
+                .filter(|(_, w)| self.m.apps.get(&w.app).is_some_and(|a| a.memory_pressure))
+                .map(|(id, w)| (*id, w.pid))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let scopes: Vec<(String, String)> = self
             .m
             .apps
@@ -119,6 +129,9 @@ impl<W: World> Supervisor<W> {
 
     /// Live workers over `worker_memory_max` are replaced (then retired), rate-limited.
     async fn worker_memory(&mut self, app: &AppName) {
+        if !self.m.any_config(app, |c| c.worker_memory_max.is_some()) {
+            return;
+        }
         let over: Vec<(WorkerId, u64, u32, u32, u64, u64)> = self
             .m
             .workers_of_app(app)
@@ -221,6 +234,9 @@ impl<W: World> Supervisor<W> {
     /// Workers that stopped sending WATCHDOG=1: a live one is replaced (rate-limited), a retired
     /// one is stopped.
     async fn watchdog(&mut self, app: &AppName) {
+        if !self.m.any_config(app, |c| c.watchdog.is_some()) {
+            return;
+        }
         let now = tokio::time::Instant::now();
         let silent: Vec<(WorkerId, u64, u32, u32, WorkerState)> = self
             .m
@@ -262,6 +278,9 @@ impl<W: World> Supervisor<W> {
 
     /// Retired workers older than `retire_timeout` are stopped (through the reap queue).
     fn retire_timeout(&mut self, app: &AppName) {
+        if !self.m.any_config(app, |c| c.retire_timeout.is_some()) {
+            return;
+        }
         let now = self.now();
         let due: Vec<WorkerId> = self
             .m

@@ -170,6 +170,8 @@ pub struct Supervisor<W: World> {
     ports: PortAllocator,
     saved: SavedState,
     last_status: String,
+    /// The last worker the previous sampling round took (see [`crate::sampler::next_share`]).
+    sample_cursor: WorkerId,
     /// Nice value workers start with (the daemon's own); retired ones get this + `retire_nice`.
     base_nice: i32,
     /// Respawn delays of crashing bands.
@@ -228,6 +230,7 @@ impl<W: World> Supervisor<W> {
             ports: PortAllocator::default(),
             saved,
             last_status: String::new(),
+            sample_cursor: 0,
             base_nice,
             backoff: BTreeMap::new(),
             started: tokio::time::Instant::now(),
@@ -257,6 +260,7 @@ impl<W: World> Supervisor<W> {
     /// Ends a turn: the snapshot for readers, then the answers, then the status line.
     fn end_turn(&mut self) {
         self.snapshot.send_replace(Some(Arc::new(self.build_snapshot())));
+        self.update_status();
         self.end_quiet_turn();
     }
 
@@ -280,7 +284,6 @@ impl<W: World> Supervisor<W> {
         for send in self.outbox.0.drain(..) {
             send();
         }
-        self.update_status();
     }
 
     /// Loads the apps, adopts what a previous daemon left running, starts the autostart apps,
@@ -447,8 +450,14 @@ impl<W: World> Supervisor<W> {
     fn update_status(&mut self) {
         use ipcluster_core::model::WorkerState as W;
         let apps = self.valid_apps().len();
-        let live = self.m.workers.values().filter(|w| w.state == W::Live).count();
-        let retired = self.m.workers.values().filter(|w| matches!(w.state, W::Retired | W::Stopping)).count();
+        let (mut live, mut retired) = (0, 0);
+        for w in self.m.workers.values() {
+            match w.state {
+                W::Live => live += 1,
+                W::Retired | W::Stopping => retired += 1,
+                _ => {}
+            }
+        }
         let mut line = format!("{apps} apps, {live} live workers, {retired} retired workers");
         if let Err(e) = self.deps.router.check() {
             line.push_str(&format!("; cannot route: {e}"));

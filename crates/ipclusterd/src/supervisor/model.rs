@@ -321,6 +321,12 @@ impl<H> Model<H> {
         self.apps.get_mut(app).and_then(|a| a.generations.get_mut(&g))
     }
 
+    /// Whether some generation of `app` has a config that `f` holds for (a policy's scan of
+    /// the app's workers runs only then).
+    pub fn any_config(&self, app: &AppName, f: impl Fn(&AppConfig) -> bool) -> bool {
+        self.apps.get(app).is_some_and(|a| a.generations.values().any(|g| f(&g.config)))
+    }
+
     /// The effective config of generation `g`.
     pub fn config(&self, app: &AppName, g: u64) -> Option<Arc<AppConfig>> {
         self.generation(app, g).map(|x| x.config.clone())

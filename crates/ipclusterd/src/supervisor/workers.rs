@@ -367,7 +367,7 @@ impl<W: World> Supervisor<W> {
             let guarded: Vec<u16> = self
                 .m
                 .workers_of_app(name)
-                .flat_map(|(_, w)| w.worker_ports())
+                .flat_map(|(_, w)| w.plumbing.ports().iter().map(|p| p.1))
                 .chain(held)
                 .chain(app.launching.iter().copied())
                 .chain(app.draining.keys().copied())

@@ -54,12 +54,6 @@ fn generation(app: &str, generation: u64, state: GenState) -> GenerationInfo {
 /// idle: a valid file, never deployed.
 fn fixture() -> Arc<Snapshot> {
     let mut s = Snapshot {
-        workers: vec![
-            worker("web", 2, 0, 101, WorkerState::Live, 10 << 20, 1_500_000),
-            worker("web", 2, 1, 102, WorkerState::Live, 11 << 20, 250_000),
-            worker("web", 1, 0, 91, WorkerState::Retired, 3 << 20, 1_000_000),
-            worker("web", 1, 0, 95, WorkerState::Retired, 4 << 20, 500_000),
-        ],
         generations: vec![
             generation("web", 1, GenState::Retired),
             generation("web", 2, GenState::Live),
@@ -69,7 +63,12 @@ fn fixture() -> Arc<Snapshot> {
         known: ["web", "old", "idle"].iter().map(|a| AppName::new(a).unwrap()).collect::<BTreeSet<_>>(),
         valid: vec!["idle".into(), "web".into()],
         config_dir: "/etc/ipcluster/apps".into(),
-        ..Snapshot::default()
+        ..Snapshot::with_workers(vec![
+            worker("web", 2, 0, 101, WorkerState::Live, 10 << 20, 1_500_000),
+            worker("web", 2, 1, 102, WorkerState::Live, 11 << 20, 250_000),
+            worker("web", 1, 0, 91, WorkerState::Retired, 3 << 20, 1_000_000),
+            worker("web", 1, 0, 95, WorkerState::Retired, 4 << 20, 500_000),
+        ])
     };
     let m = &mut s.metrics;
     m.deploys.insert("web".into(), Deploys { ok: 2, failed: 1, promoted: 1, rolled_back: 0 });

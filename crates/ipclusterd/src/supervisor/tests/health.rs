@@ -169,3 +169,31 @@ async fn a_crashed_workers_port_is_drained_at_once_and_guarded_until_its_socket_
     })
     .await;
 }
+
+/// A sampling round changes only the numbers: the snapshot after it shares the workers' rows
+/// with the one before (no row is built again), and ListWorkers shows the new numbers; a
+/// worker whose row changes (a crash and its respawn) makes new rows.
+#[tokio::test(start_paused = true)]
+async fn a_sampling_round_shares_the_rows_and_shows_new_numbers_and_a_changed_worker_rebuilds_them() {
+    let h = start("rows", &[("web", app("\"serve\"", ""))]).await;
+    assert_eq!(h.deploy("web").await, Ok(1));
+    let w = h.worker("web", 1, 0).await;
+    h.sleep(Duration::from_secs(1)).await;
+    let before = h.handle.snapshot().await.unwrap();
+    h.procs.set_rss(w.pid, 77 << 20);
+    h.until("the new RSS in ListWorkers", Duration::from_secs(2), async |h| {
+        h.worker("web", 1, 0).await.rss == 77 << 20
+    })
+    .await;
+    let after = h.handle.snapshot().await.unwrap();
+    assert!(!Arc::ptr_eq(&before, &after), "a new snapshot was published");
+    assert!(Arc::ptr_eq(&before.rows, &after.rows), "its rows are the ones before");
+    assert!(after.rows.iter().all(|r| r.rss == 0 && r.cpu_usec == 0), "rows hold no numbers");
+    h.procs.exit(w.pid, Exit::Signal(9));
+    h.until("band 0's replacement", Duration::from_secs(5), async |h| {
+        h.workers("web").await.iter().any(|x| x.band == 0 && x.pid != w.pid && x.state == WorkerState::Live)
+    })
+    .await;
+    let respawned = h.handle.snapshot().await.unwrap();
+    assert!(!Arc::ptr_eq(&before.rows, &respawned.rows), "a changed worker makes new rows");
+}
