@@ -182,6 +182,9 @@ pub struct Stats {
     pub elapsed: Duration,
     /// Latencies of successful requests, in µs (sorted by [`Stats::finish`]).
     pub latencies_us: Vec<u32>,
+    /// Successful requests by the PID of the worker that answered: how the front spread the
+    /// clients (with keep-alive, one connection per client for the whole run).
+    pub served_by: std::collections::BTreeMap<u32, u64>,
 }
 
 impl Stats {
@@ -199,6 +202,9 @@ impl Stats {
         self.ok += other.ok;
         self.failed += other.failed;
         self.latencies_us.extend(other.latencies_us);
+        for (pid, n) in other.served_by {
+            *self.served_by.entry(pid).or_default() += n;
+        }
     }
 }
 
@@ -300,9 +306,10 @@ pub fn closed_loop(
                         break;
                     }
                     match result {
-                        Ok(_) => {
+                        Ok(answer) => {
                             stats.ok += 1;
                             stats.latencies_us.push(us);
+                            *stats.served_by.entry(answer.pid).or_default() += 1;
                         }
                         Err(_) => {
                             stats.failed += 1;

@@ -178,6 +178,9 @@ pub struct Side {
     /// Failed requests over all rounds.
     pub failed_keepalive: u64,
     pub failed_newconn: u64,
+    /// With keep-alive: how many workers answered in each round (the clients' one connection
+    /// each landed on that many of the cell's workers).
+    pub keepalive_workers: Vec<usize>,
     /// Closed-loop p50 / p99 (µs) of new connections, all rounds merged.
     pub closed_tail_us: [u64; 2],
     pub open: Vec<OpenLatency>,
@@ -370,6 +373,7 @@ fn closed(plan: &Plan, sb: &Sandbox, ep: &Endpoint, keepalive: bool, cpu: Cpu) -
 
 fn record(side: &mut Side, ka: &Stats, nc: &Stats) {
     side.keepalive.push(ka.rate());
+    side.keepalive_workers.push(ka.served_by.len());
     side.newconn.push(nc.rate());
     side.failed_keepalive += ka.failed;
     side.failed_newconn += nc.failed;
@@ -396,15 +400,14 @@ fn open(plan: &Plan, sb: &Sandbox, ep: &Endpoint, capacity: f64, load: f64, cpu:
 
 /// ns per run of the steering program over one closed-loop run of new connections, with the
 /// kernel's BPF statistics on for that run only.
-fn program_cost(plan: &Plan, sb: &Sandbox, ep: &Endpoint, pid: u32, cpu: Cpu) -> Result<Option<f64>> {
-    let _ = pid;
+fn program_cost(plan: &Plan, sb: &Sandbox, ep: &Endpoint, cpu: Cpu) -> Result<f64> {
     let on = system::bpf_stats()?;
     let (ns0, cnt0) = system::program_runs()?;
     let _ = closed(plan, sb, ep, false, cpu);
     let (ns1, cnt1) = system::program_runs()?;
     drop(on);
     anyhow::ensure!(cnt1 > cnt0, "the steering program did not run during a run of new connections");
-    Ok(Some((ns1 - ns0) as f64 / (cnt1 - cnt0) as f64))
+    Ok((ns1 - ns0) as f64 / (cnt1 - cnt0) as f64)
 }
 
 /// Measures one cell: both fronts set up, a warm-up each, then `plan.rounds` interleaved
@@ -458,16 +461,11 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
     }
     // The program's own cost, from the kernel's statistics, in a run of its own after the
     // rounds (the statistics add their own clock reads to every run of the program).
-    let program_ns = match mode.steering {
-        Some(pid) => match program_cost(plan, &sbs[mode.sb], &mode, pid, client_cpu) {
-            Ok(ns) => ns,
-            Err(e) => {
-                eprintln!("   !! the steering program's run time is not measured: {e:#}");
-                None
-            }
-        },
-        None => None,
-    };
+    let program_ns = mode.steering.and_then(|_| {
+        program_cost(plan, &sbs[mode.sb], &mode, client_cpu)
+            .inspect_err(|e| eprintln!("   !! the steering program's run time is not measured: {e:#}"))
+            .ok()
+    });
     let [c_lat, m_lat] = &mut merged_nc;
     for (side, lat) in [(&mut c_side, c_lat), (&mut m_side, m_lat)] {
         // Corrected as wrk2 does, for the interval each client's requests were due at at the
@@ -495,13 +493,15 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         seconds: started.elapsed().as_secs_f64(),
     };
     eprintln!(
-        "   {} vs {}{}: keep-alive {} (median ±{:.1} %, rounds ±{:.1} %), new conn {} (median ±{:.1} %, rounds ±{:.1} %), failed {}/{} (open loop {}/{}){}; {:.0} s, load {:.1}",
+        "   {} vs {}{}: keep-alive {} (median ±{:.1} %, rounds ±{:.1} %; on {:?} / {:?} workers), new conn {} (median ±{:.1} %, rounds ±{:.1} %), failed {}/{} (open loop {}/{}){}; {:.0} s, load {:.1}",
         m.mode.label,
         m.control.label,
         if cell.pinned { "" } else { " (unpinned)" },
         m.keepalive.show(),
         m.keepalive.ci_half_range() * 100.0,
         m.keepalive.half_range() * 100.0,
+        m.mode.keepalive_workers,
+        m.control.keepalive_workers,
         m.newconn.show(),
         m.newconn.ci_half_range() * 100.0,
         m.newconn.half_range() * 100.0,

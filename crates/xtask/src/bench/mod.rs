@@ -66,7 +66,7 @@ impl Plan {
         } else {
             Plan {
                 quick,
-                rounds: 10,
+                rounds: 16,
                 run: Duration::from_secs(2),
                 warmup: Duration::from_secs(1),
                 latency_run: Duration::from_secs(4),

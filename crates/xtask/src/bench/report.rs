@@ -256,16 +256,16 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
 
     let _ = writeln!(
         md,
-        "\n## 1. Data path\n\nThe controls: NAT mode against its own physical limit, the same sandbox and workers reached through conntrack and one REDIRECT rule per worker (each client on its band's worker, as NAT maps it); socket mode against the same workers, launched and confined by ipclusterd the same way, in a plain `SO_REUSEPORT` group whose steering program was detached (the kernel's hash picks); HAProxy and PM2 with as many workers.\n"
+        "\n## 1. Data path\n\nThe controls: NAT mode against its own physical limit, the same sandbox and workers reached through conntrack and one REDIRECT rule per worker (each client on its band's worker, as NAT maps it); socket mode against the same workers, launched and confined by ipclusterd the same way, in a plain `SO_REUSEPORT` group whose steering program was detached (the kernel's hash picks); HAProxy and PM2 with as many workers. With keep-alive each of the 64 clients holds one connection for a run; \"workers answering\" is how many workers those connections landed on (the median over the rounds): NAT and socket mode give each client address its band, so 64 clients reach all of 64 bands, where the kernel's hash leaves some workers several connections and others none.\n"
     );
     let _ = writeln!(
         md,
-        "| mode | control | pinned | keep-alive ratio | 95 % CI | new conn ratio | 95 % CI | mode req/s (ka / new) | control req/s (ka / new) | failed (mode / control) | conntrack drops | new conn p50 / p99 µs, mode / control | program ns/conn | load avg | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| mode | control | pinned | keep-alive ratio | 95 % CI | new conn ratio | 95 % CI | mode req/s (ka / new) | control req/s (ka / new) | failed (mode / control) | keep-alive: workers answering (mode / control) | conntrack drops | new conn p50 / p99 µs, mode / control | program ns/conn | load avg | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for c in dp {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.3}–{:.3} | {} | {:.3}–{:.3} | {} / {} | {} / {} | {} / {} | {} | {} / {} — {} / {} | {} | {:.1}–{:.1} | {:.0} |",
+            "| {} | {} | {} | {} | {:.3}–{:.3} | {} | {:.3}–{:.3} | {} / {} | {} / {} | {} / {} | {} / {} | {} | {} / {} — {} / {} | {} | {:.1}–{:.1} | {:.0} |",
             c.mode.label,
             c.control.label,
             if c.cell.pinned { "yes" } else { "**no**" },
@@ -281,6 +281,8 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
             side_rates(&c.control.newconn),
             c.mode.failed_keepalive + c.mode.failed_newconn,
             c.control.failed_keepalive + c.control.failed_newconn,
+            workers_answering(&c.mode),
+            workers_answering(&c.control),
             c.conntrack_drops,
             c.mode.closed_tail_us[0],
             c.mode.closed_tail_us[1],
@@ -498,6 +500,13 @@ fn readme_table(rows: &[Row]) -> Result<()> {
     let updated = format!("{}{}{}", &readme[..a], t, &readme[b..]);
     fs::write(&path, updated)?;
     Ok(())
+}
+
+/// How many workers the keep-alive connections landed on, the median over a side's rounds.
+fn workers_answering(side: &super::datapath::Side) -> String {
+    let mut n = side.keepalive_workers.clone();
+    n.sort_unstable();
+    n.get(n.len() / 2).map_or("–".into(), |m| m.to_string())
 }
 
 #[cfg(test)]

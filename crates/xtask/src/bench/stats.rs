@@ -7,7 +7,7 @@
 //! pair together; the cell's ratio is the median of those per-round ratios, shown with their
 //! minimum and maximum, and its spread — what says how far the median can be trusted, and what
 //! the ±3 % bound judges — is the 95 % bootstrap interval of that median (one of the two spreads
-//! the benchmark's issue allows; min–max is the other, and with 10 rounds it measures the worst
+//! the benchmark's issue allows; min–max is the other, and with 16 rounds it measures the worst
 //! round, not the median).
 
 /// The median (the mean of the two middle values for an even count); 0 for nothing.
