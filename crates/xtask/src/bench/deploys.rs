@@ -49,6 +49,9 @@ pub struct Summary {
     pub steady_samples: usize,
     /// Per kind of operation: (kind, operations, samples in its windows, p50/p99/p99.9 µs).
     pub kinds: Vec<(&'static str, usize, usize, [u64; 3])>,
+    /// Failed requests by the window they were due in ("steady" outside every window); only
+    /// windows with a failure.
+    pub failed_in: Vec<(&'static str, usize)>,
 }
 
 impl Summary {
@@ -73,6 +76,13 @@ impl Run {
             }
         }
         for r in &self.records {
+            if r.outcome.is_err() {
+                let kind = kind_of(r).unwrap_or("steady");
+                match s.failed_in.iter_mut().find(|f| f.0 == kind) {
+                    Some(f) => f.1 += 1,
+                    None => s.failed_in.push((kind, 1)),
+                }
+            }
             match &r.outcome {
                 Ok(_) if r.due < WARMUP => {}
                 Ok(_) => {
@@ -354,6 +364,12 @@ mod tests {
             latency: Duration::ZERO,
             outcome: Err(Failure::Reset),
         });
+        // A request in flight at the kill: reset, and said to be the kill's.
+        records.push(Record {
+            due: Duration::from_millis(6_100),
+            latency: Duration::ZERO,
+            outcome: Err(Failure::Reset),
+        });
         let run = Run {
             name: "t".into(),
             records,
@@ -365,7 +381,8 @@ mod tests {
             long_lived_failed: 0,
         };
         let s = run.summary();
-        assert_eq!(s.reset, 1);
+        assert_eq!(s.reset, 2);
+        assert_eq!(s.failed_in, [("steady", 1), ("kill -9", 1)], "each failure in the window it was due in");
         assert_eq!(s.steady_us, [100, 100, 100]);
         let deploy = s.kinds.iter().find(|k| k.0 == "deploy").unwrap();
         assert_eq!((deploy.1, deploy.2), (1, 1101), "1.1 s of window, one request a ms");
@@ -374,6 +391,6 @@ mod tests {
         assert_eq!(s.p999_ratio("kill -9"), Some(50.0));
         assert_eq!(s.p999_ratio("restart"), None);
         assert_eq!(s.steady_samples, 10_000 - 1000 - 1101 - 1051);
-        assert_eq!(run.failures(), 1);
+        assert_eq!(run.failures(), 2);
     }
 }

@@ -121,7 +121,13 @@ pub fn rows(dp: &[Measured], dl: &Deploys, fp: &Footprint) -> Vec<Row> {
         let failures = run.failures();
         rows.push(Row {
             what: format!("{mode}: failed requests over {} under load", kinds.join(", ")),
-            measured: failures.to_string(),
+            measured: match s.failed_in.as_slice() {
+                [] => failures.to_string(),
+                by => {
+                    let by: Vec<String> = by.iter().map(|(k, n)| format!("{n} in {k}")).collect();
+                    format!("{failures} ({})", by.join(", "))
+                }
+            },
             target: "0".into(),
             met: failures == 0,
             spread: None,
