@@ -67,6 +67,9 @@ struct Reader {
     open: std::collections::HashMap<std::ffi::OsString, (fs::File, u64)>,
     round: u64,
     buf: Vec<u8>,
+    /// Where each worker's cgroup was found (`<scope>/worker-<pid>/cgroup.procs`), so that a
+    /// round opens only that one file, whatever the number of scopes.
+    found: std::collections::HashMap<u32, std::path::PathBuf>,
 }
 
 /// Rounds a kept file may go unread before it is closed: longer than the rotating share's
@@ -78,7 +81,7 @@ impl Reader {
     /// fails: its process ended, its cgroup was removed).
     fn read(&mut self, path: std::path::PathBuf) -> Option<&str> {
         use std::os::unix::fs::FileExt;
-        let Reader { open, round, buf } = self;
+        let Reader { open, round, buf, .. } = self;
         let path = path.into_os_string();
         let mut len = 0;
         for fresh in [false, true] {
@@ -118,6 +121,8 @@ impl Reader {
     fn end_round(&mut self) {
         let round = self.round;
         self.open.retain(|_, (_, last)| round - *last < KEEP_ROUNDS);
+        let open = &self.open;
+        self.found.retain(|_, path| open.contains_key(path.as_os_str()));
         self.round += 1;
     }
 }
@@ -191,23 +196,36 @@ pub fn sample(scopes: &[std::path::PathBuf], workers: &[(u64, u32)]) -> Vec<(u64
 }
 
 /// The processes in `scopes` and in the cgroups of the `wanted` workers below them
-/// (`worker-<pid>`; a round may sample only a share of the workers, see [`next_share`]). Each worker's
-/// cgroup is read by its name, never by listing the scope (at 1,024 workers a listing cost as
-/// much as the rest of a round); with two scopes (during a deploy), a worker's name is one
-/// failed `open` in the scope it is not in.
-/// A cgroup a worker made below its own, or beside it, is not read: only a root worker can make
-/// one, since the daemon owns the tree.
+/// (`worker-<pid>`; a round may sample only a share of the workers, see [`next_share`]). Each
+/// worker's cgroup is read by its name, never by listing a scope (at 1,024 workers a listing
+/// cost as much as the rest of a round): looked for in each scope the first time, then read
+/// where it was found. A cgroup a worker made below its own, or beside it, is not read: only a
+/// root worker can make one, since the daemon owns the tree.
 fn cgroup_pids(scopes: &[std::path::PathBuf], wanted: &HashSet<u32>, reader: &mut Reader) -> Vec<u32> {
     let mut pids = Vec::new();
-    let mut read = |dir: &std::path::Path, pids: &mut Vec<u32>| {
-        if let Some(list) = reader.read(dir.join("cgroup.procs")) {
+    let listed = |text: Option<&str>, pids: &mut Vec<u32>| match text {
+        Some(list) => {
             pids.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            true
         }
+        None => false,
     };
     for scope in scopes {
-        read(scope, &mut pids);
-        for pid in wanted {
-            read(&scope.join(crate::process::worker_cgroup_name(*pid)), &mut pids);
+        listed(reader.read(scope.join("cgroup.procs")), &mut pids);
+    }
+    for pid in wanted {
+        if let Some(path) = reader.found.get(pid).cloned() {
+            if listed(reader.read(path), &mut pids) {
+                continue;
+            }
+            reader.found.remove(pid);
+        }
+        for scope in scopes {
+            let path = scope.join(crate::process::worker_cgroup_name(*pid)).join("cgroup.procs");
+            if listed(reader.read(path.clone()), &mut pids) {
+                reader.found.insert(*pid, path);
+                break;
+            }
         }
     }
     pids
@@ -286,6 +304,37 @@ mod tests {
         let mut pids = cgroup_pids(std::slice::from_ref(&dir), &[13].into(), &mut reader);
         pids.sort_unstable();
         assert_eq!(pids, [10, 13], "only the cgroups of the workers asked for (and the scope's own)");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// With several scopes (every running generation of every app), a worker's cgroup is looked
+    /// for in each only the first time; later rounds read it where it was found, and look again
+    /// once it is gone.
+    #[test]
+    fn a_workers_cgroup_is_looked_for_once_and_then_read_where_it_was() {
+        let dir = crate::test_dir("cgroup-scopes");
+        let scopes: Vec<std::path::PathBuf> = (0..3).map(|i| dir.join(format!("s{i}"))).collect();
+        for s in &scopes {
+            std::fs::create_dir_all(s).unwrap();
+            std::fs::write(s.join("cgroup.procs"), "").unwrap();
+        }
+        std::fs::create_dir_all(scopes[2].join("worker-7")).unwrap();
+        std::fs::write(scopes[2].join("worker-7").join("cgroup.procs"), "7\n70\n").unwrap();
+        let mut reader = Reader::default();
+        let wanted: HashSet<u32> = [7].into();
+        assert_eq!(cgroup_pids(&scopes, &wanted, &mut reader), [7, 70]);
+        let at = scopes[2].join("worker-7").join("cgroup.procs");
+        assert_eq!(reader.found.get(&7), Some(&at), "found in the third scope");
+        reader.end_round();
+        assert_eq!(cgroup_pids(&scopes, &wanted, &mut reader), [7, 70], "read again where it was");
+        // Gone from there: looked for again, and found in the first scope. (On cgroupfs a kept
+        // descriptor of a removed cgroup fails; a plain file's stays readable, so it is dropped.)
+        std::fs::remove_dir_all(scopes[2].join("worker-7")).unwrap();
+        reader.open.clear();
+        std::fs::create_dir_all(scopes[0].join("worker-7")).unwrap();
+        std::fs::write(scopes[0].join("worker-7").join("cgroup.procs"), "7\n").unwrap();
+        assert_eq!(cgroup_pids(&scopes, &wanted, &mut reader), [7]);
+        assert_eq!(reader.found.get(&7), Some(&scopes[0].join("worker-7").join("cgroup.procs")));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -40,10 +40,15 @@ impl<W: World> Supervisor<W> {
         let share = crate::sampler::next_share(&self.m.workers, self.sample_cursor);
         self.sample_cursor = share.last().map_or(0, |(id, _)| *id);
         let mut targets: Vec<(WorkerId, u32)> = share.iter().map(|(id, w)| (*id, w.pid)).collect();
+        // worker_memory_max watches its generation's workers; cluster_memory_max sums every
+        // worker of the app, whichever generation.
         let watched: Vec<(&AppName, u64)> = (self.m.apps.iter())
-            .flat_map(|(name, a)| a.generations.iter().map(move |(g, x)| (name, *g, x)))
-            .filter(|(_, _, x)| x.config.worker_memory_max.is_some() || x.config.cluster_memory_max.is_some())
-            .map(|(name, g, _)| (name, g))
+            .flat_map(|(name, a)| {
+                let cluster = a.generations.values().any(|x| x.config.cluster_memory_max.is_some());
+                (a.generations.iter())
+                    .filter(move |(_, x)| cluster || x.config.worker_memory_max.is_some())
+                    .map(move |(g, _)| (name, *g))
+            })
             .collect();
         if !watched.is_empty() {
             let chosen: std::collections::HashSet<WorkerId> = targets.iter().map(|t| t.0).collect();

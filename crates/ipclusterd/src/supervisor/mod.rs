@@ -257,7 +257,8 @@ impl<W: World> Supervisor<W> {
         self.outbox.0.push(Box::new(move || waiter.answer(result)));
     }
 
-    /// Ends a turn: the snapshot for readers, then the answers, then the status line.
+    /// Ends a turn that changed something: the snapshot for readers, the status line, then the
+    /// answers.
     fn end_turn(&mut self) {
         self.snapshot.send_replace(Some(Arc::new(self.build_snapshot())));
         self.update_status();
