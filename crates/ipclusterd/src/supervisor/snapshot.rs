@@ -16,21 +16,10 @@ impl<W: World> Supervisor<W> {
             Some(rows) if self.rows_current(&rows) => rows,
             _ => self.m.workers.values().map(row).collect(),
         };
-        // Workers come in runs of one generation (ids are given in order): one map entry a run.
+        // Each generation's workers, counted in one pass (not one pass a generation).
         let mut counts: BTreeMap<(&AppName, u64), u32> = BTreeMap::new();
-        let mut run: Option<((&AppName, u64), u32)> = None;
         for w in self.m.workers.values() {
-            match &mut run {
-                Some((key, n)) if key.1 == w.generation && *key.0 == w.app => *n += 1,
-                _ => {
-                    if let Some((key, n)) = run.replace(((&w.app, w.generation), 1)) {
-                        *counts.entry(key).or_default() += n;
-                    }
-                }
-            }
-        }
-        if let Some((key, n)) = run {
-            *counts.entry(key).or_default() += n;
+            *counts.entry((&w.app, w.generation)).or_default() += 1;
         }
         let generations = self
             .m
