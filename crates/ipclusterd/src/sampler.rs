@@ -79,16 +79,16 @@ const KEEP_ROUNDS: u64 = 64;
 impl Reader {
     /// The text of `path`, from its kept descriptor or a new one (once more if the kept one
     /// fails: its process ended, its cgroup was removed).
-    fn read(&mut self, path: std::path::PathBuf) -> Option<&str> {
+    fn read(&mut self, path: &std::path::Path) -> Option<&str> {
         use std::os::unix::fs::FileExt;
         let Reader { open, round, buf, .. } = self;
-        let path = path.into_os_string();
+        let key = path.as_os_str();
         let mut len = 0;
         for fresh in [false, true] {
-            if fresh || !open.contains_key(&path) {
-                open.insert(path.clone(), (fs::File::open(&path).ok()?, *round));
+            if fresh || !open.contains_key(key) {
+                open.insert(key.to_owned(), (fs::File::open(path).ok()?, *round));
             }
-            let entry = open.get_mut(&path)?;
+            let entry = open.get_mut(key)?;
             entry.1 = *round;
             let f = &entry.0;
             buf.clear();
@@ -109,7 +109,7 @@ impl Reader {
             if ok {
                 break;
             }
-            open.remove(&path);
+            open.remove(key);
             if fresh {
                 return None;
             }
@@ -129,7 +129,7 @@ impl Reader {
 
 /// RSS (bytes), CPU time (µs) and parent of a process, from its one /proc/<pid>/stat.
 fn stat(pid: u32, page: u64, reader: &mut Reader) -> Option<(u32, u64, u64)> {
-    let text = reader.read(format!("/proc/{pid}/stat").into())?;
+    let text = reader.read(std::path::Path::new(&format!("/proc/{pid}/stat")))?;
     let f: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
     // Fields after the command: ppid is field 4, utime 14, stime 15, rss 24 (proc(5)).
     let ppid = f.get(1)?.parse().ok()?;
@@ -211,18 +211,18 @@ fn cgroup_pids(scopes: &[std::path::PathBuf], wanted: &HashSet<u32>, reader: &mu
         None => false,
     };
     for scope in scopes {
-        listed(reader.read(scope.join("cgroup.procs")), &mut pids);
+        listed(reader.read(&scope.join("cgroup.procs")), &mut pids);
     }
     for pid in wanted {
-        if let Some(path) = reader.found.get(pid).cloned() {
-            if listed(reader.read(path), &mut pids) {
-                continue;
-            }
-            reader.found.remove(pid);
+        if let Some(path) = reader.found.remove(pid)
+            && listed(reader.read(&path), &mut pids)
+        {
+            reader.found.insert(*pid, path);
+            continue;
         }
         for scope in scopes {
             let path = scope.join(crate::process::worker_cgroup_name(*pid)).join("cgroup.procs");
-            if listed(reader.read(path.clone()), &mut pids) {
+            if listed(reader.read(&path), &mut pids) {
                 reader.found.insert(*pid, path);
                 break;
             }
@@ -371,9 +371,9 @@ mod tests {
         let path = dir.join("f");
         std::fs::write(&path, "one").unwrap();
         let mut r = Reader::default();
-        assert_eq!(r.read(path.clone()), Some("one"));
+        assert_eq!(r.read(&path), Some("one"));
         std::fs::write(&path, "two, longer").unwrap();
-        assert_eq!(r.read(path.clone()), Some("two, longer"), "the same descriptor, read again from 0");
+        assert_eq!(r.read(&path), Some("two, longer"), "the same descriptor, read again from 0");
         // Read in round 0; rounds 1..=KEEP_ROUNDS read nothing.
         for _ in 0..KEEP_ROUNDS {
             r.end_round();
@@ -383,10 +383,10 @@ mod tests {
         assert!(r.open.is_empty(), "a file not read for KEEP_ROUNDS rounds is closed");
         let me = std::process::id();
         for _ in 0..2 {
-            let text = r.read(format!("/proc/{me}/stat").into()).unwrap().to_owned();
+            let text = r.read(std::path::Path::new(&format!("/proc/{me}/stat"))).unwrap().to_owned();
             assert!(text.starts_with(&format!("{me} (")), "{text}");
         }
-        assert_eq!(r.read(dir.join("missing")), None);
+        assert_eq!(r.read(&dir.join("missing")), None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -368,7 +368,8 @@ impl Snapshot {
         Ok(Some(name))
     }
 
-    /// A snapshot of these workers (their numbers move to `usage`), for tests and fakes.
+    /// A snapshot of these workers (their numbers move to `usage`), for tests.
+    #[cfg(test)]
     pub fn with_workers(workers: Vec<WorkerInfo>) -> Self {
         let usage = workers.iter().map(|w| Sample { rss: w.rss, cpu_usec: w.cpu_usec }).collect();
         let rows = workers.into_iter().map(|w| WorkerInfo { rss: 0, cpu_usec: 0, ..w }).collect();

@@ -313,7 +313,7 @@ impl<W: World> Supervisor<W> {
             self.m.workers_of(app, g).filter(|(_, w)| !w.ready).min_by_key(|(_, w)| w.band).map(|(_, w)| w);
         let reason = match late {
             Some(w) => {
-                let ports = w.worker_ports();
+                let ports: Vec<u16> = w.worker_ports().collect();
                 let mut why = self.ports_taken(&ports, Some((w.pid, w.cgroup.as_deref())));
                 let own = self.deps.inspector.listeners(w.pid, w.cgroup.as_deref(), &ports);
                 if why.is_empty() && !ports.is_empty() && own.len() == ports.len() {

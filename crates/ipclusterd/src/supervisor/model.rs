@@ -80,8 +80,8 @@ pub struct WorkerHealth {
 
 impl<H> Worker<H> {
     /// Its worker ports, in `listen` order (none in socket mode).
-    pub fn worker_ports(&self) -> Vec<u16> {
-        self.plumbing.ports().iter().map(|p| p.1).collect()
+    pub fn worker_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.plumbing.ports().iter().map(|p| p.1)
     }
 }
 

@@ -90,7 +90,7 @@ impl<W: World> Supervisor<W> {
                         pid: w.pid,
                         start_usec: usec(w.started),
                         band: w.band,
-                        ports: w.worker_ports(),
+                        ports: w.worker_ports().collect(),
                     })
                     .collect();
                 self.saved.apps.entry(name.clone()).or_default().generations.insert(*g, record);

@@ -144,7 +144,8 @@ impl<W: World> Supervisor<W> {
         w.last_ping = tokio::time::Instant::now();
         // Checks that failed before it was ready (it could not answer yet) do not count.
         w.health.failures = 0;
-        let (pid, ports, app, g) = (w.pid, w.worker_ports(), w.app.clone(), w.generation);
+        let (pid, ports, app, g) =
+            (w.pid, w.worker_ports().collect::<Vec<u16>>(), w.app.clone(), w.generation);
         if let Plumbing::Nat { listeners, .. } = &mut w.plumbing {
             *listeners = self.deps.inspector.listeners(pid, w.cgroup.as_deref(), &ports);
         }
@@ -236,7 +237,7 @@ impl<W: World> Supervisor<W> {
                     }
                     Exit::Unknown => format!("band {}: exited before it was ready", w.band),
                 };
-                let why = why + &self.ports_taken(&w.worker_ports(), None);
+                let why = why + &self.ports_taken(&w.worker_ports().collect::<Vec<u16>>(), None);
                 self.fail(&w.app, w.generation, why);
             }
             // A band a canary's promotion started: the promotion failed.
@@ -266,7 +267,7 @@ impl<W: World> Supervisor<W> {
                         // changed; then the rules change, and the drains take what is left.
                         self.drain_orphans(&w);
                         self.sync_rules().await;
-                        self.finish_drains(&w.app, &w.worker_ports());
+                        self.finish_drains(&w.app, &w.worker_ports().collect::<Vec<u16>>());
                     }
                 }
                 let up_for = if w.state == WorkerState::Live {
@@ -367,7 +368,7 @@ impl<W: World> Supervisor<W> {
             let guarded: Vec<u16> = self
                 .m
                 .workers_of_app(name)
-                .flat_map(|(_, w)| w.plumbing.ports().iter().map(|p| p.1))
+                .flat_map(|(_, w)| w.worker_ports())
                 .chain(held)
                 .chain(app.launching.iter().copied())
                 .chain(app.draining.keys().copied())
@@ -437,7 +438,7 @@ impl<W: World> Supervisor<W> {
                 && matches!(w.state, WorkerState::Starting | WorkerState::Retired);
             let live = w.state == WorkerState::Live || lent;
             if let Some(slot) = by_band.get_mut(w.band as usize).filter(|_| live) {
-                *slot = Some(w.worker_ports());
+                *slot = Some(w.worker_ports().collect());
             }
         }
         by_band
@@ -501,7 +502,7 @@ impl<W: World> Supervisor<W> {
                 for (_, w) in self.m.workers_of(app, d) {
                     let serving = w.ready && !w.reap_queued && w.state != WorkerState::Stopping;
                     if let Some(b) = by_band.get_mut(w.band as usize).filter(|_| serving) {
-                        *b = Some(w.worker_ports());
+                        *b = Some(w.worker_ports().collect());
                     }
                 }
                 Some(DrainingRoute { slot, bands: by_band })

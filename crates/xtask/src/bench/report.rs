@@ -510,9 +510,8 @@ fn readme_table(rows: &[Row]) -> Result<()> {
 
 /// How many workers the keep-alive connections landed on, the median over a side's rounds.
 fn workers_answering(side: &super::datapath::Side) -> String {
-    let mut n = side.keepalive_workers.clone();
-    n.sort_unstable();
-    n.get(n.len() / 2).map_or("–".into(), |m| m.to_string())
+    let n: Vec<f64> = side.keepalive_workers.iter().map(|&n| n as f64).collect();
+    if n.is_empty() { "–".into() } else { format!("{}", super::stats::median(&n)) }
 }
 
 #[cfg(test)]
