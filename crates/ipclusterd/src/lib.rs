@@ -26,7 +26,6 @@ pub mod confine;
 pub mod dbus;
 pub mod files;
 pub mod journal;
-pub mod launcher;
 pub mod logging;
 pub mod metrics;
 pub mod netfilter;
@@ -148,7 +147,6 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let store = state::StateFile::new(state_dir().join("state.json"));
     let deps = supervisor::Deps::<world::System> {
         sample_interval: daemon_config.sample_interval,
-        launcher: PathBuf::from("/proc/self/exe"),
         scopes,
         router: netfilter::Iptables::new(),
         spawner: processes::Host,

@@ -33,11 +33,6 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // Worker launchers run this binary first (see launcher.rs); keep that path minimal.
-    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if raw.get(1).is_some_and(|a| a == ipclusterd::launcher::ARG) {
-        return ExitCode::from(ipclusterd::launcher::main(raw) as u8);
-    }
     let args = Args::parse();
     if args.print_man {
         use clap::CommandFactory;

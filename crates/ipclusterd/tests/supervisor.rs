@@ -80,7 +80,6 @@ fn start(name: &str, apps: &[(&str, String)]) -> Harness {
         notify_socket: None,
         signals: signals_tx,
         sample_interval: Duration::from_secs(1),
-        launcher: PathBuf::from(env!("CARGO_BIN_EXE_ipclusterd")),
     };
     tokio::spawn(Supervisor::new(mailbox, deps).run());
     Harness { handle, scopes, router, signals, dir }
@@ -157,11 +156,12 @@ async fn failed_deploys_stop_their_scope_and_route_nothing() {
     let _ = std::fs::remove_dir_all(&h.dir);
 }
 
-/// The launcher never runs with the worker's environment (an override's `LD_PRELOAD` would act
-/// before privileges are dropped); the worker's own `execve` gets all of it.
+/// Nothing runs between the daemon's fork and the worker's own `execve` (an override's
+/// `LD_PRELOAD` could act nowhere else): held at its gate, the child is still this program, named
+/// as a gate; released, the worker gets its whole environment.
 #[test]
-fn a_gated_launcher_runs_with_path_alone_and_the_worker_gets_its_environment() {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("launcher-env-{}", std::process::id()));
+fn a_gated_child_runs_nothing_until_released_and_the_worker_gets_its_environment() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gate-env-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("env");
@@ -179,31 +179,18 @@ fn a_gated_launcher_runs_with_path_alone_and_the_worker_gets_its_environment() {
         user: None,
         identifier: "t".into(),
         unit: "t.scope".into(),
-        launcher: PathBuf::from(env!("CARGO_BIN_EXE_ipclusterd")),
         fds: Vec::new(),
     };
     let gated = ipclusterd::process::spawn_gated(&spec).unwrap();
-    // Held at its gate: exec'd (no longer the fork of this test), and without the worker's env.
-    // `exe` changes before the kernel has laid out the new environment, so an `environ` read in
-    // between is empty: wait for both (the launcher always has a PATH).
-    let environ = std::path::Path::new("/proc").join(gated.pid.to_string()).join("environ");
-    let mut launcher_env = String::new();
-    for _ in 0..200 {
-        let execd =
-            std::fs::read_link(format!("/proc/{}/exe", gated.pid)).is_ok_and(|e| e.ends_with("ipclusterd"));
-        launcher_env = std::fs::read(&environ)
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
-            .unwrap_or_default();
-        if execd && !launcher_env.trim().is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let proc = std::path::Path::new("/proc").join(gated.pid.to_string());
+    std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
-        launcher_env.trim(),
-        format!("PATH={}", ipclusterd::process::WORKER_PATH),
-        "the launcher's environment"
+        std::fs::read_link(proc.join("exe")).unwrap(),
+        std::fs::read_link("/proc/self/exe").unwrap(),
+        "nothing executed before the release"
     );
+    assert_eq!(std::fs::read_to_string(proc.join("comm")).unwrap().trim(), "ipclusterd-gate");
+    assert!(!out.exists(), "the worker's command has not run");
     let _pidfd = gated.release().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let worker_env = loop {
@@ -214,10 +201,66 @@ fn a_gated_launcher_runs_with_path_alone_and_the_worker_gets_its_environment() {
         assert!(std::time::Instant::now() < deadline, "the worker did not run");
         std::thread::sleep(Duration::from_millis(10));
     };
-    assert!(
-        worker_env.contains("APP_MODE=x") && worker_env.contains("LD_PRELOAD=/nonexistent/evil.so"),
-        "{worker_env}"
+    let mut vars: Vec<&str> = worker_env
+        .lines()
+        .filter(|l| !l.starts_with("PWD=") && !l.starts_with("SHLVL=") && !l.starts_with("_="))
+        .collect();
+    vars.sort_unstable();
+    assert_eq!(
+        vars,
+        [
+            "APP_MODE=x",
+            "LD_PRELOAD=/nonexistent/evil.so",
+            &format!("PATH={}", ipclusterd::process::WORKER_PATH)
+        ],
+        "the worker's environment and nothing of this process's"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How a child ends: the exit code, once it has ended (waited through its pidfd).
+fn exit_code(pidfd: &std::os::fd::OwnedFd) -> Option<i32> {
+    let status = rustix::process::waitid(
+        rustix::process::WaitId::PidFd(std::os::fd::AsFd::as_fd(pidfd)),
+        rustix::process::WaitIdOptions::EXITED,
+    )
+    .unwrap()?;
+    status.exit_status()
+}
+
+/// A child whose gate closes without a release exits without running anything and is reaped;
+/// one that cannot prepare itself fails the spawn with the reason; one whose command cannot be
+/// executed ends with 127.
+#[test]
+fn a_closed_gate_runs_nothing_a_bad_directory_fails_the_spawn_and_a_missing_command_ends_127() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gate-ends-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("ran");
+    let spec = |argv: Vec<String>, cwd: PathBuf| ipclusterd::process::SpawnSpec {
+        argv,
+        env: Vec::new(),
+        cwd,
+        user: None,
+        identifier: "t".into(),
+        unit: "t.scope".into(),
+        fds: Vec::new(),
+    };
+    let touch = vec!["/usr/bin/touch".to_owned(), out.display().to_string()];
+    let gated = ipclusterd::process::spawn_gated(&spec(touch.clone(), dir.clone())).unwrap();
+    let pid = gated.pid;
+    drop(gated);
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "ended and reaped");
+    assert!(!out.exists(), "the command never ran");
+
+    let e = ipclusterd::process::spawn_gated(&spec(touch, dir.join("absent"))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+
+    let gated =
+        ipclusterd::process::spawn_gated(&spec(vec!["no-such-command-here".into()], dir.clone())).unwrap();
+    assert_eq!(exit_code(&gated.release().unwrap()), Some(127));
+    let gated = ipclusterd::process::spawn_gated(&spec(vec!["true".into()], dir.clone())).unwrap();
+    assert_eq!(exit_code(&gated.release().unwrap()), Some(0), "found on the workers' PATH");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -241,7 +284,6 @@ fn a_worker_is_handed_its_sockets_from_fd_3_with_listen_pid_its_own() {
         user: None,
         identifier: "t".into(),
         unit: "t.scope".into(),
-        launcher: PathBuf::from(env!("CARGO_BIN_EXE_ipclusterd")),
         fds: sockets.iter().map(|l| std::os::fd::OwnedFd::from(l.try_clone().unwrap())).collect(),
     };
     let gated = ipclusterd::process::spawn_gated(&spec).unwrap();

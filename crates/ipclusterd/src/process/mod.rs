@@ -1,19 +1,13 @@
-//! Worker processes: spawning through the launcher's gate, pidfds, signals, renice, and /proc.
+//! Worker processes: forked and held at a gate (spawn.rs), pidfds, signals, renice, and /proc.
 //!
 //! Every signal goes through a pidfd, so a PID recycled after a worker exited can never receive
 //! a signal meant for that worker.
 
 use std::{
     collections::HashSet,
-    ffi::OsString,
-    fs,
-    io::{self, Write},
-    os::{
-        fd::{AsFd, AsRawFd, OwnedFd},
-        unix::process::CommandExt,
-    },
+    fs, io,
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
-    process::{Command, Stdio},
 };
 
 use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
@@ -33,129 +27,8 @@ pub struct SpawnSpec {
     pub identifier: String,
     /// The scope unit, as a fallback for journald.
     pub unit: String,
-    /// The launcher executable: an ipclusterd binary (`/proc/self/exe` in the daemon).
-    pub launcher: PathBuf,
     /// Sockets handed to the worker from fd 3 (socket activation, sd_listen_fds(3)).
     pub fds: Vec<OwnedFd>,
-}
-
-/// A launcher held at its gate: forked, not yet running the worker's command.
-#[derive(Debug)]
-pub struct Gated {
-    pub pid: u32,
-    /// `None` once released.
-    pidfd: Option<OwnedFd>,
-    gate: Option<OwnedFd>,
-    /// The worker's environment, sent through the gate (the launcher itself runs without it).
-    env: Vec<(String, String)>,
-}
-
-/// Forks the launcher for `spec`, held at its gate. Closing the [`Gated`] without
-/// [`Gated::release`] makes the launcher exit without running anything.
-///
-/// The launcher runs with a bare environment (`PATH` only) and as the worker's user: the
-/// worker's environment (which a Deploy override may set, `LD_PRELOAD` included) reaches only
-/// the worker's own `execve`, through the gate.
-pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
-    let (gate_r, gate_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    // The child's fds: the handed sockets at 3, 4, …, then the gate. The sources are first
-    // copied above every target here in the parent, so no dup2 in the child overwrites a source
-    // it still needs (only async-signal-safe calls are allowed there).
-    let n = i32::try_from(spec.fds.len()).map_err(|_| io::Error::from_raw_os_error(libc::EMFILE))?;
-    let gate_fd = crate::launcher::FIRST_FD + n;
-    let above = |fd: &OwnedFd| rustix::io::fcntl_dupfd_cloexec(fd, gate_fd + 1);
-    let sources: Vec<OwnedFd> = spec.fds.iter().map(above).collect::<Result<_, _>>()?;
-    let gate_src = above(&gate_r)?;
-    drop(gate_r);
-    let raw: Vec<i32> = sources.iter().map(AsRawFd::as_raw_fd).collect();
-    let gate_raw = gate_src.as_raw_fd();
-    // Built before the fork: the child may only make async-signal-safe calls (no allocation).
-    let filter = crate::confine::worker_filter(!spec.fds.is_empty())?;
-    let cwd = std::ffi::CString::new(spec.cwd.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let user = spec.user;
-    let mut cmd = Command::new(&spec.launcher);
-    cmd.arg0("ipclusterd-launch")
-        .arg(crate::launcher::ARG)
-        .arg(gate_fd.to_string())
-        .arg(&spec.identifier)
-        .arg(&spec.unit)
-        .arg("--")
-        .args(spec.argv.iter().map(OsString::from))
-        .env_clear()
-        .env("PATH", WORKER_PATH)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let nofile = WORKER_NOFILE.get().copied();
-    // SAFETY: only async-signal-safe calls between fork and exec: dup2, setsid, setrlimit,
-    // seccomp, setgroups, setgid, setuid, chdir; nothing allocates (the filter and the path were
-    // built before the fork). Every source fd is above every target (see above), so no dup2
-    // overwrites a source; dup2 clears CLOEXEC on each copy, which is what the exec must keep.
-    //
-    // The order matters: the seccomp filter is installed while the child is still root (without
-    // no_new_privs, only root may), then the child becomes the worker's user (std's `uid()` and
-    // `gid()` would switch before this closure runs), then it enters the working directory as
-    // that user, so a directory the user cannot enter fails the spawn as it would for the user.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(lim) = &nofile {
-                libc::setrlimit(libc::RLIMIT_NOFILE, lim);
-            }
-            for (i, src) in raw.iter().enumerate() {
-                if libc::dup2(*src, crate::launcher::FIRST_FD + i as i32) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if libc::dup2(gate_raw, gate_fd) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // Its own session: a worker never shares the daemon's process group or terminal.
-            libc::setsid();
-            crate::confine::install(&filter)?;
-            if let Some((uid, gid)) = user {
-                // No supplementary groups (the daemon's are root's), then the group, then the user.
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if libc::chdir(cwd.as_ptr()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
-    drop(gate_src);
-    drop(sources);
-    let pid = child.id();
-    // The child cannot have been reaped (only we wait for it), so the PID is still ours.
-    let pidfd = rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty())?;
-    drop(child);
-    Ok(Gated { pid, pidfd: Some(pidfd), gate: Some(gate_w), env: spec.env.clone() })
-}
-
-impl Gated {
-    /// Lets the launcher go on to run the worker's command, with its environment.
-    pub fn release(mut self) -> io::Result<OwnedFd> {
-        let gate = self.gate.take().ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
-        fs::File::from(gate).write_all(&crate::launcher::encode_release(&self.env))?;
-        self.pidfd.take().ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
-    }
-}
-
-impl Drop for Gated {
-    /// Not released: closing the gate makes the launcher exit at once (it is blocked reading
-    /// it), and it is reaped here so no zombie is left behind.
-    fn drop(&mut self) {
-        drop(self.gate.take());
-        if let Some(pidfd) = self.pidfd.take() {
-            let _ = rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
-        }
-    }
 }
 
 /// The soft limit on open files the daemon started with, restored for workers: the daemon
@@ -387,9 +260,11 @@ pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
 
 mod cgroups;
 mod sockets;
+mod spawn;
 
 pub use cgroups::*;
 pub use sockets::*;
+pub use spawn::*;
 
 #[cfg(test)]
 mod tests {
@@ -397,7 +272,7 @@ mod tests {
 
     #[test]
     fn a_pidfd_tells_whether_its_process_still_runs() {
-        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let fd = adopt(child.id()).unwrap();
         assert!(alive(&fd));
         child.kill().unwrap();

@@ -3,7 +3,7 @@
 //! sockets), put in their generation's scope and released; bands started later (a paced
 //! generation's, a respawn's, a promotion's).
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf};
+use std::{collections::BTreeSet, net::SocketAddr};
 
 use ipcluster_core::{
     config::{AppConfig, Routing},
@@ -38,7 +38,6 @@ pub(super) struct Spawned<G> {
 pub(super) struct Launch {
     user: Option<(u32, u32)>,
     notify_socket: Option<String>,
-    launcher: PathBuf,
 }
 
 /// The spec of a new scope for generation `g` of `config`'s app around `pids`.
@@ -97,7 +96,7 @@ impl<W: World> Supervisor<W> {
         } else {
             None
         };
-        Ok(Launch { user, notify_socket, launcher: self.deps.launcher.clone() })
+        Ok(Launch { user, notify_socket })
     }
 
     /// Worker ports for `workers` workers: distinct from every port a worker of any app holds,
@@ -168,7 +167,6 @@ impl<W: World> Supervisor<W> {
                 user: launch.user,
                 identifier: config.name.to_string(),
                 unit: scope_name(&config.name, generation),
-                launcher: launch.launcher.clone(),
                 fds: handed,
             })
             .map_err(|e| e.to_string())?;

@@ -112,9 +112,6 @@ pub struct Deps<W: World> {
     pub signals: mpsc::UnboundedSender<BusSignal>,
     /// How often workers are sampled and the memory and watchdog policies run.
     pub sample_interval: Duration,
-    /// The ipclusterd binary workers are launched through (`/proc/self/exe` in the daemon,
-    /// which stays valid even after the file is replaced by an upgrade).
-    pub launcher: PathBuf,
 }
 
 /// A background scope call that came back.

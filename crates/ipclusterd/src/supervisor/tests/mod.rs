@@ -149,7 +149,6 @@ impl Harness {
             notify_socket: Some(PathBuf::from("/run/ipcluster/notify")),
             signals: signals_tx,
             sample_interval: Duration::from_millis(200),
-            launcher: PathBuf::from("/proc/self/exe"),
         };
         self.task = Some(tokio::spawn(Supervisor::new(mailbox, deps).run()));
         (self.signals, self.notify) = (signals, notify);
