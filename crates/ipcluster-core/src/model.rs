@@ -172,7 +172,7 @@ impl WorkerIdentity {
                 env.push(("IPCLUSTER_PORTS".into(), pairs.join(",")));
             }
             // sd_listen_fds(3): one socket per listen entry from fd 3; LISTEN_PID is added by
-            // the launcher, which knows the worker's PID.
+            // the worker's forked child, which knows its PID.
             Routing::Socket => {
                 env.push(("LISTEN_FDS".into(), config.listen.len().to_string()));
                 let names: Vec<String> = config.listen.iter().map(fd_name).collect();
@@ -181,7 +181,7 @@ impl WorkerIdentity {
         }
         if let Some(sock) = notify_socket {
             env.push(("NOTIFY_SOCKET".into(), sock.to_owned()));
-            // WATCHDOG_PID is added by the launcher, which knows the worker's PID.
+            // WATCHDOG_PID is added by the worker's forked child, which knows its PID.
             if let Some(w) = config.watchdog {
                 env.push(("WATCHDOG_USEC".into(), w.as_micros().to_string()));
             }

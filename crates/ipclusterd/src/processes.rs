@@ -1,5 +1,5 @@
 //! The host's processes and ports, as the supervisor uses them, split by what callers need:
-//! [`Spawner`] (forking workers through the launcher's gate, holding them by pidfd, signals,
+//! [`Spawner`] (forking workers held at a gate, holding them by pidfd, signals,
 //! renice), [`Inspector`] (what a process holds and says: adoption, the readiness probe, port
 //! checks) and [`Sampler`] (memory and CPU). [`Host`] is the real implementation of all three
 //! (on [`crate::process`] and [`crate::sampler`]); the supervisor's unit tests use fakes, so
@@ -13,7 +13,7 @@ use crate::{
     sampler::{self, Sample},
 };
 
-/// A launcher forked and held at its gate (see `launcher.rs`): it runs nothing until released,
+/// A worker forked and held at its gate (see `process/spawn.rs`): it runs nothing until released,
 /// and dropping it unreleased makes it exit.
 pub trait Gated: Send + std::fmt::Debug {
     /// A handle to the running process.
@@ -31,9 +31,9 @@ pub trait Spawner: Clone + Send + Sync + std::fmt::Debug + 'static {
     type Handle: Clone + Send + Sync + std::fmt::Debug + 'static;
     type Gated: Gated<Handle = Self::Handle>;
 
-    /// Forks the launcher for `spec`, held at its gate.
+    /// Forks the worker for `spec`, held at its gate.
     fn spawn(&self, spec: &SpawnSpec) -> io::Result<Self::Gated>;
-    /// Moves a gated launcher into a cgroup of its own below its scope; returns its path.
+    /// Moves a gated child into a cgroup of its own below its scope; returns its path.
     fn isolate(&self, pid: u32) -> io::Result<String>;
     /// uid and primary gid of a user.
     fn user(&self, name: &str) -> Result<(u32, u32), String>;

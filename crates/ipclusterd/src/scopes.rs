@@ -2,7 +2,7 @@
 //!
 //! [`Scopes`] is the narrow interface the supervisor uses; [`Systemd`] implements it over
 //! `org.freedesktop.systemd1`. A scope holds processes that systemd did not start: we fork the
-//! launchers, then ask systemd to create the scope around their PIDs (`PIDs`, not `PIDFDs`:
+//! children, then ask systemd to create the scope around their PIDs (`PIDs`, not `PIDFDs`:
 //! systemd 252), and wait for the start job to finish before letting them run.
 
 use std::{future::Future, time::Duration};

@@ -46,7 +46,7 @@ pub trait World: Send + Sync + Sized + std::fmt::Debug + 'static {
 
 /// How the supervisor holds a worker process in world `W` (a pidfd on the real host).
 pub type ProcHandle<W> = <<W as World>::Spawner as Spawner>::Handle;
-/// A launcher held at its gate in world `W`.
+/// A worker forked and held at its gate in world `W`.
 pub type Gated<W> = <<W as World>::Spawner as Spawner>::Gated;
 
 /// The real host.

@@ -1,4 +1,4 @@
-//! The supervisor with real worker processes (forked through the real launcher and `Host`) and
+//! The supervisor with real worker processes (forked and held at their gates by the real `Host`) and
 //! fakes of systemd and netfilter: the deploy flow against the kernel's processes, without root.
 //! The supervisor's rules are unit-tested against fakes of every seam (`src/supervisor/tests.rs`);
 //! the sandboxed end-to-end tests prove the real `Systemd` and `Iptables` implementations.
@@ -268,7 +268,7 @@ fn a_closed_gate_runs_nothing_a_bad_directory_fails_the_spawn_and_a_missing_comm
 /// `LISTEN_PID` naming the worker itself; the gate and nothing else follows them.
 #[test]
 fn a_worker_is_handed_its_sockets_from_fd_3_with_listen_pid_its_own() {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("launcher-fds-{}", std::process::id()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gate-fds-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("fds");

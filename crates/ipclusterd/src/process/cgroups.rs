@@ -47,7 +47,7 @@ pub fn worker_cgroup_name(pid: u32) -> String {
     format!("worker-{pid}")
 }
 
-/// Moves `pid` (a launcher held at its gate, already in its scope) into a cgroup of its own
+/// Moves `pid` (a child held at its gate, already in its scope) into a cgroup of its own
 /// below the scope's (the scope is delegated to us): the worker and everything it forks stay
 /// together, so stopping the worker can stop its whole tree. Returns the new cgroup's path.
 pub fn isolate(pid: u32) -> io::Result<String> {

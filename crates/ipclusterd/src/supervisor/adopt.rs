@@ -75,7 +75,7 @@ struct FoundGen<H> {
 
 /// Why a process in a scope is not a worker, or not one to adopt.
 enum Refused {
-    /// Not a worker's main process (what a worker forked, a launcher at its gate): no report.
+    /// Not a worker's main process (what a worker forked, a child at its gate): no report.
     NotAWorker,
     /// It claims to be one, but the claim disagrees with what the daemon knows: reported.
     Claim(String),
@@ -293,8 +293,8 @@ impl<W: World> Supervisor<W> {
         }
         let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
         if get("IPCLUSTER_APP") != Some(app.as_str()) || get("IPCLUSTER_GENERATION") != Some(&g.to_string()) {
-            // A launcher still at its gate has no worker environment yet; anything else here
-            // claiming nothing is not a worker.
+            // A child still at its gate has the daemon's environment, not a worker's; anything
+            // else here claiming nothing is not a worker.
             return Err(if isolated {
                 Refused::Claim("does not say it is one".into())
             } else {

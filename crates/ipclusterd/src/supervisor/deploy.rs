@@ -1,4 +1,4 @@
-//! Deploys: starting a generation (numbers, ports, launchers held at their gates, the scope),
+//! Deploys: starting a generation (numbers, ports, workers forked and held at their gates, the scope),
 //! waiting for every band to be ready, the cutover, and a failed deploy's clean-up.
 //!
 //! A failed deploy changes nothing a user sees: the generation's scope is stopped, its workers
@@ -148,14 +148,14 @@ impl<W: World> Supervisor<W> {
             return Err(Error::DeployFailed(format!("cannot save the generation counter: {e}")));
         }
 
-        // Fork every band's launcher, held at its gate; with spawn_interval only the first band
+        // Fork every band's worker, held at its gate; with spawn_interval only the first band
         // now, the others one by one into the scope later.
         let first = if config.spawn_interval.is_zero() { bands.len() } else { 1 };
         let mut gated = Vec::new();
         for (band, my_ports) in bands[..first].iter().copied().zip(ports.by_ref()) {
             match self.spawn_band(&config, g, band, &my_ports, &launch) {
                 Ok(p) => gated.push((band, p)),
-                // Dropping `gated` closes every gate: the launchers exit without running anything.
+                // Dropping `gated` closes every gate: the children exit without running anything.
                 Err(e) => {
                     self.forget_start(&name, g);
                     return Err(Error::DeployFailed(format!("band {band}: cannot start: {e}")));

@@ -1,5 +1,5 @@
 //! Launching workers: who they run as and where they notify, their ports (guarded before any of
-//! them runs), their launchers forked and held at their gates (in socket mode with their
+//! them runs), their workers forked and held at their gates (in socket mode with their
 //! sockets), put in their generation's scope and released; bands started later (a paced
 //! generation's, a respawn's, a promotion's).
 
@@ -25,7 +25,7 @@ use crate::{
     world::{Gated, World},
 };
 
-/// A launcher held at its gate, with its ports (NAT) or the daemon's copies of its sockets
+/// A worker held at its gate, with its ports (NAT) or the daemon's copies of its sockets
 /// (socket mode).
 #[derive(Debug)]
 pub(super) struct Spawned<G> {
@@ -53,7 +53,7 @@ pub(super) fn scope_spec(config: &AppConfig, g: u64, pids: Vec<u32>) -> ScopeSpe
 }
 
 impl<W: World> Supervisor<W> {
-    /// Guards `ports` (of launchers about to run) now, in one rule transaction: a worker's
+    /// Guards `ports` (of workers about to run) now, in one rule transaction: a worker's
     /// ports are guarded before its first instruction. Their guard then follows the workers
     /// (and held bands) that hold them.
     pub(super) async fn guard_before_launch(&mut self, app: &AppName, ports: &[Vec<(SocketAddr, u16)>]) {
@@ -65,7 +65,7 @@ impl<W: World> Supervisor<W> {
         self.sync_rules().await;
     }
 
-    /// The launchers [`Self::guard_before_launch`] guarded run now (or never will): their
+    /// The workers [`Self::guard_before_launch`] guarded run now (or never will): their
     /// ports' guard follows the workers from here.
     pub(super) fn launched(&mut self, app: &AppName) {
         if let Some(a) = self.m.apps.get_mut(app) {
@@ -135,7 +135,7 @@ impl<W: World> Supervisor<W> {
             .collect())
     }
 
-    /// Forks the launcher of one worker, held at its gate (in socket mode with its sockets,
+    /// Forks one worker, held at its gate (in socket mode with its sockets,
     /// bound here).
     pub(super) fn spawn_band(
         &mut self,
@@ -173,7 +173,7 @@ impl<W: World> Supervisor<W> {
         Ok(Spawned { gated, plumbing })
     }
 
-    /// Lets a held launcher (already in its scope) run, in a cgroup of its own, and starts
+    /// Lets a held worker (already in its scope) run, in a cgroup of its own, and starts
     /// following it (and probing it, for `ready = "tcp"`).
     pub(super) fn release(
         &mut self,
@@ -245,7 +245,7 @@ impl<W: World> Supervisor<W> {
     }
 
     /// Starts `bands` of an existing generation at once (a canary's promotion): their ports
-    /// guarded in one rule change, their launchers forked at their gates, put in the
+    /// guarded in one rule change, their workers forked at their gates, put in the
     /// generation's scope together (made again if systemd removed it) and released.
     pub(super) async fn start_bands(&mut self, app: &AppName, g: u64, bands: &[u32]) -> Result<(), String> {
         if bands.is_empty() {

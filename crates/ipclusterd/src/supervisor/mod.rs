@@ -11,7 +11,7 @@
 //!
 //! A deploy, step by step ([`deploy`]):
 //! 1. allocate generation `g` (saved first, so numbers never repeat) and worker ports;
-//! 2. fork one launcher per band, held at its gate; create `ipcluster-<app>-<g>.scope` around
+//! 2. fork one child per band, held at its gate; create `ipcluster-<app>-<g>.scope` around
 //!    them; release them;
 //! 3. wait for every band to be ready (TCP probe or `READY=1`), or fail on the first exit or at
 //!    `ready_timeout`: then stop the scope, and only once it is gone answer `DeployFailed`;

@@ -224,7 +224,7 @@ pub struct App {
     pub live_over_budget: bool,
     /// A StopApp in progress.
     pub stopping: Option<Stopping>,
-    /// Worker ports of launchers about to run (not yet in the model's workers): guarded
+    /// Worker ports of workers about to run (not yet in the model's workers): guarded
     /// before any of them can listen.
     pub launching: Vec<u16>,
     /// Ports of crashed workers whose sockets the daemon still drains (see orphan.rs): guarded

@@ -360,7 +360,7 @@ impl<W: World> Supervisor<W> {
         let mut out = Vec::new();
         for (name, app) in &self.m.apps {
             // Every port the app's workers hold, the ports of bands held back (spawn_interval),
-            // of launchers about to run and of crashed workers whose sockets are still drained.
+            // of workers about to run and of crashed workers whose sockets are still drained.
             let held = app
                 .generations
                 .values()

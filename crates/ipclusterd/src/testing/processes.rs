@@ -223,7 +223,7 @@ impl FakeProcesses {
     }
 }
 
-/// A fake launcher at its gate.
+/// A fake worker at its gate.
 #[derive(Debug)]
 pub struct FakeGated {
     pid: u32,
@@ -243,7 +243,7 @@ impl Gated for FakeGated {
 }
 
 impl Drop for FakeGated {
-    /// Never released: the launcher exits without running anything, as the real one does.
+    /// Never released: the child exits without running anything, as the real one does.
     fn drop(&mut self) {
         if !self.released {
             self.processes.exit(self.pid, Exit::Code(127));
