@@ -69,9 +69,12 @@ impl Stream {
                 return None;
             }
             let addr = &self.addr as *const libc::sockaddr_un as *const libc::sockaddr;
+            // The header with MSG_NOSIGNAL: journald closing the stream at once (over its limit
+            // of streams) must not raise a SIGPIPE, which would end the caller once it unblocks
+            // signals; the worker then writes to /dev/null instead.
             let ok = libc::connect(fd, addr, self.len) == 0
                 && libc::shutdown(fd, libc::SHUT_RD) == 0
-                && write_all(fd, &self.header);
+                && send_all(fd, &self.header);
             if ok {
                 Some(fd)
             } else {
@@ -80,6 +83,22 @@ impl Stream {
             }
         }
     }
+}
+
+/// Sends all of `bytes` on the socket `fd` without raising SIGPIPE. Async-signal-safe.
+fn send_all(fd: i32, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is alive and its length is right.
+        let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return false;
+        }
+        bytes = &bytes[n as usize..];
+    }
+    true
 }
 
 /// Writes all of `bytes` to `fd`. Async-signal-safe.

@@ -276,10 +276,10 @@ fn a_worker_is_handed_its_sockets_from_fd_3_with_listen_pid_its_own() {
         (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let inode = |l: &std::net::TcpListener| rustix::fs::fstat(l).unwrap().st_ino;
     // The path as an argument, never inside the script: a checkout's path may hold spaces.
-    let script = "{ echo \"$LISTEN_PID $$ $LISTEN_FDS\"; for f in 3 4 5 6; do readlink /proc/$$/fd/$f || echo none; done; } > \"$1.tmp\"; mv \"$1.tmp\" \"$1\"";
+    let script = "{ echo \"$LISTEN_PID $$ $LISTEN_FDS $WATCHDOG_PID\"; for f in 3 4 5 6; do readlink /proc/$$/fd/$f || echo none; done; } > \"$1.tmp\"; mv \"$1.tmp\" \"$1\"";
     let spec = ipclusterd::process::SpawnSpec {
         argv: vec!["/bin/sh".into(), "-c".into(), script.into(), "sh".into(), out.display().to_string()],
-        env: vec![("LISTEN_FDS".into(), "2".into())],
+        env: vec![("LISTEN_FDS".into(), "2".into()), ("WATCHDOG_USEC".into(), "1000000".into())],
         cwd: dir.clone(),
         user: None,
         identifier: "t".into(),
@@ -299,9 +299,89 @@ fn a_worker_is_handed_its_sockets_from_fd_3_with_listen_pid_its_own() {
     let lines: Vec<&str> = written.lines().collect();
     let ids: Vec<&str> = lines[0].split(' ').collect();
     assert_eq!(ids[0], ids[1], "LISTEN_PID is the worker's own PID: {written}");
+    assert_eq!(ids[3], ids[1], "WATCHDOG_PID too: {written}");
     assert_eq!(ids[2], "2");
     assert_eq!(lines[1], format!("socket:[{}]", inode(&sockets[0])), "{written}");
     assert_eq!(lines[2], format!("socket:[{}]", inode(&sockets[1])), "{written}");
     assert_eq!(&lines[3..], ["none", "none"], "the gate is closed before the worker runs: {written}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn spec_of(argv: &[&str], cwd: &std::path::Path) -> ipclusterd::process::SpawnSpec {
+    ipclusterd::process::SpawnSpec {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: Vec::new(),
+        cwd: cwd.to_owned(),
+        user: None,
+        identifier: "t".into(),
+        unit: "t.scope".into(),
+        fds: Vec::new(),
+    }
+}
+
+/// The blocked signals of the calling thread, from /proc.
+fn own_blocked() -> String {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    status.lines().find(|l| l.starts_with("SigBlk:")).unwrap().to_owned()
+}
+
+/// A child at its gate holds nothing of the daemon's: its stdio and its gate alone — so dropping one child while a later one waits ends the first at once (a copy of its
+/// gate in the second would keep it waiting forever). The caller's signal mask is as it was; the
+/// worker starts with no signal blocked or ignored; a script without `#!` runs through /bin/sh,
+/// as execvp(3) runs it.
+#[test]
+fn a_gated_child_holds_nothing_of_the_daemons_and_the_worker_starts_with_clean_signals() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gate-clean-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Something of this process's open that a child must not keep.
+    let held = std::fs::File::open("/proc/self/status").unwrap();
+    let mask = own_blocked();
+    let first = ipclusterd::process::spawn_gated(&spec_of(&["/bin/true"], &dir)).unwrap();
+    let second = ipclusterd::process::spawn_gated(&spec_of(&["/bin/true"], &dir)).unwrap();
+    assert_eq!(own_blocked(), mask, "the caller's signal mask is restored");
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{}/fd", second.pid))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    fds.sort_unstable();
+    assert_eq!(fds, [0, 1, 2, 3], "stdio and the gate (the status pipe is closed once ready), nothing else");
+    drop(held);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let first_pid = first.pid;
+    std::thread::spawn(move || {
+        drop(first);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(5)).expect("the first child ended while the second waits");
+    assert!(!std::path::Path::new(&format!("/proc/{first_pid}")).exists());
+    drop(second);
+
+    let out = dir.join("signals");
+    let script = "exec grep -E '^Sig(Blk|Ign)' /proc/self/status > \"$1\"";
+    let gated = ipclusterd::process::spawn_gated(&spec_of(
+        &["/bin/sh", "-c", script, "sh", &out.display().to_string()],
+        &dir,
+    ))
+    .unwrap();
+    assert_eq!(exit_code(&gated.release().unwrap()), Some(0));
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        written.lines().collect::<Vec<_>>(),
+        ["SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000"],
+        "the worker starts with no signal blocked or ignored"
+    );
+
+    let plain = dir.join("plain-script");
+    std::fs::write(&plain, "echo ran > \"$1\"\n").unwrap();
+    std::fs::set_permissions(&plain, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ran = dir.join("ran");
+    let gated = ipclusterd::process::spawn_gated(&spec_of(
+        &[&plain.display().to_string(), &ran.display().to_string()],
+        &dir,
+    ))
+    .unwrap();
+    assert_eq!(exit_code(&gated.release().unwrap()), Some(0));
+    assert_eq!(std::fs::read_to_string(&ran).unwrap(), "ran\n", "a script without #! runs through /bin/sh");
     let _ = std::fs::remove_dir_all(&dir);
 }

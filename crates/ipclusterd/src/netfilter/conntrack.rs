@@ -17,13 +17,16 @@
 //!
 //! Each run of `conntrack` walks the kernel's whole table (every bucket of the hash, which is
 //! shared by every network namespace: 262 144 of them on a 24 GiB host), about 14 ms of CPU
-//! whether it finds anything or not. So the ports of a batch (every worker that left since the
-//! last rule change) cost one listing per family, `conntrack -L -p tcp --state CLOSE`, and one
-//! deletion per entry found on one of them — by its exact tuple, still only in state CLOSE —
-//! instead of a deletion per port and family (a KillRetired of 8 workers ran 16 and spent about
-//! 200 ms of CPU; most batches find nothing).
+//! whether it finds anything or not — a deletion too, however exact its filter: `conntrack -D`
+//! dumps and deletes what matches. So the ports of a batch (every worker that left since the last
+//! rule change) cost one listing per family, `conntrack -L -p tcp --state CLOSE`, then
+//! `conntrack -D -p tcp --state CLOSE --reply-port-src PORT` only for the ports that have such
+//! entries, once each, however many there are — instead of a deletion per port and family,
+//! found or not (a KillRetired of 8 workers ran 16 and spent about 200 ms of CPU; most batches
+//! find nothing). A listing line that names one of the ports but cannot be read is deleted by
+//! its port all the same.
 
-use std::{collections::HashSet, path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use super::RouterError;
 
@@ -40,60 +43,34 @@ fn list_args(family: &'static str) -> [&'static str; 7] {
     ["-L", "-f", family, "-p", "tcp", "--state", "CLOSE"]
 }
 
-/// A CLOSE entry found in a listing: its original direction, and the port its reply comes from
-/// (the worker's).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Closed {
-    src: String,
-    dst: String,
-    sport: u16,
-    dport: u16,
-    reply_sport: u16,
+/// The arguments that delete the CLOSE entries of `port` in `family`.
+pub fn args(family: &'static str, port: u16) -> [String; 9] {
+    ["-D", "-f", family, "-p", "tcp", "--state", "CLOSE", "--reply-port-src", &port.to_string()]
+        .map(str::to_owned)
 }
 
-impl Closed {
-    /// The arguments that delete this entry alone, and only while it is still CLOSE with the
-    /// same reply port.
-    fn delete_args(&self, family: &'static str) -> Vec<String> {
-        let (sport, dport, reply) =
-            (self.sport.to_string(), self.dport.to_string(), self.reply_sport.to_string());
-        ["-D", "-f", family, "-p", "tcp", "--state", "CLOSE", "-s", &self.src, "-d", &self.dst]
-            .into_iter()
-            .chain(["--sport", &sport, "--dport", &dport, "--reply-port-src", &reply])
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-/// The entries of a `conntrack -L` listing whose reply comes from one of `ports`. A line is
-/// `tcp 6 9 CLOSE src=… dst=… sport=… dport=… src=… dst=… sport=… dport=… [flags] mark=… use=…`:
-/// the first `src`/`dst`/`sport`/`dport` are the original direction, the next ones the reply's.
-/// Lines that do not read so are skipped.
-fn closed_on(listing: &str, ports: &HashSet<u16>) -> Vec<Closed> {
-    listing
-        .lines()
-        .filter_map(|line| {
-            let mut fields: Vec<(&str, &str)> = Vec::new();
-            for (k, v) in line.split_whitespace().filter_map(|w| w.split_once('=')) {
-                if matches!(k, "src" | "dst" | "sport" | "dport") {
-                    fields.push((k, v));
-                }
+/// Which of `ports` have entries in a `conntrack -L` listing, in order. A line is
+/// `tcp 6 9 CLOSE src=… dst=… sport=… dport=… [UNREPLIED] src=… dst=… sport=… dport=… …`: the
+/// second `sport` is the reply's, the worker's port. A line that names one of `ports` in any
+/// `sport` but does not read so counts for that port too (a deletion too many is one run; one
+/// too few leaves a client refused).
+fn ports_in(listing: &str, ports: &BTreeSet<u16>) -> BTreeSet<u16> {
+    let mut found = BTreeSet::new();
+    for line in listing.lines() {
+        let sports: Vec<u16> = line
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix("sport="))
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        match sports[..] {
+            [_, reply] if ports.contains(&reply) => {
+                found.insert(reply);
             }
-            let [("src", src), ("dst", dst), ("sport", sport), ("dport", dport), _, _, ("sport", reply), _] =
-                fields[..]
-            else {
-                return None;
-            };
-            let reply_sport = reply.parse().ok().filter(|p| ports.contains(p))?;
-            Some(Closed {
-                src: src.to_owned(),
-                dst: dst.to_owned(),
-                sport: sport.parse().ok()?,
-                dport: dport.parse().ok()?,
-                reply_sport,
-            })
-        })
-        .collect()
+            [_, _] => {}
+            _ => found.extend(sports.iter().filter(|p| ports.contains(p))),
+        }
+    }
+    found
 }
 
 /// Whether a run that exited with a failure only found nothing to delete (`conntrack` exits
@@ -104,11 +81,11 @@ fn found_nothing(e: &RouterError) -> bool {
 
 /// Drops the CLOSE entries of `ports`, both families. Errors are the caller's to log.
 pub async fn forget_closed(tool: PathBuf, ports: Vec<u16>) -> Result<(), RouterError> {
-    let ports: HashSet<u16> = ports.into_iter().collect();
+    let ports: BTreeSet<u16> = ports.into_iter().collect();
     for family in ["ipv4", "ipv6"] {
         let listing = super::run_tool(&tool, &list_args(family), None, TIMEOUT, (None, "")).await?;
-        for entry in closed_on(&String::from_utf8_lossy(&listing), &ports) {
-            let args = entry.delete_args(family);
+        for port in ports_in(&String::from_utf8_lossy(&listing), &ports) {
+            let args = args(family, port);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             match super::run_tool(&tool, &args, None, TIMEOUT, (None, "")).await {
                 Ok(_) => {}
@@ -125,35 +102,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_listing_yields_the_close_entries_of_our_ports_each_deleted_by_its_exact_tuple() {
+    fn a_listing_names_the_ports_that_have_close_entries_each_deleted_once_by_port() {
         let listing = "\
 tcp      6 8 CLOSE src=127.0.0.9 dst=127.0.0.1 sport=40009 dport=80 src=127.0.0.1 dst=127.0.0.9 sport=20005 dport=40009 [ASSURED] mark=0 use=1
+tcp      6 7 CLOSE src=127.0.0.10 dst=127.0.0.1 sport=40010 dport=80 src=127.0.0.1 dst=127.0.0.10 sport=20005 dport=40010 mark=0 zone=3 use=1
 tcp      6 9 CLOSE src=127.0.0.8 dst=127.0.0.1 sport=40008 dport=80 src=127.0.0.1 dst=127.0.0.8 sport=20100 dport=40008 mark=0 use=1
-tcp      6 3 CLOSE src=::1 dst=::1 sport=41000 dport=80 src=::1 dst=::1 sport=20006 dport=41000 [ASSURED] mark=0 use=1
-tcp      6 3 CLOSE src=127.0.0.7 dst=127.0.0.1 sport=40007 dport=80 sport=20005
-garbage sport=20005
+tcp      6 3 CLOSE src=2001:db8::1:2 dst=2001:db8::9 sport=41000 dport=80 [UNREPLIED] src=2001:db8::9 dst=2001:db8::1:2 sport=20006 dport=41000 mark=0 use=1
+tcp      6 3 CLOSE src=127.0.0.7 dst=127.0.0.1 sport=20007 dport=80
+tcp      6 3 CLOSE src=127.0.0.6 dst=127.0.0.1 sport=20100 dport=80
 ";
-        let found = closed_on(listing, &HashSet::from([20005, 20006]));
+        let found = ports_in(listing, &BTreeSet::from([20005, 20006, 20007, 20008]));
         assert_eq!(
             found,
-            [
-                Closed {
-                    src: "127.0.0.9".into(),
-                    dst: "127.0.0.1".into(),
-                    sport: 40009,
-                    dport: 80,
-                    reply_sport: 20005
-                },
-                Closed { src: "::1".into(), dst: "::1".into(), sport: 41000, dport: 80, reply_sport: 20006 },
-            ],
-            "another port's entry and lines that do not read as entries are left"
+            BTreeSet::from([20005, 20006, 20007]),
+            "each port once (20005 has two entries); another port's entry is left; a line that \
+             does not read as an entry counts for a port of ours it names"
         );
-        assert_eq!(
-            found[0].delete_args("ipv4").join(" "),
-            "-D -f ipv4 -p tcp --state CLOSE -s 127.0.0.9 -d 127.0.0.1 --sport 40009 --dport 80 --reply-port-src 20005"
-        );
+        assert!(ports_in("", &BTreeSet::from([20005])).is_empty());
         assert_eq!(list_args("ipv6").join(" "), "-L -f ipv6 -p tcp --state CLOSE");
-        assert!(closed_on("", &HashSet::from([20005])).is_empty());
+        assert_eq!(args("ipv6", 20005).join(" "), "-D -f ipv6 -p tcp --state CLOSE --reply-port-src 20005");
     }
 
     #[test]

@@ -26,7 +26,11 @@
 //! the daemon shares with it) can run in the child; the worker starts with none blocked.
 //!
 //! Nothing of the worker's environment — `LD_PRELOAD` included — acts before the worker's own
-//! `execve`: no program runs between the daemon's and the worker's.
+//! `execve`: no program runs between the daemon's and the worker's. The child closes every fd of
+//! the daemon's (its bus connection, its pidfds, the gates of other children) before it becomes
+//! the worker's user. A process of that user may stop the child from then on; the daemon waits
+//! at most 10 s for the child's report, and kills a child it drops at its gate rather than wait
+//! for it to read the gate's end.
 
 use std::{
     ffi::{CString, OsStr},
@@ -50,6 +54,8 @@ const GATE_NAME: &[u8] = b"ipclusterd-gate\0";
 const RELEASE: u8 = b'G';
 /// Room for a PID in `LISTEN_PID=` and `WATCHDOG_PID=` (u32::MAX has 10 digits).
 const PID_ROOM: usize = 10;
+/// Longest the daemon waits for a forked child to report that it is ready at its gate.
+const READY_TIMEOUT_SECS: i64 = 10;
 
 /// A child held at its gate: forked, not yet running the worker's command.
 #[derive(Debug)]
@@ -108,10 +114,36 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
     drop((sources, null, gate, status));
     let pid = forked?;
     // The child cannot have been reaped (only we wait for it), so the PID is still ours.
-    let pidfd = rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty())?;
-    // Ready (one byte 0) or not (1, then its errno): the child's report of its preparation.
+    let pidfd = match pid_of(pid).and_then(|p| Ok(rustix::process::pidfd_open(p, PidfdFlags::empty())?)) {
+        Ok(fd) => fd,
+        Err(e) => {
+            // SAFETY: our own child, not yet reaped: killed and reaped here, nothing else waits
+            // for it.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+                libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+            }
+            return Err(e);
+        }
+    };
+    // Ready (one byte 0) or not (1, then its errno): the child's report of its preparation,
+    // which takes system calls only — but a process of the worker's user may stop the child
+    // once it is that user, and the daemon must not wait for it forever.
     let mut report = [0u8; 5];
-    let failed = match read_full(&status_r, &mut report[..1]) {
+    let mut ready = [rustix::event::PollFd::new(&status_r, rustix::event::PollFlags::IN)];
+    let timeout = rustix::event::Timespec { tv_sec: READY_TIMEOUT_SECS, tv_nsec: 0 };
+    let failed = loop {
+        break match rustix::event::poll(&mut ready, Some(&timeout)) {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the worker's process did not get ready to start",
+            )),
+            Ok(_) => read_full(&status_r, &mut report[..1]),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => Err(e.into()),
+        };
+    };
+    let failed = match failed {
         Ok(1) if report[0] == 0 => None,
         Ok(1) if report[0] == 1 && matches!(read_full(&status_r, &mut report[1..]), Ok(4)) => {
             Some(io::Error::from_raw_os_error(i32::from_le_bytes([
@@ -123,7 +155,7 @@ pub fn spawn_gated(spec: &SpawnSpec) -> io::Result<Gated> {
     };
     let gated = Gated { pid, pidfd: Some(pidfd), gate: Some(gate_w) };
     match failed {
-        // Dropping it closes the gate and reaps the child.
+        // Dropping it ends the child and reaps it.
         Some(e) => Err(e),
         None => Ok(gated),
     }
@@ -153,11 +185,13 @@ impl Gated {
 }
 
 impl Drop for Gated {
-    /// Not released: closing the gate makes the child exit at once (it is blocked reading it),
-    /// and it is reaped here so no zombie is left behind.
+    /// Not released: nothing of the worker's has run, and the child ends — closing its gate would
+    /// end it, but a child a process of the worker's user stopped would never read it, so it is
+    /// killed — and is reaped here so no zombie is left behind.
     fn drop(&mut self) {
         drop(self.gate.take());
         if let Some(pidfd) = self.pidfd.take() {
+            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
             let _ = rustix::process::waitid(
                 WaitId::PidFd(rustix::fd::AsFd::as_fd(&pidfd)),
                 WaitIdOptions::EXITED,
@@ -183,6 +217,12 @@ struct Prepared {
     /// Owns what `argv_ptrs` points at.
     _argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
+    /// `/bin/sh`, and the arguments it gets for a file that is not an executable (`ENOEXEC`),
+    /// as execvp(3) does: `/bin/sh`, the file (written in the child), then the command's
+    /// arguments; `_sh_argv` owns the array `sh_argv_ptr` points at.
+    sh: CString,
+    _sh_argv: Vec<*const libc::c_char>,
+    sh_argv_ptr: *mut *const libc::c_char,
     /// Owns the NUL-terminated `KEY=VALUE` entries `env_ptrs` points at (the PID slots are
     /// written in the child, through `env_ptrs`).
     _env: Vec<Vec<u8>>,
@@ -207,6 +247,13 @@ impl Prepared {
         let program = spec.argv.first().filter(|a| !a.is_empty()).ok_or_else(invalid)?;
         let argv: Vec<CString> = spec.argv.iter().map(|a| cstring(a.as_bytes())).collect::<Result<_, _>>()?;
         let argv_ptrs = argv.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
+        let sh = cstring(b"/bin/sh")?;
+        let mut sh_argv: Vec<*const libc::c_char> = [sh.as_ptr(), std::ptr::null()]
+            .into_iter()
+            .chain(argv[1..].iter().map(|a| a.as_ptr()))
+            .chain([std::ptr::null()])
+            .collect();
+        let sh_argv_ptr = sh_argv.as_mut_ptr();
 
         // PATH first, then the worker's entries (a later one replaces an earlier of the same key).
         let mut vars: Vec<(&str, &str)> = vec![("PATH", WORKER_PATH)];
@@ -266,6 +313,9 @@ impl Prepared {
             paths,
             _argv: argv,
             argv_ptrs,
+            sh,
+            _sh_argv: sh_argv,
+            sh_argv_ptr,
             _env: env,
             env_ptrs,
             pid_slots,
@@ -296,12 +346,14 @@ unsafe fn child(p: &Prepared, fds: &ChildFds) -> ! {
     // SAFETY: system calls with pointers into `p` and the stack, alive for each (the whole body).
     unsafe {
         // No handler of the daemon's may run here: every signal's action is its default (an
-        // ignored SIGPIPE included, which exec would keep).
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
+        // ignored one included, which exec would keep: SIGPIPE, which Rust programs ignore, or
+        // 32 and 33, which glibc's sigaction will not touch — hence the system call itself).
+        // The kernel's struct is the handler, flags, (restorer,) mask: all zeroes is SIG_DFL,
+        // no flags, an empty mask, whatever the architecture.
+        let dfl = [0u64; 4];
         for sig in 1..=64 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                libc::syscall(libc::SYS_rt_sigaction, sig, dfl.as_ptr(), std::ptr::null_mut::<u64>(), 8usize);
             }
         }
         // The gate and the status pipe first, where nothing of the child's will be (the sources
@@ -324,7 +376,18 @@ unsafe fn child(p: &Prepared, fds: &ChildFds) -> ! {
             // Then nothing of the daemon's: no copy of its bus connection, its pidfds, or the
             // gates of the other children it holds (a child waiting at its gate would otherwise
             // keep another's open, which then could never be closed to end it).
-            check(libc::syscall(libc::SYS_close_range, status + 1, libc::c_uint::MAX, 0) as libc::c_int)?;
+            if libc::syscall(libc::SYS_close_range, status + 1, libc::c_uint::MAX, 0) < 0 {
+                // A kernel before 5.9 (or a filter that refuses the call): one by one, up to
+                // the limit on open files.
+                let mut lim: libc::rlimit = std::mem::zeroed();
+                let max = match libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) {
+                    0 => lim.rlim_cur.min(1 << 20) as i32,
+                    _ => 1 << 16,
+                };
+                for fd in status + 1..max {
+                    libc::close(fd);
+                }
+            }
             if let Some(lim) = &p.nofile {
                 libc::setrlimit(libc::RLIMIT_NOFILE, lim);
             }
@@ -385,6 +448,13 @@ unsafe fn child(p: &Prepared, fds: &ChildFds) -> ! {
         for path in &p.paths {
             libc::execve(path.as_ptr(), p.argv_ptrs.as_ptr(), p.env_ptrs.as_ptr());
             errno = *libc::__errno_location();
+            if errno == libc::ENOEXEC {
+                // A script without `#!`: the shell runs it.
+                *p.sh_argv_ptr.add(1) = path.as_ptr();
+                libc::execve(p.sh.as_ptr(), p.sh_argv_ptr.cast_const(), p.env_ptrs.as_ptr());
+                errno = *libc::__errno_location();
+                break;
+            }
             match errno {
                 libc::EACCES => refused = true,
                 libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
@@ -396,6 +466,11 @@ unsafe fn child(p: &Prepared, fds: &ChildFds) -> ! {
         {
             errno = libc::EACCES;
         }
+        // Signals blocked again: a SIGPIPE from a closed journal stream must not end the child
+        // before it says why it failed and exits 127.
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
         journal::write_all(2, &p.exec_failed);
         journal::write_all(2, p.texts.get(errno as usize).map_or(b"unknown error\n", |t| t.as_slice()));
         libc::_exit(127)
