@@ -29,6 +29,8 @@ pub struct SpawnSpec {
     pub unit: String,
     /// Sockets handed to the worker from fd 3 (socket activation, sd_listen_fds(3)).
     pub fds: Vec<OwnedFd>,
+    /// How long the child waits, once released, before it runs the worker's command.
+    pub delay: std::time::Duration,
 }
 
 /// The soft limit on open files the daemon started with, restored for workers: the daemon

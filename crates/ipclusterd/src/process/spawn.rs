@@ -232,6 +232,7 @@ struct Prepared {
     filter: seccompiler::BpfProgram,
     cwd: CString,
     user: Option<(u32, u32)>,
+    delay: libc::timespec,
     nofile: Option<libc::rlimit>,
     journal: Option<journal::Stream>,
     /// "ipclusterd: cannot execute "<argv0>": "
@@ -322,6 +323,10 @@ impl Prepared {
             filter: crate::confine::worker_filter(!spec.fds.is_empty())?,
             cwd: cstring(OsStr::new(&spec.cwd).as_bytes())?,
             user: spec.user,
+            delay: libc::timespec {
+                tv_sec: spec.delay.as_secs().min(3600) as libc::time_t,
+                tv_nsec: libc::c_long::from(spec.delay.subsec_nanos() as i32),
+            },
             nofile: WORKER_NOFILE.get().copied(),
             journal,
             exec_failed: format!("ipclusterd: cannot execute {program:?}: ").into_bytes(),
@@ -426,6 +431,14 @@ unsafe fn child(p: &Prepared, fds: &ChildFds) -> ! {
             }
         }
         libc::close(gate);
+        // Released with the others of its deploy: each waits its turn (see `SpawnSpec::delay`).
+        let (mut wait, mut rest) = (p.delay, p.delay);
+        while (wait.tv_sec > 0 || wait.tv_nsec > 0)
+            && libc::nanosleep(&wait, &mut rest) != 0
+            && *libc::__errno_location() == libc::EINTR
+        {
+            wait = rest;
+        }
 
         if let Some(fd) = p.journal.as_ref().and_then(journal::Stream::connect) {
             // Both stdout and stderr go to the stream; /dev/null stays at stdin.
@@ -525,6 +538,7 @@ mod tests {
             identifier: "t".into(),
             unit: "t.scope".into(),
             fds: Vec::new(),
+            delay: std::time::Duration::ZERO,
         }
     }
 

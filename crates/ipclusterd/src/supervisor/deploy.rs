@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::{
     BusSignal, CanaryRequest, Error, Supervisor,
-    launch::scope_spec,
+    launch::{release_delay, scope_spec},
     model::{Generation, HeldBand, Waiter, WorkerId},
     timers::TimerKey,
 };
@@ -152,8 +152,8 @@ impl<W: World> Supervisor<W> {
         // now, the others one by one into the scope later.
         let first = if config.spawn_interval.is_zero() { bands.len() } else { 1 };
         let mut gated = Vec::new();
-        for (band, my_ports) in bands[..first].iter().copied().zip(ports.by_ref()) {
-            match self.spawn_band(&config, g, band, &my_ports, &launch) {
+        for (i, (band, my_ports)) in bands[..first].iter().copied().zip(ports.by_ref()).enumerate() {
+            match self.spawn_band(&config, g, band, &my_ports, &launch, release_delay(i, first)) {
                 Ok(p) => gated.push((band, p)),
                 // Dropping `gated` closes every gate: the children exit without running anything.
                 Err(e) => {

@@ -36,6 +36,8 @@ pub struct FakeProc {
     pub cgroup: String,
     pub start_usec: u64,
     pub nice: i32,
+    /// How long it was to wait after its release.
+    pub delay: std::time::Duration,
     pub rss: u64,
     pub connections: u32,
     pub released: bool,
@@ -54,6 +56,7 @@ impl FakeProc {
             cgroup: "/fake.scope".into(),
             start_usec,
             nice: 0,
+            delay: std::time::Duration::ZERO,
             rss: 10 << 20,
             connections: 0,
             released: false,
@@ -189,6 +192,11 @@ impl FakeProcesses {
         self.world().signals.clone()
     }
 
+    /// How long `pid` was to wait after its release.
+    pub fn delay(&self, pid: u32) -> std::time::Duration {
+        self.world().procs.get(&pid).map_or(std::time::Duration::ZERO, |p| p.delay)
+    }
+
     /// The nice value of `pid`.
     pub fn nice(&self, pid: u32) -> i32 {
         self.world().procs.get(&pid).map_or(0, |p| p.nice)
@@ -261,6 +269,7 @@ impl Spawner for FakeProcesses {
         w.next_pid += 1;
         let now = usec(w.clock.wall());
         let mut p = FakeProc::new(spec.argv.clone(), spec.env.clone(), now);
+        p.delay = spec.delay;
         p.sockets = spec.fds.iter().map(OwnedFd::try_clone).collect::<io::Result<_>>()?;
         w.procs.insert(pid, p);
         w.spawned.push((pid, tokio::time::Instant::now()));

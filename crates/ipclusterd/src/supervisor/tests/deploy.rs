@@ -238,3 +238,29 @@ async fn a_deploy_answers_once_its_cutover_is_written() {
         written.apps[&AppName::new("web").unwrap()].generations.iter().map(|(g, x)| (*g, x.state)).collect();
     assert_eq!(states, [(1, GenState::Retired), (2, GenState::Live)]);
 }
+
+/// The workers a deploy releases together start a few milliseconds apart (a serving
+/// generation's requests otherwise wait behind all their start-ups at once), at most a second in
+/// all whatever their number; a respawn starts at once.
+#[tokio::test(start_paused = true)]
+async fn workers_released_together_start_apart_and_a_respawn_at_once() {
+    use super::super::launch::{RELEASE_SPACING, RELEASE_SPREAD_MAX, release_delay};
+    assert_eq!(release_delay(0, 8), Duration::ZERO);
+    assert_eq!(release_delay(7, 8), RELEASE_SPACING * 7);
+    for n in [1, 2, 64, 256, 1024, 5000] {
+        assert!(release_delay(n - 1, n) < RELEASE_SPREAD_MAX, "{n} workers");
+        assert!((1..n).all(|i| release_delay(i, n) > release_delay(i - 1, n)), "{n}: in order, apart");
+    }
+
+    let h = start("stagger", &[("web", app("\"serve\"", ""))]).await;
+    assert_eq!(h.deploy("web").await, Ok(1));
+    let mut delays: Vec<Duration> = h.procs.spawned().iter().map(|(pid, _)| h.procs.delay(*pid)).collect();
+    delays.sort_unstable();
+    assert_eq!(delays, [Duration::ZERO, RELEASE_SPACING]);
+    let live = h.workers("web").await;
+    let spawned = h.procs.spawned().len();
+    h.procs.exit(live[0].pid, Exit::Signal(9));
+    h.until("the replacement", Duration::from_secs(1), async |h| h.procs.spawned().len() > spawned).await;
+    let (pid, _) = *h.procs.spawned().last().unwrap();
+    assert_eq!(h.procs.delay(pid), Duration::ZERO);
+}
