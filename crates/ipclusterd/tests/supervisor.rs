@@ -271,8 +271,6 @@ fn a_closed_gate_runs_nothing_a_bad_directory_fails_the_spawn_and_a_missing_comm
     let gated = ipclusterd::process::spawn_gated(&delayed).unwrap();
     let released = std::time::Instant::now();
     let pidfd = gated.release().unwrap();
-    std::thread::sleep(Duration::from_millis(150));
-    assert!(!late.exists(), "still waiting");
     assert_eq!(exit_code(&pidfd), Some(0));
     assert!(late.exists() && released.elapsed() >= Duration::from_millis(400));
     let _ = std::fs::remove_dir_all(&dir);

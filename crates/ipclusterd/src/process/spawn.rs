@@ -325,7 +325,7 @@ impl Prepared {
             user: spec.user,
             delay: libc::timespec {
                 tv_sec: spec.delay.as_secs().min(3600) as libc::time_t,
-                tv_nsec: libc::c_long::from(spec.delay.subsec_nanos() as i32),
+                tv_nsec: spec.delay.subsec_nanos() as libc::c_long,
             },
             nofile: WORKER_NOFILE.get().copied(),
             journal,
@@ -383,10 +383,10 @@ unsafe fn child(p: &Prepared, fds: &ChildFds) -> ! {
             // keep another's open, which then could never be closed to end it).
             if libc::syscall(libc::SYS_close_range, status + 1, libc::c_uint::MAX, 0) < 0 {
                 // A kernel before 5.9 (or a filter that refuses the call): one by one, up to
-                // the limit on open files.
+                // the limit on open files or 65 536 (a daemon with more open is not expected).
                 let mut lim: libc::rlimit = std::mem::zeroed();
                 let max = match libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) {
-                    0 => lim.rlim_cur.min(1 << 20) as i32,
+                    0 => lim.rlim_cur.min(1 << 16) as i32,
                     _ => 1 << 16,
                 };
                 for fd in status + 1..max {
@@ -438,6 +438,14 @@ unsafe fn child(p: &Prepared, fds: &ChildFds) -> ! {
             && *libc::__errno_location() == libc::EINTR
         {
             wait = rest;
+        }
+        // A signal that came while it waited (at the gate or after) is a stop (the daemon's
+        // `stop_signal`, which may be one whose default is to do nothing, like SIGWINCH): the
+        // worker's command never runs.
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut pending);
+        if libc::sigpending(&mut pending) == 0 && (1..=64).any(|sig| libc::sigismember(&pending, sig) == 1) {
+            libc::_exit(127);
         }
 
         if let Some(fd) = p.journal.as_ref().and_then(journal::Stream::connect) {

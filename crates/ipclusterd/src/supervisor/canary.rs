@@ -143,7 +143,10 @@ impl<W: World> Supervisor<W> {
             self.promotion_failed(app, g, format!("cannot start its other bands: {e}"));
             return;
         }
-        self.timers.set(TimerKey::ReadyTimeout { app: app.clone(), generation: g }, config.ready_timeout);
+        // Every band gets ready_timeout from its own start (the last one released after its wait).
+        let spread = super::launch::release_delay(others.len().saturating_sub(1), others.len());
+        self.timers
+            .set(TimerKey::ReadyTimeout { app: app.clone(), generation: g }, config.ready_timeout + spread);
         // Nothing to start (every band has a worker already): the cutover now.
         self.check_ready(app, g).await;
     }

@@ -202,8 +202,11 @@ impl<W: World> Supervisor<W> {
             self.timers
                 .set(TimerKey::ReleaseNext { app: name.clone(), generation: g }, config.spawn_interval);
         }
-        // Every band gets ready_timeout from its own start.
-        let timeout = config.ready_timeout + config.spawn_interval * (bands.len() as u32).saturating_sub(1);
+        // Every band gets ready_timeout from its own start (paced by spawn_interval, or the
+        // last of those released together after its wait).
+        let timeout = config.ready_timeout
+            + config.spawn_interval * (bands.len() as u32).saturating_sub(1)
+            + release_delay(first.saturating_sub(1), first);
         self.timers.set(TimerKey::ReadyTimeout { app: name.clone(), generation: g }, timeout);
         if let Some(reason) = failure {
             self.fail(&name, g, reason);
