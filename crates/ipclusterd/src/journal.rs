@@ -86,26 +86,22 @@ impl Stream {
 }
 
 /// Sends all of `bytes` on the socket `fd` without raising SIGPIPE. Async-signal-safe.
-fn send_all(fd: i32, mut bytes: &[u8]) -> bool {
-    while !bytes.is_empty() {
-        // SAFETY: `bytes` is alive and its length is right.
-        let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return false;
-        }
-        bytes = &bytes[n as usize..];
-    }
-    true
+fn send_all(fd: i32, bytes: &[u8]) -> bool {
+    // SAFETY: `b` is alive and its length is right.
+    all_of(bytes, |b| unsafe { libc::send(fd, b.as_ptr().cast(), b.len(), libc::MSG_NOSIGNAL) })
 }
 
 /// Writes all of `bytes` to `fd`. Async-signal-safe.
-pub fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
+pub fn write_all(fd: i32, bytes: &[u8]) -> bool {
+    // SAFETY: `b` is alive and its length is right.
+    all_of(bytes, |b| unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) })
+}
+
+/// Passes what is left of `bytes` to `op` (one write or send: the bytes taken, or -1) until
+/// all are taken, again after EINTR; false on another error. Async-signal-safe.
+fn all_of(mut bytes: &[u8], op: impl Fn(&[u8]) -> isize) -> bool {
     while !bytes.is_empty() {
-        // SAFETY: `bytes` is alive and its length is right.
-        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        let n = op(bytes);
         if n < 0 {
             if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                 continue;

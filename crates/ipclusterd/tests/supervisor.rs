@@ -238,15 +238,9 @@ fn a_closed_gate_runs_nothing_a_bad_directory_fails_the_spawn_and_a_missing_comm
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("ran");
-    let spec = |argv: Vec<String>, cwd: PathBuf| ipclusterd::process::SpawnSpec {
-        argv,
-        env: Vec::new(),
-        cwd,
-        user: None,
-        identifier: "t".into(),
-        unit: "t.scope".into(),
-        fds: Vec::new(),
-        delay: Duration::ZERO,
+    let spec = |argv: Vec<String>, cwd: PathBuf| {
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        spec_of(&argv, &cwd)
     };
     let touch = vec!["/usr/bin/touch".to_owned(), out.display().to_string()];
     let gated = ipclusterd::process::spawn_gated(&spec(touch.clone(), dir.clone())).unwrap();
