@@ -165,23 +165,9 @@ fn a_gated_child_runs_nothing_until_released_and_the_worker_gets_its_environment
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("env");
-    let spec = ipclusterd::process::SpawnSpec {
-        // The path as an argument, never inside the script: a checkout's path may hold spaces.
-        argv: vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "env > \"$1\"".into(),
-            "sh".into(),
-            out.display().to_string(),
-        ],
-        env: vec![("LD_PRELOAD".into(), "/nonexistent/evil.so".into()), ("APP_MODE".into(), "x".into())],
-        cwd: dir.clone(),
-        user: None,
-        identifier: "t".into(),
-        unit: "t.scope".into(),
-        fds: Vec::new(),
-        delay: Duration::ZERO,
-    };
+    // The path as an argument, never inside the script: a checkout's path may hold spaces.
+    let mut spec = spec_of(&["/bin/sh", "-c", "env > \"$1\"", "sh", &out.display().to_string()], &dir);
+    spec.env = vec![("LD_PRELOAD".into(), "/nonexistent/evil.so".into()), ("APP_MODE".into(), "x".into())];
     let gated = ipclusterd::process::spawn_gated(&spec).unwrap();
     let proc = std::path::Path::new("/proc").join(gated.pid.to_string());
     std::thread::sleep(Duration::from_millis(100));
@@ -283,16 +269,9 @@ fn a_worker_is_handed_its_sockets_from_fd_3_with_listen_pid_its_own() {
     let inode = |l: &std::net::TcpListener| rustix::fs::fstat(l).unwrap().st_ino;
     // The path as an argument, never inside the script: a checkout's path may hold spaces.
     let script = "{ echo \"$LISTEN_PID $$ $LISTEN_FDS $WATCHDOG_PID\"; for f in 3 4 5 6; do readlink /proc/$$/fd/$f || echo none; done; } > \"$1.tmp\"; mv \"$1.tmp\" \"$1\"";
-    let spec = ipclusterd::process::SpawnSpec {
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into(), "sh".into(), out.display().to_string()],
-        env: vec![("LISTEN_FDS".into(), "2".into()), ("WATCHDOG_USEC".into(), "1000000".into())],
-        cwd: dir.clone(),
-        user: None,
-        identifier: "t".into(),
-        unit: "t.scope".into(),
-        fds: sockets.iter().map(|l| std::os::fd::OwnedFd::from(l.try_clone().unwrap())).collect(),
-        delay: Duration::ZERO,
-    };
+    let mut spec = spec_of(&["/bin/sh", "-c", script, "sh", &out.display().to_string()], &dir);
+    spec.env = vec![("LISTEN_FDS".into(), "2".into()), ("WATCHDOG_USEC".into(), "1000000".into())];
+    spec.fds = sockets.iter().map(|l| std::os::fd::OwnedFd::from(l.try_clone().unwrap())).collect();
     let gated = ipclusterd::process::spawn_gated(&spec).unwrap();
     let _pidfd = gated.release().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
