@@ -14,6 +14,9 @@ use std::{
 
 use socket2::{Domain, Socket, Type};
 
+mod closed;
+pub use closed::{Arm, closed_loop, interleaved};
+
 /// What a demo worker answered: `app=… generation=… band=… pid=… peer=…`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
@@ -48,7 +51,7 @@ pub enum Failure {
     Other(String),
 }
 
-fn classify(e: std::io::Error) -> Failure {
+pub(crate) fn classify(e: std::io::Error) -> Failure {
     match e.kind() {
         std::io::ErrorKind::ConnectionRefused => Failure::Refused,
         std::io::ErrorKind::ConnectionReset
@@ -72,9 +75,12 @@ pub fn connect(src: impl Into<IpAddr>, dst: impl Into<SocketAddr>) -> Result<Tcp
     Ok(stream)
 }
 
+/// The request every client sends (HTTP/1.1, so the connection stays open).
+pub(crate) const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
+
 /// Sends one keep-alive GET on `stream` and reads one response.
 pub fn request(stream: &mut TcpStream) -> Result<Answer, Failure> {
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n").map_err(classify)?;
+    stream.write_all(REQUEST).map_err(classify)?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     loop {
@@ -83,24 +89,26 @@ pub fn request(stream: &mut TcpStream) -> Result<Answer, Failure> {
             return Err(Failure::Reset);
         }
         buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            if !head.starts_with("HTTP/1.1 200") {
-                return Err(Failure::Other(format!("status: {}", head.lines().next().unwrap_or(""))));
-            }
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().ok())
-                })
-                .flatten()
-                .unwrap_or(0);
-            if body.len() >= len {
-                return Answer::parse(body)
-                    .ok_or_else(|| Failure::Other(format!("unexpected body {body:?}")));
-            }
+        if let Some(answer) = response(&buf) {
+            return answer;
         }
     }
+}
+
+/// The response in `buf`, once it is whole (its head and `Content-Length` bytes of body).
+pub(crate) fn response(buf: &[u8]) -> Option<Result<Answer, Failure>> {
+    let text = String::from_utf8_lossy(buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Some(Err(Failure::Other(format!("status: {}", head.lines().next().unwrap_or("")))));
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().ok()))
+        .flatten()
+        .unwrap_or(0);
+    (body.len() >= len)
+        .then(|| Answer::parse(body).ok_or_else(|| Failure::Other(format!("unexpected body {body:?}"))))
 }
 
 /// One request on a new connection from `src`.
@@ -180,7 +188,7 @@ pub struct Stats {
     pub ok: u64,
     pub failed: u64,
     pub elapsed: Duration,
-    /// Latencies of successful requests, in µs (sorted by [`Stats::finish`]).
+    /// Latencies of successful requests, in µs, sorted.
     pub latencies_us: Vec<u32>,
     /// Successful requests by the PID of the worker that answered: how the front spread the
     /// clients (with keep-alive, one connection per client for the whole run).
@@ -196,15 +204,6 @@ impl Stats {
     /// The `p`-th percentile latency (0..=100), in µs.
     pub fn percentile(&self, p: f64) -> u32 {
         percentile(&self.latencies_us, p)
-    }
-
-    fn merge(&mut self, other: Stats) {
-        self.ok += other.ok;
-        self.failed += other.failed;
-        self.latencies_us.extend(other.latencies_us);
-        for (pid, n) in other.served_by {
-            *self.served_by.entry(pid).or_default() += n;
-        }
     }
 }
 
@@ -239,104 +238,6 @@ fn pin(cpu: Cpu) {
     if let Some(c) = cpu {
         pin_thread(c).expect("sched_setaffinity of a load thread");
     }
-}
-
-/// A closed-loop load: `clients` threads, each sending requests back to back for `duration`,
-/// over one keep-alive connection each or a new connection per request. `targets` are
-/// `(source, destination)` pairs (the source decides the band; a control reaches the band's
-/// worker directly): with keep-alive client `c` holds one connection from `targets[c]`; with a
-/// new connection per request client `c` takes `targets[c]`, `targets[c + 1]`, … in turn.
-/// Failed requests are counted (and a keep-alive client reconnects). Runs inside `sb`'s
-/// network namespace, on CPU `cpu` when given.
-///
-/// Every thread measures the same window: they start together once all are up (a barrier),
-/// and a successful request counts in the rate only if it ended within `duration` of that
-/// start. The rate is what the window held (`ok / duration`), so neither starting 64 threads
-/// nor one request still waiting on a timeout at the end (a connect retried after 1 s) stretches
-/// the run and lowers its rate. A request that ended after the window still gives its latency
-/// (so a stall at the end is not hidden from the tail), and a failure is counted whenever it
-/// ends.
-pub fn closed_loop(
-    sb: &ipcluster_sandbox::Sandbox,
-    clients: usize,
-    duration: Duration,
-    keepalive: bool,
-    targets: &[(Ipv4Addr, SocketAddrV4)],
-    cpu: Cpu,
-) -> Stats {
-    let ready = Arc::new(std::sync::Barrier::new(clients + 1));
-    let go: Arc<std::sync::OnceLock<std::time::Instant>> = Arc::new(std::sync::OnceLock::new());
-    let handles: Vec<_> = (0..clients)
-        .map(|c| {
-            let targets: Vec<(Ipv4Addr, SocketAddrV4)> = targets.to_vec();
-            let (ready, go) = (ready.clone(), go.clone());
-            sb.spawn_in_netns(move || {
-                // Pinned before the barrier, reported after it: a thread that cannot be pinned
-                // must not leave the others waiting for it.
-                let pinned = cpu.map_or(Ok(()), pin_thread);
-                ready.wait();
-                let start = *go.wait();
-                if let Err(e) = pinned {
-                    return Err(format!("sched_setaffinity of a load thread: {e}"));
-                }
-                let mut stats = Stats::default();
-                let deadline = start + duration;
-                let mut i = c;
-                let mut conn: Option<TcpStream> = None;
-                while std::time::Instant::now() < deadline {
-                    let (src, dst) = targets[i % targets.len()];
-                    let t = std::time::Instant::now();
-                    let result = if keepalive {
-                        if conn.is_none() {
-                            conn = connect(src, dst).ok();
-                        }
-                        match conn.as_mut() {
-                            Some(s) => request(s),
-                            None => Err(Failure::Refused),
-                        }
-                    } else {
-                        i += 1;
-                        get(src, dst)
-                    };
-                    let ended = std::time::Instant::now();
-                    let us = (ended - t).as_micros().min(u32::MAX as u128) as u32;
-                    if ended > deadline && result.is_ok() {
-                        // Outside the window: its latency counts, not in the rate.
-                        stats.latencies_us.push(us);
-                        break;
-                    }
-                    match result {
-                        Ok(answer) => {
-                            stats.ok += 1;
-                            stats.latencies_us.push(us);
-                            *stats.served_by.entry(answer.pid).or_default() += 1;
-                        }
-                        Err(_) => {
-                            stats.failed += 1;
-                            conn = None;
-                        }
-                    }
-                }
-                Ok(stats)
-            })
-            .expect("client thread in the sandbox")
-        })
-        .collect();
-    ready.wait();
-    go.set(std::time::Instant::now()).expect("set once");
-    let mut total = Stats::default();
-    let mut failures = Vec::new();
-    for h in handles {
-        match h.join() {
-            Ok(Ok(stats)) => total.merge(stats),
-            Ok(Err(e)) => failures.push(e),
-            Err(_) => failures.push("a load thread panicked".to_owned()),
-        }
-    }
-    assert!(failures.is_empty(), "closed loop: {failures:?}");
-    total.elapsed = duration;
-    total.latencies_us.sort_unstable();
-    total
 }
 
 /// One request of an open-loop run.

@@ -54,6 +54,10 @@ enum Cmd {
         /// Only these sections (repeatable); prints their numbers, writes no report.
         #[arg(long, value_enum)]
         only: Vec<bench::Section>,
+        /// Only the data-path cells whose label (`MODE vs CONTROL`) contains this text
+        /// (repeatable); prints their numbers, writes no report.
+        #[arg(long)]
+        cell: Vec<String>,
     },
     /// (Run inside a benchmark sandbox.) Detaches the steering program from the reuseport group
     /// of the socket process PID holds at fd 3.
@@ -97,7 +101,7 @@ fn main() -> ExitCode {
         Cmd::Props(a) => props::run(&a),
         Cmd::Soak(a) => soak::run(&a),
         Cmd::Ansible(a) => ansible::run(&a),
-        Cmd::Bench { quick, only } => bench::run(quick, &only),
+        Cmd::Bench { quick, only, cell } => bench::run(quick, &only, &cell),
         Cmd::BenchDetach { pid } => bench::system::detach(pid),
         Cmd::BenchSessions { app, listen, records } => bench::system::fill_sessions(&app, listen, records),
         Cmd::Test { unit_only, no_soak, nextest_args } => test::run(unit_only, no_soak, &nextest_args),

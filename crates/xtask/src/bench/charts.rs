@@ -185,6 +185,7 @@ mod tests {
             mode,
             program_ns: Some(120.0),
             conntrack_drops: 0,
+            turns: [std::time::Duration::from_millis(50); 2],
             load: (1.0, 1.0),
             seconds: 1.0,
         }

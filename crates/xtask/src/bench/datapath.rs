@@ -1,18 +1,16 @@
-//! Data path: each cell is a mode and its control, measured in interleaved rounds (control,
-//! mode, then mode, control, …) in the same run, keep-alive and a new connection per request; then
-//! each front's latency at a constant rate, 50 % and 80 % of its measured capacity.
+//! Data path: each cell is a mode and its control, measured in rounds in the same run, keep-alive
+//! and a new connection per request; in a round the two take turns (control, mode, mode,
+//! control, …: [`ipcluster_load::interleaved`]) of [`turn_length`]. Then each front's latency
+//! at a constant rate, 50 % and 80 % of its measured capacity. The cells are [`super::cells`]'.
 //!
 //! **The controls are the modes' own workers.** NAT mode's physical limit is the same
 //! sandbox, the same workers, reached through conntrack and one REDIRECT rule per worker
 //! (client → band as the rules map it). Socket mode's control is a second, identical
 //! ipclusterd sandbox whose reuseport group has had its steering program detached once its
 //! daemon was stopped (which would attach it again): the same workers under the same
-//! confinement in a plain `SO_REUSEPORT` group, picked by the kernel's hash. HAProxy and PM2 are the alternatives, run as services of the sandbox.
-//!
-//! **Adding a cell** is one entry of [`CELLS`]: a mode and a control, each a [`Front`]; an
-//! ipclusterd front takes extra app settings, so on/off comparisons of a setting (e.g. the
-//! cost of `session_affinity` on new connections) are two ipclusterd fronts that differ in
-//! `extra`.
+//! confinement in a plain `SO_REUSEPORT` group, picked by the kernel's hash (its keep-alive
+//! connections spread evenly over the workers, as socket mode's are). HAProxy and PM2 are the
+//! alternatives, run as services of the sandbox.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -21,140 +19,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use ipcluster_load::{Cpu, Stats, closed_loop, loopback_sources, open_loop};
+use ipcluster_load::{Arm, Cpu, Stats, closed_loop, interleaved, loopback_sources, open_loop};
 use ipcluster_sandbox::Sandbox;
 
+pub use super::cells::{CELLS, Cell, Front, Metric, Program};
 use super::{
     Plan, background, sandbox,
     stats::{self, Spread},
     system, wait_port,
 };
-
-/// The worker program.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Program {
-    /// `ipcluster-demo` (Rust, a thread per connection).
-    Demo,
-    /// A minimal Node.js `http` server ([`super::NODE_WORKER`]).
-    Node,
-}
-
-impl Program {
-    fn command(self) -> &'static str {
-        match self {
-            Program::Demo => "[\"/usr/local/bin/ipcluster-demo\"]",
-            Program::Node => "[\"/usr/bin/node\", \"/var/lib/ipcluster-bench/worker.js\"]",
-        }
-    }
-    fn argv(self) -> &'static [&'static str] {
-        match self {
-            Program::Demo => &["/usr/local/bin/ipcluster-demo"],
-            Program::Node => &["/usr/bin/node", super::WORKER_JS],
-        }
-    }
-}
-
-/// One side of a cell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Front {
-    /// ipclusterd with `routing` (`nat` or `socket`) and `extra` lines of app settings.
-    Ipclusterd { routing: &'static str, extra: &'static str },
-    /// The mode's own sandbox and workers (an ipclusterd NAT front), reached through conntrack
-    /// and one REDIRECT rule per worker: NAT's physical limit.
-    NatLimit,
-    /// An ipclusterd socket-mode sandbox with its steering program detached: a plain
-    /// `SO_REUSEPORT` group of the same workers.
-    Reuseport,
-    /// HAProxy (2 threads) in front of as many workers, sticky by source address.
-    Haproxy,
-    /// PM2 cluster mode with as many Node.js processes.
-    Pm2,
-}
-
-pub const NAT: Front = Front::Ipclusterd { routing: "nat", extra: "" };
-pub const SOCKET: Front = Front::Ipclusterd { routing: "socket", extra: "" };
-/// The same fronts with session affinity on (every client recorded, refreshed on each new
-/// connection).
-pub const NAT_STICKY: Front = Front::Ipclusterd { routing: "nat", extra: "session_affinity = \"90s\"\n" };
-pub const SOCKET_STICKY: Front =
-    Front::Ipclusterd { routing: "socket", extra: "session_affinity = \"90s\"\n" };
-
-impl Front {
-    pub fn label(self, program: Program, bands: u32) -> String {
-        let p = if program == Program::Node { "node " } else { "" };
-        match self {
-            Front::Ipclusterd { routing, extra } => {
-                let mode = if routing == "nat" { "NAT" } else { "socket" };
-                let extra = if extra.is_empty() { String::new() } else { format!(" ({})", extra.trim()) };
-                format!("{p}{mode} {bands} bands{extra}")
-            }
-            Front::NatLimit => format!("{p}{bands} workers via conntrack + REDIRECT"),
-            Front::Reuseport => format!("{p}{bands} workers, plain reuseport group"),
-            Front::Haproxy => format!("{p}HAProxy, {bands} workers"),
-            Front::Pm2 => format!("{p}PM2 cluster, {bands} processes"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Metric {
-    KeepAlive,
-    NewConn,
-}
-
-/// A target on a cell's ratio (mode / control), judged on the median.
-#[derive(Debug, Clone, Copy)]
-pub struct Target {
-    pub metric: Metric,
-    pub min: f64,
-}
-
-/// A comparison measured in interleaved rounds.
-#[derive(Debug, Clone, Copy)]
-pub struct Cell {
-    pub program: Program,
-    pub bands: u32,
-    pub mode: Front,
-    pub control: Front,
-    /// Clients on one CPU, servers on the other; `false` for the one row that shows what
-    /// pinning changes.
-    pub pinned: bool,
-    /// Part of `--quick` (the headline cells).
-    pub quick: bool,
-    pub targets: &'static [Target],
-}
-
-const SOCKET_TARGETS: &[Target] =
-    &[Target { metric: Metric::KeepAlive, min: 0.98 }, Target { metric: Metric::NewConn, min: 0.98 }];
-const NAT_TARGETS: &[Target] =
-    &[Target { metric: Metric::KeepAlive, min: 0.97 }, Target { metric: Metric::NewConn, min: 0.97 }];
-const VS_ALTERNATIVE: &[Target] = &[Target { metric: Metric::NewConn, min: 1.5 }];
-/// `session_affinity`'s cost on new connections (issue 23): at most 8 % in NAT mode (a set
-/// lookup and a set update per new connection), at most 3 % in socket mode (a map lookup and
-/// update in the program).
-const AFFINITY_NAT: &[Target] = &[Target { metric: Metric::NewConn, min: 0.92 }];
-const AFFINITY_SOCKET: &[Target] = &[Target { metric: Metric::NewConn, min: 0.97 }];
-
-const fn cell(program: Program, bands: u32, mode: Front, control: Front, targets: &'static [Target]) -> Cell {
-    Cell { program, bands, mode, control, pinned: true, quick: false, targets }
-}
-
-/// Every cell of the full run, in order.
-pub const CELLS: &[Cell] = &[
-    cell(Program::Demo, 8, NAT, Front::NatLimit, NAT_TARGETS),
-    Cell { quick: true, ..cell(Program::Demo, 64, NAT, Front::NatLimit, NAT_TARGETS) },
-    Cell { quick: true, ..cell(Program::Demo, 8, SOCKET, Front::Reuseport, SOCKET_TARGETS) },
-    Cell { quick: true, ..cell(Program::Demo, 64, SOCKET, Front::Reuseport, SOCKET_TARGETS) },
-    cell(Program::Node, 8, SOCKET, Front::Reuseport, SOCKET_TARGETS),
-    cell(Program::Node, 64, SOCKET, Front::Reuseport, SOCKET_TARGETS),
-    cell(Program::Demo, 8, NAT, Front::Haproxy, VS_ALTERNATIVE),
-    cell(Program::Node, 8, NAT, Front::Pm2, VS_ALTERNATIVE),
-    // The same as the third, unpinned: what pinning changes.
-    Cell { pinned: false, ..cell(Program::Demo, 8, SOCKET, Front::Reuseport, &[]) },
-    // session_affinity on against off, the same app otherwise.
-    cell(Program::Demo, 8, NAT_STICKY, NAT, AFFINITY_NAT),
-    cell(Program::Demo, 8, SOCKET_STICKY, SOCKET, AFFINITY_SOCKET),
-];
 
 /// A front's constant-rate latency at a share of its capacity.
 #[derive(Debug, Clone, Default)]
@@ -200,6 +73,8 @@ pub struct Measured {
     /// evicted early and inserts that failed (a full table: new
     /// connections wait for a SYN retransmit, so a round's rate would measure the table).
     pub conntrack_drops: u64,
+    /// The length of a turn, keep-alive and new connections ([`turn_length`]).
+    pub turns: [std::time::Duration; 2],
     /// 1-minute load average when the cell started and ended.
     pub load: (f64, f64),
     pub seconds: f64,
@@ -220,6 +95,9 @@ struct Endpoint {
     targets: Vec<(Ipv4Addr, SocketAddrV4)>,
     /// The daemon's PID inside, for the program's statistics (socket mode).
     steering: Option<u32>,
+    /// Keep-alive connections to spread evenly over this many workers (a plain reuseport
+    /// group: the kernel's hash does not).
+    balance: Option<usize>,
 }
 
 fn app(program: Program, bands: u32, routing: &str, extra: &str) -> String {
@@ -281,7 +159,7 @@ fn setup(
         Front::Ipclusterd { routing, extra } => {
             let (sb, targets) = ipclusterd_front(cell, routing, extra, sbs)?;
             let steering = (routing == "socket").then(|| sbs[sb].main_pid("ipclusterd")).transpose()?;
-            Endpoint { sb, targets, steering }
+            Endpoint { sb, targets, steering, balance: None }
         }
         Front::NatLimit => {
             let mode = mode.context("NAT's limit is measured on the mode's own sandbox")?;
@@ -315,7 +193,7 @@ fn setup(
                     (*s, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 30000 + band as u16))
                 })
                 .collect();
-            Endpoint { sb: mode.sb, targets, steering: None }
+            Endpoint { sb: mode.sb, targets, steering: None, balance: None }
         }
         Front::Reuseport => {
             let (sb, targets) = ipclusterd_front(cell, "socket", "", sbs)?;
@@ -328,7 +206,7 @@ fn setup(
             sbs[sb].check(["systemctl", "stop", "ipclusterd"])?;
             sbs[sb].check(["systemctl", "mask", "--runtime", "ipclusterd"])?;
             sbs[sb].check([xtask.to_string_lossy().as_ref(), "bench-detach", &pid.to_string()])?;
-            Endpoint { sb, targets, steering: None }
+            Endpoint { sb, targets, steering: None, balance: Some(cell.bands as usize) }
         }
         Front::Haproxy => {
             let sb = sandbox(None)?;
@@ -346,13 +224,13 @@ fn setup(
             background(&sb, &["/usr/sbin/haproxy", "-f", "/var/lib/ipcluster-bench/haproxy.cfg"], &[])?;
             wait_port(&sb, 80)?;
             sbs.push(sb);
-            Endpoint { sb: sbs.len() - 1, targets: public(&srcs), steering: None }
+            Endpoint { sb: sbs.len() - 1, targets: public(&srcs), steering: None, balance: None }
         }
         Front::Pm2 => {
             let sb = sandbox(None)?;
             start_pm2(&sb, pm2, cell.bands)?;
             sbs.push(sb);
-            Endpoint { sb: sbs.len() - 1, targets: public(&srcs), steering: None }
+            Endpoint { sb: sbs.len() - 1, targets: public(&srcs), steering: None, balance: None }
         }
     })
 }
@@ -368,7 +246,7 @@ fn conntrack_drops(sbs: &[Sandbox]) -> u64 {
 
 /// One closed-loop measurement.
 fn closed(plan: &Plan, sb: &Sandbox, ep: &Endpoint, keepalive: bool, cpu: Cpu) -> Stats {
-    closed_loop(sb, plan.clients, plan.run, keepalive, &ep.targets, cpu)
+    closed_loop(sb, plan.clients, plan.run, keepalive, &ep.targets, cpu, ep.balance)
 }
 
 fn record(side: &mut Side, ka: &Stats, nc: &Stats) {
@@ -410,8 +288,23 @@ fn program_cost(plan: &Plan, sb: &Sandbox, ep: &Endpoint, cpu: Cpu) -> Result<f6
     Ok((ns1 - ns0) as f64 / (cnt1 - cnt0) as f64)
 }
 
-/// Measures one cell: both fronts set up, a warm-up each, then `plan.rounds` interleaved
-/// rounds, then each front's constant-rate latency.
+/// Requests each client makes in a turn, about: a turn begins with every client's request at
+/// once and ends waiting for the last ones, so a turn of a few requests a client measures its
+/// edges (Node.js at 64 bands, ~6 000 requests a second over 64 connections, gave 60–64 of its
+/// 64 workers a request in 50 ms turns, and ±5 % between rounds).
+const TURN_REQUESTS: f64 = 10.0;
+
+/// A turn's length for a front pair whose slower rate is `rate`: long enough for
+/// [`TURN_REQUESTS`] requests per client, at least `plan.slice` and at most 4 × that (the CPU's
+/// speed phases last from a quarter of a second to seconds: 400 ms turns gave Node.js at 8
+/// bands ±14 % between rounds).
+fn turn_length(plan: &Plan, rate: f64) -> std::time::Duration {
+    let want = plan.clients as f64 * TURN_REQUESTS / rate.max(1.0);
+    std::time::Duration::from_secs_f64(want.clamp(plan.slice.as_secs_f64(), 4.0 * plan.slice.as_secs_f64()))
+}
+
+/// Measures one cell: both fronts set up, a warm-up each, then `plan.rounds` rounds of turns,
+/// then each front's constant-rate latency.
 pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
     let started = Instant::now();
     let load0 = system::load1();
@@ -434,26 +327,39 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
     c_side.label = cell.control.label(cell.program, cell.bands);
     m_side.label = cell.mode.label(cell.program, cell.bands);
     let mut merged_nc: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    // A warm-up of each front, then a short run of each whose rates set the turns' length: the
+    // slower front's, per kind. (Not the warm-up's own rate: a Node.js worker's first second,
+    // before V8 has compiled its code, runs at a fraction of its speed.)
+    let mut warm = *plan;
+    warm.run = plan.warmup;
+    let mut calibrate = *plan;
+    calibrate.run = 4 * plan.slice;
+    let mut warm_rates = [f64::INFINITY; 2];
     for ep in [&control, &mode] {
-        let mut warm = *plan;
-        warm.run = plan.warmup;
-        let _ = closed(&warm, &sbs[ep.sb], ep, true, client_cpu);
-        let _ = closed(&warm, &sbs[ep.sb], ep, false, client_cpu);
+        for (i, keepalive) in [true, false].into_iter().enumerate() {
+            let _ = closed(&warm, &sbs[ep.sb], ep, keepalive, client_cpu);
+            let rate = closed(&calibrate, &sbs[ep.sb], ep, keepalive, client_cpu).rate();
+            warm_rates[i] = warm_rates[i].min(rate);
+        }
     }
+    let turns = warm_rates.map(|r| turn_length(plan, r));
     let drops0 = conntrack_drops(&sbs);
+    let arms = [&control, &mode].map(|ep| Arm { sb: &sbs[ep.sb], targets: &ep.targets, balance: ep.balance });
     for round in 0..plan.rounds {
-        // Who goes first alternates: whatever a run leaves behind (TIME_WAIT sockets, conntrack
+        // Who goes first alternates: whatever a turn leaves behind (TIME_WAIT sockets, conntrack
         // entries, a warmer cache) falls on each side as often.
-        let mut order = [(0, &control, &mut c_side), (1, &mode, &mut m_side)];
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for (i, ep, side) in order {
-            let ka = closed(plan, &sbs[ep.sb], ep, true, client_cpu);
-            let nc = closed(plan, &sbs[ep.sb], ep, false, client_cpu);
-            record(side, &ka, &nc);
-            merged_nc[i].extend(&nc.latencies_us);
-        }
+        let first = round % 2;
+        let run = |keepalive: bool| {
+            let turn = turns[usize::from(!keepalive)];
+            let n = (plan.run.as_secs_f64() / turn.as_secs_f64()).round().max(1.0) as usize;
+            interleaved(arms, plan.clients, keepalive, turn, n, first, client_cpu)
+        };
+        let [c_ka, m_ka] = run(true);
+        let [c_nc, m_nc] = run(false);
+        record(&mut c_side, &c_ka, &c_nc);
+        record(&mut m_side, &m_ka, &m_nc);
+        merged_nc[0].extend(&c_nc.latencies_us);
+        merged_nc[1].extend(&m_nc.latencies_us);
     }
     let conntrack_drops = conntrack_drops(&sbs).saturating_sub(drops0);
     if conntrack_drops > 0 {
@@ -489,11 +395,12 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         mode: m_side,
         program_ns,
         conntrack_drops,
+        turns,
         load: (load0, system::load1()),
         seconds: started.elapsed().as_secs_f64(),
     };
     eprintln!(
-        "   {} vs {}{}: keep-alive {} (median ±{:.1} %, rounds ±{:.1} %; on {:?} / {:?} workers), new conn {} (median ±{:.1} %, rounds ±{:.1} %), failed {}/{} (open loop {}/{}){}; {:.0} s, load {:.1}",
+        "   {} vs {}{}: keep-alive {} (median ±{:.1} %, rounds ±{:.1} %; on {:?} / {:?} workers), new conn {} (median ±{:.1} %, rounds ±{:.1} %), failed {}/{} (open loop {}/{}){}; turns {:?}; {:.0} s, load {:.1}",
         m.mode.label,
         m.control.label,
         if cell.pinned { "" } else { " (unpinned)" },
@@ -510,6 +417,7 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         m.mode.open.iter().map(|o| o.failed).sum::<usize>(),
         m.control.open.iter().map(|o| o.failed).sum::<usize>(),
         m.program_ns.map_or(String::new(), |ns| format!(", program {ns:.0} ns/connection")),
+        m.turns,
         m.seconds,
         m.load.1
     );
@@ -517,22 +425,35 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
     Ok(m)
 }
 
-pub fn run(plan: &Plan, pm2: &Path) -> Result<Vec<Measured>> {
+/// A cell's name: `MODE vs CONTROL`.
+fn name(cell: &Cell) -> String {
+    format!(
+        "{} vs {}",
+        cell.mode.label(cell.program, cell.bands),
+        cell.control.label(cell.program, cell.bands)
+    )
+}
+
+/// The cells of this run: the quick ones with `--quick`, and only those whose name contains
+/// one of `only` when any is given.
+fn chosen(plan: &Plan, only: &[String]) -> Vec<&'static Cell> {
+    CELLS
+        .iter()
+        .filter(|c| c.quick || !plan.quick)
+        .filter(|c| only.is_empty() || only.iter().any(|o| name(c).contains(o.as_str())))
+        .collect()
+}
+
+pub fn run(plan: &Plan, pm2: &Path, only: &[String]) -> Result<Vec<Measured>> {
     if system::cpus().is_none() {
         eprintln!("   !! one CPU: nothing is pinned (clients and servers share it)");
     }
     let mut out = Vec::new();
-    for cell in CELLS.iter().filter(|c| c.quick || !plan.quick) {
-        out.push(measure(plan, cell, pm2).with_context(|| {
-            format!(
-                "cell {} vs {}",
-                cell.mode.label(cell.program, cell.bands),
-                cell.control.label(cell.program, cell.bands)
-            )
-        })?);
+    for cell in chosen(plan, only) {
+        out.push(measure(plan, cell, pm2).with_context(|| format!("cell {}", name(cell)))?);
     }
     if out.is_empty() {
-        bail!("no data-path cell ran");
+        bail!("no data-path cell ran (none is named by --cell {only:?})");
     }
     Ok(out)
 }
@@ -571,29 +492,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_cell_compares_like_with_like() {
-        for c in CELLS {
-            assert!(c.bands.is_power_of_two());
-            match c.control {
-                Front::NatLimit => assert_eq!(c.mode, NAT, "NAT's limit is NAT's own sandbox"),
-                Front::Reuseport => assert!(matches!(c.mode, Front::Ipclusterd { routing: "socket", .. })),
-                Front::Pm2 => assert_eq!(c.program, Program::Node),
-                _ => {}
-            }
-            assert!(!matches!(c.mode, Front::NatLimit | Front::Reuseport), "a control is never a mode");
-        }
-        assert!(CELLS.iter().any(|c| !c.pinned), "one unpinned row");
-        assert!(CELLS.iter().filter(|c| c.quick).count() >= 2);
+    fn turns_hold_enough_requests_within_bounds() {
+        let plan = Plan::new(false);
+        let ms = |rate| turn_length(&plan, rate).as_millis();
+        assert_eq!(ms(50_000.0), plan.slice.as_millis(), "fast fronts: the shortest turn");
+        assert_eq!(ms(6_400.0), 100, "64 clients × 10 requests at 6 400/s");
+        assert_eq!(ms(10.0), 4 * plan.slice.as_millis(), "a stalled front: the longest");
+        assert_eq!(ms(0.0), 4 * plan.slice.as_millis());
     }
 
     #[test]
-    fn labels_name_the_front_and_its_workers() {
-        assert_eq!(SOCKET.label(Program::Node, 8), "node socket 8 bands");
-        assert_eq!(Front::NatLimit.label(Program::Demo, 64), "64 workers via conntrack + REDIRECT");
-        assert_eq!(NAT_STICKY.label(Program::Demo, 8), "NAT 8 bands (session_affinity = \"90s\")");
-        let sticky: Vec<&Cell> =
-            CELLS.iter().filter(|c| c.mode == NAT_STICKY || c.mode == SOCKET_STICKY).collect();
-        assert_eq!(sticky.len(), 2, "one on/off cell per mode");
-        assert!(sticky.iter().all(|c| c.control == NAT || c.control == SOCKET));
+    fn cell_picks_cells_by_name() {
+        let full = Plan::new(false);
+        assert_eq!(chosen(&full, &[]).len(), CELLS.len());
+        let node64 = chosen(&full, &["node socket 64".into()]);
+        assert_eq!(node64.len(), 1);
+        assert_eq!(name(node64[0]), "node socket 64 bands vs node 64 workers, plain reuseport group");
+        // The pinned cell and its unpinned twin share a name.
+        assert_eq!(chosen(&full, &["socket 8 bands vs 8 workers".into()]).len(), 2);
+        assert!(chosen(&full, &["no such cell".into()]).is_empty());
+        let quick = Plan::new(true);
+        assert!(chosen(&quick, &["node".into()]).is_empty(), "--quick keeps to its own cells");
     }
 }

@@ -14,6 +14,7 @@
 //! own network namespace). Results are compared as ratios of paired rounds within the run;
 //! [`report`] writes docs/bench/REPORT.md with SVG charts and the README's headline table.
 
+mod cells;
 mod charts;
 mod datapath;
 mod deploys;
@@ -34,8 +35,10 @@ pub struct Plan {
     /// Interleaved rounds per cell (control, mode, then mode, control, …: as many of each
     /// order when even).
     pub rounds: usize,
-    /// Duration of each closed-loop measurement of a round.
+    /// Each front's share of a round, per kind (keep-alive, new connections): its turns added up.
     pub run: Duration,
+    /// One turn: a round alternates the two fronts in turns of this (A B B A …).
+    pub slice: Duration,
     /// Each front's warm-up before its cell's first round.
     pub warmup: Duration,
     /// Duration of each constant-rate latency measurement.
@@ -55,6 +58,7 @@ impl Plan {
                 quick,
                 rounds: 3,
                 run: Duration::from_millis(800),
+                slice: Duration::from_millis(50),
                 warmup: Duration::from_millis(300),
                 latency_run: Duration::from_millis(800),
                 clients: 64,
@@ -68,6 +72,7 @@ impl Plan {
                 quick,
                 rounds: 16,
                 run: Duration::from_secs(2),
+                slice: Duration::from_millis(50),
                 warmup: Duration::from_secs(1),
                 latency_run: Duration::from_secs(4),
                 clients: 64,
@@ -88,7 +93,7 @@ pub enum Section {
     Footprint,
 }
 
-pub fn run(quick: bool, only: &[Section]) -> Result<()> {
+pub fn run(quick: bool, only: &[Section], cells: &[String]) -> Result<()> {
     if let Some(why) = ipcluster_sandbox::unavailable_reason() {
         bail!("the benchmarks boot sandboxed systemd hosts: {why}");
     }
@@ -103,7 +108,7 @@ pub fn run(quick: bool, only: &[Section]) -> Result<()> {
     let wants = |s: Section| only.is_empty() || only.contains(&s);
     let dp = if wants(Section::Datapath) {
         eprintln!("== data path ({} rounds of {:?} per front and kind)", plan.rounds, plan.run);
-        Some(datapath::run(&plan, &pm2)?)
+        Some(datapath::run(&plan, &pm2, cells)?)
     } else {
         None
     };
@@ -129,7 +134,7 @@ pub fn run(quick: bool, only: &[Section]) -> Result<()> {
     };
     eprintln!("took {:.0} s", took.as_secs_f64());
     match (dp, dl, fp) {
-        (Some(dp), Some(dl), Some(fp)) => report::write(&plan, &env, &dp, &dl, &fp),
+        (Some(dp), Some(dl), Some(fp)) if cells.is_empty() => report::write(&plan, &env, &dp, &dl, &fp),
         _ => {
             eprintln!("(a partial run: no report written)");
             Ok(())

@@ -240,10 +240,12 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
     );
     let _ = writeln!(
         md,
-        "**Method.** Each data-path cell sets up a mode and its control side by side and measures them in {} interleaved rounds (control, mode, then mode, control, …: the side that goes first alternates) of {:.1} s per kind (keep-alive, then a new connection per request), {} closed-loop clients from 64 source addresses, after a warm-up of each. Every client of a run starts together (a barrier) and only requests that ended within the run's window count, so the rate is what the window held. A ratio is each mode round over the control round of the same pair; a cell shows the median of those ratios with their min–max, and its spread is the 95 % bootstrap interval of that median (in the tables below): a target is judged on the median, and a spread wider than ±3 % is flagged as a defect of the measurement. The closed loop's latencies are corrected for coordinated omission as wrk2 does (for the interval each client's requests were due at, at the measured rate). Failed requests are counted in every row and never in the rates, and so are conntrack's drops (every sandbox keeps a closed connection's conntrack entry 2 s instead of 120, or a table of 262 144 entries fills within 15 s at these rates).\n",
+        "**Method.** Each data-path cell sets up a mode and its control side by side and measures them in {} rounds; in each round the two take turns (control, mode, mode, control, …: the side that goes first alternates between rounds) until each has had {:.1} s per kind (keep-alive, then a new connection per request). The load is {} closed-loop clients from 64 source addresses, driven by one thread through epoll (as wrk does) so that the servers' CPU, not the load generator's, is the one that saturates, after a warm-up of each front. With keep-alive each client's connection is made before the turns and stays open between them; in a plain reuseport group the connections are spread evenly over the workers first (a front that maps clients to bands does that by itself). Only requests that ended within a turn count, so a rate is what the turns held. Turns rather than one run per front: this machine's CPUs change speed by themselves for seconds at a time, and turns much shorter than that compare the fronts at the same speed. A turn is long enough for each client to make about 10 requests at the slower front's rate (a short run after the warm-up), {:.0}–{:.0} ms (in the table below). A ratio is a round's mode rate over its control rate; a cell shows the median of those ratios with their min–max, and its spread is the 95 % bootstrap interval of that median (in the tables below): a target is judged on the median, and a spread wider than ±3 % is flagged as a defect of the measurement. The closed loop's latencies are corrected for coordinated omission as wrk2 does (for the interval each client's requests were due at, at the measured rate). Failed requests are counted in every row and never in the rates, and so are conntrack's drops (every sandbox keeps a closed connection's conntrack entry 2 s instead of 120, or a table of 262 144 entries fills within 15 s at these rates).\n",
         plan.rounds,
         plan.run.as_secs_f64(),
-        plan.clients
+        plan.clients,
+        plan.slice.as_secs_f64() * 1000.0,
+        plan.slice.as_secs_f64() * 4000.0
     );
     let _ =
         writeln!(md, "## Targets\n\n| target | measured: median [min–max] | target | |\n|---|---|---|---|");
@@ -266,15 +268,17 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
     );
     let _ = writeln!(
         md,
-        "| mode | control | pinned | keep-alive ratio | 95 % CI | new conn ratio | 95 % CI | mode req/s (ka / new) | control req/s (ka / new) | failed (mode / control) | keep-alive: workers answering (mode / control) | conntrack drops | new conn p50 / p99 µs, mode / control | program ns/conn | load avg | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| mode | control | pinned | turn ms (ka / new) | keep-alive ratio | 95 % CI | new conn ratio | 95 % CI | mode req/s (ka / new) | control req/s (ka / new) | failed (mode / control) | keep-alive: workers answering (mode / control) | conntrack drops | new conn p50 / p99 µs, mode / control | program ns/conn | load avg | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for c in dp {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.3}–{:.3} | {} | {:.3}–{:.3} | {} / {} | {} / {} | {} / {} | {} / {} | {} | {} / {} — {} / {} | {} | {:.1}–{:.1} | {:.0} |",
+            "| {} | {} | {} | {} / {} | {} | {:.3}–{:.3} | {} | {:.3}–{:.3} | {} / {} | {} / {} | {} / {} | {} / {} | {} | {} / {} — {} / {} | {} | {:.1}–{:.1} | {:.0} |",
             c.mode.label,
             c.control.label,
             if c.cell.pinned { "yes" } else { "**no**" },
+            c.turns[0].as_millis(),
+            c.turns[1].as_millis(),
             c.keepalive.show(),
             c.keepalive.ci.0,
             c.keepalive.ci.1,
@@ -475,6 +479,16 @@ fn artefacts(md: &mut String, dp: &[Measured], dl: &Deploys) {
         md,
         "- **Node.js socket mode at 64 bands: 0.91 in one run, 1.20 in another**: the control sent each client to one fixed worker and, at 64 workers with 32 clients, used workers 0–31 only, while socket mode spread clients over all 64 bands; its workers did not share ipclusterd's confinement. Now: {}.",
         show(find("node socket 64 bands", "reuseport"))
+    );
+    let _ = writeln!(
+        md,
+        "- **Node.js socket mode at 64 bands, keep-alive: 0.60 in two full runs**: the plain reuseport group's hash left its 64 keep-alive connections on about 41 of the 64 workers, socket mode on all 64, and 64 single-threaded processes sharing one CPU serve fewer requests than 41. The control's connections are now spread over its workers as evenly as socket mode's: {}.",
+        show(find("node socket 64 bands", "reuseport"))
+    );
+    let _ = writeln!(
+        md,
+        "- **Spreads of ±4–33 % in the two full runs before this method** (e.g. socket mode at 8 bands 0.98 [0.72–1.29] / 0.97 [0.90–1.05]): the load generator, a thread per client in `cargo xtask`'s unoptimized build, held the client CPU at 96–100 % while the servers' CPU idled 10–60 %, so the rates measured the generator; and each front ran 2 s after the other on CPUs whose speed changes by itself (a compute loop alone on an idle CPU: 0.77 × to 1.45 × its median, in phases of seconds). Now one optimized epoll thread drives the load, and the fronts take short turns: {} for socket mode at 8 bands.",
+        show(find("socket 8 bands", "reuseport"))
     );
     let s = dl.ipclusterd.summary();
     let kinds: Vec<String> =
