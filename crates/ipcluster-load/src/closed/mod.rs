@@ -54,7 +54,11 @@ const BALANCE_TRIES: usize = 2000;
 /// held (`ok / duration`). A request that ended after the window still gives its latency (a
 /// stall at the end is not hidden from the tail), and a failure is counted whenever it ends.
 ///
-/// Panics when the thread cannot be started or pinned, or `balance` cannot be met.
+/// A keep-alive connection that fails during the window is made again from its client's source
+/// without being spread again (failures are counted, and shown in every row of the report).
+///
+/// Panics when the thread cannot be started or pinned, when a client's keep-alive connection
+/// fails 20 times before the window, or when `balance` cannot be met.
 pub fn closed_loop(
     sb: &ipcluster_sandbox::Sandbox,
     clients: usize,
@@ -139,24 +143,7 @@ pub fn interleaved(
             nix::sched::setns(&ns[i], nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| format!("setns into the front's network namespace: {e}"))
         };
-        let mut drivers = Vec::new();
-        for (i, (targets, balance)) in setup.into_iter().enumerate() {
-            let mut d = Driver::new(clients, keepalive, targets, balance)?;
-            enter(i)?;
-            d.connect_all()?;
-            drivers.push(d);
-        }
-        let mut inside = usize::MAX;
-        for k in 0..2 * slices {
-            let i = turn(first, k);
-            if i != inside {
-                enter(i)?;
-                inside = i;
-            }
-            drivers[i].window(slice)?;
-        }
-        let mut out = drivers.into_iter().map(Driver::finish);
-        Ok([out.next().expect("two"), out.next().expect("two")])
+        take_turns(setup, clients, keepalive, slice, slices, first, enter)
     };
     // A thread of its own: it moves between network namespaces, which no other code shares.
     std::thread::spawn(run)
@@ -165,28 +152,81 @@ pub fn interleaved(
         .unwrap_or_else(|e| panic!("interleaved closed loop: {e}"))
 }
 
+/// A front's targets and `balance`, as [`Driver::new`] takes them.
+type Setup = (Vec<(Ipv4Addr, SocketAddrV4)>, Option<usize>);
+
+/// [`interleaved`]'s work on the calling thread: `enter(i)` puts it where front `i`'s sockets
+/// belong (its network namespace), before any of them is made.
+fn take_turns(
+    fronts: [Setup; 2],
+    clients: usize,
+    keepalive: bool,
+    slice: Duration,
+    slices: usize,
+    first: usize,
+    mut enter: impl FnMut(usize) -> Result<(), String>,
+) -> Result<[Stats; 2], String> {
+    let mut drivers = Vec::new();
+    for (i, (targets, balance)) in fronts.into_iter().enumerate() {
+        let mut d = Driver::new(clients, keepalive, targets, balance)?;
+        enter(i)?;
+        d.connect_all()?;
+        drivers.push(d);
+    }
+    let mut inside = usize::MAX;
+    // An odd number of turns ends a round on an unpaired A B; `first` alternates between rounds,
+    // so that falls on each front as often.
+    for k in 0..2 * slices {
+        let i = turn(first, k);
+        if i != inside {
+            enter(i)?;
+            inside = i;
+        }
+        drivers[i].window(slice)?;
+    }
+    let mut out = drivers.into_iter().map(Driver::finish);
+    Ok([out.next().expect("two"), out.next().expect("two")])
+}
+
 /// Whose turn the `k`-th is: A B B A A B B A …, A being `first`.
 fn turn(first: usize, k: usize) -> usize {
     (first + k.div_ceil(2)) % 2
 }
 
+/// Failed attempts to make one client's keep-alive connection before the run gives up.
+const SETUP_FAILURES: usize = 20;
+
 /// One keep-alive connection per client, each with one answered request; spread so that no
-/// worker holds more than its share when `balance` is given.
+/// worker holds more than its share when `balance` is given. A failed connect or first request
+/// is counted (the second value) and tried again, up to [`SETUP_FAILURES`] per client.
 fn establish(
     clients: usize,
     targets: &[(Ipv4Addr, SocketAddrV4)],
     balance: Option<usize>,
-) -> Result<Vec<std::net::TcpStream>, String> {
+) -> Result<(Vec<std::net::TcpStream>, u64), String> {
     let share = balance.map(|n| clients.div_ceil(n.max(1)));
     let mut held: BTreeMap<u32, usize> = BTreeMap::new();
     let mut out = Vec::with_capacity(clients);
+    let mut failed = 0;
     for c in 0..clients {
         let (src, dst) = targets[c % targets.len()];
-        let mut tries = 0;
+        let (mut tries, mut failures) = (0, 0);
         loop {
             tries += 1;
-            let mut s = connect(src, dst).map_err(|e| format!("connect {src} → {dst}: {e:?}"))?;
-            let pid = request(&mut s).map_err(|e| format!("first request {src} → {dst}: {e:?}"))?.pid;
+            let made = connect(src, dst).and_then(|mut s| request(&mut s).map(|a| (s, a.pid)));
+            let (s, pid) = match made {
+                Ok(made) => made,
+                Err(e) => {
+                    failed += 1;
+                    failures += 1;
+                    if failures >= SETUP_FAILURES {
+                        return Err(format!(
+                            "connect {src} → {dst} and a first request: {e:?}, {failures} times"
+                        ));
+                    }
+                    continue;
+                }
+            };
             let n = held.entry(pid).or_default();
             if share.is_some_and(|k| *n >= k) {
                 if tries >= BALANCE_TRIES {
@@ -202,7 +242,7 @@ fn establish(
             break;
         }
     }
-    Ok(out)
+    Ok((out, failed))
 }
 
 enum Phase {
@@ -275,7 +315,8 @@ impl Driver {
         if !self.keepalive {
             return Ok(());
         }
-        let held = establish(self.conns.len(), &self.targets, self.balance)?;
+        let (held, failed) = establish(self.conns.len(), &self.targets, self.balance)?;
+        self.stats.failed += failed;
         let now = Instant::now();
         for (c, s) in held.into_iter().enumerate() {
             s.set_nonblocking(true).map_err(|e| format!("non-blocking: {e}"))?;
@@ -422,6 +463,7 @@ impl Driver {
                     },
                 },
                 Phase::Sending(off) => match conn.stream.write(&REQUEST[off..]) {
+                    Ok(0) => return Some(Err(Failure::Reset)),
                     Ok(n) if off + n == REQUEST.len() => conn.phase = Phase::Receiving,
                     Ok(n) => conn.phase = Phase::Sending(off + n),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => return None,

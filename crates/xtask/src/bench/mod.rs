@@ -37,7 +37,8 @@ pub struct Plan {
     pub rounds: usize,
     /// Each front's share of a round, per kind (keep-alive, new connections): its turns added up.
     pub run: Duration,
-    /// One turn: a round alternates the two fronts in turns of this (A B B A …).
+    /// The shortest turn: in a round the two fronts alternate in turns of this to 4 × this, by
+    /// their rate (`datapath::turn_length`).
     pub slice: Duration,
     /// Each front's warm-up before its cell's first round.
     pub warmup: Duration,
