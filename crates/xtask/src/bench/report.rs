@@ -465,31 +465,32 @@ fn artefacts(md: &mut String, dp: &[Measured], dl: &Deploys) {
         })
     };
     let _ = writeln!(md, "## Earlier numbers that were artefacts of the method\n");
-    let _ = writeln!(
-        md,
-        "- **Socket mode at 8 bands: 0.83 / 0.73, 0.93 / 0.84, 0.68 / 0.62 and 1.16 / 1.49** (keep-alive / new connections) in four runs of the same code. Each was one 5-second run of the mode against one of its control, minutes apart, unpinned, on a machine shared with builds: the control was measured, not the front. Now (paired rounds, pinned, against the same workers in a plain reuseport group): {}.",
-        show(find("socket 8 bands", "reuseport"))
-    );
-    let _ = writeln!(
-        md,
-        "- **\"direct + conntrack\" at 1.51 × \"direct\"** (a quick run): the same kind of drift between two single runs; conntrack cannot speed a connection up. NAT is now compared with its own physical limit in the same sandbox: {} at 64 bands.",
-        show(find("NAT 64 bands", "REDIRECT"))
-    );
-    let _ = writeln!(
-        md,
-        "- **Node.js socket mode at 64 bands: 0.91 in one run, 1.20 in another**: the control sent each client to one fixed worker and, at 64 workers with 32 clients, used workers 0–31 only, while socket mode spread clients over all 64 bands; its workers did not share ipclusterd's confinement. Now: {}.",
-        show(find("node socket 64 bands", "reuseport"))
-    );
-    let _ = writeln!(
-        md,
-        "- **Node.js socket mode at 64 bands, keep-alive: 0.60 in two full runs**: the plain reuseport group's hash left its 64 keep-alive connections on about 41 of the 64 workers, socket mode on all 64, and 64 single-threaded processes sharing one CPU serve fewer requests than 41. The control's connections are now spread over its workers as evenly as socket mode's: {}.",
-        show(find("node socket 64 bands", "reuseport"))
-    );
-    let _ = writeln!(
-        md,
-        "- **Spreads of ±4–33 % in the two full runs before this method** (e.g. socket mode at 8 bands 0.98 [0.72–1.29] / 0.97 [0.90–1.05]): the load generator, a thread per client in `cargo xtask`'s unoptimized build, held the client CPU at 96–100 % while the servers' CPU idled 10–60 %, so the rates measured the generator; and each front ran 2 s after the other on CPUs whose speed changes by itself (a compute loop alone on an idle CPU: 0.77 × to 1.45 × its median, in phases of seconds). Now one optimized epoll thread drives the load, and the fronts take short turns: {} for socket mode at 8 bands.",
-        show(find("socket 8 bands", "reuseport"))
-    );
+    // Each with this run's numbers of the cell it was about, in place of `{}`.
+    let earlier = [
+        (
+            "- **Socket mode at 8 bands: 0.83 / 0.73, 0.93 / 0.84, 0.68 / 0.62 and 1.16 / 1.49** (keep-alive / new connections) in four runs of the same code. Each was one 5-second run of the mode against one of its control, minutes apart, unpinned, on a machine shared with builds: the control was measured, not the front. Now (paired rounds, pinned, against the same workers in a plain reuseport group): {}.",
+            find("socket 8 bands", "reuseport"),
+        ),
+        (
+            "- **\"direct + conntrack\" at 1.51 × \"direct\"** (a quick run): the same kind of drift between two single runs; conntrack cannot speed a connection up. NAT is now compared with its own physical limit in the same sandbox: {} at 64 bands.",
+            find("NAT 64 bands", "REDIRECT"),
+        ),
+        (
+            "- **Node.js socket mode at 64 bands: 0.91 in one run, 1.20 in another**: the control sent each client to one fixed worker and, at 64 workers with 32 clients, used workers 0–31 only, while socket mode spread clients over all 64 bands; its workers did not share ipclusterd's confinement. Now: {}.",
+            find("node socket 64 bands", "reuseport"),
+        ),
+        (
+            "- **Node.js socket mode at 64 bands, keep-alive: 0.60 in two full runs**: the plain reuseport group's hash left its 64 keep-alive connections on about 41 of the 64 workers, socket mode on all 64, and 64 single-threaded processes sharing one CPU serve fewer requests than 41. The control's connections are now spread over its workers as evenly as socket mode's: {}.",
+            find("node socket 64 bands", "reuseport"),
+        ),
+        (
+            "- **Spreads of ±4–33 % in the two full runs before this method** (e.g. socket mode at 8 bands 0.98 [0.72–1.29] / 0.97 [0.90–1.05]): the load generator, a thread per client in `cargo xtask`'s unoptimized build, held the client CPU at 96–100 % while the servers' CPU idled 10–60 %, so the rates measured the generator; and each front ran 2 s after the other on CPUs whose speed changes by itself (a compute loop alone on an idle CPU: 0.77 × to 1.45 × its median, in phases of seconds). Now one optimized epoll thread drives the load, and the fronts take short turns: {} for socket mode at 8 bands.",
+            find("socket 8 bands", "reuseport"),
+        ),
+    ];
+    for (text, cell) in earlier {
+        let _ = writeln!(md, "{}", text.replace("{}", &show(cell)));
+    }
     let s = dl.ipclusterd.summary();
     let kinds: Vec<String> =
         s.kinds.iter().map(|k| format!("{} {:.2} ×", k.0, s.p999_ratio(k.0).unwrap_or(0.0))).collect();
