@@ -1,7 +1,8 @@
 //! Data path: each cell is a mode and its control, measured in rounds in the same run, keep-alive
 //! and a new connection per request; in a round the two take turns (A B B A …, who goes first
-//! alternating between rounds: [`ipcluster_load::interleaved`]) of [`turn_length`]. Then each front's latency
-//! at a constant rate, 50 % and 80 % of its measured capacity. The cells are [`super::cells`]'.
+//! alternating between rounds: [`ipcluster_load::interleaved`]) of [`turn_length`]. Then each
+//! front's latency at a constant rate, 50 % and 80 % of its measured capacity. The cells
+//! themselves are in [`super::cells`].
 //!
 //! **The controls are the modes' own workers.** NAT mode's physical limit is the same
 //! sandbox, the same workers, reached through conntrack and one REDIRECT rule per worker
