@@ -66,8 +66,7 @@ pub(crate) fn classify(e: std::io::Error) -> Failure {
 /// the sandbox's netns.
 pub fn connect(src: impl Into<IpAddr>, dst: impl Into<SocketAddr>) -> Result<TcpStream, Failure> {
     let (src, dst) = (src.into(), dst.into());
-    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None).map_err(classify)?;
-    s.bind(&SocketAddr::new(src, 0).into()).map_err(classify)?;
+    let s = bound(src, dst).map_err(classify)?;
     s.connect_timeout(&dst.into(), Duration::from_secs(3)).map_err(classify)?;
     let stream: TcpStream = s.into();
     stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(classify)?;
@@ -77,6 +76,14 @@ pub fn connect(src: impl Into<IpAddr>, dst: impl Into<SocketAddr>) -> Result<Tcp
 
 /// The request every client sends (HTTP/1.1, so the connection stays open).
 pub(crate) const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
+
+/// A TCP socket for `dst`'s family, bound to `src` (port chosen by the kernel), not yet
+/// connected.
+pub(crate) fn bound(src: IpAddr, dst: SocketAddr) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    Ok(s)
+}
 
 /// Sends one keep-alive GET on `stream` and reads one response.
 pub fn request(stream: &mut TcpStream) -> Result<Answer, Failure> {
@@ -234,10 +241,9 @@ pub fn pin_thread_to(cpus: &[usize]) -> std::io::Result<()> {
 /// Where a load's threads run: `Some(cpu)` pins them there, `None` leaves them to the scheduler.
 pub type Cpu = Option<usize>;
 
-fn pin(cpu: Cpu) {
-    if let Some(c) = cpu {
-        pin_thread(c).expect("sched_setaffinity of a load thread");
-    }
+/// Pins the calling thread to `cpu`, when given.
+pub(crate) fn pinned(cpu: Cpu) -> Result<(), String> {
+    cpu.map_or(Ok(()), pin_thread).map_err(|e| format!("sched_setaffinity of a load thread: {e}"))
 }
 
 /// One request of an open-loop run.
@@ -275,7 +281,7 @@ pub fn open_loop(
         .map(|w| {
             let targets = targets.to_vec();
             sb.spawn_in_netns(move || {
-                pin(cpu);
+                pinned(cpu).expect("a load thread on its CPU");
                 let mut out = Vec::new();
                 for n in (w..total).step_by(workers) {
                     let due = interval.mul_f64(n as f64);

@@ -23,9 +23,8 @@ use std::{
 };
 
 use mio::{Events, Interest, Poll, Token, net::TcpStream};
-use socket2::{Domain, Socket, Type};
 
-use crate::{Answer, Cpu, Failure, REQUEST, Stats, classify, connect, pin_thread, request, response};
+use crate::{Answer, Cpu, Failure, REQUEST, Stats, bound, classify, connect, pinned, request, response};
 
 /// A connection that does not complete within this counts as failed (a timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -69,31 +68,16 @@ pub fn closed_loop(
     balance: Option<usize>,
 ) -> Stats {
     let targets = targets.to_vec();
-    let run = move || run(clients, duration, keepalive, &targets, cpu, balance);
+    let run = move || {
+        pinned(cpu)?;
+        Driver::new(clients, keepalive, targets, balance)?.once(duration)
+    };
     let stats = sb
         .spawn_in_netns(run)
         .expect("load thread in the sandbox")
         .join()
         .unwrap_or_else(|_| Err("the load thread panicked".to_owned()));
     stats.unwrap_or_else(|e| panic!("closed loop: {e}"))
-}
-
-/// [`closed_loop`] on the calling thread, in its network namespace.
-pub(crate) fn run(
-    clients: usize,
-    duration: Duration,
-    keepalive: bool,
-    targets: &[(Ipv4Addr, SocketAddrV4)],
-    cpu: Cpu,
-    balance: Option<usize>,
-) -> Result<Stats, String> {
-    if let Some(c) = cpu {
-        pin_thread(c).map_err(|e| format!("sched_setaffinity of the load thread: {e}"))?;
-    }
-    let mut d = Driver::new(clients, keepalive, targets.to_vec(), balance)?;
-    d.connect_all()?;
-    d.window(duration)?;
-    Ok(d.finish())
 }
 
 /// One of the two fronts (arms) of an [`interleaved`] run.
@@ -132,9 +116,7 @@ pub fn interleaved(
     let ns = fronts.map(|f| format!("/proc/{}/ns/net", f.sb.init_pid()));
     let setup = fronts.map(|f| (f.targets.to_vec(), f.balance));
     let run = move || -> Result<[Stats; 2], String> {
-        if let Some(c) = cpu {
-            pin_thread(c).map_err(|e| format!("sched_setaffinity of the load thread: {e}"))?;
-        }
+        pinned(cpu)?;
         let ns = ns
             .iter()
             .map(|p| std::fs::File::open(p).map_err(|e| format!("{p}: {e}")))
@@ -389,6 +371,13 @@ impl Driver {
         Ok(())
     }
 
+    /// One window: [`closed_loop`]'s run on the calling thread, in its network namespace.
+    fn once(mut self, duration: Duration) -> Result<Stats, String> {
+        self.connect_all()?;
+        self.window(duration)?;
+        Ok(self.finish())
+    }
+
     /// The windows' statistics (connections closed).
     fn finish(self) -> Stats {
         let mut stats = self.stats;
@@ -401,9 +390,8 @@ impl Driver {
         let (src, dst) = self.targets[self.next[c] % self.targets.len()];
         self.next[c] += 1;
         let opened = (|| {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            let s = bound(src.into(), dst.into())?;
             s.set_tcp_nodelay(true)?;
-            s.bind(&SocketAddr::from((src, 0)).into())?;
             s.set_nonblocking(true)?;
             match s.connect(&SocketAddr::from(dst).into()) {
                 Err(e) if e.raw_os_error() != Some(nix::libc::EINPROGRESS) => return Err(e),

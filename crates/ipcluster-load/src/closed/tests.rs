@@ -7,6 +7,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use socket2::{Domain, Socket, Type};
+
 use super::*;
 use crate::loopback_sources;
 
@@ -88,6 +90,17 @@ fn refusing() -> (Socket, SocketAddrV4) {
     (s, addr)
 }
 
+/// [`closed_loop`]'s run, on this thread.
+fn run(
+    clients: usize,
+    duration: Duration,
+    keepalive: bool,
+    targets: Vec<(Ipv4Addr, SocketAddrV4)>,
+    balance: Option<usize>,
+) -> Result<Stats, String> {
+    Driver::new(clients, keepalive, targets, balance)?.once(duration)
+}
+
 fn targets(n: u8, dst: SocketAddrV4) -> Vec<(Ipv4Addr, SocketAddrV4)> {
     loopback_sources(n).into_iter().map(|s| (s, dst)).collect()
 }
@@ -95,7 +108,7 @@ fn targets(n: u8, dst: SocketAddrV4) -> Vec<(Ipv4Addr, SocketAddrV4)> {
 #[test]
 fn keepalive_connections_are_spread_evenly_when_asked() {
     let (dst, served) = server(Serve::Answer);
-    let stats = run(8, Duration::from_millis(300), true, &targets(8, dst), None, Some(4)).unwrap();
+    let stats = run(8, Duration::from_millis(300), true, targets(8, dst), Some(4)).unwrap();
     assert_eq!(stats.failed, 0);
     assert!(stats.ok > 8, "{stats:?}");
     assert_eq!(stats.served_by.len(), 4, "every worker answered: {:?}", stats.served_by);
@@ -118,7 +131,7 @@ fn keepalive_connections_are_spread_evenly_when_asked() {
 #[test]
 fn without_balance_the_connections_stay_where_they_land() {
     let (dst, _) = server(Serve::Answer);
-    let stats = run(8, Duration::from_millis(200), true, &targets(8, dst), None, None).unwrap();
+    let stats = run(8, Duration::from_millis(200), true, targets(8, dst), None).unwrap();
     assert_eq!(stats.failed, 0);
     assert!(stats.served_by.len() < 4, "the sequence is uneven: {:?}", stats.served_by);
 }
@@ -127,7 +140,7 @@ fn without_balance_the_connections_stay_where_they_land() {
 fn new_connections_count_every_request_in_the_window() {
     let (dst, served) = server(Serve::Answer);
     let started = Instant::now();
-    let stats = run(4, Duration::from_millis(300), false, &targets(4, dst), None, None).unwrap();
+    let stats = run(4, Duration::from_millis(300), false, targets(4, dst), None).unwrap();
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(stats.failed, 0);
     assert!(stats.ok > 20, "{stats:?}");
@@ -146,19 +159,19 @@ fn new_connections_count_every_request_in_the_window() {
 #[test]
 fn failures_are_counted_never_in_the_rate() {
     let (dst, _) = server(Serve::Hang);
-    let stats = run(4, Duration::from_millis(200), false, &targets(4, dst), None, None).unwrap();
+    let stats = run(4, Duration::from_millis(200), false, targets(4, dst), None).unwrap();
     assert_eq!(stats.ok, 0);
     assert!(stats.failed > 4, "{stats:?}");
     // Nothing listens: refused, counted, and the run still ends with its window.
     let (_held, gone) = refusing();
     let started = Instant::now();
-    let stats = run(2, Duration::from_millis(100), false, &targets(2, gone), None, None).unwrap();
+    let stats = run(2, Duration::from_millis(100), false, targets(2, gone), None).unwrap();
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(stats.ok, 0);
     assert!(stats.failed > 0);
     // A keep-alive connection that cannot be made before the window: tried again, then an error
     // that says why.
-    let err = run(2, Duration::from_millis(100), true, &targets(2, gone), None, None).unwrap_err();
+    let err = run(2, Duration::from_millis(100), true, targets(2, gone), None).unwrap_err();
     assert!(err.contains("Refused") && err.contains("20 times"), "{err}");
 }
 

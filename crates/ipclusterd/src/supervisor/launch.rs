@@ -154,8 +154,8 @@ impl<W: World> Supervisor<W> {
             .collect())
     }
 
-    /// Forks one worker, held at its gate, to run `delay` after its release (in socket mode with its sockets,
-    /// bound here).
+    /// Forks one worker, held at its gate, to run `delay` after its release (in socket mode with
+    /// its sockets, bound here).
     pub(super) fn spawn_band(
         &mut self,
         config: &AppConfig,
