@@ -255,6 +255,9 @@ pub struct Record {
     /// latency by slowing the generator down: no coordinated omission).
     pub latency: Duration,
     pub outcome: Result<u32, Failure>,
+    /// The connection was made (a failure after it came from the server side of an accepted
+    /// connection; one before it, from the connect).
+    pub connected: bool,
 }
 
 /// An open-loop load: requests due at a fixed `rate` per second over new connections, taking
@@ -289,8 +292,12 @@ pub fn open_loop(
                         std::thread::sleep(wait);
                     }
                     let (src, dst) = targets[n % targets.len()];
-                    let outcome = get(src, dst).map(|a| a.pid);
-                    out.push(Record { due, latency: start.elapsed().saturating_sub(due), outcome });
+                    let (outcome, connected) = match connect(src, dst) {
+                        Ok(mut s) => (request(&mut s).map(|a| a.pid), true),
+                        Err(e) => (Err(e), false),
+                    };
+                    let latency = start.elapsed().saturating_sub(due);
+                    out.push(Record { due, latency, outcome, connected });
                 }
                 out
             })

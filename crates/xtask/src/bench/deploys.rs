@@ -52,6 +52,9 @@ pub struct Summary {
     /// Failed requests by the window they were due in ("steady" outside every window); only
     /// windows with a failure.
     pub failed_in: Vec<(&'static str, usize)>,
+    /// Per kind: a 95 % interval of its p99.9 ratio, whole windows and whole steady stretches
+    /// resampled ([`stats::bootstrap_p999_ratio_ci`]).
+    pub p999_ci: Vec<(&'static str, (f64, f64))>,
 }
 
 impl Summary {
@@ -60,24 +63,29 @@ impl Summary {
         let k = self.kinds.iter().find(|k| k.0 == kind)?;
         (self.steady_us[2] > 0).then(|| k.3[2] as f64 / self.steady_us[2] as f64)
     }
+
+    /// A kind's p99.9 ratio's 95 % interval.
+    pub fn p999_ratio_ci(&self, kind: &str) -> Option<(f64, f64)> {
+        self.p999_ci.iter().find(|c| c.0 == kind).map(|c| c.1)
+    }
 }
 
 impl Run {
+    /// The index of the operation whose window (±[`WINDOW`]) holds `r`'s due time.
+    fn window_of(&self, r: &Record) -> Option<usize> {
+        self.events.iter().position(|(a, b, _)| r.due + WINDOW >= *a && r.due <= *b + WINDOW)
+    }
+
     pub fn summary(&self) -> Summary {
         let mut s = Summary { requests: self.records.len(), ..Summary::default() };
-        let kind_of = |r: &Record| {
-            self.events.iter().find(|(a, b, _)| r.due + WINDOW >= *a && r.due <= *b + WINDOW).map(|e| e.2)
-        };
-        let mut steady = Vec::new();
-        let mut by_kind: Vec<(&'static str, Vec<u64>)> = Vec::new();
-        for (_, _, kind) in &self.events {
-            if !by_kind.iter().any(|k| k.0 == *kind) {
-                by_kind.push((kind, Vec::new()));
-            }
-        }
+        // Latencies by operation window, and the steady ones by the stretch they fall in (how
+        // many operations had started before): the bootstrap draws them whole.
+        let mut windows: Vec<Vec<u64>> = vec![Vec::new(); self.events.len()];
+        let mut stretches: Vec<Vec<u64>> = vec![Vec::new(); self.events.len() + 1];
         for r in &self.records {
+            let window = self.window_of(r);
             if r.outcome.is_err() {
-                let kind = kind_of(r).unwrap_or("steady");
+                let kind = window.map_or("steady", |i| self.events[i].2);
                 match s.failed_in.iter_mut().find(|f| f.0 == kind) {
                     Some(f) => f.1 += 1,
                     None => s.failed_in.push((kind, 1)),
@@ -87,9 +95,9 @@ impl Run {
                 Ok(_) if r.due < WARMUP => {}
                 Ok(_) => {
                     let us = r.latency.as_micros().min(u64::MAX as u128) as u64;
-                    match kind_of(r) {
-                        Some(k) => by_kind.iter_mut().find(|x| x.0 == k).map(|x| x.1.push(us)).unwrap_or(()),
-                        None => steady.push(us),
+                    match window {
+                        Some(i) => windows[i].push(us),
+                        None => stretches[self.events.iter().filter(|e| e.0 <= r.due).count()].push(us),
                     }
                 }
                 Err(Failure::Refused) => s.refused += 1,
@@ -98,15 +106,63 @@ impl Run {
                 Err(Failure::Other(_)) => s.other += 1,
             }
         }
+        stretches.retain(|v| !v.is_empty());
+        let mut steady: Vec<u64> = stretches.concat();
         steady.sort_unstable();
         s.steady_us = stats::tail(&steady);
         s.steady_samples = steady.len();
-        for (kind, mut v) in by_kind {
+        let mut kinds: Vec<&'static str> = Vec::new();
+        for e in &self.events {
+            if !kinds.contains(&e.2) {
+                kinds.push(e.2);
+            }
+        }
+        for kind in kinds {
+            let of_kind: Vec<Vec<u64>> = self
+                .events
+                .iter()
+                .zip(&windows)
+                .filter(|(e, _)| e.2 == kind)
+                .map(|(_, w)| w.clone())
+                .collect();
+            let mut v = of_kind.concat();
             v.sort_unstable();
-            let ops = self.events.iter().filter(|e| e.2 == kind).count();
-            s.kinds.push((kind, ops, v.len(), stats::tail(&v)));
+            s.kinds.push((kind, of_kind.len(), v.len(), stats::tail(&v)));
+            if let Some(ci) = stats::bootstrap_p999_ratio_ci(&of_kind, &stretches, 400, 0x0e7e_5eed) {
+                s.p999_ci.push((kind, ci));
+            }
         }
         s
+    }
+
+    /// Each failed request: how it failed, whether its connection had been made, and when it
+    /// failed relative to the start of the operation whose window it was due in (a worker's
+    /// `kill -9` resets what that worker had accepted at once; a connection lost to a rule change
+    /// fails later).
+    pub fn failure_times(&self) -> Vec<String> {
+        let ms = |d: f64| d * 1000.0;
+        self.records
+            .iter()
+            .filter_map(|r| {
+                let failure = r.outcome.as_ref().err()?;
+                let how = match failure {
+                    Failure::Refused => "refused".to_owned(),
+                    Failure::Reset => "reset".to_owned(),
+                    Failure::Timeout => "timeout".to_owned(),
+                    Failure::Other(e) => e.clone(),
+                };
+                let phase = if r.connected { "after its connection was made" } else { "at connect" };
+                let ended = (r.due + r.latency).as_secs_f64();
+                Some(match self.window_of(r).map(|i| self.events[i]) {
+                    Some((a, b, kind)) => format!(
+                        "{how} {phase}, {:+.1} ms from a {kind}'s start (it took {:.1} ms)",
+                        ms(ended - a.as_secs_f64()),
+                        ms((b - a).as_secs_f64())
+                    ),
+                    None => format!("{how} {phase}, {:.3} s into the run, outside every window", ended),
+                })
+            })
+            .collect()
     }
 
     pub fn failures(&self) -> usize {
@@ -285,6 +341,9 @@ fn under_load(
         s.steady_samples,
         kinds.join("; ")
     );
+    for f in run.failure_times() {
+        eprintln!("     failed: {f}");
+    }
     Ok(run)
 }
 
@@ -344,6 +403,7 @@ mod tests {
             due: Duration::from_millis(due_ms),
             latency: Duration::from_micros(latency_us),
             outcome: Ok(1),
+            connected: true,
         }
     }
 
@@ -363,12 +423,14 @@ mod tests {
             due: Duration::from_millis(9_000),
             latency: Duration::ZERO,
             outcome: Err(Failure::Reset),
+            connected: false,
         });
         // A request in flight at the kill: reset, and said to be the kill's.
         records.push(Record {
-            due: Duration::from_millis(6_100),
-            latency: Duration::ZERO,
+            due: Duration::from_millis(6_010),
+            latency: Duration::from_millis(2),
             outcome: Err(Failure::Reset),
+            connected: true,
         });
         let run = Run {
             name: "t".into(),
@@ -390,7 +452,18 @@ mod tests {
         assert_eq!(s.p999_ratio("deploy"), Some(9.0));
         assert_eq!(s.p999_ratio("kill -9"), Some(50.0));
         assert_eq!(s.p999_ratio("restart"), None);
+        // Every resample holds the one deploy window and steady stretches of 100 µs alone.
+        assert_eq!(s.p999_ratio_ci("deploy"), Some((9.0, 9.0)));
+        assert_eq!(s.p999_ratio_ci("kill -9"), Some((50.0, 50.0)));
+        assert_eq!(s.p999_ratio_ci("restart"), None);
         assert_eq!(s.steady_samples, 10_000 - 1000 - 1101 - 1051);
         assert_eq!(run.failures(), 2);
+        assert_eq!(
+            run.failure_times(),
+            [
+                "reset at connect, 9.000 s into the run, outside every window",
+                "reset after its connection was made, +12.0 ms from a kill -9's start (it took 50.0 ms)",
+            ]
+        );
     }
 }

@@ -137,9 +137,10 @@ pub fn rows(dp: &[Measured], dl: &Deploys, fp: &Footprint) -> Vec<Row> {
             rows.push(Row {
                 what: format!("{mode}: p99.9 during {kind} vs. steady ({samples} samples)"),
                 measured: format!(
-                    "{ratio:.2} × ({:.1} / {:.1} ms)",
+                    "{ratio:.2} × ({:.1} / {:.1} ms; 95 % interval {})",
                     tail[2] as f64 / 1000.0,
-                    s.steady_us[2] as f64 / 1000.0
+                    s.steady_us[2] as f64 / 1000.0,
+                    s.p999_ratio_ci(kind).map_or("–".into(), |(lo, hi)| format!("{lo:.2}–{hi:.2}"))
                 ),
                 target: "≤ 1.5 ×".into(),
                 met: ratio <= 1.5,
@@ -336,19 +337,19 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
 
     let _ = writeln!(
         md,
-        "## 2. Deploys, worker kill -9 and restarts under load\n\nOpen-loop load: {} new connections per second from 64 source addresses (latency counted from when each request was due), plus 8 long-lived keep-alive connections sending every 50 ms. Each kind of operation has its own window of the run ({} of each, one after another, never overlapping); a request belongs to an operation when it was due from 0.5 s before its start to 0.5 s after its end, else it is steady. The load's first second (its client threads starting) counts failures but no latency.\n",
+        "## 2. Deploys, worker kill -9 and restarts under load\n\nOpen-loop load: {} new connections per second from 64 source addresses (latency counted from when each request was due), plus 8 long-lived keep-alive connections sending every 50 ms. Each kind of operation has its own window of the run ({} of each, one after another, never overlapping); a request belongs to an operation when it was due from 0.5 s before its start to 0.5 s after its end, else it is steady. A p99.9 rests on a few of the slowest requests, and one stall delays many at once: its ratio's 95 % interval comes from resampling whole operation windows and whole steady stretches between them (400 block-bootstrap resamples); a target is judged on the ratio itself. The load's first second (its client threads starting) counts failures but no latency.\n",
         plan.rate, plan.events
     );
     let _ = writeln!(
         md,
-        "| system | window | operations | samples | p50 ms | p99 ms | p99.9 ms | p99.9 vs. steady |\n|---|---|---|---|---|---|---|---|"
+        "| system | window | operations | samples | p50 ms | p99 ms | p99.9 ms | p99.9 vs. steady | its 95 % interval |\n|---|---|---|---|---|---|---|---|---|"
     );
     for run in [Some(&dl.ipclusterd), Some(&dl.socket), dl.pm2.as_ref()].into_iter().flatten() {
         let s = run.summary();
         let ms = |us: u64| us as f64 / 1000.0;
         let _ = writeln!(
             md,
-            "| {} | steady | – | {} | {:.1} | {:.1} | {:.1} | 1.00 |",
+            "| {} | steady | – | {} | {:.1} | {:.1} | {:.1} | 1.00 | – |",
             run.name,
             s.steady_samples,
             ms(s.steady_us[0]),
@@ -358,12 +359,13 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
         for (kind, ops, n, t) in &s.kinds {
             let _ = writeln!(
                 md,
-                "| {} | {kind} | {ops} | {n} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                "| {} | {kind} | {ops} | {n} | {:.1} | {:.1} | {:.1} | {:.2} | {} |",
                 run.name,
                 ms(t[0]),
                 ms(t[1]),
                 ms(t[2]),
-                s.p999_ratio(kind).unwrap_or(0.0)
+                s.p999_ratio(kind).unwrap_or(0.0),
+                s.p999_ratio_ci(kind).map_or("–".into(), |(lo, hi)| format!("{lo:.2}–{hi:.2}"))
             );
         }
     }
@@ -386,17 +388,26 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
             run.long_lived_failed
         );
     }
+    for run in [Some(&dl.ipclusterd), Some(&dl.socket), dl.pm2.as_ref()].into_iter().flatten() {
+        let failed = run.failure_times();
+        if !failed.is_empty() {
+            let _ = writeln!(md, "\nThe failed requests of {} (when each failed):\n", run.name);
+            for f in failed {
+                let _ = writeln!(md, "- {f}");
+            }
+        }
+    }
     let _ = writeln!(md, "\n![latency during deploys, kills and restarts](cutover.svg)\n");
 
     let _ = writeln!(
         md,
-        "## 3. Footprint and scale\n\nIdle, after start-up, over {:.0} s. \"With its children\" is the whole `ipclusterd.service` cgroup's `usage_usec` (the daemon and every program it runs, such as iptables); \"alone\" is the daemon process's own time.\n\n| routing | workers | daemon RSS | CPU alone | CPU with its children | ListWorkers (median / max) | restart + adoption (until READY=1) |\n|---|---|---|---|---|---|---|",
+        "## 3. Footprint and scale\n\nIdle, after start-up, over {:.0} s. \"With its children\" is the whole `ipclusterd.service` cgroup's `usage_usec` (the daemon and every program it runs, such as iptables); \"alone\" is the daemon process's own time.\n\n| routing | workers | daemon RSS | CPU alone | CPU with its children | ListWorkers (median / max) | ListWorkers with busctl | restart + adoption (until READY=1) |\n|---|---|---|---|---|---|---|---|",
         plan.idle.as_secs_f64()
     );
     for i in &fp.idle {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.1} MiB | {:.2} % | {:.2} % | {:.1} / {:.1} ms | {:.0} ms |",
+            "| {} | {} | {:.1} MiB | {:.2} % | {:.2} % | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.0} ms |",
             i.routing,
             i.workers,
             i.rss_kib as f64 / 1024.0,
@@ -404,6 +415,8 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
             i.service_cpu_percent,
             i.list_ms.0,
             i.list_ms.1,
+            i.list_busctl_ms.0,
+            i.list_busctl_ms.1,
             i.adopt_ms
         );
     }
@@ -416,7 +429,7 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
     }
     let _ = writeln!(
         md,
-        "\nListWorkers times subtract busctl's own start-up (measured with a property read). Restart + adoption is `systemctl restart ipclusterd` returning, which waits for READY=1.\n"
+        "\nListWorkers is timed from a client in the benchmark's process, connected to the sandbox's system bus: the call out, the daemon's answer, the whole reply in (not decoded). \"With busctl\" is what a user of `busctl call` waits, its start-up (a property read) subtracted: it also parses and prints every row. Restart + adoption is `systemctl restart ipclusterd` returning, which waits for READY=1.\n"
     );
     if !fp.sessions.is_empty() {
         let _ = writeln!(

@@ -85,29 +85,71 @@ pub fn spread(samples: &[f64]) -> Spread {
     }
 }
 
+/// xorshift64* from `seed`: small, fixed, good enough to draw resampling indexes (the same data
+/// gives the same interval).
+fn draws(seed: u64) -> impl FnMut(usize) -> usize {
+    let mut state = seed.max(1);
+    move |len| {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % len.max(1) as u64) as usize
+    }
+}
+
+/// The 2.5th and 97.5th percentiles of `estimates`.
+fn interval95(mut estimates: Vec<f64>) -> (f64, f64) {
+    estimates.sort_by(f64::total_cmp);
+    let at =
+        |q: f64| estimates[((q * (estimates.len() - 1) as f64).round() as usize).min(estimates.len() - 1)];
+    (at(0.025), at(0.975))
+}
+
 /// A 95 % percentile-bootstrap interval of the median of `v`: `resamples` resamples with
 /// replacement from a fixed seed (the same data gives the same interval).
 pub fn bootstrap_median_ci(v: &[f64], resamples: usize, seed: u64) -> (f64, f64) {
     if v.is_empty() {
         return (0.0, 0.0);
     }
-    // xorshift64*: small, fixed, good enough to draw indexes.
-    let mut state = seed.max(1);
-    let mut next = move || {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    let mut draw = draws(seed);
+    interval95(
+        (0..resamples.max(1))
+            .map(|_| {
+                let sample: Vec<f64> = (0..v.len()).map(|_| v[draw(v.len())]).collect();
+                median(&sample)
+            })
+            .collect(),
+    )
+}
+
+/// A 95 % block-bootstrap interval of `p99.9(windows) / p99.9(steady)`, where `windows` holds
+/// the latencies of each operation's window and `steady` those of each stretch between
+/// windows: whole windows and whole stretches are drawn with replacement (the samples of one
+/// window are not independent: one stall delays many), `resamples` times from a fixed seed.
+/// `None` without a window or a steady stretch.
+pub fn bootstrap_p999_ratio_ci(
+    windows: &[Vec<u64>],
+    steady: &[Vec<u64>],
+    resamples: usize,
+    seed: u64,
+) -> Option<(f64, f64)> {
+    if windows.is_empty() || steady.is_empty() {
+        return None;
+    }
+    let mut draw = draws(seed);
+    let mut p999 = |blocks: &[Vec<u64>]| {
+        let mut v: Vec<u64> =
+            (0..blocks.len()).flat_map(|_| blocks[draw(blocks.len())].iter().copied()).collect();
+        v.sort_unstable();
+        percentile(&v, 99.9) as f64
     };
-    let mut medians: Vec<f64> = (0..resamples.max(1))
-        .map(|_| {
-            let sample: Vec<f64> = (0..v.len()).map(|_| v[(next() % v.len() as u64) as usize]).collect();
-            median(&sample)
+    let ratios: Vec<f64> = (0..resamples.max(1))
+        .filter_map(|_| {
+            let (w, s) = (p999(windows), p999(steady));
+            (s > 0.0).then(|| w / s)
         })
         .collect();
-    medians.sort_by(f64::total_cmp);
-    let at = |q: f64| medians[((q * (medians.len() - 1) as f64).round() as usize).min(medians.len() - 1)];
-    (at(0.025), at(0.975))
+    (!ratios.is_empty()).then(|| interval95(ratios))
 }
 
 /// The `p`-th percentile (0..=100) of sorted `values`, nearest rank; 0 for nothing.
@@ -211,6 +253,33 @@ mod tests {
         assert_eq!(bootstrap_median_ci(&v, 2000, 7), (lo, hi), "same seed, same interval");
         assert_eq!(bootstrap_median_ci(&[1.0; 5], 100, 1), (1.0, 1.0), "no variation, no width");
         assert_eq!(bootstrap_median_ci(&[], 100, 1), (0.0, 0.0));
+    }
+
+    /// Windows like the steady stretches give an interval around 1; one window's stall among
+    /// twenty gives a wide interval reaching 1 (the tail rests on that window alone), twenty
+    /// windows that each stall give a narrow one far above 1.
+    #[test]
+    fn the_p999_interval_resamples_whole_windows() {
+        let calm = |n: u64| -> Vec<u64> { (0..1000).map(|i| 100 + (i * 7 + n) % 50).collect() };
+        let steady: Vec<Vec<u64>> = (0..21).map(calm).collect();
+        let same: Vec<Vec<u64>> = (0..20).map(calm).collect();
+        let (lo, hi) = bootstrap_p999_ratio_ci(&same, &steady, 400, 3).unwrap();
+        assert!(lo >= 0.95 && hi <= 1.05, "{lo} {hi}");
+
+        let mut one = same.clone();
+        one[7].extend([5_000; 30]);
+        let (lo, hi) = bootstrap_p999_ratio_ci(&one, &steady, 400, 3).unwrap();
+        assert!(lo < 1.05 && hi > 20.0, "one stalled window: {lo} {hi}");
+
+        let every: Vec<Vec<u64>> =
+            same.iter().map(|w| w.iter().copied().chain([5_000; 30]).collect()).collect();
+        let (lo, hi) = bootstrap_p999_ratio_ci(&every, &steady, 400, 3).unwrap();
+        assert!(lo > 20.0 && hi < 40.0, "every window stalled: {lo} {hi}");
+
+        let again = bootstrap_p999_ratio_ci(&one, &steady, 400, 3);
+        assert_eq!(again, bootstrap_p999_ratio_ci(&one, &steady, 400, 3), "same seed, same interval");
+        assert_eq!(bootstrap_p999_ratio_ci(&[], &steady, 400, 3), None);
+        assert_eq!(bootstrap_p999_ratio_ci(&same, &[], 400, 3), None);
     }
 
     #[test]

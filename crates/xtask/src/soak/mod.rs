@@ -13,7 +13,7 @@
 //! `cargo xtask test` runs a 3-minute soak with a fixed seed ([`CI_SEED`]).
 
 mod account;
-mod bus;
+pub(crate) mod bus;
 mod faults;
 mod host;
 mod inject;
