@@ -25,7 +25,9 @@ use ipcluster_sandbox::Sandbox;
 
 pub use super::cells::{CELLS, Cell, Front, Metric, Program};
 use super::{
-    Plan, background, sandbox,
+    Plan, background,
+    report::SPREAD_LIMIT,
+    sandbox,
     stats::{self, Spread},
     system, wait_port,
 };
@@ -304,6 +306,24 @@ fn turn_length(plan: &Plan, rate: f64) -> std::time::Duration {
     std::time::Duration::from_secs_f64(want.clamp(plan.slice.as_secs_f64(), 4.0 * plan.slice.as_secs_f64()))
 }
 
+/// Whether `round` rounds are enough: the planned ones, then two more at a time (each front
+/// first once) while either kind's ratio is known less well than [`SPREAD_LIMIT`], up to
+/// `plan.max_rounds`. The stop depends on how wide the median's interval is, never on where
+/// the median lies, so a cell cannot be run until it meets its target.
+fn enough(plan: &Plan, round: usize, control: &Side, mode: &Side) -> bool {
+    if round < plan.rounds {
+        return false;
+    }
+    if round >= plan.max_rounds {
+        return true;
+    }
+    if (round - plan.rounds) % 2 == 1 {
+        return false; // the second of a pair
+    }
+    let tight = |m: &[f64], c: &[f64]| stats::spread(&stats::paired_ratios(m, c)).tight(SPREAD_LIMIT);
+    tight(&mode.keepalive, &control.keepalive) && tight(&mode.newconn, &control.newconn)
+}
+
 /// Measures one cell: both fronts set up, a warm-up each, then `plan.rounds` rounds of turns,
 /// then each front's constant-rate latency.
 pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
@@ -346,7 +366,8 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
     let turns = warm_rates.map(|r| turn_length(plan, r));
     let drops0 = conntrack_drops(&sbs);
     let arms = [&control, &mode].map(|ep| Arm { sb: &sbs[ep.sb], targets: &ep.targets, balance: ep.balance });
-    for round in 0..plan.rounds {
+    let mut round = 0;
+    while !enough(plan, round, &c_side, &m_side) {
         // Who goes first alternates: whatever a turn leaves behind (TIME_WAIT sockets, conntrack
         // entries, a warmer cache) falls on each side as often.
         let first = round % 2;
@@ -361,6 +382,7 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         record(&mut m_side, &m_ka, &m_nc);
         merged_nc[0].extend(&c_nc.latencies_us);
         merged_nc[1].extend(&m_nc.latencies_us);
+        round += 1;
     }
     let conntrack_drops = conntrack_drops(&sbs).saturating_sub(drops0);
     if conntrack_drops > 0 {
@@ -500,6 +522,27 @@ mod tests {
         assert_eq!(ms(6_400.0), 100, "64 clients × 10 requests at 6 400/s");
         assert_eq!(ms(10.0), 4 * plan.slice.as_millis(), "a stalled front: the longest");
         assert_eq!(ms(0.0), 4 * plan.slice.as_millis());
+    }
+
+    /// The planned rounds always run; more only in pairs, while a kind's median is known less
+    /// well than ±3 %, up to the cap.
+    #[test]
+    fn rounds_are_added_in_pairs_while_a_median_is_loose() {
+        let plan = Plan::new(false);
+        let side =
+            |ka: &[f64], nc: &[f64]| Side { keepalive: ka.to_vec(), newconn: nc.to_vec(), ..Side::default() };
+        let steady = |n: usize| vec![100.0; n];
+        let noisy = |n: usize| (0..n).map(|i| if i % 2 == 0 { 80.0 } else { 120.0 }).collect::<Vec<_>>();
+        let c = |n: usize| side(&steady(n), &steady(n));
+        assert!(!enough(&plan, 15, &c(15), &c(15)), "the planned rounds run whatever they show");
+        assert!(enough(&plan, 16, &c(16), &c(16)), "tight at 16: done");
+        let loose = |n: usize| side(&steady(n), &noisy(n));
+        assert!(!enough(&plan, 16, &c(16), &loose(16)), "new connections loose: two more");
+        assert!(!enough(&plan, 17, &c(17), &c(17)), "never stops between the two of a pair");
+        assert!(enough(&plan, 18, &c(18), &c(18)));
+        assert!(enough(&plan, plan.max_rounds, &c(plan.max_rounds), &loose(plan.max_rounds)), "capped");
+        let quick = Plan::new(true);
+        assert!(enough(&quick, 3, &c(3), &loose(3)), "--quick never adds rounds");
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct Plan {
     /// Interleaved rounds per cell (control, mode, then mode, control, …: as many of each
     /// order when even).
     pub rounds: usize,
+    /// Rounds a cell may add, two at a time, while a ratio's median is known less well than
+    /// the report's ±3 % (decided on the interval's width alone, never on the median's value).
+    pub max_rounds: usize,
     /// Each front's share of a round, per kind (keep-alive, new connections): its turns added up.
     pub run: Duration,
     /// The shortest turn: in a round the two fronts alternate in turns of this to 4 × this, by
@@ -58,6 +61,7 @@ impl Plan {
             Plan {
                 quick,
                 rounds: 3,
+                max_rounds: 3,
                 run: Duration::from_millis(800),
                 slice: Duration::from_millis(50),
                 warmup: Duration::from_millis(300),
@@ -72,6 +76,7 @@ impl Plan {
             Plan {
                 quick,
                 rounds: 16,
+                max_rounds: 32,
                 run: Duration::from_secs(2),
                 slice: Duration::from_millis(50),
                 warmup: Duration::from_secs(1),

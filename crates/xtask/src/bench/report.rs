@@ -241,8 +241,9 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
     );
     let _ = writeln!(
         md,
-        "**Method.** Each data-path cell sets up a mode and its control side by side and measures them in {} rounds; in each round the two take turns (control, mode, mode, control, …: the side that goes first alternates between rounds) until each has had {:.1} s per kind (keep-alive, then a new connection per request). The load is {} closed-loop clients from 64 source addresses, driven by one thread through epoll (as wrk does) so that the servers' CPU, not the load generator's, is the one that saturates, after a warm-up of each front. With keep-alive each client's connection is made before the turns and stays open between them; in a plain reuseport group the connections are spread evenly over the workers first (a front that maps clients to bands does that by itself). Only requests that ended within a turn count, so a rate is what the turns held. Turns rather than one run per front: this machine's CPUs change speed by themselves for seconds at a time, and turns much shorter than that compare the fronts at the same speed. A turn is long enough for each client to make about 10 requests at the slower front's rate (a short run after the warm-up), {:.0}–{:.0} ms (in the table below). A ratio is a round's mode rate over its control rate; a cell shows the median of those ratios with their min–max, and its spread is the 95 % bootstrap interval of that median (in the tables below): a target is judged on the median, and a spread wider than ±3 % is flagged as a defect of the measurement. The closed loop's latencies are corrected for coordinated omission as wrk2 does (for the interval each client's requests were due at, at the measured rate). Failed requests are counted in every row and never in the rates, and so are conntrack's drops (every sandbox keeps a closed connection's conntrack entry 2 s instead of 120, or a table of 262 144 entries fills within 15 s at these rates).\n",
+        "**Method.** Each data-path cell sets up a mode and its control side by side and measures them in {} rounds (more, two at a time up to {}, while a ratio's median is known less well than ±3 %: a stop decided on the interval's width, never on the median's value; each cell's count is in its table); in each round the two take turns (control, mode, mode, control, …: the side that goes first alternates between rounds) until each has had {:.1} s per kind (keep-alive, then a new connection per request). The load is {} closed-loop clients from 64 source addresses, driven by one thread through epoll (as wrk does) so that the servers' CPU, not the load generator's, is the one that saturates, after a warm-up of each front. With keep-alive each client's connection is made before the turns and stays open between them; in a plain reuseport group the connections are spread evenly over the workers first (a front that maps clients to bands does that by itself). Only requests that ended within a turn count, so a rate is what the turns held. Turns rather than one run per front: this machine's CPUs change speed by themselves for seconds at a time, and turns much shorter than that compare the fronts at the same speed. A turn is long enough for each client to make about 10 requests at the slower front's rate (a short run after the warm-up), {:.0}–{:.0} ms (in the table below). A ratio is a round's mode rate over its control rate; a cell shows the median of those ratios with their min–max, and its spread is the 95 % bootstrap interval of that median (in the tables below): a target is judged on the median, and a spread wider than ±3 % is flagged as a defect of the measurement. The closed loop's latencies are corrected for coordinated omission as wrk2 does (for the interval each client's requests were due at, at the measured rate). Failed requests are counted in every row and never in the rates, and so are conntrack's drops (every sandbox keeps a closed connection's conntrack entry 2 s instead of 120, or a table of 262 144 entries fills within 15 s at these rates).\n",
         plan.rounds,
+        plan.max_rounds,
         plan.run.as_secs_f64(),
         plan.clients,
         plan.slice.as_secs_f64() * 1000.0,
@@ -269,15 +270,16 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
     );
     let _ = writeln!(
         md,
-        "| mode | control | pinned | turn ms (ka / new) | keep-alive ratio | 95 % CI | new conn ratio | 95 % CI | mode req/s (ka / new) | control req/s (ka / new) | failed (mode / control) | keep-alive: workers answering (mode / control) | conntrack drops | new conn p50 / p99 µs, mode / control | program ns/conn | load avg | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| mode | control | pinned | rounds | turn ms (ka / new) | keep-alive ratio | 95 % CI | new conn ratio | 95 % CI | mode req/s (ka / new) | control req/s (ka / new) | failed (mode / control) | keep-alive: workers answering (mode / control) | conntrack drops | new conn p50 / p99 µs, mode / control | program ns/conn | load avg | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for c in dp {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} / {} | {} | {:.3}–{:.3} | {} | {:.3}–{:.3} | {} / {} | {} / {} | {} / {} | {} / {} | {} | {} / {} — {} / {} | {} | {:.1}–{:.1} | {:.0} |",
+            "| {} | {} | {} | {} | {} / {} | {} | {:.3}–{:.3} | {} | {:.3}–{:.3} | {} / {} | {} / {} | {} / {} | {} / {} | {} | {} / {} — {} / {} | {} | {:.1}–{:.1} | {:.0} |",
             c.mode.label,
             c.control.label,
             if c.cell.pinned { "yes" } else { "**no**" },
+            c.keepalive.rounds,
             c.turns[0].as_millis(),
             c.turns[1].as_millis(),
             c.keepalive.show(),
