@@ -70,8 +70,9 @@ pub struct Measured {
     pub mode: Side,
     pub keepalive: Spread,
     pub newconn: Spread,
-    /// The steering program's own run time per call (new connection), ns.
-    pub program_ns: Option<f64>,
+    /// The steering program's own run time per call (new connection), ns: one value per
+    /// window of new connections between rounds.
+    pub program_ns: Option<Spread>,
     /// conntrack's drops in the cell's sandboxes during the rounds: packets dropped, entries
     /// evicted early and inserts that failed (a full table: new
     /// connections wait for a SYN retransmit, so a round's rate would measure the table).
@@ -279,12 +280,14 @@ fn open(plan: &Plan, sb: &Sandbox, ep: &Endpoint, capacity: f64, load: f64, cpu:
     }
 }
 
-/// ns per run of the steering program over one closed-loop run of new connections, with the
-/// kernel's BPF statistics on for that run only.
+/// ns per run of the steering program over a closed-loop run of new connections (a quarter of
+/// a front's share of a round), with the kernel's BPF statistics on for that run only.
 fn program_cost(plan: &Plan, sb: &Sandbox, ep: &Endpoint, cpu: Cpu) -> Result<f64> {
+    let mut window = *plan;
+    window.run = plan.run / 4;
     let on = system::bpf_stats()?;
     let (ns0, cnt0) = system::program_runs()?;
-    let _ = closed(plan, sb, ep, false, cpu);
+    let _ = closed(&window, sb, ep, false, cpu);
     let (ns1, cnt1) = system::program_runs()?;
     drop(on);
     anyhow::ensure!(cnt1 > cnt0, "the steering program did not run during a run of new connections");
@@ -366,6 +369,8 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
     let turns = warm_rates.map(|r| turn_length(plan, r));
     let drops0 = conntrack_drops(&sbs);
     let arms = [&control, &mode].map(|ep| Arm { sb: &sbs[ep.sb], targets: &ep.targets, balance: ep.balance });
+    let mut program_windows = Vec::new();
+    let mut program_error = None;
     let mut round = 0;
     while !enough(plan, round, &c_side, &m_side) {
         // Who goes first alternates: whatever a turn leaves behind (TIME_WAIT sockets, conntrack
@@ -382,19 +387,27 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         record(&mut m_side, &m_ka, &m_nc);
         merged_nc[0].extend(&c_nc.latencies_us);
         merged_nc[1].extend(&m_nc.latencies_us);
+        // The program's own cost, from the kernel's statistics: in a window of new connections
+        // of its own after every other round (the statistics add their own clock reads to every
+        // run of the program, so never during a turn), spread over the cell as the rounds are:
+        // a run-time is a time, and this machine's speed moves for seconds at a time.
+        if mode.steering.is_some() && round % 2 == 1 && program_error.is_none() {
+            match program_cost(plan, &sbs[mode.sb], &mode, client_cpu) {
+                Ok(ns) => program_windows.push(ns),
+                Err(e) => program_error = Some(e),
+            }
+        }
         round += 1;
+    }
+    if let Some(e) = &program_error {
+        eprintln!("   !! the steering program's run time is not measured: {e:#}");
     }
     let conntrack_drops = conntrack_drops(&sbs).saturating_sub(drops0);
     if conntrack_drops > 0 {
         eprintln!("   !! conntrack: {conntrack_drops} drops during the rounds (its table was full)");
     }
-    // The program's own cost, from the kernel's statistics, in a run of its own after the
-    // rounds (the statistics add their own clock reads to every run of the program).
-    let program_ns = mode.steering.and_then(|_| {
-        program_cost(plan, &sbs[mode.sb], &mode, client_cpu)
-            .inspect_err(|e| eprintln!("   !! the steering program's run time is not measured: {e:#}"))
-            .ok()
-    });
+    let program_ns =
+        (program_error.is_none() && !program_windows.is_empty()).then(|| stats::spread(&program_windows));
     let [c_lat, m_lat] = &mut merged_nc;
     for (side, lat) in [(&mut c_side, c_lat), (&mut m_side, m_lat)] {
         // Corrected as wrk2 does, for the interval each client's requests were due at at the
@@ -439,7 +452,10 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         m.control.failed_keepalive + m.control.failed_newconn,
         m.mode.open.iter().map(|o| o.failed).sum::<usize>(),
         m.control.open.iter().map(|o| o.failed).sum::<usize>(),
-        m.program_ns.map_or(String::new(), |ns| format!(", program {ns:.0} ns/connection")),
+        m.program_ns.map_or(String::new(), |ns| format!(
+            ", program {:.0} [{:.0}–{:.0}] ns/connection over {} windows",
+            ns.median, ns.min, ns.max, ns.rounds
+        )),
         m.turns,
         m.seconds,
         m.load.1
