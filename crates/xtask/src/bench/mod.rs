@@ -76,7 +76,7 @@ impl Plan {
             Plan {
                 quick,
                 rounds: 16,
-                max_rounds: 32,
+                max_rounds: 48,
                 run: Duration::from_secs(2),
                 slice: Duration::from_millis(50),
                 warmup: Duration::from_secs(1),
