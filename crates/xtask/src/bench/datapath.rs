@@ -453,7 +453,7 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         m.mode.open.iter().map(|o| o.failed).sum::<usize>(),
         m.control.open.iter().map(|o| o.failed).sum::<usize>(),
         m.program_ns.map_or(String::new(), |ns| format!(
-            ", program {:.0} [{:.0}–{:.0}] ns/connection over {} windows",
+            ", program {:.0} [{:.0}–{:.0}] ns/connection (windows: {})",
             ns.median, ns.min, ns.max, ns.rounds
         )),
         m.turns,

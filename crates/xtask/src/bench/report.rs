@@ -100,8 +100,12 @@ pub fn rows(dp: &[Measured], dl: &Deploys, fp: &Footprint) -> Vec<Row> {
         rows.push(Row {
             what: what.into(),
             measured: format!(
-                "{:.0} ns [{:.0}–{:.0}] over {} windows",
-                worst.median, worst.min, worst.max, worst.rounds
+                "{:.0} ns [{:.0}–{:.0}] over {} window{}",
+                worst.median,
+                worst.min,
+                worst.max,
+                worst.rounds,
+                if worst.rounds == 1 { "" } else { "s" }
             ),
             target: "< 1 µs".into(),
             met: worst.median < 1000.0,
