@@ -51,6 +51,17 @@ pub enum Failure {
     Other(String),
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Refused => f.write_str("refused"),
+            Failure::Reset => f.write_str("reset"),
+            Failure::Timeout => f.write_str("timeout"),
+            Failure::Other(e) => f.write_str(e),
+        }
+    }
+}
+
 pub(crate) fn classify(e: std::io::Error) -> Failure {
     match e.kind() {
         std::io::ErrorKind::ConnectionRefused => Failure::Refused,
@@ -255,8 +266,8 @@ pub struct Record {
     /// latency by slowing the generator down: no coordinated omission).
     pub latency: Duration,
     pub outcome: Result<u32, Failure>,
-    /// The connection was made (a failure after it came from the server side of an accepted
-    /// connection; one before it, from the connect).
+    /// The handshake completed (the kernel had queued the connection, whether or not a worker
+    /// then accepted it); a failure with `false` came from the connect itself.
     pub connected: bool,
 }
 

@@ -183,6 +183,7 @@ mod tests {
             newconn: stats::spread(&stats::paired_ratios(&mode.newconn, &control.newconn)),
             control,
             mode,
+            rounds: 16,
             program_ns: Some(stats::spread(&[120.0])),
             conntrack_drops: 0,
             turns: [std::time::Duration::from_millis(50); 2],

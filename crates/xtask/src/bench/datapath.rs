@@ -70,6 +70,8 @@ pub struct Measured {
     pub mode: Side,
     pub keepalive: Spread,
     pub newconn: Spread,
+    /// Rounds run (the planned ones, or more: [`rounds_wanted`]).
+    pub rounds: usize,
     /// The steering program's own run time per call (new connection), ns: one value per
     /// window of new connections between rounds.
     pub program_ns: Option<Spread>,
@@ -309,22 +311,22 @@ fn turn_length(plan: &Plan, rate: f64) -> std::time::Duration {
     std::time::Duration::from_secs_f64(want.clamp(plan.slice.as_secs_f64(), 4.0 * plan.slice.as_secs_f64()))
 }
 
-/// Whether `round` rounds are enough: the planned ones, then two more at a time (each front
-/// first once) while either kind's ratio is known less well than [`SPREAD_LIMIT`], up to
-/// `plan.max_rounds`. The stop depends on how wide the median's interval is, never on where
-/// the median lies, so a cell cannot be run until it meets its target.
-fn enough(plan: &Plan, round: usize, control: &Side, mode: &Side) -> bool {
-    if round < plan.rounds {
-        return false;
+/// How many rounds a cell runs in all, decided once, after the planned ones: those when both
+/// kinds' medians are known within [`SPREAD_LIMIT`]; else as many as the wider interval says it
+/// takes to narrow to it (a median's interval narrows as 1/√rounds), a fifth more as margin,
+/// rounded up to an even count (each front first as often), at most `plan.max_rounds`. Decided
+/// once, not by looking again after every pair: stopping at the first look that happens to be
+/// narrow would make the verdict and the interval look better than they are. (The width is
+/// relative to the median, which moves it by a fraction of a percent.)
+fn rounds_wanted(plan: &Plan, control: &Side, mode: &Side) -> usize {
+    let width = |m: &[f64], c: &[f64]| stats::spread(&stats::paired_ratios(m, c)).ci_half_range();
+    let w = width(&mode.keepalive, &control.keepalive).max(width(&mode.newconn, &control.newconn));
+    if !w.is_finite() || w <= SPREAD_LIMIT {
+        // Known well enough, or a front that answered nothing: more rounds would not help.
+        return plan.rounds;
     }
-    if round >= plan.max_rounds {
-        return true;
-    }
-    if (round - plan.rounds) % 2 == 1 {
-        return false; // the second of a pair
-    }
-    let tight = |m: &[f64], c: &[f64]| stats::spread(&stats::paired_ratios(m, c)).tight(SPREAD_LIMIT);
-    tight(&mode.keepalive, &control.keepalive) && tight(&mode.newconn, &control.newconn)
+    let n = (plan.rounds as f64 * (w / SPREAD_LIMIT).powi(2) * 1.2).ceil() as usize;
+    (n + n % 2).clamp(plan.rounds, plan.max_rounds)
 }
 
 /// Measures one cell: both fronts set up, a warm-up each, then `plan.rounds` rounds of turns,
@@ -371,8 +373,8 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
     let arms = [&control, &mode].map(|ep| Arm { sb: &sbs[ep.sb], targets: &ep.targets, balance: ep.balance });
     let mut program_windows = Vec::new();
     let mut program_error = None;
-    let mut round = 0;
-    while !enough(plan, round, &c_side, &m_side) {
+    let (mut round, mut rounds) = (0, plan.rounds);
+    while round < rounds {
         // Who goes first alternates: whatever a turn leaves behind (TIME_WAIT sockets, conntrack
         // entries, a warmer cache) falls on each side as often.
         let first = round % 2;
@@ -388,16 +390,21 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         merged_nc[0].extend(&c_nc.latencies_us);
         merged_nc[1].extend(&m_nc.latencies_us);
         // The program's own cost, from the kernel's statistics: in a window of new connections
-        // of its own after every other round (the statistics add their own clock reads to every
+        // of its own after half the rounds (the statistics add their own clock reads to every
         // run of the program, so never during a turn), spread over the cell as the rounds are:
-        // a run-time is a time, and this machine's speed moves for seconds at a time.
-        if mode.steering.is_some() && round % 2 == 1 && program_error.is_none() {
+        // a run time is a time, and this machine's speed moves for seconds at a time. After
+        // rounds 1, 2, 5, 6, …: the window's leftovers (TIME_WAIT sockets, a busy CPU) precede
+        // a round where the control goes first as often as one where the mode does.
+        if mode.steering.is_some() && matches!(round % 4, 1 | 2) && program_error.is_none() {
             match program_cost(plan, &sbs[mode.sb], &mode, client_cpu) {
                 Ok(ns) => program_windows.push(ns),
                 Err(e) => program_error = Some(e),
             }
         }
         round += 1;
+        if round == plan.rounds {
+            rounds = rounds_wanted(plan, &c_side, &m_side);
+        }
     }
     if let Some(e) = &program_error {
         eprintln!("   !! the steering program's run time is not measured: {e:#}");
@@ -429,6 +436,7 @@ pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
         newconn: stats::spread(&stats::paired_ratios(&m_side.newconn, &c_side.newconn)),
         control: c_side,
         mode: m_side,
+        rounds,
         program_ns,
         conntrack_drops,
         turns,
@@ -540,25 +548,30 @@ mod tests {
         assert_eq!(ms(0.0), 4 * plan.slice.as_millis());
     }
 
-    /// The planned rounds always run; more only in pairs, while a kind's median is known less
-    /// well than ±3 %, up to the cap.
+    /// Tight after the planned rounds: no more. Looser: as many as narrowing to ±3 % takes at
+    /// 1/√rounds, plus a fifth, even, capped. A front that answered nothing: no more.
     #[test]
-    fn rounds_are_added_in_pairs_while_a_median_is_loose() {
+    fn more_rounds_only_for_a_loose_median_decided_once() {
         let plan = Plan::new(false);
         let side =
             |ka: &[f64], nc: &[f64]| Side { keepalive: ka.to_vec(), newconn: nc.to_vec(), ..Side::default() };
-        let steady = |n: usize| vec![100.0; n];
-        let noisy = |n: usize| (0..n).map(|i| if i % 2 == 0 { 80.0 } else { 120.0 }).collect::<Vec<_>>();
-        let c = |n: usize| side(&steady(n), &steady(n));
-        assert!(!enough(&plan, 15, &c(15), &c(15)), "the planned rounds run whatever they show");
-        assert!(enough(&plan, 16, &c(16), &c(16)), "tight at 16: done");
-        let loose = |n: usize| side(&steady(n), &noisy(n));
-        assert!(!enough(&plan, 16, &c(16), &loose(16)), "new connections loose: two more");
-        assert!(!enough(&plan, 17, &c(17), &c(17)), "never stops between the two of a pair");
-        assert!(enough(&plan, 18, &c(18), &c(18)));
-        assert!(enough(&plan, plan.max_rounds, &c(plan.max_rounds), &loose(plan.max_rounds)), "capped");
+        let steady = vec![100.0; 16];
+        let c = side(&steady, &steady);
+        assert_eq!(rounds_wanted(&plan, &c, &c), 16);
+        // Mode rounds alternating ±6 %: the median's interval is about ±6 %: (6/3)² × 16 × 1.2.
+        let six: Vec<f64> = (0..16).map(|i| if i % 2 == 0 { 94.0 } else { 106.0 }).collect();
+        let w = stats::spread(&stats::paired_ratios(&six, &steady)).ci_half_range();
+        let want = (16.0 * (w / SPREAD_LIMIT).powi(2) * 1.2).ceil() as usize;
+        let n = rounds_wanted(&plan, &c, &side(&steady, &six));
+        assert_eq!(n, (want + want % 2).min(plan.max_rounds), "interval ±{:.1} %", w * 100.0);
+        assert!(n.is_multiple_of(2) && n > 16);
+        let wild: Vec<f64> = (0..16).map(|i| if i % 2 == 0 { 50.0 } else { 150.0 }).collect();
+        assert_eq!(rounds_wanted(&plan, &c, &side(&wild, &steady)), plan.max_rounds, "capped");
+        assert_eq!(rounds_wanted(&plan, &side(&[0.0; 16], &[0.0; 16]), &c), 16, "nothing answered");
         let quick = Plan::new(true);
-        assert!(enough(&quick, 3, &c(3), &loose(3)), "--quick never adds rounds");
+        let q = side(&steady[..3], &steady[..3]);
+        assert_eq!(rounds_wanted(&quick, &q, &side(&wild[..3], &wild[..3])), 3, "--quick never adds rounds");
+        assert_eq!((plan.max_rounds - plan.rounds) % 2, 0, "the cap keeps rounds in pairs");
     }
 
     #[test]

@@ -29,10 +29,14 @@ pub struct Run {
     pub events: Vec<(Duration, Duration, &'static str)>,
     pub long_lived_ok: u64,
     pub long_lived_failed: u64,
+    /// [`Run::summary`], computed once (its intervals resample thousands of times).
+    pub summary: std::sync::OnceLock<Summary>,
 }
 
 /// Around each operation, this much before its start and after its end is its window.
 pub const WINDOW: Duration = Duration::from_millis(500);
+/// Failed requests listed one by one in a run's report (the rest are counted).
+pub const LISTED: usize = 20;
 /// The load's first second (its client threads starting) counts failures but no latency.
 pub const WARMUP: Duration = Duration::from_secs(1);
 
@@ -52,8 +56,8 @@ pub struct Summary {
     /// Failed requests by the window they were due in ("steady" outside every window); only
     /// windows with a failure.
     pub failed_in: Vec<(&'static str, usize)>,
-    /// Per kind: a 95 % interval of its p99.9 ratio, whole windows and whole steady stretches
-    /// resampled ([`stats::bootstrap_p999_ratio_ci`]).
+    /// Per kind: an approximate 95 % interval of its p99.9 ratio, whole windows and whole
+    /// blocks of steady samples resampled ([`stats::bootstrap_p999_ratio_ci`]).
     pub p999_ci: Vec<(&'static str, (f64, f64))>,
 }
 
@@ -68,6 +72,11 @@ impl Summary {
     pub fn p999_ratio_ci(&self, kind: &str) -> Option<(f64, f64)> {
         self.p999_ci.iter().find(|c| c.0 == kind).map(|c| c.1)
     }
+
+    /// That interval as the report shows it: `0.91–1.34`, or `–`.
+    pub fn p999_ci_text(&self, kind: &str) -> String {
+        self.p999_ratio_ci(kind).map_or("–".into(), |(lo, hi)| format!("{lo:.2}–{hi:.2}"))
+    }
 }
 
 impl Run {
@@ -76,12 +85,16 @@ impl Run {
         self.events.iter().position(|(a, b, _)| r.due + WINDOW >= *a && r.due <= *b + WINDOW)
     }
 
-    pub fn summary(&self) -> Summary {
+    /// The run's counts, percentiles and intervals.
+    pub fn summary(&self) -> &Summary {
+        self.summary.get_or_init(|| self.summarize())
+    }
+
+    fn summarize(&self) -> Summary {
         let mut s = Summary { requests: self.records.len(), ..Summary::default() };
-        // Latencies by operation window, and the steady ones by the stretch they fall in (how
-        // many operations had started before): the bootstrap draws them whole.
+        // Latencies by operation window, and the steady ones in the order they were due.
         let mut windows: Vec<Vec<u64>> = vec![Vec::new(); self.events.len()];
-        let mut stretches: Vec<Vec<u64>> = vec![Vec::new(); self.events.len() + 1];
+        let mut steady_in_order = Vec::new();
         for r in &self.records {
             let window = self.window_of(r);
             if r.outcome.is_err() {
@@ -97,7 +110,7 @@ impl Run {
                     let us = r.latency.as_micros().min(u64::MAX as u128) as u64;
                     match window {
                         Some(i) => windows[i].push(us),
-                        None => stretches[self.events.iter().filter(|e| e.0 <= r.due).count()].push(us),
+                        None => steady_in_order.push(us),
                     }
                 }
                 Err(Failure::Refused) => s.refused += 1,
@@ -106,8 +119,13 @@ impl Run {
                 Err(Failure::Other(_)) => s.other += 1,
             }
         }
-        stretches.retain(|v| !v.is_empty());
-        let mut steady: Vec<u64> = stretches.concat();
+        // For the intervals, the steady samples are cut into consecutive blocks as large as an
+        // operation's window is on average: blocks of one size, so that no single one (the long
+        // stretch after the last operation) weighs more than the others in a resample.
+        let nonempty: Vec<usize> = windows.iter().map(Vec::len).filter(|&n| n > 0).collect();
+        let block = (nonempty.iter().sum::<usize>() / nonempty.len().max(1)).max(1);
+        let blocks: Vec<Vec<u64>> = steady_in_order.chunks(block).map(<[u64]>::to_vec).collect();
+        let mut steady = steady_in_order;
         steady.sort_unstable();
         s.steady_us = stats::tail(&steady);
         s.steady_samples = steady.len();
@@ -128,41 +146,60 @@ impl Run {
             let mut v = of_kind.concat();
             v.sort_unstable();
             s.kinds.push((kind, of_kind.len(), v.len(), stats::tail(&v)));
-            if let Some(ci) = stats::bootstrap_p999_ratio_ci(&of_kind, &stretches, 400, 0x0e7e_5eed) {
+            if let Some(ci) = stats::bootstrap_p999_ratio_ci(&of_kind, &blocks, 1000, 0x0e7e_5eed) {
                 s.p999_ci.push((kind, ci));
             }
         }
         s
     }
 
-    /// Each failed request: how it failed, whether its connection had been made, and when it
-    /// failed relative to the start of the operation whose window it was due in (a worker's
-    /// `kill -9` resets what that worker had accepted at once; a connection lost to a rule change
-    /// fails later).
+    /// Each failed request (the first [`LISTED`]; the rest counted by window and kind of
+    /// failure): how it failed, whether the handshake had completed (the kernel had queued the
+    /// connection; a worker may or may not have accepted it), and when it failed relative to
+    /// the start of the operation whose window it was due in (a worker's `kill -9` resets what
+    /// that worker held at once; a connection lost to a rule change fails later).
     pub fn failure_times(&self) -> Vec<String> {
         let ms = |d: f64| d * 1000.0;
-        self.records
+        let phase = |r: &Record| if r.connected { "after the handshake" } else { "at connect" };
+        let failed: Vec<&Record> = self.records.iter().filter(|r| r.outcome.is_err()).collect();
+        let how = |r: &Record| r.outcome.as_ref().err().map(ToString::to_string).unwrap_or_default();
+        let mut out: Vec<String> = failed
             .iter()
-            .filter_map(|r| {
-                let failure = r.outcome.as_ref().err()?;
-                let how = match failure {
-                    Failure::Refused => "refused".to_owned(),
-                    Failure::Reset => "reset".to_owned(),
-                    Failure::Timeout => "timeout".to_owned(),
-                    Failure::Other(e) => e.clone(),
-                };
-                let phase = if r.connected { "after its connection was made" } else { "at connect" };
+            .take(LISTED)
+            .map(|r| {
                 let ended = (r.due + r.latency).as_secs_f64();
-                Some(match self.window_of(r).map(|i| self.events[i]) {
+                match self.window_of(r).map(|i| self.events[i]) {
                     Some((a, b, kind)) => format!(
-                        "{how} {phase}, {:+.1} ms from a {kind}'s start (it took {:.1} ms)",
+                        "{} {}, {:+.1} ms from a {kind}'s start (it took {:.1} ms)",
+                        how(r),
+                        phase(r),
                         ms(ended - a.as_secs_f64()),
                         ms((b - a).as_secs_f64())
                     ),
-                    None => format!("{how} {phase}, {:.3} s into the run, outside every window", ended),
-                })
+                    None => {
+                        format!("{} {}, {ended:.3} s into the run, outside every window", how(r), phase(r))
+                    }
+                }
             })
-            .collect()
+            .collect();
+        let mut rest: Vec<(String, usize)> = Vec::new();
+        for r in failed.iter().skip(LISTED) {
+            let key = format!(
+                "{} {} in {}",
+                how(r),
+                phase(r),
+                self.window_of(r).map_or("steady", |i| self.events[i].2)
+            );
+            match rest.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => rest.push((key, 1)),
+            }
+        }
+        if !rest.is_empty() {
+            let rest: Vec<String> = rest.into_iter().map(|(k, n)| format!("{n} × {k}")).collect();
+            out.push(format!("and {} more: {}", failed.len() - LISTED, rest.join(", ")));
+        }
+        out
     }
 
     pub fn failures(&self) -> usize {
@@ -179,6 +216,13 @@ pub struct Deploys {
     pub socket: Run,
     /// Not in a quick run.
     pub pm2: Option<Run>,
+}
+
+impl Deploys {
+    /// NAT, socket mode, then PM2 when it ran.
+    pub fn runs(&self) -> impl Iterator<Item = &Run> {
+        [Some(&self.ipclusterd), Some(&self.socket), self.pm2.as_ref()].into_iter().flatten()
+    }
 }
 
 /// The PID of a live worker of the bench app (from `ipclusterctl workers`).
@@ -324,6 +368,7 @@ fn under_load(
         events,
         long_lived_ok: ok.load(Ordering::Relaxed),
         long_lived_failed: failed.load(Ordering::Relaxed),
+        summary: Default::default(),
     };
     let s = run.summary();
     let kinds: Vec<String> =
@@ -407,6 +452,52 @@ mod tests {
         }
     }
 
+    fn run(records: Vec<Record>, events: Vec<(Duration, Duration, &'static str)>) -> Run {
+        Run {
+            name: "t".into(),
+            records,
+            events,
+            long_lived_ok: 0,
+            long_lived_failed: 0,
+            summary: Default::default(),
+        }
+    }
+
+    /// The steady samples are resampled in blocks as large as a window: ten slow ones in one
+    /// block make the steady p99.9 300 µs when that block is drawn and 100 µs when it is not,
+    /// so the deploy's ratio (900 µs) lies between 3 and 9; and past [`LISTED`] failures are
+    /// counted, not listed.
+    #[test]
+    fn the_interval_draws_steady_blocks_and_failures_are_bounded() {
+        let mut records: Vec<Record> = (0..10_000).map(|i| rec(i, 100)).collect();
+        for i in [2_000, 2_001] {
+            records[i] = rec(i as u64, 900);
+        }
+        for (i, r) in records.iter_mut().enumerate().skip(8_000).take(10) {
+            *r = rec(i as u64, 300);
+        }
+        for i in 0..30 {
+            records.push(Record {
+                due: Duration::from_millis(2_100 + i),
+                latency: Duration::ZERO,
+                outcome: Err(if i % 2 == 0 { Failure::Reset } else { Failure::Refused }),
+                connected: i % 2 == 0,
+            });
+        }
+        records.sort_by_key(|r| r.due);
+        let r = run(records, vec![(Duration::from_millis(2_000), Duration::from_millis(2_100), "deploy")]);
+        let s = r.summary();
+        assert_eq!(s.steady_us[2], 300, "the slow block is in the steady samples");
+        assert_eq!(s.p999_ratio("deploy"), Some(3.0));
+        assert_eq!(s.p999_ratio_ci("deploy"), Some((3.0, 9.0)), "with and without the slow block");
+        let failed = r.failure_times();
+        assert_eq!(failed.len(), LISTED + 1);
+        assert_eq!(
+            failed[LISTED],
+            "and 10 more: 5 × reset after the handshake in deploy, 5 × refused at connect in deploy"
+        );
+    }
+
     /// Each request counts for the kind of the operation whose window (±0.5 s) holds it, or
     /// as steady; a kind's p99.9 is divided by the steady one.
     #[test]
@@ -432,16 +523,13 @@ mod tests {
             outcome: Err(Failure::Reset),
             connected: true,
         });
-        let run = Run {
-            name: "t".into(),
+        let run = run(
             records,
-            events: vec![
+            vec![
                 (Duration::from_millis(2_000), Duration::from_millis(2_100), "deploy"),
                 (Duration::from_millis(6_000), Duration::from_millis(6_050), "kill -9"),
             ],
-            long_lived_ok: 0,
-            long_lived_failed: 0,
-        };
+        );
         let s = run.summary();
         assert_eq!(s.reset, 2);
         assert_eq!(s.failed_in, [("steady", 1), ("kill -9", 1)], "each failure in the window it was due in");
@@ -462,7 +550,7 @@ mod tests {
             run.failure_times(),
             [
                 "reset at connect, 9.000 s into the run, outside every window",
-                "reset after its connection was made, +12.0 ms from a kill -9's start (it took 50.0 ms)",
+                "reset after the handshake, +12.0 ms from a kill -9's start (it took 50.0 ms)",
             ]
         );
     }

@@ -149,7 +149,7 @@ pub fn rows(dp: &[Measured], dl: &Deploys, fp: &Footprint) -> Vec<Row> {
                     "{ratio:.2} × ({:.1} / {:.1} ms; 95 % interval {})",
                     tail[2] as f64 / 1000.0,
                     s.steady_us[2] as f64 / 1000.0,
-                    s.p999_ratio_ci(kind).map_or("–".into(), |(lo, hi)| format!("{lo:.2}–{hi:.2}"))
+                    s.p999_ci_text(kind)
                 ),
                 target: "≤ 1.5 ×".into(),
                 met: ratio <= 1.5,
@@ -179,7 +179,10 @@ pub fn rows(dp: &[Measured], dl: &Deploys, fp: &Footprint) -> Vec<Row> {
             });
             rows.push(Row {
                 what: format!("ListWorkers at {} workers", i.workers),
-                measured: format!("{:.1} ms", i.list_ms.0),
+                measured: format!(
+                    "{:.1} ms (a client in the benchmark's process; with busctl's parse and print: {:.1} ms)",
+                    i.list_ms.0, i.list_busctl_ms.0
+                ),
                 target: "< 10 ms".into(),
                 met: i.list_ms.0 < 10.0,
                 spread: None,
@@ -250,9 +253,16 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
     );
     let _ = writeln!(
         md,
-        "**Method.** Each data-path cell sets up a mode and its control side by side and measures them in {} rounds (more, two at a time up to {}, while a ratio's median is known less well than ±3 %: a stop decided on the interval's width, never on the median's value; each cell's count is in its table); in each round the two take turns (control, mode, mode, control, …: the side that goes first alternates between rounds) until each has had {:.1} s per kind (keep-alive, then a new connection per request). The load is {} closed-loop clients from 64 source addresses, driven by one thread through epoll (as wrk does) so that the servers' CPU, not the load generator's, is the one that saturates, after a warm-up of each front. With keep-alive each client's connection is made before the turns and stays open between them; in a plain reuseport group the connections are spread evenly over the workers first (a front that maps clients to bands does that by itself). Only requests that ended within a turn count, so a rate is what the turns held. Turns rather than one run per front: this machine's CPUs change speed by themselves for seconds at a time, and turns much shorter than that compare the fronts at the same speed. A turn is long enough for each client to make about 10 requests at the slower front's rate (a short run after the warm-up), {:.0}–{:.0} ms (in the table below). A ratio is a round's mode rate over its control rate; a cell shows the median of those ratios with their min–max, and its spread is the 95 % bootstrap interval of that median (in the tables below): a target is judged on the median, and a spread wider than ±3 % is flagged as a defect of the measurement. The closed loop's latencies are corrected for coordinated omission as wrk2 does (for the interval each client's requests were due at, at the measured rate). Failed requests are counted in every row and never in the rates, and so are conntrack's drops (every sandbox keeps a closed connection's conntrack entry 2 s instead of 120, or a table of 262 144 entries fills within 15 s at these rates).\n",
+        "**Method.** Each data-path cell sets up a mode and its control side by side and measures them in {} rounds{}; in each round the two take turns (control, mode, mode, control, …: the side that goes first alternates between rounds) until each has had {:.1} s per kind (keep-alive, then a new connection per request). The load is {} closed-loop clients from 64 source addresses, driven by one thread through epoll (as wrk does) so that the servers' CPU, not the load generator's, is the one that saturates, after a warm-up of each front. With keep-alive each client's connection is made before the turns and stays open between them; in a plain reuseport group the connections are spread evenly over the workers first (a front that maps clients to bands does that by itself). Only requests that ended within a turn count, so a rate is what the turns held. Turns rather than one run per front: this machine's CPUs change speed by themselves for seconds at a time, and turns much shorter than that compare the fronts at the same speed. A turn is long enough for each client to make about 10 requests at the slower front's rate (a short run after the warm-up), {:.0}–{:.0} ms (in the table below). A ratio is a round's mode rate over its control rate; a cell shows the median of those ratios with their min–max, and its spread is the 95 % bootstrap interval of that median (in the tables below): a target is judged on the median, and a spread wider than ±3 % is flagged as a defect of the measurement. The closed loop's latencies are corrected for coordinated omission as wrk2 does (for the interval each client's requests were due at, at the measured rate). Failed requests are counted in every row and never in the rates, and so are conntrack's drops (every sandbox keeps a closed connection's conntrack entry 2 s instead of 120, or a table of 262 144 entries fills within 15 s at these rates).\n",
         plan.rounds,
-        plan.max_rounds,
+        if plan.max_rounds > plan.rounds {
+            format!(
+                " (a cell whose ratio's median is then known less well than ±3 % runs more, up to {}: as many as narrowing its interval to ±3 % takes at 1/√rounds, plus a fifth, decided once after the planned rounds, not by looking again after each; each cell's count is in its table)",
+                plan.max_rounds
+            )
+        } else {
+            String::new()
+        },
         plan.run.as_secs_f64(),
         plan.clients,
         plan.slice.as_secs_f64() * 1000.0,
@@ -288,7 +298,7 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
             c.mode.label,
             c.control.label,
             if c.cell.pinned { "yes" } else { "**no**" },
-            c.keepalive.rounds,
+            c.rounds,
             c.turns[0].as_millis(),
             c.turns[1].as_millis(),
             c.keepalive.show(),
@@ -355,7 +365,7 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
         md,
         "| system | window | operations | samples | p50 ms | p99 ms | p99.9 ms | p99.9 vs. steady | its 95 % interval |\n|---|---|---|---|---|---|---|---|---|"
     );
-    for run in [Some(&dl.ipclusterd), Some(&dl.socket), dl.pm2.as_ref()].into_iter().flatten() {
+    for run in dl.runs() {
         let s = run.summary();
         let ms = |us: u64| us as f64 / 1000.0;
         let _ = writeln!(
@@ -376,7 +386,7 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
                 ms(t[1]),
                 ms(t[2]),
                 s.p999_ratio(kind).unwrap_or(0.0),
-                s.p999_ratio_ci(kind).map_or("–".into(), |(lo, hi)| format!("{lo:.2}–{hi:.2}"))
+                s.p999_ci_text(kind)
             );
         }
     }
@@ -384,7 +394,7 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
         md,
         "\n| system | requests | refused | reset | timeout | other | long-lived ok / failed |\n|---|---|---|---|---|---|---|"
     );
-    for run in [Some(&dl.ipclusterd), Some(&dl.socket), dl.pm2.as_ref()].into_iter().flatten() {
+    for run in dl.runs() {
         let s = run.summary();
         let _ = writeln!(
             md,
@@ -399,7 +409,7 @@ pub fn write(plan: &Plan, env: &Env, dp: &[Measured], dl: &Deploys, fp: &Footpri
             run.long_lived_failed
         );
     }
-    for run in [Some(&dl.ipclusterd), Some(&dl.socket), dl.pm2.as_ref()].into_iter().flatten() {
+    for run in dl.runs() {
         let failed = run.failure_times();
         if !failed.is_empty() {
             let _ = writeln!(md, "\nThe failed requests of {} (when each failed):\n", run.name);
