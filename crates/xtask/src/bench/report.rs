@@ -52,6 +52,10 @@ impl Row {
             Some(s) if !s.tight(SPREAD_LIMIT) => {
                 format!("{v} (median's 95 % interval ±{:.1} % > ±3 %)", s.ci_half_range() * 100.0)
             }
+            // A miss by less than the shown digits: the median and its interval to three.
+            Some(s) if !self.met => {
+                format!("{v} (median {:.3}, its 95 % interval {:.3}–{:.3})", s.median, s.ci.0, s.ci.1)
+            }
             _ => v.to_owned(),
         }
     }
@@ -579,6 +583,7 @@ mod tests {
             spread: Some(s),
         };
         assert_eq!(row(tight, true).verdict(), "met");
+        assert_eq!(row(tight, false).verdict(), "**missed** (median 0.990, its 95 % interval 0.980–1.000)");
         assert_eq!(row(wide, true).verdict(), "met (median's 95 % interval ±9.1 % > ±3 %)");
         assert_eq!(row(wide, false).verdict(), "**missed** (median's 95 % interval ±9.1 % > ±3 %)");
         let quick = Spread { rounds: 3, ..tight };
