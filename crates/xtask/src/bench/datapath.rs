@@ -329,8 +329,9 @@ fn rounds_wanted(plan: &Plan, control: &Side, mode: &Side) -> usize {
     (n + n % 2).clamp(plan.rounds, plan.max_rounds)
 }
 
-/// Measures one cell: both fronts set up, a warm-up each, then `plan.rounds` rounds of turns,
-/// then each front's constant-rate latency.
+/// Measures one cell: both fronts set up, a warm-up each, then `plan.rounds` rounds of turns
+/// (or more: [`rounds_wanted`]) with the program's windows between them, then each front's
+/// constant-rate latency.
 pub fn measure(plan: &Plan, cell: &Cell, pm2: &Path) -> Result<Measured> {
     let started = Instant::now();
     let load0 = system::load1();
