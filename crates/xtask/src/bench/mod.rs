@@ -35,8 +35,8 @@ pub struct Plan {
     /// Interleaved rounds per cell (control, mode, then mode, control, …: as many of each
     /// order when even).
     pub rounds: usize,
-    /// Rounds a cell may add, two at a time, while a ratio's median is known less well than
-    /// the report's ±3 % (decided on the interval's width alone, never on the median's value).
+    /// The most rounds a cell runs: more than `rounds` when a ratio's median is then known less
+    /// well than the report's ±3 %, as many as decided once after them (`datapath::rounds_wanted`).
     pub max_rounds: usize,
     /// Each front's share of a round, per kind (keep-alive, new connections): its turns added up.
     pub run: Duration,
